@@ -1,0 +1,58 @@
+"""The ``f2pipe`` command: one subcommand per service or tool.
+
+Each subcommand lives in its own module, imported only when chosen so that a
+quick tool (``f2pipe decode``) does not pay for the Kafka or HTTP stacks. A
+module exposes ``configure(parser)``, which adds its arguments and sets
+``func`` (called with the parsed namespace, returning the exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from f2pipe.errors import F2PipeError
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "stack": ("f2pipe.stack", "install, start, stop or inspect the local servers"),
+    "db": ("f2pipe.db", "migrate the database schema and seed the demo fleet"),
+    "fleet": ("f2pipe.fleet", "import or export a fleet description (YAML)"),
+    "decode": ("f2pipe.decode_cli", "decode one F2 message and print its readings or reason"),
+}
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="f2pipe", description="F2 telemetry pipeline: MQTT -> Kafka -> TimescaleDB."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=text, description=text)
+        if name == chosen:
+            importlib.import_module(module).configure(sub_parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_in = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(args_in)
+    args = parser.parse_args(args_in)
+    func = getattr(args, "func", None)
+    if func is None:
+        parser.parse_args([*args_in, "--help"])
+        return 2
+    try:
+        return int(func(args) or 0)
+    except F2PipeError as exc:
+        print(f"f2pipe {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The package's exceptions.
+
+Every error f2pipe raises on purpose derives from :class:`F2PipeError`, so the
+CLI can print one line naming the cause and the fix and exit non-zero::
+
+    F2PipeError
+    ├── ConfigError        a bad setting or environment variable
+    ├── StackError         a local server could not be installed, started or reached
+    ├── MigrationError     the database schema could not be brought up to date
+    ├── FleetError         a fleet file entry is invalid (names the line)
+    └── CertError          a certificate could not be issued, parsed or revoked
+
+Library exceptions (psycopg, confluent_kafka, paho) are translated into these at
+the boundary where a user-facing decision is made; inside the hot paths they are
+handled where they occur.
+"""
+
+
+class F2PipeError(Exception):
+    """Base of every error f2pipe raises on purpose."""
+
+
+class ConfigError(F2PipeError):
+    """A setting is missing or invalid; the message names the variable."""
+
+
+class StackError(F2PipeError):
+    """A local server could not be installed, started, stopped or reached."""
+
+
+class MigrationError(F2PipeError):
+    """The schema could not be migrated."""
+
+
+class FleetError(F2PipeError):
+    """A fleet description is invalid; nothing of it was written."""
+
+
+class CertError(F2PipeError):
+    """A certificate operation failed."""

@@ -1,0 +1,128 @@
+"""Configuration from ``F2PIPE_*`` environment variables (SPEC section 8).
+
+One frozen settings model for the whole package; entry points read it once
+through :func:`get_settings`. A bad value fails at start with
+:class:`~f2pipe.errors.ConfigError` naming the variable.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from f2pipe.errors import ConfigError
+
+ENV_PREFIX = "F2PIPE_"
+
+
+def _default_state_dir() -> Path:
+    # var/ in the checkout when run from one (src layout: <checkout>/src/f2pipe/settings.py),
+    # else var/ under the working directory.
+    here = Path(__file__).resolve().parent
+    checkout = here.parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "var"
+    return Path.cwd() / "var"
+
+
+class Settings(BaseSettings):
+    """Every setting f2pipe reads; names are ``F2PIPE_`` plus the field name, upper-cased."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    metadata_dsn: str = "postgresql://postgres@127.0.0.1:5432/f2pipe"
+    timeseries_dsn: str = ""  # empty: same as metadata_dsn
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = Field(default=8883, ge=1, le=65535)
+    certgen_url: str = "http://127.0.0.1:8080"
+    admin_token: SecretStr | None = None
+    admin_token_file: Path | None = None
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    max_payload_bytes: int = Field(default=65536, ge=1, le=256 * 1024)
+
+    topic_raw: str = "raw-iot-data"
+    topic_processed: str = "processed-iot-data"
+    topic_dead_letter: str = "iot-dead-letter"
+    data_topic_partitions: int = Field(default=6, ge=1, le=1024)
+    dead_letter_partitions: int = Field(default=3, ge=1, le=1024)
+
+    certgen_host: str = "127.0.0.1"
+    certgen_port: int = Field(default=8080, ge=1, le=65535)
+    connector_port: int = Field(default=9101, ge=1, le=65535)
+    processor_port: int = Field(default=9102, ge=1, le=65535)
+    sink_port: int = Field(default=9103, ge=1, le=65535)
+
+    # TimescaleDB policies (used only where the extension is present).
+    compress_after: str = "7 days"
+    retention: str = "5 years"
+
+    @field_validator("kafka_bootstrap")
+    @classmethod
+    def _bootstrap_has_port(cls, value: str) -> str:
+        for server in value.split(","):
+            host, sep, port = server.strip().rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"expected host:port[,host:port...], got {value!r}")
+        return value
+
+    @field_validator("metadata_dsn", "timeseries_dsn")
+    @classmethod
+    def _dsn_is_postgres(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError(f"expected a postgresql:// URL, got {value!r}")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"expected a redis:// URL, got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _default_timeseries_dsn(self) -> Settings:
+        if not self.timeseries_dsn:
+            object.__setattr__(self, "timeseries_dsn", self.metadata_dsn)
+        return self
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.state_dir / "pki"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "log"
+
+    def pg_port(self) -> int:
+        return urlsplit(self.metadata_dsn).port or 5432
+
+    def redis_port(self) -> int:
+        return urlsplit(self.redis_url).port or 6379
+
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.split(",")[0].rpartition(":")[2])
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment (plus ``overrides``); raise ConfigError naming a bad variable."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        name = ENV_PREFIX + field.upper()
+        shown = os.environ.get(name, overrides.get(field, ""))
+        raise ConfigError(f"{name}={shown!r} is invalid: {first['msg']}") from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()
