@@ -1,0 +1,41 @@
+"""Shared test fixtures.
+
+Tests talk to the real local servers that ``f2pipe stack up`` starts (PostgreSQL,
+Redis, Kafka, Mosquitto). Each test gets unique names (databases, topics,
+consumer groups) so tests never see each other's data. Synchronise by polling
+with a deadline (:func:`wait_until`), never by sleeping.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+VECTORS = SHARED / "vectors" / "frames.jsonl"
+
+
+def wait_until(
+    probe: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Call ``probe`` until it returns a truthy value; return it, or fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def unique(prefix: str) -> str:
+    """A name no other test uses: ``<prefix>_<12 hex>`` (valid as a topic, group or database)."""
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
