@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from f2pipe.stack import port_in_use
+from f2pipe.settings import load_settings
+from f2pipe.stack import Paths, PidFile, down, port_in_use
 
 
 def _free_ports(count: int) -> list[int]:
@@ -173,3 +174,33 @@ def test_down_without_a_stack_stops_nothing(isolated: dict[str, str]) -> None:
 
     assert result.returncode == 0
     assert "was not running" in result.stdout
+
+
+def test_down_never_signals_a_process_it_did_not_start(tmp_path: Path) -> None:
+    # A pid file whose pid now belongs to another process (the start time differs),
+    # as after a reboot or pid reuse: down must leave that process alone.
+    settings = load_settings(state_dir=tmp_path)
+    paths = Paths(tmp_path)
+    paths.make()
+    with subprocess.Popen(["sleep", "60"]) as foreign:
+        try:
+            (paths.run / "redis.pid").write_text(f"{foreign.pid} 1\n")
+
+            assert down(settings, ["redis"]) == []
+
+            assert foreign.poll() is None
+            assert not (paths.run / "redis.pid").exists()
+        finally:
+            foreign.kill()
+
+
+def test_pid_file_names_only_the_process_it_recorded(tmp_path: Path) -> None:
+    pidfile = PidFile(tmp_path / "x.pid")
+    with subprocess.Popen(["sleep", "60"]) as child:
+        try:
+            pidfile.write(child.pid)
+            assert pidfile.live_pid() == child.pid
+        finally:
+            child.kill()
+            child.wait()
+    assert pidfile.live_pid() is None
