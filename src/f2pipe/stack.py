@@ -42,6 +42,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -742,9 +743,22 @@ def create_topics(admin: Any, wanted: dict[str, tuple[int, int]], deadline: floa
         time.sleep(0.5)  # the controller may still be settling right after start
 
 
-def _check_java() -> None:
+def _java_version_text() -> str:
+    """What ``java -version`` would say, read from the JDK's release file when possible."""
+    java = shutil.which("java")
+    if java is not None:
+        # bin/java -> <java home>/bin/java; the release file avoids starting a JVM (seconds).
+        release = Path(java).resolve().parent.parent / "release"
+        with contextlib.suppress(OSError):
+            found = re.search(r'JAVA_VERSION="([^"]+)"', release.read_text())
+            if found:
+                return f'version "{found.group(1)}"'
     result = subprocess.run(["java", "-version"], capture_output=True, text=True, check=False)
-    match = re.search(r'version "(\d+)', result.stderr)
+    return result.stderr
+
+
+def _check_java() -> None:
+    match = re.search(r'version "(\d+)', _java_version_text())
     major = int(match.group(1)) if match else 0
     if major < 17:
         raise StackError(
@@ -930,11 +944,7 @@ def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None
         ensure_programs([p for s in todo for p in s.programs()], paths, settings.stack_install)
         started: list[Server] = []
         try:
-            for server in todo:
-                server.pidfile.remove()  # stale: its process is gone
-                server.prepare()
-                server.start()
-                started.append(server)
+            started = _launch(todo)
             for server in servers:
                 server.wait_healthy()
                 server.after_healthy()
@@ -942,13 +952,42 @@ def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None
             for server in reversed(started):
                 server.stop()
             raise
-        finally:
-            if record is not None:
-                record.write_text("".join(f"{s.name}\n" for s in started))
+        if record is not None:
+            record.write_text("".join(f"{s.name}\n" for s in started))
         for server in servers:
             verb = "started" if server in started else "running"
             print(f"{server.name:<10} {verb:<8} {server.describe()}")
         return [server.name for server in started]
+
+
+def _launch(servers: list[Server]) -> list[Server]:
+    """Prepare and start ``servers`` side by side; all of them, or none left running.
+
+    initdb and Kafka's storage format each take seconds, so they overlap. If any
+    fails, the others are allowed to finish and then stopped, and the first
+    error is raised.
+    """
+
+    def launch(server: Server) -> Server:
+        server.pidfile.remove()  # stale: its process is gone
+        server.prepare()
+        server.start()
+        return server
+
+    pool = ThreadPoolExecutor(max_workers=max(1, len(servers)))
+    futures = [pool.submit(launch, server) for server in servers]
+    try:
+        pool.shutdown(wait=True)
+        failure = next((f.exception() for f in futures if f.exception() is not None), None)
+    except BaseException as interrupted:  # Ctrl-C: let each launch end, then undo them all
+        pool.shutdown(wait=True)
+        failure = interrupted
+    started = [f.result() for f in futures if f.exception() is None]
+    if failure is not None:
+        for server in reversed(started):
+            server.stop()
+        raise failure
+    return started
 
 
 def down(settings: Settings, names: Sequence[str] = ()) -> list[str]:
