@@ -45,11 +45,14 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
 from f2pipe.errors import ConfigError, StackError
 from f2pipe.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    import psycopg
 
 LOOPBACK = "127.0.0.1"
 _LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
@@ -370,7 +373,7 @@ class Server(abc.ABC):
             if self._proc is not None and self._proc.poll() is not None:
                 raise StackError(
                     f"{self.name} exited with code {self._proc.returncode} while starting"
-                    f"{_tail(self.log_file)} (log: {self.log_file})"
+                    f"{self.failure_hint()}"
                 )
             if self.pid() is None and self._proc is None:
                 raise StackError(f"{self.name} is not running (log: {self.log_file})")
@@ -380,6 +383,10 @@ class Server(abc.ABC):
                     f" (log: {self.log_file})"
                 )
             time.sleep(0.2)
+
+    def failure_hint(self) -> str:
+        """The last line the server logged, and where its log is."""
+        return f"{_tail(self.log_file)} (log: {self.log_file})"
 
     def stop(self) -> bool:
         """Stop the process recorded in our pid file; False if it was not running."""
@@ -446,19 +453,23 @@ class Postgres(Server):
         return self.data
 
     def prepare(self) -> None:
-        account = self.run_as()
-        self.data.mkdir(mode=0o700, exist_ok=True)
-        if account is not None:
-            self._check_reachable(account)
-            _chown_tree(self.data, account)
         if (self.data / "PG_VERSION").is_file():
             return
+        account = self.run_as()
+        # initdb into a scratch folder renamed on success, so an interrupted initdb
+        # never leaves a half-made cluster that the next `up` would refuse.
+        scratch = self.data.with_name("pg.initdb")
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(mode=0o700)
+        if account is not None:
+            self._check_reachable(account)
+            os.chown(scratch, account.pw_uid, account.pw_gid)
         init_log = self.paths.log / "postgres-initdb.log"
         with init_log.open("ab") as out:
             result = subprocess.run(
-                [str(self.BIN / "initdb"), "-D", str(self.data), "-U", self.user,
+                [str(self.BIN / "initdb"), "-D", str(scratch), "-U", self.user,
                  "--auth=trust", "--encoding=UTF8", "--no-locale"],
-                stdout=out, stderr=out, cwd=self.data, check=False,
+                stdout=out, stderr=out, cwd=scratch, check=False,
                 user=None if account is None else account.pw_uid,
                 group=None if account is None else account.pw_gid,
                 extra_groups=None if account is None else [],
@@ -466,7 +477,7 @@ class Postgres(Server):
         if result.returncode != 0:
             raise StackError(f"initdb failed{_tail(init_log)} (log: {init_log})")
         # Explicit rather than initdb's defaults: trust, and only over loopback.
-        hba = self.data / "pg_hba.conf"
+        hba = scratch / "pg_hba.conf"
         hba.write_text(
             "# Written by `f2pipe stack`: trust on loopback only; nothing else may connect.\n"
             "host all all 127.0.0.1/32 trust\n"
@@ -475,6 +486,14 @@ class Postgres(Server):
         )
         if account is not None:
             os.chown(hba, account.pw_uid, account.pw_gid)
+        try:
+            if self.data.exists():
+                self.data.rmdir()  # an empty leftover; anything else is not ours to delete
+        except OSError:
+            raise StackError(
+                f"{self.data} holds files but no PostgreSQL cluster; move it away and run up again"
+            ) from None
+        scratch.rename(self.data)
 
     def _check_reachable(self, account: pwd.struct_passwd) -> None:
         # The postgres account must be able to walk down to its data folder.
@@ -496,7 +515,7 @@ class Postgres(Server):
             "-c", f"max_connections={self.MAX_CONNECTIONS}",
         ]  # fmt: skip
 
-    def _connect(self, dbname: str) -> Any:
+    def _connect(self, dbname: str) -> psycopg.Connection[tuple[Any, ...]]:
         import psycopg
 
         return psycopg.connect(
@@ -679,6 +698,10 @@ class Kafka(Server):
         # kafka.Kafka writes its own log through log4j2; stdout only catches JVM failures.
         self.log_file = self.paths.log / "kafka.out"
         super().start()
+
+    def failure_hint(self) -> str:
+        out, log = self.paths.log / "kafka.out", self.paths.log / "kafka.log"
+        return f"{_tail(out) or _tail(log)} (logs: {out}, {log})"
 
     def _admin(self) -> Any:
         from confluent_kafka.admin import AdminClient
