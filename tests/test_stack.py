@@ -8,6 +8,7 @@ which keeps these tests cheap.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -204,3 +205,44 @@ def test_pid_file_names_only_the_process_it_recorded(tmp_path: Path) -> None:
             child.kill()
             child.wait()
     assert pidfile.live_pid() is None
+
+
+@pytest.mark.servers
+def test_down_record_stops_only_what_that_up_started(
+    isolated: dict[str, str], tmp_path: Path
+) -> None:
+    first, second = tmp_path / "first", tmp_path / "second"
+    redis_port = _ports(isolated)[1]
+    try:
+        assert _stack(isolated, "up", "redis", "--record", str(first)).returncode == 0
+        assert first.read_text().split() == ["redis"]
+        assert port_in_use(redis_port)
+
+        # Already running: a second up starts nothing, so its record is empty ...
+        assert _stack(isolated, "up", "redis", "--record", str(second)).returncode == 0
+        assert second.read_text().split() == []
+        # ... and stopping what it started leaves the server running.
+        assert _stack(isolated, "down", "--record", str(second)).returncode == 0
+        assert port_in_use(redis_port)
+        assert _stack(isolated, "status", "redis").returncode == 0
+
+        assert _stack(isolated, "down", "--record", str(first)).returncode == 0
+        assert not port_in_use(redis_port)
+        assert _stack(isolated, "status", "redis").returncode != 0
+    finally:
+        _stack(isolated, "down")
+
+
+@pytest.mark.servers
+def test_mosquitto_pid_file_is_where_the_ca_sends_sighup(isolated: dict[str, str]) -> None:
+    state = Path(isolated["F2PIPE_STATE_DIR"])
+    try:
+        assert _stack(isolated, "up", "mosquitto").returncode == 0
+        pid = int((state / "mosquitto" / "mosquitto.pid").read_text())
+
+        os.kill(pid, signal.SIGHUP)  # a reload, as after a revocation
+
+        assert _stack(isolated, "status", "mosquitto").returncode == 0
+    finally:
+        _stack(isolated, "down")
+    assert not (state / "mosquitto" / "mosquitto.pid").exists()
