@@ -180,13 +180,6 @@ def _user(name: str) -> pwd.struct_passwd | None:
         return None
 
 
-def _chown_tree(path: Path, user: pwd.struct_passwd) -> None:
-    os.chown(path, user.pw_uid, user.pw_gid)
-    for root, dirs, files in os.walk(path):
-        for name in (*dirs, *files):
-            os.lchown(os.path.join(root, name), user.pw_uid, user.pw_gid)
-
-
 def _tail(path: Path) -> str:
     """The last non-empty line of a log, for a one-line error."""
     try:
@@ -877,10 +870,6 @@ class Mosquitto(Server):
     def prepare(self) -> None:
         self.home.mkdir(exist_ok=True)
         self.config = ensure_mosquitto_config(self.settings)
-        account = _user("mosquitto")
-        if _running_as_root() and account is not None:
-            # Started as root, mosquitto drops to this account before writing persistence.
-            _chown_tree(self.home, account)
 
     def command(self) -> list[str]:
         assert self.config is not None, "prepare() writes the configuration first"
