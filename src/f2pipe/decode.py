@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import re
 import struct
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
+from itertools import pairwise
 from operator import itemgetter
 from typing import Any, Final
 from zoneinfo import ZoneInfo
@@ -74,10 +76,12 @@ _AHEAD: Final = timedelta(hours=24)
 _UTC_ZONE: Final = ZoneInfo("UTC")
 _MISSING: Final[Any] = object()
 # The strict timestamp grammar of SPEC section 1; the hand-written fast path in
-# _instant covers the forms devices actually send.
+# parse_timestamp covers the forms devices actually send.
 _TIMESTAMP: Final = re.compile(
     r"\d{4}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)?", re.ASCII
 )
+# Characters 4, 7, 10, 13 and 16 of the usual forms.
+_SEPARATORS: Final = frozenset({"-- ::", "--T::"})
 _fromisoformat = datetime.fromisoformat
 _loads = orjson.loads
 _JSONDecodeError = orjson.JSONDecodeError
@@ -118,17 +122,23 @@ class TemplateSpec:
     datapoints: tuple[DatapointSpec, ...]
 
 
-# Operations of a compiled datapoint.
-_INT: Final = 0  # struct integer, divided by 10**decimals
-_FLOAT: Final = 1  # struct float, must be finite
-_PERM_INT: Final = 2  # integer whose bytes are gathered into ABCD order first
-_PERM_FLOAT: Final = 3  # float whose bytes are gathered into ABCD order first
-_BOOL: Final = 4  # any non-zero byte -> 1.0
-_BROKEN: Final = 5  # template fault: always decode_error
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    """One datapoint, checked and resolved: where it is and how its bytes become a value."""
 
-# (operation, datapoint_id, position in the frame, width, reader, divisor, gather, label);
-# ``reader`` is the zero bytes a bool compares with, and a faulty datapoint's reason.
-_Step = tuple[int, int, int, int, Any, int, Any, str]
+    datapoint_id: int
+    label: str
+    start: int  # offset in the data (after the 3-byte header)
+    width: int
+    fault: str | None = None  # a template fault: every frame is decode_error
+    code: str = ""  # struct code; "" for bool
+    endian: str = ">"  # ">" or "<", or "" when the bytes must be gathered first
+    gather: tuple[int, ...] = ()  # data offsets of the value's bytes, big-endian first
+    divisor: int = 1  # 10**decimals for integers
+
+    @property
+    def is_float(self) -> bool:
+        return self.code in _FLOAT_CODES
 
 
 def _value_order(order: str, width: int) -> tuple[int, ...]:
@@ -144,17 +154,16 @@ def _value_order(order: str, width: int) -> tuple[int, ...]:
     return tuple(2 * (words - 1 - j // 2) + j % 2 for j in range(width))
 
 
-def _compile_datapoint(dp: DatapointSpec) -> _Step:
-    """The step decoding ``dp``; a faulty datapoint becomes a step that always fails."""
-    label = dp.label
+def _compile_datapoint(dp: DatapointSpec) -> _Compiled:
+    """Resolve ``dp``; a faulty datapoint keeps its fault rather than raising."""
     encoding = str(dp.data_encoding).lower()
     order = str(dp.byte_order or "ABCD").upper()
     decimals = dp.decimals or 0
-    offset, length = dp.byte_offset, dp.byte_length
-    position = DATA_START + offset
+    start, length = int(dp.byte_offset), int(dp.byte_length)
+    here = _Compiled(int(dp.datapoint_id), dp.label, start, length)
 
-    def broken(why: str) -> _Step:
-        return (_BROKEN, dp.datapoint_id, position, length, why, 1, None, label)
+    def broken(why: str) -> _Compiled:
+        return _Compiled(here.datapoint_id, here.label, start, length, fault=why)
 
     if encoding not in ENCODINGS:
         return broken(f"unknown data_encoding {dp.data_encoding!r}")
@@ -162,70 +171,93 @@ def _compile_datapoint(dp: DatapointSpec) -> _Step:
         return broken(f"unknown byte_order {dp.byte_order!r}")
     if not isinstance(decimals, int) or decimals < 0:
         return broken(f"decimals {dp.decimals!r} is not a non-negative integer")
-    if offset < 0:
-        return broken(f"byte_offset {offset} is negative")
+    if start < 0:
+        return broken(f"byte_offset {start} is negative")
     code, width = ENCODINGS[encoding]
     if encoding == "bool":
         if not 1 <= length <= 8:
             return broken(f"bool byte_length {length} is not 1..8")
-        return (_BOOL, dp.datapoint_id, position, length, bytes(length), 1, None, label)
+        return here
     if length != width:
         return broken(f"{encoding} needs byte_length {width}, not {length}")
     value_order = _value_order(order, width)
-    reader: Any
-    gather: Any
+    gather: tuple[int, ...]
+    divisor = 1 if code in _FLOAT_CODES else 10**decimals
     if value_order == tuple(range(width)):
-        op, reader, gather = _INT, struct.Struct(">" + code).unpack_from, None
+        endian, gather = ">", ()
     elif value_order == tuple(range(width - 1, -1, -1)):
-        op, reader, gather = _INT, struct.Struct("<" + code).unpack_from, None
-    else:
-        op, reader = _PERM_INT, struct.Struct(">" + code).unpack
-        gather = itemgetter(*(position + i for i in value_order))
-    if code in _FLOAT_CODES:
-        op += _FLOAT - _INT
-    return (op, dp.datapoint_id, position, width, reader, 10**decimals, gather, label)
+        endian, gather = "<", ()
+    else:  # BADC or CDAB of 4 or 8 bytes: no struct format reads these
+        endian, gather = "", tuple(start + i for i in value_order)
+    return _Compiled(here.datapoint_id, here.label, start, width, None, code, endian, gather,
+                     divisor)  # fmt: skip
 
 
-def _instant(text: str, tz: tzinfo) -> datetime | None:
-    """The UTC instant of a timestamp in SPEC section 1's grammar, or ``None``.
+def _non_finite(label: str, value: float) -> DecodeError:
+    return DecodeError(Reason.NON_FINITE_VALUE, f"{label} is {value}")
 
-    Raises ``OverflowError`` when the offset pushes year 1 or 9999 off the calendar.
+
+def _build_reader(points: Sequence[_Compiled]) -> tuple[Any, str]:
+    """Generate ``read(frame, stamp) -> readings`` for fault-free ``points`` and its source.
+
+    A loop over per-datapoint readers costs about 0.2 µs a datapoint; the
+    generated function reads every same-endian, non-overlapping value with one
+    ``struct`` call and builds the readings in one expression, about half of
+    that. Only integers and generated names enter the source: labels and the
+    other objects are passed in the namespace.
     """
-    n = len(text)
-    wall = None
-    # The forms devices send (no offset; none or six fraction digits) skip the regular
-    # expression: fromisoformat checks every digit itself and, given an explicit
-    # "+00:00", returns the UTC singleton. datetime.replace() and astimezone() cost
-    # about a microsecond each, so the zone's offset is subtracted instead.
-    if (
-        (n == 19 or (n == 26 and text[19] == "."))
-        and text.isascii()
-        and text[4] == "-"
-        and text[7] == "-"
-        and (text[10] == " " or text[10] == "T")
-        and text[13] == ":"
-        and text[16] == ":"
-    ):
-        try:
-            wall = _fromisoformat(text + "+00:00")
-        except ValueError:
-            wall = None  # perhaps another form of the same length: the strict path decides
-    if wall is None:
-        if _TIMESTAMP.fullmatch(text) is None:
-            return None
-        try:
-            parsed = _fromisoformat(text)
-        except ValueError:  # a day, hour or offset out of its range
-            return None
-        if parsed.tzinfo is not None:
-            return parsed.astimezone(UTC)
-        wall = parsed.replace(tzinfo=UTC)
-    if tz is _UTC_ZONE or tz is UTC:
-        return wall
-    # utcoffset() reads the wall-clock fields and fold (0), the same rule as
-    # replace(tzinfo=tz).astimezone(UTC) at a third of the cost.
-    offset = tz.utcoffset(wall)
-    return wall if offset is None else wall - offset
+    namespace: dict[str, Any] = {"_non_finite": _non_finite}
+    lines: list[str] = []
+    # One struct per byte order when its values do not overlap (the usual case).
+    for endian in (">", "<"):
+        members = sorted(
+            (p.start, i) for i, p in enumerate(points) if p.code and p.endian == endian
+        )
+        groups = [members]
+        if any(a + points[i].width > b for (a, i), (b, _) in pairwise(members)):
+            groups = [[member] for member in members]
+        for group in groups:
+            if not group:
+                continue
+            fmt, cursor = endian, group[0][0]
+            for start, i in group:
+                fmt += f"{start - cursor}x" * (start > cursor) + points[i].code
+                cursor = start + points[i].width
+            name = f"_s{group[0][1]}"
+            namespace[name] = struct.Struct(fmt).unpack_from
+            targets = "".join(f"r{i}, " for _, i in group)
+            lines.append(f"{targets}= {name}(frame, {DATA_START + group[0][0]:d})")
+    for i, p in enumerate(points):
+        if not p.code:  # bool: 1.0 when any byte is set
+            namespace[f"_z{i}"] = bytes(p.width)
+            first = DATA_START + p.start
+            lines.append(f"r{i} = 0.0 if frame[{first:d}:{first + p.width:d}] == _z{i} else 1.0")
+        elif not p.endian:
+            namespace[f"_g{i}"] = itemgetter(*(DATA_START + j for j in p.gather))
+            namespace[f"_u{i}"] = struct.Struct(">" + p.code).unpack
+            lines.append(f"r{i} = _u{i}(bytes(_g{i}(frame)))[0]")
+    for i, p in enumerate(points):
+        if p.is_float:  # NaN and infinities, the first in template order
+            namespace[f"_l{i}"] = p.label
+            lines.append(f"if r{i} - r{i} != 0.0: raise _non_finite(_l{i}, r{i})")
+    # Integers divide by 10**decimals; floats and bools are values as they are.
+    scaled = [f"r{i} / {p.divisor:d}" if p.code and not p.is_float else f"r{i}"
+              for i, p in enumerate(points)]  # fmt: skip
+    values = (f"({p.datapoint_id:d}, stamp, {v})" for p, v in zip(points, scaled, strict=True))
+    lines.append(f"return [{', '.join(values)}]")
+    source = "def read(frame, stamp):\n" + "".join(f"    {line}\n" for line in lines)
+    exec(source, namespace)  # noqa: S102 - the source holds only integers and generated names
+    return namespace["read"], source
+
+
+def _strict_wall_clock(text: str) -> datetime | None:
+    """Any timestamp of SPEC section 1's grammar: naive, or aware with its offset."""
+    if _TIMESTAMP.fullmatch(text) is None:
+        return None
+    try:
+        return _fromisoformat(text)
+    except ValueError:  # a day, hour or offset out of its range
+        return None
 
 
 def parse_timestamp(value: object, tz: tzinfo, now: datetime) -> datetime:
@@ -238,14 +270,44 @@ def parse_timestamp(value: object, tz: tzinfo, now: datetime) -> datetime:
     ``timestamp_out_of_range`` (before 2000-01-01 UTC, or more than 24 h after
     ``now``, which must be aware).
     """
+    # The forms devices send (no offset; none or six fraction digits) skip the regular
+    # expression: once the separators at 4, 7, 10, 13 and 16 are in place,
+    # fromisoformat checks every digit itself and, given an explicit "+00:00",
+    # returns the wall clock labelled with the UTC singleton. datetime.replace() and
+    # astimezone() cost about a microsecond each here, so they are avoided too.
+    wall = None
+    if (
+        type(value) is str
+        and (len(value) == 19 or (len(value) == 26 and value[19] == "."))
+        and value.isascii()
+        and value[4:17:3] in _SEPARATORS
+    ):
+        try:
+            wall = _fromisoformat(value + "+00:00")
+        except ValueError:
+            wall = None  # another form of the same length: the strict path decides
     try:
-        stamp = _instant(value, tz) if type(value) is str else None
-    except OverflowError:
+        if wall is None:
+            parsed = _strict_wall_clock(value) if type(value) is str else None
+            if parsed is None:
+                raise DecodeError(
+                    Reason.INVALID_TIMESTAMP, f"timestamp {value!r} is not the F2 format"
+                )
+            if parsed.tzinfo is not None:
+                wall, tz = parsed.astimezone(UTC), UTC
+            else:
+                wall = parsed.replace(tzinfo=UTC)
+        if tz is _UTC_ZONE or tz is UTC:
+            stamp = wall
+        else:
+            # utcoffset() reads the wall-clock fields and fold (0): the same rule as
+            # replace(tzinfo=tz).astimezone(UTC) at a third of the cost.
+            offset = tz.utcoffset(wall)
+            stamp = wall if offset is None else wall - offset
+    except OverflowError:  # an offset pushed year 1 or 9999 off the calendar
         raise DecodeError(
             Reason.TIMESTAMP_OUT_OF_RANGE, f"timestamp {value!r} is outside 2000..now+24h"
         ) from None
-    if stamp is None:
-        raise DecodeError(Reason.INVALID_TIMESTAMP, f"timestamp {value!r} is not the F2 format")
     if stamp < _EARLIEST or stamp > now + _AHEAD:
         raise DecodeError(
             Reason.TIMESTAMP_OUT_OF_RANGE,
@@ -267,24 +329,32 @@ def _json_kind(obj: object) -> str:
 class CompiledTemplate:
     """A template ready to decode messages; immutable and safe to share between threads."""
 
-    __slots__ = ("_broken", "_crc", "_fields", "_frame_fault", "_max_end", "_steps")
+    __slots__ = ("_count", "_crc", "_fault", "_fields", "_need", "_points", "_read", "source")
 
     def __init__(self, spec: TemplateSpec) -> None:
         check = str(spec.frame_check or "modbus_crc").lower()
-        self._frame_fault = (
-            None if check in FRAME_CHECKS else f"unknown frame_check {spec.frame_check!r}"
-        )
         self._crc = check != "none"
-        self._steps: tuple[_Step, ...] = tuple(_compile_datapoint(dp) for dp in spec.datapoints)
-        self._broken = any(step[0] == _BROKEN for step in self._steps)
-        # Data bytes the template needs: with at least this many every datapoint fits.
-        self._max_end = max(
-            (step[2] - DATA_START + step[3] for step in self._steps if step[0] != _BROKEN),
-            default=0,
+        points = tuple(_compile_datapoint(dp) for dp in spec.datapoints)
+        self._points = points
+        self._count = len(points)
+        # A fault of the template itself, reported after the frame checks.
+        self._fault = next(
+            (f"{p.label}: {p.fault}" for p in points if p.fault is not None),
+            None if check in FRAME_CHECKS else f"unknown frame_check {spec.frame_check!r}",
         )
-        self._fields: tuple[tuple[int, str | None, str], ...] = tuple(
-            (dp.datapoint_id, dp.json_field, dp.label) for dp in spec.datapoints
+        self._fields = tuple((p.datapoint_id, dp.json_field, p.label)
+                             for p, dp in zip(points, spec.datapoints, strict=True))  # fmt: skip
+        # Data bytes a frame needs for the straight path; a faulty template never takes it.
+        self._need = (
+            sys.maxsize
+            if self._fault is not None
+            else max((p.start + p.width for p in points), default=0)
         )
+        self._read: Any = None
+        self.source = ""
+        """The generated reader's source, for inspection."""
+        if self._fault is None and points:
+            self._read, self.source = _build_reader(points)
 
     def decode(
         self, kind: str, payload: bytes | str, tz: tzinfo, now: datetime
@@ -298,13 +368,10 @@ class CompiledTemplate:
         Raises :class:`DecodeError` with the first reason of SPEC section 7 that
         applies; any payload bytes raise nothing else.
         """
-        if kind == "sensor":
-            status = False
-        elif kind in STATUS_KINDS:
-            status = True
-        else:
+        sensor = kind == "sensor"
+        if not sensor and kind not in STATUS_KINDS:
             raise ValueError(f"messages of kind {kind!r} carry no readings")
-        if not self._steps:
+        if not self._count:
             raise DecodeError(Reason.NO_DATAPOINTS, "the template has no datapoints")
         try:
             obj = _loads(payload)
@@ -312,13 +379,9 @@ class CompiledTemplate:
             raise DecodeError(Reason.INVALID_JSON, str(exc)) from None
         if type(obj) is not dict:
             raise DecodeError(Reason.INVALID_JSON, f"a JSON {_json_kind(obj)}, not an object")
-        if status:
+        if not sensor:
             return self._decode_status(obj, tz, now)
-        return self._decode_frame(obj, tz, now)
 
-    def _decode_frame(
-        self, obj: dict[str, Any], tz: tzinfo, now: datetime
-    ) -> list[tuple[int, datetime, float]]:
         timestamp = obj.get("timestamp", _MISSING)
         data = obj.get("data", _MISSING)
         if timestamp is _MISSING or data is _MISSING:
@@ -346,42 +409,21 @@ class CompiledTemplate:
             available = size - 5
         else:
             available = size - DATA_START
-        if self._frame_fault is not None:
-            raise DecodeError(Reason.DECODE_ERROR, self._frame_fault)
-        if self._broken or self._max_end > available:
+        if available < self._need:
             self._raise_decode_error(available)
-        readings: list[tuple[int, datetime, float]] = []
-        append = readings.append
-        non_finite: str | None = None
-        for op, dp_id, position, width, reader, divisor, gather, label in self._steps:
-            if op == _INT:
-                append((dp_id, stamp, reader(frame, position)[0] / divisor))
-                continue
-            if op == _BOOL:
-                value = 0.0 if frame[position : position + width] == reader else 1.0
-            elif op == _FLOAT:
-                value = reader(frame, position)[0]
-            elif op == _PERM_INT:
-                value = reader(bytes(gather(frame)))[0] / divisor
-            else:  # _PERM_FLOAT
-                value = reader(bytes(gather(frame)))[0]
-            if value - value != 0.0 and non_finite is None:  # NaN or infinite
-                non_finite = f"{label} is {value}"
-            append((dp_id, stamp, value))
-        if non_finite is not None:
-            raise DecodeError(Reason.NON_FINITE_VALUE, non_finite)
+        readings: list[tuple[int, datetime, float]] = self._read(frame, stamp)
         return readings
 
     def _raise_decode_error(self, available: int) -> None:
-        """Raise ``decode_error`` for the first datapoint (template order) that cannot be read."""
-        for op, _dp_id, position, width, reader, _divisor, _gather, label in self._steps:
-            if op == _BROKEN:
-                raise DecodeError(Reason.DECODE_ERROR, f"{label}: {reader}")
-            start = position - DATA_START
-            if start + width > available:
+        """Raise ``decode_error`` for a template fault, else for the first datapoint
+        (template order) that reaches past the ``available`` data bytes."""
+        if self._fault is not None:
+            raise DecodeError(Reason.DECODE_ERROR, self._fault)
+        for p in self._points:
+            if p.start + p.width > available:
                 raise DecodeError(
                     Reason.DECODE_ERROR,
-                    f"{label} needs data bytes {start}..{start + width - 1}"
+                    f"{p.label} needs data bytes {p.start}..{p.start + p.width - 1}"
                     f" but the frame has {max(available, 0)}",
                 )
 
