@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from f2pipe.frames import (
@@ -15,6 +15,9 @@ from f2pipe.frames import (
     modbus_data,
 )
 from f2pipe.reasons import Reason
+
+# The machines this runs on are shared: time per example is not a property under test.
+NO_DEADLINE = settings(deadline=None)
 
 
 def test_crc_check_value() -> None:
@@ -30,11 +33,13 @@ def test_crc_of_the_documented_frame() -> None:
     assert modbus_data(frame) == bytes.fromhex("09 F8 11 A0 01 9F")
 
 
+@NO_DEADLINE
 @given(st.binary(max_size=300))
 def test_native_crc_equals_the_reference(data: bytes) -> None:
     assert crc16_modbus(data) == crc16_modbus_reference(data)
 
 
+@NO_DEADLINE
 @given(st.integers(0, 255), st.integers(0, 0x7F), st.binary(max_size=250))
 def test_encoded_frames_pass(address: int, function: int, data: bytes) -> None:
     frame = encode_modbus_response(address, function, data)

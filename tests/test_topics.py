@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from f2pipe.topics import (
@@ -17,6 +17,9 @@ from f2pipe.topics import (
 )
 
 MAC = "e4fd45f654be"
+
+# The machines this runs on are shared: time per example is not a property under test.
+NO_DEADLINE = settings(deadline=None)
 
 
 @pytest.mark.parametrize(
@@ -138,17 +141,20 @@ def _topics() -> st.SearchStrategy[Topic]:
     )
 
 
+@NO_DEADLINE
 @given(_topics())
 def test_every_valid_topic_round_trips(topic: Topic) -> None:
     assert parse_topic(format_topic(topic)) == topic
 
 
+@NO_DEADLINE
 @given(st.text(max_size=80))
 def test_any_string_parses_or_is_invalid(text: str) -> None:
     parsed = parse_topic(text)
     assert parsed is None or format_topic(parsed) == text
 
 
+@NO_DEADLINE
 @given(_topics(), st.data())
 def test_one_level_damaged_is_invalid(topic: Topic, data: st.DataObject) -> None:
     levels = format_topic(topic).split("/")
