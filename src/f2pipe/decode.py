@@ -2,10 +2,11 @@
 
 This is the pure core of the processor (SPEC sections 1, 2 and 7): no I/O, no
 clocks (the caller passes ``now``), no globals that change. A template is
-compiled once (:func:`compile_template`, cached by the caller) into a plan of
-precompiled ``struct`` readers; :meth:`CompiledTemplate.decode` then runs the
-checks in SPEC section 7's order and returns every reading of the message or
-raises :class:`DecodeError` with the first reason that applies::
+compiled once (:func:`compile_template`, cached by the caller) into a reader
+generated for it (one precompiled ``struct`` call per byte order, a byte gather
+only for BADC and CDAB); :meth:`CompiledTemplate.decode` then runs the checks
+in SPEC section 7's order and returns every reading of the message or raises
+:class:`DecodeError` with the first reason that applies::
 
     no_datapoints, invalid_json, missing_field, invalid_timestamp,
     timestamp_out_of_range, invalid_hex, bad_frame, crc_mismatch,
@@ -155,16 +156,23 @@ def _value_order(order: str, width: int) -> tuple[int, ...]:
 
 
 def _compile_datapoint(dp: DatapointSpec) -> _Compiled:
-    """Resolve ``dp``; a faulty datapoint keeps its fault rather than raising."""
+    """Resolve ``dp``; a faulty datapoint keeps its fault rather than raising.
+
+    Raises ``TypeError`` or ``ValueError`` only for a ``datapoint_id`` that is not
+    an integer, which the schema cannot hold.
+    """
     encoding = str(dp.data_encoding).lower()
     order = str(dp.byte_order or "ABCD").upper()
     decimals = dp.decimals or 0
-    start, length = int(dp.byte_offset), int(dp.byte_length)
-    here = _Compiled(int(dp.datapoint_id), dp.label, start, length)
+    start, length = dp.byte_offset, dp.byte_length
+    here = _Compiled(int(dp.datapoint_id), dp.label, 0, 0)
 
     def broken(why: str) -> _Compiled:
-        return _Compiled(here.datapoint_id, here.label, start, length, fault=why)
+        return _Compiled(here.datapoint_id, here.label, 0, 0, fault=why)
 
+    if type(start) is not int or type(length) is not int:
+        return broken(f"byte_offset {start!r} and byte_length {length!r} must be integers")
+    here = _Compiled(here.datapoint_id, here.label, start, length)
     if encoding not in ENCODINGS:
         return broken(f"unknown data_encoding {dp.data_encoding!r}")
     if order not in BYTE_ORDERS:
