@@ -145,3 +145,21 @@ def test_a_bad_template_file_names_the_datapoint(
     code = main(["decode", "--topic", TOPIC, "--payload", PAYLOAD, "--template", str(template)])
     assert code == 1
     assert "datapoint 1" in capsys.readouterr().err
+
+
+def test_builtin_templates_are_the_seeded_demo_fleet() -> None:
+    # The CLI keeps its own copy so that it does not import the database stack.
+    from f2pipe.db import DEMO_TEMPLATES
+    from f2pipe.decode_cli import BUILTIN_TEMPLATES
+
+    assert set(BUILTIN_TEMPLATES) == set(DEMO_TEMPLATES)
+    for name, spec in BUILTIN_TEMPLATES.items():
+        seeded = [
+            (d.label, d.data_encoding, d.byte_offset, d.byte_length, d.decimals, d.unit)
+            for d in DEMO_TEMPLATES[name]
+        ]
+        assert spec.frame_check == "modbus_crc"
+        assert [
+            (d.label, d.data_encoding, d.byte_offset, d.byte_length, d.decimals, d.unit)
+            for d in spec.datapoints
+        ] == seeded
