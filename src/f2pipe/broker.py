@@ -109,6 +109,8 @@ def render_conf(settings: Settings, pki: PkiPaths) -> str:
             "max_queued_bytes 0",
             f"max_inflight_messages {settings.mqtt_max_inflight_messages}",
             f"max_packet_size {MAX_PACKET_BYTES}",
+            # `f2pipe status` reads $SYS/broker/clients/connected as svc-monitor.
+            "sys_interval 5",
             "log_dest stderr",
             "log_type error",
             "log_type warning",
