@@ -29,7 +29,9 @@ class OpsServer:
                     self._send(200, b"ok\n", "text/plain")
                 elif self.path == "/readyz":
                     ok = _safe(check)
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+                    self._send(
+                        200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain"
+                    )
                 elif self.path == "/metrics":
                     self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
                 else:
