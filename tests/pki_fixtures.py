@@ -34,10 +34,10 @@ from f2pipe.certgen.ca import (
     write_private,
     write_public,
 )
+from f2pipe.db import create_database, migrate
 from f2pipe.settings import Settings, load_settings
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-SCHEMA = Path(__file__).resolve().parents[1] / "src" / "f2pipe" / "schema"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
@@ -49,24 +49,24 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def register_database() -> Iterator[str]:
-    """One database per test run holding the devices table and the certificate register.
+    """One migrated database per test run, with a controller template for test devices.
 
     Creating a database takes seconds on a busy machine, so tests share this one
     and :func:`register_dsn` empties it before each test.
     """
     name = unique("certgen")
-    with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    create_database(ADMIN_DSN, name)
     dsn = f"postgresql://postgres@127.0.0.1:5432/{name}"
     try:
+        migrate(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:
-            # The metadata's devices table as far as certgen reads it.
             conn.execute(
-                "CREATE TABLE devices (device_id integer GENERATED ALWAYS AS IDENTITY "
-                "PRIMARY KEY, name text NOT NULL, mac_address char(12) UNIQUE, "
-                "claiming_code text)"
+                "INSERT INTO device_types (name, is_controller) VALUES ('F2 Controller', true)"
             )
-            conn.execute((SCHEMA / "0003_certificates.sql").read_text())
+            conn.execute(
+                "INSERT INTO device_templates (name, device_type_id) "
+                "SELECT 'F2 Controller', device_type_id FROM device_types"
+            )
         yield dsn
     finally:
         with psycopg.connect(ADMIN_DSN, autocommit=True) as conn:
@@ -75,16 +75,17 @@ def register_database() -> Iterator[str]:
 
 @pytest.fixture
 def register_dsn(register_database: str) -> str:
-    """The shared register database, emptied for this test."""
+    """The shared register database, emptied of devices and certificates for this test."""
     with psycopg.connect(register_database, autocommit=True) as conn:
-        conn.execute("TRUNCATE certificates, devices RESTART IDENTITY")
+        conn.execute("TRUNCATE certificates, device_claims, devices RESTART IDENTITY CASCADE")
     return register_database
 
 
 def add_device(dsn: str, mac: str, claiming_code: str | None) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(
-            "INSERT INTO devices (name, mac_address, claiming_code) VALUES (%s, %s, %s)",
+            "INSERT INTO devices (name, device_template_id, mac_address, claiming_code) "
+            "SELECT %s, device_template_id, %s, %s FROM device_templates",
             (f"controller {mac}", mac, claiming_code),
         )
 

@@ -315,3 +315,15 @@ def test_normalize_mac_refuses_mixed_forms() -> None:
     for bad in ["", "aabbccddee01 x", "aa:bbccddee01", "aa.bb.cc.dd.ee.01", "aabbccddee0g"]:
         with pytest.raises(ValueError, match="not a MAC"):
             normalize_mac(bad)
+
+
+def test_a_new_claiming_code_can_be_used_once_more(settings: Settings, certgen: Certgen) -> None:
+    add_device(settings.metadata_dsn, MAC, CODE)
+    assert post(certgen, MAC, {"claiming_code": CODE}).status_code == 201
+    with psycopg.connect(settings.metadata_dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE devices SET claiming_code = 'fresh-code' WHERE mac_address = %s", (MAC,)
+        )
+    assert post(certgen, MAC, {"claiming_code": CODE}).status_code == 403
+    assert post(certgen, MAC, {"claiming_code": "fresh-code"}).status_code == 201
+    assert post(certgen, MAC, {"claiming_code": "fresh-code"}).status_code == 403

@@ -258,7 +258,11 @@ async def issue_device_certificate(
     issued: Issued = await run_in_threadpool(
         runtime.ca.issue_device, grant.mac, public_key, settings.device_cert_days
     )
-    claim = grant.device.device_id if grant.auth == "claiming_code" else None
+    claim = (
+        (grant.device.device_id, body.claiming_code)
+        if grant.auth == "claiming_code" and body.claiming_code is not None
+        else None
+    )
     try:
         await run_in_threadpool(runtime.store.record, issued, grant.mac, grant.auth, claim)
     except ClaimAlreadyUsed:

@@ -8,6 +8,7 @@ threads. Every method is one transaction. Database errors surface as
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 
 from psycopg import Connection
@@ -59,18 +60,25 @@ class CertificateStore:
         return True
 
     def device(self, mac: str) -> DeviceRow | None:
-        """The controller with this MAC, or None."""
+        """The controller with this MAC and whether its current claiming code was used."""
         with self._pool.connection() as conn:
             row = conn.execute(
-                "SELECT device_id, claiming_code, claimed_at FROM devices WHERE mac_address = %s",
+                "SELECT d.device_id, d.claiming_code, c.claimed_at FROM devices d "
+                "LEFT JOIN device_claims c ON c.device_id = d.device_id "
+                "AND c.code_sha256 = sha256(convert_to(d.claiming_code, 'UTF8')) "
+                "WHERE d.mac_address = %s",
                 (mac,),
             ).fetchone()
         return None if row is None else DeviceRow(int(row[0]), row[1], row[2])
 
     def record(
-        self, issued: Issued, mac: str | None, issued_by: str, claim_device: int | None = None
+        self,
+        issued: Issued,
+        mac: str | None,
+        issued_by: str,
+        claim: tuple[int, str] | None = None,
     ) -> None:
-        """Record ``issued``; with ``claim_device``, consume that device's claiming code too.
+        """Record ``issued``; with ``claim`` = (device_id, code), consume that code too.
 
         Both happen in one transaction: if the code was consumed meanwhile,
         nothing is recorded and ClaimAlreadyUsed is raised (the certificate,
@@ -78,11 +86,12 @@ class CertificateStore:
         """
         cert = issued.certificate
         with self._pool.connection() as conn, conn.transaction():
-            if claim_device is not None:
+            if claim is not None:
+                device_id, code = claim
                 claimed = conn.execute(
-                    "UPDATE devices SET claimed_at = now() "
-                    "WHERE device_id = %s AND claimed_at IS NULL",
-                    (claim_device,),
+                    "INSERT INTO device_claims (device_id, code_sha256) VALUES (%s, %s) "
+                    "ON CONFLICT DO NOTHING",
+                    (device_id, hashlib.sha256(code.encode()).digest()),
                 )
                 if claimed.rowcount != 1:
                     raise ClaimAlreadyUsed

@@ -23,6 +23,14 @@ CREATE INDEX IF NOT EXISTS certificates_common_name ON certificates (common_name
 CREATE INDEX IF NOT EXISTS certificates_revoked ON certificates (revoked_at)
     WHERE revoked_at IS NOT NULL;
 
--- A claiming code works once: the first certificate issued with it sets claimed_at,
--- afterwards only the admin token re-issues.
-ALTER TABLE devices ADD COLUMN IF NOT EXISTS claimed_at timestamptz NULL;
+-- A claiming code works once: the first certificate issued with it records the
+-- code's SHA-256 here, afterwards only the admin token re-issues. A separate
+-- table rather than a devices column: claiming is not a metadata change (no
+-- processor cache needs clearing), and an operator who sets a new code for a
+-- device makes it claimable again without resetting anything.
+CREATE TABLE IF NOT EXISTS device_claims (
+    device_id integer NOT NULL REFERENCES devices ON DELETE CASCADE,
+    code_sha256 bytea NOT NULL CHECK (length(code_sha256) = 32),
+    claimed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (device_id, code_sha256)
+);
