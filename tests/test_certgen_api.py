@@ -3,8 +3,10 @@ with a real PostgreSQL register."""
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -327,3 +329,32 @@ def test_a_new_claiming_code_can_be_used_once_more(settings: Settings, certgen: 
     assert post(certgen, MAC, {"claiming_code": CODE}).status_code == 403
     assert post(certgen, MAC, {"claiming_code": "fresh-code"}).status_code == 201
     assert post(certgen, MAC, {"claiming_code": "fresh-code"}).status_code == 403
+
+
+def test_concurrent_claims_issue_exactly_once(settings: Settings, certgen: Certgen) -> None:
+    add_device(settings.metadata_dsn, MAC, CODE)
+    with ThreadPoolExecutor(max_workers=5) as pool:
+        codes = sorted(
+            pool.map(lambda _: post(certgen, MAC, {"claiming_code": CODE}).status_code, range(5))
+        )
+    assert codes == [201, 403, 403, 403, 403]
+    assert len(certificate_rows(settings)) == 1
+
+
+def test_refusals_are_logged_with_the_caller_and_no_secret(
+    settings: Settings, certgen: Certgen, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_device(settings.metadata_dsn, MAC, CODE)
+    secret_guess = "guess-" + "z" * 20
+    with caplog.at_level(logging.INFO, logger="f2pipe.certgen"):
+        post(certgen, MAC, {"claiming_code": secret_guess})
+        post(certgen, MAC, {}, {"Authorization": "Bearer wrong-token-xyz"})
+        post(certgen, MAC, {"claiming_code": CODE})
+    refusals = [r for r in caplog.records if r.getMessage() == "request refused"]
+    assert [(r.status, r.client, r.detail) for r in refusals] == [  # type: ignore[attr-defined]
+        (403, "127.0.0.1", "wrong claiming code"),
+        (401, "127.0.0.1", "bad admin token"),
+    ]
+    text = "\n".join(str(r.__dict__) for r in caplog.records)
+    for secret in (secret_guess, "wrong-token-xyz", CODE, ADMIN_TOKEN):
+        assert secret not in text

@@ -97,9 +97,6 @@ class Runtime:
         self.store.close()
 
 
-_runtime_lock = asyncio.Lock()
-
-
 async def get_runtime(
     request: Request, settings: Annotated[Settings, Depends(get_settings)]
 ) -> Runtime:
@@ -107,7 +104,7 @@ async def get_runtime(
     runtime: Runtime | None = getattr(request.app.state, "runtime", None)
     if runtime is not None:
         return runtime
-    async with _runtime_lock:
+    async with request.app.state.runtime_lock:
         runtime = getattr(request.app.state, "runtime", None)
         if runtime is None:
             try:
@@ -459,6 +456,7 @@ def create_app() -> FastAPI:
     """A fresh certgen application (its runtime is built on the first request)."""
     app = FastAPI(title="f2pipe certgen", version="1", lifespan=_lifespan)
     app.state.runtime = None
+    app.state.runtime_lock = asyncio.Lock()
     for router in (devices, certificates, pki, ops):
         app.include_router(router)
     app.add_exception_handler(StarletteHTTPException, _http_error)
