@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -39,3 +39,24 @@ def wait_until(
 def unique(prefix: str) -> str:
     """A name no other test uses: ``<prefix>_<12 hex>`` (valid as a topic, group or database)."""
     return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def fresh_db() -> Iterator[str]:
+    """A new, fully migrated database for one test; its DSN. Dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    from f2pipe.db import create_database, migrate
+    from f2pipe.settings import get_settings
+
+    name = unique("f2t")
+    admin = get_settings().metadata_dsn.rsplit("/", 1)[0] + "/postgres"
+    create_database(admin, name)
+    dsn = admin.rsplit("/", 1)[0] + "/" + name
+    migrate(dsn)
+    yield dsn
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )

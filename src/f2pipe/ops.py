@@ -29,7 +29,9 @@ class OpsServer:
                     self._send(200, b"ok\n", "text/plain")
                 elif self.path == "/readyz":
                     ok = _safe(check)
-                    self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+                    self._send(
+                        200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain"
+                    )
                 elif self.path == "/metrics":
                     self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
                 else:
@@ -42,7 +44,7 @@ class OpsServer:
                 self.end_headers()
                 self.wfile.write(body)
 
-            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            def log_message(self, format: str, *args: object) -> None:
                 pass  # scrapes every few seconds would drown the structured log
 
         self._server = ThreadingHTTPServer((host, port), Handler)

@@ -52,6 +52,8 @@ class Settings(BaseSettings):
     topic_dead_letter: str = "iot-dead-letter"
     data_topic_partitions: int = Field(default=6, ge=1, le=1024)
     dead_letter_partitions: int = Field(default=3, ge=1, le=1024)
+    processor_group: str = "f2pipe-processor"
+    sink_group: str = "f2pipe-sink"
 
     certgen_host: str = "127.0.0.1"
     certgen_port: int = Field(default=8080, ge=1, le=65535)
