@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
+import shutil
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,11 +74,14 @@ def test_classify_precedence() -> None:
 
 
 @pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    server = Mosquitto(tmp_path_factory.mktemp("mosquitto"))
+def broker() -> Iterator[Mosquitto]:
+    # Not under pytest's 0700 temp root: mosquitto drops to its own user and must reach it.
+    workdir = Path(tempfile.mkdtemp(prefix="f2pipe-mosquitto-"))
+    server = Mosquitto(workdir)
     server.start()
     yield server
     server.stop()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -296,10 +301,17 @@ def test_kafka_restart_loses_nothing(
     tmp_path: Path,
 ) -> None:
     raw, dlq = unique("raw"), unique("dlq")
+    window = 500
     wait_until(lambda: _try_create(private_kafka.bootstrap, raw, dlq), 60, 0.5, what="topics")
     conn = start_connector(
         connectors,
-        connector_env(broker, raw, dlq, bootstrap=private_kafka.bootstrap),
+        connector_env(
+            broker,
+            raw,
+            dlq,
+            bootstrap=private_kafka.bootstrap,
+            F2PIPE_CONNECTOR_RECEIVE_MAXIMUM=str(window),
+        ),
         tmp_path / "c.log",
     )
     count = 6000
@@ -308,6 +320,9 @@ def test_kafka_restart_loses_nothing(
     wait_until(lambda: conn.metric("f2pipe_connector_acked_total") >= 1000, 60, what="flowing")
     private_kafka.stop()
     acked_while_down = conn.metric("f2pipe_connector_acked_total")
+    # Kafka is down: the connector holds at most its Receive Maximum, the broker the rest.
+    wait_until(lambda: conn.metric("f2pipe_connector_in_flight") >= window, 30, what="window full")
+    assert conn.metric("f2pipe_connector_received_total") - acked_while_down <= window
     private_kafka.start()
     publisher.join(120)
     assert publisher.result is not None
