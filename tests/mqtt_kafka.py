@@ -53,12 +53,14 @@ class Mosquitto:
     workdir: Path
     port: int = field(default_factory=free_port)
     extra: str = ""
+    tls: str = ""  # listener TLS options (TestPki.mosquitto_tls); empty: plain, anonymous
     proc: subprocess.Popen[bytes] | None = None
 
     def config(self) -> str:
         return (
             f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
+            + self.tls
+            + f"allow_anonymous {'false' if self.tls else 'true'}\n"
             "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 60\n"
@@ -254,3 +256,106 @@ class ConnectorProcess:
 
 def ledger_entries(lines: Iterator[str] | list[str]) -> list[dict[str, Any]]:
     return [json.loads(line) for line in lines if line.strip()]
+
+
+# --- a throwaway PKI for mTLS tests (the product's CA lives in certgen) ---
+
+
+class TestPki:
+    """A CA plus broker, service and device certificates in the product's file layout.
+
+    ``<root>/pki/ca.pem``, ``broker.pem``/``.key``, ``services/svc-<name>.pem``/``.key``,
+    ``devices/f2-<mac>.pem``/``.key``. Files are world-readable on purpose: the
+    test broker runs as mosquitto's own user.
+    """
+
+    __test__ = False  # not a test class despite the name
+
+    def __init__(self, root: Path) -> None:
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+
+        self._x509, self._hashes, self._ser, self._ec, self._oid = (
+            x509,
+            hashes,
+            serialization,
+            ec,
+            NameOID,
+        )
+        self._now = dt.datetime.now(dt.UTC)
+        self._dt = dt
+        self.root = root
+        self.pki = root / "pki"
+        (self.pki / "services").mkdir(parents=True, exist_ok=True)
+        (self.pki / "devices").mkdir(parents=True, exist_ok=True)
+        for d in (root, self.pki, self.pki / "services", self.pki / "devices"):
+            d.chmod(0o755)
+        self.ca_key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "f2pipe test CA")])
+        self.ca_name = name
+        self.ca_cert = (
+            self._builder(name, self.ca_key.public_key())
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.ca_key, hashes.SHA256())
+        )
+        self.ca = self.pki / "ca.pem"
+        self.ca.write_bytes(self.ca_cert.public_bytes(serialization.Encoding.PEM))
+        self.ca.chmod(0o644)
+        self.broker_cert, self.broker_key = self.issue("broker", self.pki / "broker", server=True)
+
+    def _builder(self, subject: Any, public_key: Any) -> Any:
+        x509 = self._x509
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(getattr(self, "ca_name", subject))
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self._now - self._dt.timedelta(minutes=5))
+            .not_valid_after(self._now + self._dt.timedelta(days=2))
+        )
+
+    def issue(self, common_name: str, stem: Path, server: bool = False) -> tuple[Path, Path]:
+        x509, ser = self._x509, self._ser
+        key = self._ec.generate_private_key(self._ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(self._oid.COMMON_NAME, common_name)])
+        builder = self._builder(subject, key.public_key())
+        if server:
+            import ipaddress
+
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
+        cert = builder.sign(self.ca_key, self._hashes.SHA256())
+        cert_path, key_path = stem.with_suffix(".pem"), stem.with_suffix(".key")
+        cert_path.write_bytes(cert.public_bytes(ser.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+        )
+        cert_path.chmod(0o644)
+        key_path.chmod(0o644)
+        return cert_path, key_path
+
+    def service(self, name: str) -> tuple[Path, Path]:
+        return self.issue(name, self.pki / "services" / name)
+
+    def device(self, mac: str) -> tuple[Path, Path]:
+        return self.issue(f"f2-{mac}", self.pki / "devices" / f"f2-{mac}")
+
+    def mosquitto_tls(self) -> str:
+        """Listener options for mutual TLS with the certificate CN as the identity."""
+        return (
+            f"cafile {self.ca}\ncertfile {self.broker_cert}\nkeyfile {self.broker_key}\n"
+            "require_certificate true\nuse_identity_as_username true\n"
+            "tls_version tlsv1.2\n"
+        )

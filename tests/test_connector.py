@@ -22,6 +22,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import unique, wait_until
+from f2pipe import tls
 from f2pipe.connector import classify, topic_mac
 from f2pipe.reasons import Reason
 from f2pipe.settings import load_settings
@@ -30,12 +31,15 @@ from mqtt_kafka import (
     ConnectorProcess,
     KafkaServer,
     Mosquitto,
+    TestPki,
     create_topics,
     ledger_entries,
     read_topic,
 )
 
 DEV_KAFKA = "127.0.0.1:9092"
+FLEET = 20  # generated controllers with device certificates
+broker_pki: dict[int, TestPki] = {}  # broker port -> the PKI its clients use
 
 
 # --- the pure part ---
@@ -74,14 +78,25 @@ def test_classify_precedence() -> None:
 
 
 @pytest.fixture(scope="module")
-def broker() -> Iterator[Mosquitto]:
+def pki() -> Iterator[TestPki]:
     # Not under pytest's 0700 temp root: mosquitto drops to its own user and must reach it.
-    workdir = Path(tempfile.mkdtemp(prefix="f2pipe-mosquitto-"))
-    server = Mosquitto(workdir)
+    workdir = Path(tempfile.mkdtemp(prefix="f2pipe-connector-"))
+    workdir.chmod(0o755)
+    authority = TestPki(workdir / "state")
+    for sensor in [*demo_fleet(), *generated_fleet(FLEET)]:
+        authority.device(sensor.mac)
+    yield authority
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def broker(pki: TestPki) -> Iterator[Mosquitto]:
+    workdir = pki.root.parent / "mosquitto"
+    server = Mosquitto(workdir, tls=pki.mosquitto_tls())
     server.start()
+    broker_pki[server.port] = pki
     yield server
     server.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -94,14 +109,20 @@ def topics() -> tuple[str, str]:
 def connector_env(
     broker: Mosquitto, raw: str, dlq: str, bootstrap: str = DEV_KAFKA, **extra: str
 ) -> dict[str, str]:
+    """Environment of one connector: its own service certificate, the test topics."""
+    pki = broker_pki[broker.port]
+    identity = unique("svc-connector")
+    pki.service(identity)
     return {
-        "F2PIPE_MQTT_TLS": "false",
+        "F2PIPE_MQTT_TLS": "true",
+        "F2PIPE_STATE_DIR": str(pki.root),
+        "F2PIPE_CONNECTOR_IDENTITY": identity,
+        "F2PIPE_CONNECTOR_CLIENT_ID": identity,
         "F2PIPE_MQTT_HOST": "127.0.0.1",
         "F2PIPE_MQTT_PORT": str(broker.port),
         "F2PIPE_KAFKA_BOOTSTRAP": bootstrap,
         "F2PIPE_TOPIC_RAW": raw,
         "F2PIPE_TOPIC_DEAD_LETTER": dlq,
-        "F2PIPE_CONNECTOR_CLIENT_ID": unique("svc-connector"),
         **extra,
     }
 
@@ -126,7 +147,9 @@ def start_connector(
 
 def publish(broker: Mosquitto, count: int, **kwargs: Any) -> tuple[Summary, list[dict[str, Any]]]:
     """Publish ``count`` QoS 1 messages with the simulator; return its summary and ledger."""
-    settings = load_settings(mqtt_tls=False, mqtt_port=broker.port)
+    settings = load_settings(
+        mqtt_tls=True, mqtt_port=broker.port, state_dir=broker_pki[broker.port].root
+    )
     ledger = io.StringIO()
     sensors = kwargs.pop("sensors", None) or demo_fleet()
     summary = asyncio.run(run_load(settings, sensors, count, ledger=ledger, **kwargs))
@@ -194,7 +217,12 @@ def test_invalid_topic_and_oversized_payload_become_dead_letters(
     good = "tele/f2-aabbccddee01/sensor-mode/J1/sensor-1"
     bad_topic = "tele/f2-AABBCCDDEE01/sensor-mode/J9/sensor-1"
     big = b"x" * 1001
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("pub"))
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="f2-aabbccddee01")
+    pki = broker_pki[broker.port]
+    devices = pki.pki / "devices"
+    client.tls_set_context(
+        tls.client_context(pki.ca, devices / "f2-aabbccddee01.pem", devices / "f2-aabbccddee01.key")
+    )
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     try:
@@ -238,7 +266,7 @@ def test_kill9_mid_stream_loses_nothing(
     env = connector_env(broker, raw, dlq)
     conn = start_connector(connectors, env, tmp_path / "c1.log")
     count = 20000
-    publisher = Publisher(broker, count, sensors=generated_fleet(20))
+    publisher = Publisher(broker, count, sensors=generated_fleet(FLEET))
     publisher.start()
     wait_until(
         lambda: conn.metric("f2pipe_connector_acked_total") >= 3000, 60, what="stream under way"
@@ -315,7 +343,7 @@ def test_kafka_restart_loses_nothing(
         tmp_path / "c.log",
     )
     count = 6000
-    publisher = Publisher(broker, count, rate=1000.0, sensors=generated_fleet(10))
+    publisher = Publisher(broker, count, rate=1000.0, sensors=generated_fleet(FLEET // 2))
     publisher.start()
     wait_until(lambda: conn.metric("f2pipe_connector_acked_total") >= 1000, 60, what="flowing")
     private_kafka.stop()

@@ -223,8 +223,12 @@ class Connector:
         settings: Settings,
         ssl_context: ssl.SSLContext | None,
         producer_overrides: dict[str, Any] | None = None,
+        *,
+        bare: bool = False,
     ) -> None:
         self.settings = settings
+        # Benchmark baseline: the same MQTT client and receive path, acknowledging on receipt.
+        self.bare = bare
         self.max_in_flight = settings.connector_receive_maximum
         self._stopping = False
         self._generation = 0
@@ -359,6 +363,10 @@ class Connector:
             ("ingest.ts", b"%d" % int(time.time() * 1000)),
         ]
         mac, reason = classify(topic, len(payload), self.settings.max_payload_bytes)
+        if self.bare:
+            entry.done = True
+            self._ack_ready()
+            return
         if reason is None:
             args: tuple[Any, ...] = (self.settings.topic_raw, payload, mac, headers)
         else:
@@ -565,13 +573,18 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    parser.add_argument(
+        "--bare",
+        action="store_true",
+        help="benchmark baseline only: acknowledge on receipt and write nothing to Kafka",
+    )
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     setup_logging("connector", args.log_level)
     settings = get_settings()
-    connector = Connector(settings, build_ssl_context(settings))
+    connector = Connector(settings, build_ssl_context(settings), bare=args.bare)
     ops = OpsServer(settings.ops_host, settings.connector_port, connector.ready)
     interrupted = 0
 
