@@ -199,13 +199,14 @@ class ConnectorProcess:
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
     log: Path | None = None
+    args: list[str] = field(default_factory=list)
 
     def start(self) -> None:
         env = {**os.environ, **self.env, "F2PIPE_CONNECTOR_PORT": str(self.port)}
         out = self.log.open("ab") if self.log else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "f2pipe.cli", "connector"],
+                [sys.executable, "-m", "f2pipe.cli", "connector", *self.args],
                 env=env,
                 cwd=REPO,
                 stdout=out,

@@ -29,6 +29,7 @@ threads. Signal handlers only set a flag.
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import functools
 import logging
@@ -39,6 +40,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -46,10 +48,18 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 from f2pipe import tls
 from f2pipe.kafka import producer_config
@@ -61,15 +71,9 @@ from f2pipe.settings import Settings, get_settings
 log = logging.getLogger("f2pipe.connector")
 
 SUBSCRIPTIONS = ("stat/+/+/+/+", "tele/+/+/+/+")
+_QOS = (b"0", b"1", b"2")
 
 # --- metrics (one place; every name with its meaning) ---
-RECEIVED = Counter("f2pipe_connector_received", "MQTT messages received from the broker")
-REDELIVERED = Counter(
-    "f2pipe_connector_redelivered", "received messages flagged DUP (redelivered by the broker)"
-)
-PRODUCED = Counter("f2pipe_connector_produced", "records Kafka acknowledged (raw + dead letters)")
-ACKED = Counter("f2pipe_connector_acked", "MQTT PUBACKs sent after Kafka acknowledged the record")
-IN_FLIGHT = Gauge("f2pipe_connector_in_flight", "messages received and not yet acknowledged")
 DEAD_LETTERS = Counter(
     "f2pipe_connector_dead_letters", "messages sent to the dead-letter topic", ["reason"]
 )
@@ -77,28 +81,72 @@ DELIVERY_ERRORS = Counter(
     "f2pipe_connector_delivery_errors", "Kafka delivery reports with an error (record retried)"
 )
 RECONNECTS = Counter("f2pipe_connector_reconnects", "MQTT connection attempts after a loss")
-PRODUCE_SECONDS = Histogram(
-    "f2pipe_connector_produce_seconds",
-    "time from MQTT receipt to Kafka acknowledgement",
-    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
-)
+# Per-message metrics live in _HotMetrics (plain integers, exported at scrape time):
+HOT_METRICS = {
+    "f2pipe_connector_received": "MQTT messages received from the broker",
+    "f2pipe_connector_redelivered": "received messages flagged DUP (redelivered by the broker)",
+    "f2pipe_connector_produced": "records Kafka acknowledged (raw + dead letters)",
+    "f2pipe_connector_acked": "MQTT PUBACKs sent after Kafka acknowledged the record",
+    "f2pipe_connector_in_flight": "messages received and not yet acknowledged (gauge)",
+    "f2pipe_connector_produce_seconds": "time from MQTT receipt to Kafka acknowledgement",
+}
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _HotMetrics(Collector):
+    """Per-message counters as plain integers, exported when Prometheus scrapes.
+
+    A prometheus_client metric takes a lock on every update; at tens of
+    thousands of messages per second, five of them per message cost more than
+    the rest of the receive path. Only the loop thread writes these fields;
+    the scrape thread reads them (an int read is atomic under the GIL).
+    """
+
+    def __init__(self, in_flight: Callable[[], int]) -> None:
+        self.received = 0
+        self.redelivered = 0
+        self.produced = 0
+        self.acked = 0
+        self.latency_counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.latency_sum = 0.0
+        self._in_flight = in_flight
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency_counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        doc = HOT_METRICS
+        for field_name in ("received", "redelivered", "produced", "acked"):
+            name = f"f2pipe_connector_{field_name}"
+            yield CounterMetricFamily(name, doc[name], value=getattr(self, field_name))
+        name = "f2pipe_connector_in_flight"
+        yield GaugeMetricFamily(name, doc[name], value=self._in_flight())
+        cumulative, buckets = 0, []
+        for bound, count in zip((*LATENCY_BUCKETS, float("inf")), self.latency_counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        name = "f2pipe_connector_produce_seconds"
+        yield HistogramMetricFamily(name, doc[name], buckets=buckets, sum_value=self.latency_sum)
+
 
 # SPEC section 1: the pipeline-input topics (status and telemetry, five levels).
+# Matched on the raw topic bytes: the hot path never decodes a topic it does not have to.
 _F2_TOPIC = re.compile(
-    r"(?:stat|tele)/f2-(?P<mac>[0-9a-f]{12})/(?:sensor-mode|access-control-mode|alarm-mode)"
-    r"/J[1-4]/(?:(?:sensor|strike|reader|siren|motion-sensor)-[1-6]|door-sensors|exit-buttons)"
+    rb"(?:stat|tele)/f2-(?P<mac>[0-9a-f]{12})/(?:sensor-mode|access-control-mode|alarm-mode)"
+    rb"/J[1-4]/(?:(?:sensor|strike|reader|siren|motion-sensor)-[1-6]|door-sensors|exit-buttons)"
 )
 
 
-def topic_mac(topic: str) -> str | None:
-    """The device MAC of an F2 status or telemetry topic, or None when it is not one."""
-    match = _F2_TOPIC.fullmatch(topic)
+def topic_mac(topic: str | bytes) -> bytes | None:
+    """The device MAC (ASCII bytes) of an F2 status or telemetry topic, or None."""
+    match = _F2_TOPIC.fullmatch(topic.encode() if isinstance(topic, str) else topic)
     return match.group("mac") if match else None
 
 
 def classify(
-    topic: str, payload_size: int, max_payload_bytes: int
-) -> tuple[str | None, Reason | None]:
+    topic: str | bytes, payload_size: int, max_payload_bytes: int
+) -> tuple[bytes | None, Reason | None]:
     """Decide one message: ``(mac, None)`` to produce it raw, ``(mac?, reason)`` to dead-letter it.
 
     Pure; the precedence of SPEC section 7 holds (``invalid_topic`` before
@@ -112,39 +160,187 @@ def classify(
     return mac, None
 
 
-class _BufferedClient(mqtt.Client):
-    """paho's client with buffered socket I/O.
+PublishHandler = Callable[[bytes, bytes, int, bool, bool, int], None]
+"""``(topic, payload, qos, retain, dup, packet id)`` of one incoming PUBLISH."""
 
-    paho reads each packet with three or more ``recv`` calls (command byte,
-    each length byte, body) and writes each PUBACK with its own ``send``; at
-    tens of thousands of messages per second those system calls dominate. This
-    subclass reads up to 256 KiB at a time and serves paho's small reads from
-    that buffer, and collects paho's writes into one buffer that
-    :meth:`flush_output` sends in one call. Relies on paho 2.x's private
-    ``_sock_recv``/``_sock_send`` hooks (pinned by the dependency range).
+
+class _LeanClient(mqtt.Client):
+    """paho's client with a lean receive path for incoming PUBLISH packets.
+
+    paho reads each packet with three or more ``recv`` calls and builds an
+    ``MQTTMessage`` plus an MQTT v5 ``Properties`` object for every PUBLISH;
+    at tens of thousands of messages per second that bookkeeping, not the
+    network, is the ceiling. This subclass reads up to 256 KiB per ``recv``,
+    splits complete packets out of that buffer itself, and hands each QoS 0/1
+    PUBLISH straight to ``publish_handler`` (its properties are skipped: the
+    connector asks for no topic aliases, so none carries state it needs). Every
+    other packet (CONNACK, SUBACK, PINGRESP, DISCONNECT, ...) goes through
+    paho's own handler, so session state, callbacks and keepalive stay paho's.
+    Outgoing packets, paho's and :meth:`ack`'s, are gathered in one buffer that
+    :meth:`flush_output` writes in one call.
+
+    Relies on paho 2.x internals (``_in_packet``, ``_packet_handle``,
+    ``_sock_send``, ``_loop_rc_handle``); the dependency range pins 2.x.
     """
 
     _READ_SIZE = 256 * 1024
+    _READS_PER_PASS = 256
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, publish_handler: PublishHandler, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._rbuf = b""
+        self.publish_handler = publish_handler
+        self._rbuf = bytearray()
         self._rpos = 0
         self._wbuf = bytearray()
+        self.backlog = False  # complete packets may be waiting in the buffer or TLS layer
 
-    def buffered(self) -> int:
-        """Received bytes not yet consumed by paho."""
-        return len(self._rbuf) - self._rpos
+    # --- input ---
 
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._rpos >= len(self._rbuf):
-            self._rbuf = super()._sock_recv(self._READ_SIZE)
+    def read_packets(self, limit: int) -> bool:
+        """Receive what the socket has and handle up to ``limit`` packets.
+
+        Returns False when the connection was lost (paho has then closed it
+        and called ``on_disconnect``). Never blocks.
+        """
+        sock = self._sock
+        if sock is None:
+            return False
+        if self._rpos:
+            del self._rbuf[: self._rpos]
             self._rpos = 0
-            if not self._rbuf:
-                return b""  # orderly close: paho sees the connection lost
-        start = self._rpos
-        self._rpos = min(start + bufsize, len(self._rbuf))
-        return self._rbuf[start : self._rpos]
+        # Over TLS one recv returns one record, and brokers often send one packet per
+        # record: gather several before handling, so one pass (and one write of the
+        # PUBACKs it produces) covers many messages.
+        for _ in range(self._READS_PER_PASS):
+            try:
+                data = sock.recv(self._READ_SIZE)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                break
+            except OSError:
+                self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+                return False
+            if not data:
+                self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_CONN_LOST)
+                return False
+            self._rbuf += data
+            if len(self._rbuf) >= self._READ_SIZE:
+                break
+        return self._handle_buffered(limit)
+
+    def _handle_buffered(self, limit: int) -> bool:
+        buf = self._rbuf
+        pos = self._rpos
+        end = len(buf)
+        handled = 0
+        handler = self.publish_handler
+        self.backlog = False
+        while end - pos >= 2:
+            if handled >= limit:
+                self.backlog = True
+                break
+            command = buf[pos]
+            # Remaining length: up to four 7-bit groups, least significant first.
+            length, shift, i = 0, 0, pos + 1
+            while True:
+                if i >= end:
+                    length = -1
+                    break
+                byte = buf[i]
+                i += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+                shift += 7
+                if shift > 21:
+                    self._rpos = end
+                    self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                    return False
+            if length < 0 or end - i < length:
+                break  # incomplete: wait for more bytes
+            body_end = i + length
+            pos = body_end
+            handled += 1
+            if command & 0xF0 == 0x30 and command & 0x06 != 0x04:
+                qos = (command >> 1) & 0x03
+                topic_end = i + 2 + ((buf[i] << 8) | buf[i + 1])
+                topic = bytes(buf[i + 2 : topic_end])
+                j = topic_end
+                mid = 0
+                if qos:
+                    mid = (buf[j] << 8) | buf[j + 1]
+                    j += 2
+                # MQTT v5 property length (variable byte integer), then the properties.
+                plen, shift = 0, 0
+                while True:
+                    byte = buf[j]
+                    j += 1
+                    plen |= (byte & 0x7F) << shift
+                    if not byte & 0x80:
+                        break
+                    shift += 7
+                handler(
+                    topic,
+                    bytes(buf[j + plen : body_end]),
+                    qos,
+                    bool(command & 1),
+                    bool(command & 0x08),
+                    mid,
+                )
+                continue
+            self._rpos = pos
+            if not self._paho_handle(command, bytes(buf[i:body_end])):
+                return False
+            if self._sock is None:
+                return False
+            buf = self._rbuf  # a callback may have reconnected and replaced the buffer
+            pos, end = self._rpos, len(buf)
+        self._rpos = pos
+        sock = self._sock
+        if isinstance(sock, ssl.SSLSocket) and sock.pending():
+            self.backlog = True
+        if handled:
+            with self._msgtime_mutex:
+                self._last_bytes_received = mqtt.time_func()
+        return True
+
+    def _paho_handle(self, command: int, body: bytes) -> bool:
+        """Let paho handle one non-PUBLISH packet as if it had read it itself."""
+        self._in_packet = {
+            "command": command,
+            "have_remaining": 1,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": len(body),
+            "packet": bytearray(body),
+            "to_process": 0,
+            "pos": 0,
+        }
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket:
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            self._loop_rc_handle(rc)
+            return False
+        return True
+
+    # --- output ---
+
+    def ack(self, mid: int, qos: int) -> MQTTErrorCode:
+        """Queue the PUBACK of QoS 1 message ``mid`` (QoS 0 needs none)."""
+        if qos == 1 and self._sock is not None:
+            self._wbuf += b"\x40\x02" + mid.to_bytes(2, "big")
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _sock_send(self, buf: bytes | bytearray) -> int:
         if self._sock is None:
@@ -156,7 +352,7 @@ class _BufferedClient(mqtt.Client):
         return bool(self._wbuf) or self.want_write()
 
     def flush_output(self) -> bool:
-        """Hand paho's queued packets to the socket; False when the connection failed."""
+        """Hand queued packets to the socket; False when the connection failed."""
         if self.loop_write() not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
             return False
         sock = self._sock
@@ -177,7 +373,8 @@ class _BufferedClient(mqtt.Client):
 
     def _sock_close(self) -> None:
         super()._sock_close()
-        self._rbuf, self._rpos, self._wbuf = b"", 0, bytearray()
+        self._rbuf, self._rpos, self._wbuf = bytearray(), 0, bytearray()
+        self.backlog = False
 
 
 @dataclass(slots=True)
@@ -241,6 +438,8 @@ class Connector:
         self._backoff = Backoff()
         self._next_connect = 0.0
         self._ever_connected = False
+        self.stats = _HotMetrics(lambda: len(self._pending))
+        REGISTRY.register(self.stats)
 
         self.producer = Producer(
             producer_config(
@@ -250,18 +449,18 @@ class Connector:
                 **(producer_overrides or {}),
             )
         )
-        client = _BufferedClient(
+        client = _LeanClient(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.connector_client_id,
             protocol=MQTTProtocolVersion.MQTTv5,
             manual_ack=True,
+            publish_handler=self._on_publish,
         )
         if ssl_context is not None:
             client.tls_set_context(ssl_context)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_message
         # With a write callback registered paho queues packets instead of writing them at
         # once from inside callbacks; this loop writes them in one batch per iteration.
         client.on_socket_register_write = lambda _c, _u, _s: None
@@ -347,26 +546,28 @@ class Connector:
                     extra={"reason": str(reason), "retry_in": round(delay, 2)},
                 )
 
-    def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
+    def _on_publish(
+        self, topic: bytes, payload: bytes, qos: int, retain: bool, dup: bool, mid: int
+    ) -> None:
         received = time.monotonic()
-        RECEIVED.inc()
-        if msg.dup:
-            REDELIVERED.inc()
-        entry = _Pending(msg.mid, msg.qos, self._generation, received)
+        stats = self.stats
+        stats.received += 1
+        if dup:
+            stats.redelivered += 1
+        entry = _Pending(mid, qos, self._generation, received)
         self._pending.append(entry)
-        topic = msg.topic
-        payload = msg.payload
-        headers = [
-            ("mqtt.topic", topic),
-            ("mqtt.qos", b"%d" % msg.qos),
-            ("mqtt.retain", b"1" if msg.retain else b"0"),
-            ("ingest.ts", b"%d" % int(time.time() * 1000)),
-        ]
         mac, reason = classify(topic, len(payload), self.settings.max_payload_bytes)
         if self.bare:
             entry.done = True
             self._ack_ready()
             return
+        now_ms = b"%d" % int(time.time() * 1000)
+        headers = [
+            ("mqtt.topic", topic),
+            ("mqtt.qos", _QOS[qos]),
+            ("mqtt.retain", b"1" if retain else b"0"),
+            ("ingest.ts", now_ms),
+        ]
         if reason is None:
             args: tuple[Any, ...] = (self.settings.topic_raw, payload, mac, headers)
         else:
@@ -380,12 +581,15 @@ class Connector:
                 ("dlq.stage", b"connector"),
                 ("dlq.reason", reason.value),
                 ("dlq.detail", detail),
-                ("dlq.source", f"mqtt/{topic}"),
-                ("dlq.ts", b"%d" % int(time.time() * 1000)),
+                ("dlq.source", b"mqtt/" + topic),
+                ("dlq.ts", now_ms),
             ]
             args = (self.settings.topic_dead_letter, payload, mac, dlq_headers)
             DEAD_LETTERS.labels(reason.value).inc()
-            log.info("dead letter", extra={"reason": reason.value, "topic": topic[:200]})
+            log.info(
+                "dead letter",
+                extra={"reason": reason.value, "topic": topic[:200].decode(errors="replace")},
+            )
         self._produce(entry, args)
 
     # --- Kafka ---
@@ -415,8 +619,8 @@ class Connector:
             self._retry.append((time.monotonic() + 1.0, entry, args))
             return
         self._kafka_up = True
-        PRODUCED.inc()
-        PRODUCE_SECONDS.observe(time.monotonic() - entry.received)
+        self.stats.produced += 1
+        self.stats.observe_latency(time.monotonic() - entry.received)
         entry.done = True
         self._ack_ready()
 
@@ -430,7 +634,7 @@ class Connector:
             entry = pending.popleft()
             if entry.qos > 0 and entry.generation == generation:
                 client.ack(entry.mid, entry.qos)
-                ACKED.inc()
+                self.stats.acked += 1
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         if err.code() == KafkaError._ALL_BROKERS_DOWN:
@@ -493,9 +697,11 @@ class Connector:
                 if time.monotonic() >= self._next_connect:
                     self._connect()
                 continue
-            throttled = len(self._pending) >= self.max_in_flight
-            if throttled or not client.buffered():
-                want_read = [sock] if not throttled else []
+            room = self.max_in_flight - len(self._pending)
+            if room > 0 and client.backlog:
+                readable: list[Any] = [sock]
+            else:
+                want_read = [sock] if room > 0 else []
                 want_write = [sock] if client.pending_output() else []
                 # Short waits while records are with Kafka keep PUBACK latency low.
                 timeout = 0.001 if self._pending else 0.1
@@ -503,10 +709,8 @@ class Connector:
                     readable, _w, _x = select.select(want_read, want_write, [], timeout)
                 except (OSError, ValueError):
                     readable = []
-            else:
-                readable = [sock]
-            if readable and not throttled:
-                self._read_burst()
+            if readable and room > 0:
+                client.read_packets(room)
             self.producer.poll(0)
             self._retry_due()
             if not client.flush_output():
@@ -515,19 +719,7 @@ class Connector:
             if now - last_misc > 0.5:
                 last_misc = now
                 client.loop_misc()  # keepalive PINGREQ and timeout detection
-                IN_FLIGHT.set(len(self._pending))
         return self._drain()
-
-    def _read_burst(self) -> None:
-        """Let paho parse what the socket has, up to the in-flight bound."""
-        client = self.client
-        limit = self.max_in_flight
-        pending = self._pending
-        for _ in range(4096):  # yield to Kafka polling now and then
-            if client.loop_read() != MQTTErrorCode.MQTT_ERR_SUCCESS or client.socket() is None:
-                return
-            if not client.buffered() or len(pending) >= limit:
-                return
 
     def _drain(self) -> int:
         """Stop reading, let Kafka acknowledge what it has, send those PUBACKs, disconnect."""

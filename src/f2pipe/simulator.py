@@ -395,25 +395,39 @@ class LeanClient:
             await self._writer.drain()
 
     async def _read_loop(self) -> None:
+        # Read in bulk and split packets here: one await per chunk, not two per PUBACK.
         reader = self._reader
         assert reader is not None
+        buf = b""
         try:
             while True:
-                first = await reader.readexactly(2)
-                length, shift, byte = 0, 0, first[1]
-                while True:
-                    length |= (byte & 0x7F) << shift
-                    if not byte & 0x80:
+                chunk = await reader.read(1 << 16)
+                if not chunk:
+                    return
+                buf = buf + chunk if buf else chunk
+                pos, end = 0, len(buf)
+                while end - pos >= 2:
+                    length, shift, i = 0, 0, pos + 1
+                    while True:
+                        if i >= end:
+                            length = -1
+                            break
+                        byte = buf[i]
+                        i += 1
+                        length |= (byte & 0x7F) << shift
+                        if not byte & 0x80:
+                            break
+                        shift += 7
+                    if length < 0 or end - i < length:
                         break
-                    shift += 7
-                    byte = (await reader.readexactly(1))[0]
-                body = await reader.readexactly(length) if length else b""
-                if first[0] & 0xF0 == 0x40:  # PUBACK
-                    message = self._inflight.pop(struct.unpack(">H", body[:2])[0], None)
-                    if message is not None:
-                        self.window.release()
-                        self.on_ack(message)
-        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+                    if buf[pos] & 0xF0 == 0x40:  # PUBACK
+                        message = self._inflight.pop((buf[i] << 8) | buf[i + 1], None)
+                        if message is not None:
+                            self.window.release()
+                            self.on_ack(message)
+                    pos = i + length
+                buf = buf[pos:]
+        except (ConnectionError, OSError):
             pass
         finally:
             self.closed.set()
