@@ -370,3 +370,21 @@ def _try_create(bootstrap: str, *names: str) -> bool:
     except Exception:
         return False
     return True
+
+
+@pytest.mark.servers
+def test_reconnects_and_resubscribes_after_broker_restart(
+    broker: Mosquitto, topics: tuple[str, str], connectors: list[ConnectorProcess], tmp_path: Path
+) -> None:
+    raw, dlq = topics
+    conn = start_connector(connectors, connector_env(broker, raw, dlq), tmp_path / "c.log")
+    _summary, before = publish(broker, 500)
+    wait_until(lambda: conn.metric("f2pipe_connector_acked_total") >= 500, what="first half")
+    broker.stop()  # graceful: the broker saves the persistent sessions
+    wait_until(lambda: not conn.ready(), 10, what="connector notices the loss")
+    broker.start()
+    wait_until(conn.ready, 60, 0.1, what="connector reconnected and subscribed")
+    _summary, after = publish(broker, 500)
+    records = read_topic(DEV_KAFKA, raw, 1000)
+    assert_all_delivered(before + after, records)
+    assert conn.metric("f2pipe_connector_reconnects_total") >= 1
