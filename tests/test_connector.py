@@ -10,7 +10,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import io
+import json
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -388,3 +392,48 @@ def test_reconnects_and_resubscribes_after_broker_restart(
     records = read_topic(DEV_KAFKA, raw, 1000)
     assert_all_delivered(before + after, records)
     assert conn.metric("f2pipe_connector_reconnects_total") >= 1
+
+
+@pytest.mark.servers
+def test_simulate_command_publishes_exactly_count_with_faults(
+    broker: Mosquitto, tmp_path: Path
+) -> None:
+    ledger = tmp_path / "ledger.jsonl"
+    env = {
+        **os.environ,
+        "F2PIPE_MQTT_TLS": "true",
+        "F2PIPE_STATE_DIR": str(broker_pki[broker.port].root),
+        "F2PIPE_MQTT_PORT": str(broker.port),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "f2pipe.cli",
+            "simulate",
+            "--count",
+            "3000",
+            "--devices",
+            "20",
+            "--faults",
+            "0.2",
+            "--seed",
+            "5",
+            "--ledger",
+            str(ledger),
+            "--json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["published"] == summary["acknowledged"] == 3000
+    entries = ledger_entries(ledger.read_text().splitlines())
+    assert len(entries) == 3000
+    faults = collections.Counter(e["fault"] for e in entries)
+    assert set(faults) == {None, "bad_crc", "bad_json", "unknown_mac", "duplicate", "clock_skew"}
+    assert all(e["readings"] for e in entries if e["fault"] in (None, "duplicate"))

@@ -494,10 +494,13 @@ def device_ssl_context(settings: Settings, mac: str) -> ssl.SSLContext | None:
 
 
 def _schedule(
-    sensors: Sequence[Sensor], count: int, fault_fraction: float, rng: random.Random
+    sensors: Sequence[Sensor], fault_fraction: float, rng: random.Random
 ) -> Iterator[tuple[Sensor, str | None]]:
-    for i in range(count):
+    """Sensors round-robin, each message with a fault drawn at ``fault_fraction``; endless."""
+    i = 0
+    while True:
         sensor = sensors[i % len(sensors)]
+        i += 1
         fault = rng.choice(FAULTS) if fault_fraction and rng.random() < fault_fraction else None
         yield sensor, fault
 
@@ -516,6 +519,12 @@ async def run_load(
     progress: Any = None,
 ) -> Summary:
     """Publish exactly ``count`` QoS 1 messages over one connection per controller.
+
+    A ``duplicate`` fault publishes the same message twice; both copies count
+    toward ``count``. ``unknown_mac`` publishes on another MAC's topic from the
+    sensor's own connection: a broker with the product's ACL drops it (and
+    still acknowledges it, as MQTT 3.1.1 requires), so use that fault against a
+    broker without the ACL or expect those ledger entries to be missing.
 
     Returns once every message is acknowledged or its connection is lost; the
     summary counts what the broker acknowledged. ``window`` bounds the
@@ -557,7 +566,9 @@ async def run_load(
     start = time.perf_counter()
     try:
         batch = 0
-        for sensor, fault in _schedule(sensors, count, fault_fraction, rng):
+        schedule = _schedule(sensors, fault_fraction, rng)
+        while summary.published < count:
+            sensor, fault = next(schedule)
             if sem.locked():
                 # About to wait for PUBACKs: send what is queued first.
                 for c in clients.values():
@@ -572,7 +583,7 @@ async def run_load(
             summary.published += 1
             if fault:
                 summary.faults[fault] = summary.faults.get(fault, 0) + 1
-            if fault == "duplicate":
+            if fault == "duplicate" and summary.published < count:
                 # The same bytes again, as a device retrying after a lost PUBACK would.
                 if sem.locked():
                     client.flush()
