@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import resource
@@ -29,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from importlib import metadata
 from pathlib import Path
@@ -51,24 +53,65 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def self_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+def dev_kafka_pid() -> int | None:
+    """The dev Kafka broker's pid (its CPU is part of the connector's cost), if found."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"kafka.Kafka" in cmdline and b"server.properties" in cmdline:
+            try:
+                if (entry / "cwd").resolve() == Path("/work/devstack"):
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def children_cpu() -> float:
+    """CPU seconds of the terminated, waited-for child processes (the publishers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
 
 
-def publish(settings: Any, sensors: list[Sensor], count: int) -> tuple[float, float, int]:
-    """Publish ``count`` messages; return (elapsed s, publisher CPU s, acknowledged)."""
-    cpu0 = self_cpu()
+def _publisher_process(settings: Any, sensors: list[Sensor], count: int, out: Any) -> None:
     summary = asyncio.run(run_load(settings, sensors, count, window=20000))
-    return summary.elapsed, self_cpu() - cpu0, summary.acknowledged
+    out.put((summary.elapsed, summary.acknowledged))
+
+
+def publish(
+    settings: Any, sensors: list[Sensor], count: int, processes: int
+) -> tuple[float, float, int]:
+    """Publish ``count`` messages from ``processes`` forked publishers (devices split between
+    them); return (elapsed s of the slowest, publisher CPU s of all, acknowledged)."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    cpu0 = children_cpu()
+    share = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
+    procs = [
+        ctx.Process(
+            target=_publisher_process, args=(settings, sensors[i::processes], share[i], out)
+        )
+        for i in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    elapsed = max(r[0] for r in results)
+    return elapsed, children_cpu() - cpu0, sum(r[1] for r in results)
 
 
 def phase_publisher(
-    settings: Any, sensors: list[Sensor], count: int, broker: Mosquitto
+    settings: Any, sensors: list[Sensor], count: int, broker: Mosquitto, processes: int
 ) -> dict[str, Any]:
     assert broker.proc is not None
     b0 = proc_cpu(broker.proc.pid)
-    elapsed, cpu, acked = publish(settings, sensors, count)
+    elapsed, cpu, acked = publish(settings, sensors, count, processes)
     return {
         "messages": acked,
         "elapsed_s": round(elapsed, 3),
@@ -86,37 +129,57 @@ def phase_subscriber(
     env: dict[str, str],
     bare: bool,
     log: Path,
+    processes: int,
 ) -> dict[str, Any]:
+    """Rate = messages acknowledged between the first and the last PUBACK the connector
+    sent, over that time (polled from its metrics every 20 ms)."""
     assert broker.proc is not None
     conn = ConnectorProcess(env, log=log, args=["--bare"] if bare else [])
     conn.start()
     assert conn.proc is not None
     pid = conn.proc.pid
+    kafka_pid = dev_kafka_pid() if not bare else None
+    watch: dict[str, float] = {}
+
+    def watcher() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            acked = conn.metric("f2pipe_connector_acked_total")
+            now = time.perf_counter()
+            if acked > 0 and "t0" not in watch:
+                watch["t0"], watch["a0"] = now, acked
+            if acked >= count:
+                watch["t1"] = now
+                return
+            time.sleep(0.02)
+
     try:
-        c0, b0, p0 = proc_cpu(pid), proc_cpu(broker.proc.pid), self_cpu()
-        start = time.perf_counter()
-        summary = asyncio.run(run_load(settings, sensors, count, window=20000))
-        pub_elapsed = summary.elapsed
-        p1 = self_cpu()
-        deadline = time.monotonic() + 300
-        while conn.metric("f2pipe_connector_acked_total") < count:
-            if time.monotonic() > deadline:
-                raise RuntimeError("connector did not acknowledge every message in time")
-            time.sleep(0.05)
-        elapsed = time.perf_counter() - start
+        k0 = proc_cpu(kafka_pid) if kafka_pid else 0.0
+        c0, b0 = proc_cpu(pid), proc_cpu(broker.proc.pid)
+        thread = threading.Thread(target=watcher, daemon=True)
+        thread.start()
+        pub_elapsed, pub_cpu, acked = publish(settings, sensors, count, processes)
+        thread.join(600)
+        if "t1" not in watch:
+            raise RuntimeError("connector did not acknowledge every message in time")
         c1, b1 = proc_cpu(pid), proc_cpu(broker.proc.pid)
+        k1 = proc_cpu(kafka_pid) if kafka_pid else 0.0
         latency = _latency_summary(conn) if not bare else None
     finally:
         conn.terminate()
+    elapsed = watch["t1"] - watch["t0"]
     result: dict[str, Any] = {
         "messages": count,
         "elapsed_s": round(elapsed, 3),
-        "rate_per_s": round(count / elapsed, 1),
+        "rate_per_s": round((count - watch["a0"]) / elapsed, 1),
         "publisher_elapsed_s": round(pub_elapsed, 3),
         "subscriber_cpu_us_per_msg": round((c1 - c0) / count * 1e6, 1),
         "broker_cpu_us_per_msg": round((b1 - b0) / count * 1e6, 1),
-        "publisher_cpu_us_per_msg": round((p1 - p0) / count * 1e6, 1),
+        "publisher_cpu_us_per_msg": round(pub_cpu / acked * 1e6, 1),
     }
+    if kafka_pid:
+        # Shared dev broker: includes whatever else used it meanwhile.
+        result["kafka_broker_cpu_us_per_msg"] = round((k1 - k0) / count * 1e6, 1)
     if latency:
         result["produce_latency"] = latency
     return result
@@ -155,6 +218,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=60000, help="messages per phase")
     parser.add_argument("--devices", type=int, default=8, help="publishing connections")
+    parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "connector.json")
     args = parser.parse_args()
 
@@ -183,13 +247,16 @@ def main() -> int:
             "F2PIPE_TOPIC_RAW": raw,
             "F2PIPE_TOPIC_DEAD_LETTER": dlq,
         }
+        load_before = list(os.getloadavg())
         # Warm-up: TLS handshakes, broker allocations, page cache.
-        publish(settings, sensors, min(5000, args.count))
+        publish(settings, sensors, min(5000, args.count), args.publishers)
         results: dict[str, Any] = {}
-        results["publisher"] = phase_publisher(settings, sensors, args.count, broker)
+        results["publisher"] = phase_publisher(
+            settings, sensors, args.count, broker, args.publishers
+        )
         print("publisher", results["publisher"], flush=True)
         results["bare_subscriber"] = phase_subscriber(
-            settings, sensors, args.count, broker, env, True, workdir / "bare.log"
+            settings, sensors, args.count, broker, env, True, workdir / "bare.log", args.publishers
         )
         print("bare_subscriber", results["bare_subscriber"], flush=True)
         # A new session for the Kafka phase, so nothing of the bare phase is redelivered.
@@ -201,7 +268,14 @@ def main() -> int:
             "F2PIPE_CONNECTOR_CLIENT_ID": identity2,
         }
         results["connector"] = phase_subscriber(
-            settings, sensors, args.count, broker, env_kafka, False, workdir / "kafka.log"
+            settings,
+            sensors,
+            args.count,
+            broker,
+            env_kafka,
+            False,
+            workdir / "kafka.log",
+            args.publishers,
         )
         print("connector", results["connector"], flush=True)
         pub = results["publisher"]["rate_per_s"]
@@ -214,9 +288,11 @@ def main() -> int:
                 "mqtt": "mutual TLS 1.2+, QoS 1, MQTT 3.1.1 publisher, MQTT 5 subscriber",
                 "kafka": "acks=all, idempotent, 6 partitions, dev broker 127.0.0.1:9092",
                 "publishing_connections": args.devices,
+                "publisher_processes": args.publishers,
                 "messages_per_phase": args.count,
                 "receive_maximum": load_settings().connector_receive_maximum,
             },
+            "load_average_before_after": [load_before, list(os.getloadavg())],
             "results": results,
             "ratios": {
                 "publisher_over_bare_subscriber": round(pub / bare, 2),
