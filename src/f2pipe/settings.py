@@ -88,6 +88,20 @@ class Settings(BaseSettings):
     mqtt_max_queued_messages: int = Field(default=6_000_000, ge=1000)
     mqtt_max_inflight_messages: int = Field(default=2000, ge=20, le=65535)
     mqtt_autosave_interval: int = Field(default=60, ge=1, le=86400)
+    # MQTT clients (connector, simulator). Plain MQTT is for a development broker only.
+    mqtt_tls: bool = True
+    mqtt_keepalive: int = Field(default=30, ge=5, le=3600)
+    ops_host: str = "127.0.0.1"  # where /healthz, /readyz, /metrics listen
+
+    # Connector: its MQTT identity is its client id (the broker enforces it under mTLS).
+    connector_client_id: str = "svc-connector"
+    connector_identity: str = "svc-connector"  # certificate under <state>/pki/services/
+    connector_share_group: str = ""  # non-empty: subscribe through $share/<group>/
+    connector_session_expiry: int = Field(default=7 * 86400, ge=0, le=0xFFFFFFFF)
+    # MQTT v5 Receive Maximum: unacknowledged QoS 1 messages the broker may send us. It must
+    # cover Kafka's acknowledgement latency at full rate (rate x latency), and it bounds memory.
+    connector_receive_maximum: int = Field(default=10000, ge=1, le=65535)
+    connector_shutdown_timeout: float = Field(default=30.0, gt=0)
 
     # TimescaleDB policies (used only where the extension is present).
     compress_after: str = "7 days"

@@ -1,0 +1,727 @@
+"""Simulated F2 controllers: sensor telemetry over MQTT, live or as a counted load.
+
+One asyncio event loop drives every device connection (one MQTT connection per
+controller, client id ``f2-<mac>``), so one process holds thousands of them.
+
+Frames follow SPEC sections 1 and 2: each sensor's template gives the
+datapoints; values random-walk inside a plausible range; the frame is a Modbus
+RTU response ``01 03 <count> <data> <crc lo> <crc hi>`` with a valid byte count
+and CRC-16/MODBUS.
+
+Load mode (``--count M``) publishes exactly M QoS 1 messages (as fast as the
+in-flight window allows, or at ``--rate R``), counts the broker's PUBACKs, and
+writes a ledger: one JSON line per message the broker acknowledged, with its
+topic, payload, timestamp, expected readings and injected fault (if any).
+That ledger is the ground truth tests compare the pipeline against.
+
+The MQTT client here is a small purpose-built one (CONNECT, PUBLISH QoS 0/1,
+PUBACK, PINGREQ, DISCONNECT; MQTT 3.1.1): a general client spends most of a
+publisher's CPU on per-message bookkeeping, and a load generator that is
+slower than the system under test measures only itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import functools
+import json
+import logging
+import random
+import signal
+import ssl
+import struct
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from f2pipe import tls
+from f2pipe.logs import setup_logging
+from f2pipe.settings import Settings, get_settings
+
+log = logging.getLogger("f2pipe.simulator")
+
+# --- frames (SPEC section 2) ---
+
+
+def _crc_table() -> list[int]:
+    table = []
+    for byte in range(256):
+        crc = byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
+        table.append(crc)
+    return table
+
+
+_CRC_TABLE = _crc_table()
+
+
+def crc16_modbus(data: bytes) -> int:
+    """CRC-16/MODBUS (reflected poly 0xA001, init 0xFFFF)."""
+    crc = 0xFFFF
+    for byte in data:
+        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
+    return crc
+
+
+def modbus_frame(data: bytes, address: int = 1, function: int = 3) -> bytes:
+    """A Modbus RTU read response carrying ``data``, CRC appended low byte first."""
+    body = bytes((address, function, len(data))) + data
+    return body + struct.pack("<H", crc16_modbus(body))
+
+
+# --- templates and values ---
+
+_STRUCT = {
+    "int8": ">b",
+    "uint8": ">B",
+    "int16": ">h",
+    "uint16": ">H",
+    "int32": ">i",
+    "uint32": ">I",
+    "int64": ">q",
+    "uint64": ">Q",
+    "float32": ">f",
+    "float64": ">d",
+}
+
+# Plausible ranges by datapoint label (engineering units); others use the encoding's range.
+_RANGES = {
+    "temperature": (15.0, 30.0),
+    "humidity": (30.0, 70.0),
+    "co2": (400.0, 2000.0),
+    "voltage": (220.0, 240.0),
+    "current": (0.0, 16.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Datapoint:
+    """What the simulator needs of one template datapoint (big-endian, ABCD)."""
+
+    label: str
+    data_encoding: str
+    byte_offset: int
+    byte_length: int
+    decimals: int
+
+    def value_range(self) -> tuple[float, float]:
+        known = _RANGES.get(self.label.lower())
+        if known:
+            return known
+        enc = self.data_encoding
+        if enc.startswith("float"):
+            return (0.0, 100.0)
+        bits = struct.calcsize(_STRUCT[enc]) * 8
+        lo, hi = (
+            (0, 2**bits - 1) if enc.startswith("u") else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+        )
+        scale = 10**self.decimals
+        return (lo / scale, hi / scale)
+
+    def encode(self, value: float) -> tuple[bytes, float]:
+        """The bytes of ``value`` and the value a decoder reads back from them."""
+        fmt = _STRUCT[self.data_encoding]
+        if self.data_encoding.startswith("float"):
+            raw = struct.pack(fmt, value)
+            return raw, float(struct.unpack(fmt, raw)[0])
+        scaled = round(value * 10**self.decimals)
+        return struct.pack(fmt, scaled), scaled / 10**self.decimals
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+    name: str
+    datapoints: tuple[Datapoint, ...]
+
+    @functools.cached_property
+    def data_length(self) -> int:
+        return max(d.byte_offset + d.byte_length for d in self.datapoints)
+
+
+def demo_templates() -> dict[str, Template]:
+    """The demo templates of SPEC section 3, from the seeding module (one source of truth)."""
+    from f2pipe.db import DEMO_TEMPLATES
+
+    return {
+        name: Template(
+            name,
+            tuple(
+                Datapoint(d.label, d.data_encoding, d.byte_offset, d.byte_length, d.decimals)
+                for d in points
+            ),
+        )
+        for name, points in DEMO_TEMPLATES.items()
+    }
+
+
+@dataclasses.dataclass
+class Sensor:
+    """One RS-485 sensor wired to a controller pin, with its current values."""
+
+    mac: str
+    connector: int
+    pin: int
+    template: Template
+    values: list[float] = dataclasses.field(default_factory=list)
+    last_ts: datetime | None = None
+    _plan: list[tuple[Datapoint, float, float, struct.Struct]] = dataclasses.field(
+        default_factory=list, repr=False
+    )
+
+    @property
+    def topic(self) -> str:
+        return f"tele/f2-{self.mac}/sensor-mode/J{self.connector}/sensor-{self.pin}"
+
+    def step(self, rng: random.Random) -> tuple[bytes, list[dict[str, Any]]]:
+        """Advance the random walk; return the frame and the readings it encodes."""
+        plan = self._plan
+        if not plan:
+            plan.extend(
+                (point, *point.value_range(), struct.Struct(_STRUCT[point.data_encoding]))
+                for point in self.template.datapoints
+            )
+            self.values = [rng.uniform(lo, hi) for _p, lo, hi, _s in plan]
+        data = bytearray(self.template.data_length)
+        readings = []
+        values = self.values
+        for i, (point, lo, hi, packer) in enumerate(plan):
+            walked = values[i] + (rng.random() - 0.5) * (hi - lo) / 100
+            value = values[i] = lo if walked < lo else hi if walked > hi else walked
+            if point.data_encoding[0] == "f":
+                raw = packer.pack(value)
+                decoded = float(packer.unpack(raw)[0])
+            else:
+                scale = 10**point.decimals
+                scaled = round(value * scale)
+                raw = packer.pack(scaled)
+                decoded = scaled / scale
+            data[point.byte_offset : point.byte_offset + len(raw)] = raw
+            readings.append({"label": point.label, "value": decoded})
+        return modbus_frame(bytes(data)), readings
+
+    def next_timestamp(self, now: datetime) -> datetime:
+        # Strictly increasing per sensor: two readings of one sensor never share a key.
+        if self.last_ts is not None and now <= self.last_ts:
+            now = self.last_ts + timedelta(microseconds=1)
+        self.last_ts = now
+        return now
+
+
+def demo_fleet() -> list[Sensor]:
+    """The demo wiring of SPEC section 3 (controllers aabbccddee01..04)."""
+    from f2pipe.db import DEMO_WIRING
+
+    templates = demo_templates()
+    return [
+        Sensor(mac, connector, pin, templates[template])
+        for _name, template, mac, connector, pin in DEMO_WIRING
+    ]
+
+
+def generated_fleet(devices: int, prefix: str = "02f2") -> list[Sensor]:
+    """``devices`` controllers (locally administered MACs ``<prefix><index>``), one
+    Environmental Sensor each on J1 pin 1."""
+    env = demo_templates()["Environmental Sensor"]
+    width = 12 - len(prefix)
+    return [Sensor(f"{prefix}{i:0{width}x}", 1, 1, env) for i in range(1, devices + 1)]
+
+
+# --- faults ---
+
+FAULTS = ("bad_crc", "bad_json", "unknown_mac", "duplicate", "clock_skew")
+
+
+@dataclasses.dataclass
+class Message:
+    topic: str
+    payload: bytes
+    timestamp: str
+    readings: list[dict[str, Any]]
+    fault: str | None = None
+    client: str = ""  # MAC of the connection it is published on
+
+
+def format_timestamp(ts: datetime) -> str:
+    """``YYYY-MM-DD HH:MM:SS.ffffff``: the controller's format (SPEC section 1)."""
+    return ts.isoformat(" ", "microseconds")
+
+
+def make_message(
+    sensor: Sensor, rng: random.Random, fault: str | None, skew: timedelta = timedelta(hours=48)
+) -> Message:
+    """One telemetry message of ``sensor``, with ``fault`` injected when given.
+
+    ``readings`` are what the pipeline must produce; they are empty for a fault
+    that makes the message a dead letter (``duplicate`` keeps them: the copy
+    must not create second readings; ``clock_skew`` puts the timestamp 48 h
+    ahead, which is ``timestamp_out_of_range``).
+    """
+    frame, readings = sensor.step(rng)
+    ts = sensor.next_timestamp(datetime.now(UTC).replace(tzinfo=None))
+    topic = sensor.topic
+    if fault == "bad_crc":
+        frame = frame[:-1] + bytes((frame[-1] ^ 0xFF,))
+        readings = []
+    elif fault == "clock_skew":
+        ts = ts + skew
+        readings = []
+    elif fault == "unknown_mac":
+        topic = f"tele/f2-ffffff{rng.randrange(16**6):06x}/sensor-mode/J1/sensor-1"
+        readings = []
+    stamp = format_timestamp(ts)
+    hexdata = frame.hex(" ").upper()
+    if fault == "bad_json":
+        payload = f'{{"timestamp": "{stamp}", "data": "{hexdata}"'.encode()
+        readings = []
+    else:
+        payload = f'{{"timestamp": "{stamp}", "data": "{hexdata}"}}'.encode()
+    return Message(topic, payload, stamp, readings, fault, sensor.mac)
+
+
+# --- a lean MQTT 3.1.1 client ---
+
+
+def _encode_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n % 128, n // 128
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _utf8(s: str) -> bytes:
+    raw = s.encode()
+    return struct.pack(">H", len(raw)) + raw
+
+
+class MqttError(Exception):
+    """The broker refused or dropped a connection."""
+
+
+class LeanClient:
+    """One MQTT 3.1.1 connection that publishes and counts PUBACKs.
+
+    ``publish`` never blocks on the network (writes are buffered by asyncio);
+    callers bound the number of unacknowledged messages through ``window``.
+    ``on_ack(message)`` runs for each PUBACK, in the event loop.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        client_id: str,
+        ssl_context: ssl.SSLContext | None,
+        window: asyncio.Semaphore,
+        on_ack: Any,
+        keepalive: int = 60,
+    ) -> None:
+        self.host, self.port, self.client_id = host, port, client_id
+        self.ssl_context = ssl_context
+        self.window = window
+        self.on_ack = on_ack
+        self.keepalive = keepalive
+        self._inflight: dict[int, Message] = {}
+        self._next_mid = 0
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._out = bytearray()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.closed = asyncio.Event()
+
+    async def connect(self, clean: bool = True) -> None:
+        reader, writer = await asyncio.open_connection(
+            self.host, self.port, ssl=self.ssl_context, limit=1 << 20
+        )
+        flags = 0x02 if clean else 0x00
+        body = _utf8("MQTT") + bytes((4, flags)) + struct.pack(">H", self.keepalive)
+        body += _utf8(self.client_id)
+        writer.write(b"\x10" + _encode_length(len(body)) + body)
+        head = await reader.readexactly(4)
+        if head[0] != 0x20 or head[3] != 0:
+            writer.close()
+            raise MqttError(f"{self.client_id}: CONNACK refused (code {head[3]})")
+        self._reader, self._writer = reader, writer
+        self._tasks = [
+            asyncio.create_task(self._read_loop()),
+            asyncio.create_task(self._ping_loop()),
+        ]
+
+    def _mid(self) -> int:
+        for _ in range(65535):
+            self._next_mid = self._next_mid % 65535 + 1
+            if self._next_mid not in self._inflight:
+                return self._next_mid
+        raise MqttError("65,535 messages unacknowledged on one connection")
+
+    def publish(self, message: Message, qos: int = 1) -> None:
+        """Queue one PUBLISH; the caller holds one unit of ``window`` for QoS 1."""
+        writer = self._writer
+        if writer is None or self.closed.is_set():
+            raise MqttError(f"{self.client_id}: not connected")
+        topic = message.topic.encode()
+        payload = message.payload
+        if qos:
+            mid = self._mid()
+            self._inflight[mid] = message
+            header = struct.pack(">H", len(topic)) + topic + struct.pack(">H", mid)
+            fixed = 0x32
+        else:
+            header = struct.pack(">H", len(topic)) + topic
+            fixed = 0x30
+        out = self._out
+        out.append(fixed)
+        out += _encode_length(len(header) + len(payload))
+        out += header
+        out += payload
+
+    def flush(self) -> None:
+        """Hand the queued packets to the transport in one write."""
+        if self._out and self._writer is not None:
+            self._writer.write(bytes(self._out))
+            self._out.clear()
+
+    async def drain(self) -> None:
+        self.flush()
+        if self._writer is not None:
+            await self._writer.drain()
+
+    async def _read_loop(self) -> None:
+        # Read in bulk and split packets here: one await per chunk, not two per PUBACK.
+        reader = self._reader
+        assert reader is not None
+        buf = b""
+        try:
+            while True:
+                chunk = await reader.read(1 << 16)
+                if not chunk:
+                    return
+                buf = buf + chunk if buf else chunk
+                pos, end = 0, len(buf)
+                while end - pos >= 2:
+                    length, shift, i = 0, 0, pos + 1
+                    while True:
+                        if i >= end:
+                            length = -1
+                            break
+                        byte = buf[i]
+                        i += 1
+                        length |= (byte & 0x7F) << shift
+                        if not byte & 0x80:
+                            break
+                        shift += 7
+                    if length < 0 or end - i < length:
+                        break
+                    if buf[pos] & 0xF0 == 0x40:  # PUBACK
+                        message = self._inflight.pop((buf[i] << 8) | buf[i + 1], None)
+                        if message is not None:
+                            self.window.release()
+                            self.on_ack(message)
+                    pos = i + length
+                buf = buf[pos:]
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.closed.set()
+
+    async def _ping_loop(self) -> None:
+        while not self.closed.is_set():
+            await asyncio.sleep(self.keepalive / 2)
+            if self._writer is not None:
+                self.flush()
+                self._writer.write(b"\xc0\x00")
+
+    @property
+    def unacknowledged(self) -> int:
+        return len(self._inflight)
+
+    async def close(self) -> None:
+        if self._writer is not None and not self.closed.is_set():
+            with contextlib.suppress(Exception):
+                self._writer.write(b"\xe0\x00")
+                await self._writer.drain()
+            self._writer.close()
+            with contextlib.suppress(Exception):
+                await self._writer.wait_closed()
+        for task in self._tasks:
+            task.cancel()
+        # Whatever stays unacknowledged is not counted; give its window back.
+        for _ in range(len(self._inflight)):
+            self.window.release()
+        self._inflight.clear()
+
+
+# --- load mode ---
+
+
+@dataclasses.dataclass
+class Summary:
+    published: int = 0
+    acknowledged: int = 0
+    elapsed: float = 0.0
+    faults: dict[str, int] = dataclasses.field(default_factory=dict)
+
+    @property
+    def rate(self) -> float:
+        return self.acknowledged / self.elapsed if self.elapsed > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "published": self.published,
+            "acknowledged": self.acknowledged,
+            "elapsed_s": round(self.elapsed, 3),
+            "rate_per_s": round(self.rate, 1),
+            "faults": self.faults,
+        }
+
+
+def device_ssl_context(settings: Settings, mac: str) -> ssl.SSLContext | None:
+    """A device's mTLS context from ``<state>/pki/devices/f2-<mac>.pem``/``.key``."""
+    if not settings.mqtt_tls:
+        return None
+    devices = settings.pki_dir / "devices"
+    return tls.client_context(
+        settings.pki_dir / "ca.pem", devices / f"f2-{mac}.pem", devices / f"f2-{mac}.key"
+    )
+
+
+def _schedule(
+    sensors: Sequence[Sensor], fault_fraction: float, rng: random.Random
+) -> Iterator[tuple[Sensor, str | None]]:
+    """Sensors round-robin, each message with a fault drawn at ``fault_fraction``; endless."""
+    i = 0
+    while True:
+        sensor = sensors[i % len(sensors)]
+        i += 1
+        fault = rng.choice(FAULTS) if fault_fraction and rng.random() < fault_fraction else None
+        yield sensor, fault
+
+
+async def run_load(
+    settings: Settings,
+    sensors: Sequence[Sensor],
+    count: int,
+    *,
+    rate: float | None = None,
+    window: int = 20000,
+    fault_fraction: float = 0.0,
+    ledger: IO[str] | None = None,
+    seed: int | None = None,
+    ssl_for: Any = None,
+    progress: Any = None,
+) -> Summary:
+    """Publish exactly ``count`` QoS 1 messages over one connection per controller.
+
+    A ``duplicate`` fault publishes the same message twice; both copies count
+    toward ``count``. ``unknown_mac`` publishes on another MAC's topic from the
+    sensor's own connection: a broker with the product's ACL drops it (and
+    still acknowledges it, as MQTT 3.1.1 requires), so use that fault against a
+    broker without the ACL or expect those ledger entries to be missing.
+
+    Returns once every message is acknowledged or its connection is lost; the
+    summary counts what the broker acknowledged. ``window`` bounds the
+    unacknowledged messages across all connections.
+    """
+    rng = random.Random(seed)  # noqa: S311 -- simulated values, not secrets
+    summary = Summary()
+    sem = asyncio.Semaphore(window)
+    ssl_for = ssl_for or (lambda mac: device_ssl_context(settings, mac))
+
+    def on_ack(message: Message) -> None:
+        summary.acknowledged += 1
+        if ledger is not None:
+            ledger.write(
+                json.dumps(
+                    {
+                        "topic": message.topic,
+                        "timestamp": message.timestamp,
+                        "payload": message.payload.decode(),
+                        "readings": message.readings,
+                        "fault": message.fault,
+                    }
+                )
+                + "\n"
+            )
+
+    clients: dict[str, LeanClient] = {}
+    for sensor in sensors:
+        if sensor.mac not in clients:
+            clients[sensor.mac] = LeanClient(
+                settings.mqtt_host,
+                settings.mqtt_port,
+                f"f2-{sensor.mac}",
+                ssl_for(sensor.mac),
+                sem,
+                on_ack,
+            )
+    await asyncio.gather(*(c.connect() for c in clients.values()))
+    start = time.perf_counter()
+    try:
+        batch = 0
+        schedule = _schedule(sensors, fault_fraction, rng)
+        while summary.published < count:
+            sensor, fault = next(schedule)
+            if sem.locked():
+                # About to wait for PUBACKs: send what is queued first.
+                for c in clients.values():
+                    c.flush()
+            await sem.acquire()
+            message = make_message(sensor, rng, fault)
+            client = clients[sensor.mac]
+            if client.closed.is_set():
+                sem.release()
+                raise MqttError(f"connection of f2-{sensor.mac} lost")
+            client.publish(message)
+            summary.published += 1
+            if fault:
+                summary.faults[fault] = summary.faults.get(fault, 0) + 1
+            if fault == "duplicate" and summary.published < count:
+                # The same bytes again, as a device retrying after a lost PUBACK would.
+                if sem.locked():
+                    client.flush()
+                await sem.acquire()
+                client.publish(dataclasses.replace(message))
+                summary.published += 1
+            batch += 1
+            if rate:
+                ahead = summary.published / rate - (time.perf_counter() - start)
+                if ahead > 0.002:
+                    await asyncio.sleep(ahead)
+            if batch >= 256:
+                batch = 0
+                await client.drain()
+                if progress is not None:
+                    progress(summary)
+        for c in clients.values():
+            await c.drain()
+        # Wait for the last acknowledgements (or a lost connection).
+        while summary.acknowledged < summary.published:
+            if all(c.closed.is_set() or not c.unacknowledged for c in clients.values()):
+                break
+            await asyncio.sleep(0.005)
+    finally:
+        summary.elapsed = time.perf_counter() - start
+        await asyncio.gather(*(c.close() for c in clients.values()))
+    return summary
+
+
+async def run_live(
+    settings: Settings, sensors: Sequence[Sensor], interval: float, stop: asyncio.Event
+) -> Summary:
+    """Publish each sensor's telemetry every ``interval`` s (QoS 1) until ``stop`` is set."""
+    rng = random.Random()  # noqa: S311 -- simulated values, not secrets
+    summary = Summary()
+    sem = asyncio.Semaphore(65535)
+
+    def on_ack(_m: Message) -> None:
+        summary.acknowledged += 1
+
+    clients = {
+        s.mac: LeanClient(
+            settings.mqtt_host,
+            settings.mqtt_port,
+            f"f2-{s.mac}",
+            device_ssl_context(settings, s.mac),
+            sem,
+            on_ack,
+        )
+        for s in sensors
+    }
+    await asyncio.gather(*(c.connect() for c in clients.values()))
+    log.info("devices connected", extra={"connections": len(clients), "sensors": len(sensors)})
+    start = time.perf_counter()
+
+    async def sensor_loop(sensor: Sensor) -> None:
+        # Spread the sensors over the interval so the load is even.
+        await asyncio.sleep(rng.uniform(0, interval))
+        while not stop.is_set():
+            await sem.acquire()
+            clients[sensor.mac].publish(make_message(sensor, rng, None))
+            clients[sensor.mac].flush()
+            summary.published += 1
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval)
+
+    try:
+        await asyncio.gather(*(sensor_loop(s) for s in sensors))
+    finally:
+        summary.elapsed = time.perf_counter() - start
+        await asyncio.gather(*(c.close() for c in clients.values()))
+    return summary
+
+
+# --- command line ---
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--count", type=int, help="load mode: publish exactly this many messages")
+    parser.add_argument("--rate", type=float, help="load mode: messages per second (default: max)")
+    parser.add_argument("--window", type=int, default=20000, help="max unacknowledged messages")
+    parser.add_argument(
+        "--devices", type=int, help="simulate N generated controllers instead of the demo fleet"
+    )
+    parser.add_argument(
+        "--interval", type=float, default=30.0, help="live mode: seconds per sensor"
+    )
+    parser.add_argument("--faults", type=float, default=0.0, help="fraction of faulty messages")
+    parser.add_argument(
+        "--ledger", type=Path, help="load mode: write acknowledged messages (JSONL)"
+    )
+    parser.add_argument("--seed", type=int, help="random seed (reproducible values and faults)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument("--log-level", default="WARNING")
+    parser.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    setup_logging("simulator", args.log_level)
+    settings = get_settings()
+    if args.window < 1 or args.window > 65535 * 4:
+        print("--window must be between 1 and 262140", file=sys.stderr)
+        return 2
+    sensors = generated_fleet(args.devices) if args.devices else demo_fleet()
+    if args.count is None:
+        stop = asyncio.Event()
+
+        async def live() -> Summary:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            return await run_live(settings, sensors, args.interval, stop)
+
+        summary = asyncio.run(live())
+    else:
+        ledger = args.ledger.open("w") if args.ledger else None
+        try:
+            summary = asyncio.run(
+                run_load(
+                    settings,
+                    sensors,
+                    args.count,
+                    rate=args.rate,
+                    window=args.window,
+                    fault_fraction=args.faults,
+                    ledger=ledger,
+                    seed=args.seed,
+                )
+            )
+        finally:
+            if ledger is not None:
+                ledger.close()
+    out = summary.as_dict()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(
+            f"published {out['published']}, acknowledged {out['acknowledged']}, "
+            f"{out['elapsed_s']} s, {out['rate_per_s']} msg/s"
+        )
+    return 0 if summary.acknowledged == summary.published else 1
