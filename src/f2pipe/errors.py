@@ -8,7 +8,8 @@ CLI can print one line naming the cause and the fix and exit non-zero::
     ├── StackError         a local server could not be installed, started or reached
     ├── MigrationError     the database schema could not be brought up to date
     ├── FleetError         a fleet file entry is invalid (names the line)
-    └── CertError          a certificate could not be issued, parsed or revoked
+    ├── CertError          a certificate could not be issued, parsed or revoked
+    └── MetadataUnavailable the metadata database cannot be reached (retry, never guess)
 
 Library exceptions (psycopg, confluent_kafka, paho) are translated into these at
 the boundary where a user-facing decision is made; inside the hot paths they are
@@ -38,3 +39,10 @@ class FleetError(F2PipeError):
 
 class CertError(F2PipeError):
     """A certificate operation failed."""
+
+
+class MetadataUnavailable(F2PipeError):
+    """The metadata database could not answer; the caller pauses and retries.
+
+    Never a verdict on the message: a lookup that failed is not an unknown device.
+    """
