@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -39,10 +40,8 @@ def create_topics(names: Iterable[str], partitions: int = 1) -> None:
 def delete_topics(names: Iterable[str]) -> None:
     admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
     for future in admin.delete_topics(list(names)).values():
-        try:
+        with contextlib.suppress(Exception):  # best-effort cleanup
             future.result(30)
-        except Exception:  # noqa: S110 - best-effort cleanup
-            pass
 
 
 @dataclass
@@ -116,9 +115,7 @@ class TopicReader:
                 "isolation.level": "read_committed",
             }
         )
-        self.consumer.assign(
-            [TopicPartition(self.topic, p, 0) for p in range(self.partitions)]
-        )
+        self.consumer.assign([TopicPartition(self.topic, p, 0) for p in range(self.partitions)])
 
     def poll(self) -> list[Record]:
         for msg in self.consumer.consume(num_messages=10000, timeout=0.2):
@@ -201,9 +198,7 @@ class Fleet:
         self.controller_template = self.template("test controller template", "none", [])
         self._templates = 0
 
-    def template(
-        self, name: str, frame_check: str, datapoints: Sequence[Mapping[str, Any]]
-    ) -> int:
+    def template(self, name: str, frame_check: str, datapoints: Sequence[Mapping[str, Any]]) -> int:
         """Create a template; return its id. ``datapoints``: SPEC section 3 columns."""
         with self.conn.transaction():
             tpl = self.conn.execute(
@@ -269,7 +264,8 @@ class Fleet:
             self.conn.execute("DELETE FROM pins WHERE device_id = %s", (sensor_id,))
             self.conn.execute(
                 "INSERT INTO pins (connector_id, position, device_id) VALUES (%s, %s, %s)"
-                " ON CONFLICT (connector_id, position) DO UPDATE SET device_id = EXCLUDED.device_id",
+                " ON CONFLICT (connector_id, position)"
+                " DO UPDATE SET device_id = EXCLUDED.device_id",
                 (row[0], position, sensor_id),
             )
 

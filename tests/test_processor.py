@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from conftest import VECTORS, unique, wait_until
 from pipeline_helpers import (
     ENV_DATAPOINTS,
+    VENV_BIN,
     Fleet,
     ProcessorProcess,
     Publisher,
@@ -45,7 +47,7 @@ def fleet(fresh_db: str) -> Iterator[Fleet]:
 
 
 def _metrics(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
         return resp.read().decode()
 
 
@@ -202,3 +204,55 @@ def test_processor_counts_skipped_status_without_device_and_rejects_bad_topics(
     assert 'f2pipe_processor_skipped_total{kind="reader"} 1.0' in metrics
     with psycopg.connect(fresh_db) as conn:
         assert conn.execute("SELECT count(*) FROM devices").fetchone() == (2,)
+
+
+def _f2pipe(env: dict[str, str], *args: str) -> str:
+    result = subprocess.run(
+        [str(VENV_BIN / "f2pipe"), *args], env=env, capture_output=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode()
+
+
+def test_unknown_device_registered_later_decodes_and_replay_recovers_its_dead_letters(
+    fresh_db: str, fleet: Fleet, topics: Topics, tmp_path: Path
+) -> None:
+    mac = "0123456789ad"
+    topic = f"tele/f2-{mac}/sensor-mode/J1/sensor-1"
+    env = processor_env(fresh_db, topics)
+    proc = ProcessorProcess(env, tmp_path / "processor.log")
+    publisher = Publisher(topics.raw)
+    out, dead = TopicReader(topics.processed), TopicReader(topics.dead)
+    try:
+        for seq in range(1, 4):
+            publisher.send(topic, env_payload(seq))
+        publisher.flush()
+        wait_until(lambda: len(dead.poll()) >= 3, 30, what="three unknown_device dead letters")
+        assert {r.headers["dlq.reason"] for r in dead.records} == {b"unknown_device"}
+
+        template = fleet.template("env", "modbus_crc", ENV_DATAPOINTS)
+        fleet.controller(mac)
+        sensor = fleet.sensor("late sensor", template)
+        fleet.wire(mac, 1, 1, sensor)
+        publisher.send(topic, env_payload(4))
+        publisher.flush()
+        wait_until(lambda: len(out.poll()) >= 3, 10, what="the next message decoded")
+        assert {v["device_id"] for v in (r.json() for r in out.records)} == {sensor}
+
+        listing = _f2pipe(env, "dlq", "list", "--reason", "unknown_device")
+        assert listing.count("unknown_device") == 3
+        first = listing.splitlines()[0].split("\t")[0]
+        shown = _f2pipe(env, "dlq", "show", first)
+        assert "header dlq.stage: processor" in shown
+        assert f"header mqtt.topic: {topic}" in shown
+
+        assert "replayed 3 to" in _f2pipe(env, "dlq", "replay", "--reason", "unknown_device")
+        wait_until(lambda: len(out.poll()) >= 12, 20, what="replayed readings")
+        distinct = _readings(out)
+        assert len(distinct) == 12  # four messages x three datapoints
+        assert "replayed 3 to" in _f2pipe(env, "dlq", "replay", "--since", "1h")
+        wait_until(lambda: len(out.poll()) >= 21, 20, what="second replay")
+        assert _readings(out) == distinct  # same keys and values: the sink keeps one row each
+        assert len(dead.poll()) == 3  # nothing replayed failed again
+    finally:
+        proc.stop()

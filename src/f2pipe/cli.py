@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("f2pipe.db", "migrate the database schema and seed the demo fleet"),
     "fleet": ("f2pipe.fleet", "import or export a fleet description (YAML)"),
     "decode": ("f2pipe.decode_cli", "decode one F2 message and print its readings or reason"),
-    "processor": ("f2pipe.processor", "decode raw frames from Kafka into readings (stream processor)"),
+    "processor": ("f2pipe.processor", "decode raw frames into readings (stream processor)"),
     "dlq": ("f2pipe.dlq", "list, show or replay dead letters"),
 }
 
