@@ -139,6 +139,7 @@ def processor_env(dsn: str, topics: Topics, **extra: str) -> dict[str, str]:
             "F2PIPE_KAFKA_BOOTSTRAP": BOOTSTRAP,
             "F2PIPE_PROCESSOR_PORT": str(free_port()),
             "F2PIPE_PROCESSOR_POLL_TIMEOUT_S": "0.05",
+            "F2PIPE_PROCESSOR_SESSION_TIMEOUT_S": "6",
             **topics.env(),
         }
     )
@@ -203,7 +204,8 @@ class Fleet:
         with self.conn.transaction():
             tpl = self.conn.execute(
                 "INSERT INTO device_templates (name, device_type_id, frame_check)"
-                " VALUES (%s, %s, %s) RETURNING device_template_id",
+                " VALUES (%s, %s, %s) ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name"
+                " RETURNING device_template_id",
                 (name, self.sensor_type, frame_check),
             ).fetchone()
             assert tpl is not None
@@ -211,7 +213,8 @@ class Fleet:
                 self.conn.execute(
                     "INSERT INTO datapoints (device_template_id, label, data_encoding,"
                     " byte_offset, byte_length, byte_order, decimals, unit, json_field)"
-                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (device_template_id, label) DO NOTHING",
                     (
                         tpl[0],
                         dp["label"],

@@ -95,6 +95,7 @@ BATCH_SECONDS = Histogram(
 LAG = Gauge("f2pipe_processor_consumer_lag", "records behind the high watermark", ["partition"])
 DLQ_RATIO = Gauge("f2pipe_processor_dead_letter_ratio", "dead letters / consumed, recent window")
 DLQ_ALARM = Gauge("f2pipe_processor_dead_letter_alarm", "1 while the dead-letter ratio is too high")
+ASSIGNED = Gauge("f2pipe_processor_assigned_partitions", "raw-topic partitions this replica owns")
 PAUSED = Gauge("f2pipe_processor_paused", "1 while waiting for the metadata database")
 METADATA_VERSION = Gauge("f2pipe_processor_metadata_version", "metadata version in use")
 
@@ -268,6 +269,10 @@ class Processor:
                 settings,
                 settings.processor_group,
                 on_commit=self._on_commit,
+                **{
+                    "session.timeout.ms": int(settings.processor_session_timeout_s * 1000),
+                    "heartbeat.interval.ms": int(settings.processor_session_timeout_s * 1000 / 4),
+                },
                 **({"isolation.level": "read_committed"} if self._transactions else {}),
             )
         )
@@ -317,12 +322,14 @@ class Processor:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
+        ASSIGNED.dec(len(partitions))
         for tp in partitions:
             with contextlib.suppress(KeyError):  # no lag reported for it yet
                 LAG.remove(str(tp.partition))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
+        ASSIGNED.inc(len(partitions))
 
     # --- main loop ---
 

@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     # Processor (SPEC sections 2 and 7).
     processor_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
     processor_poll_timeout_s: float = Field(default=0.2, gt=0, le=60)
+    # A replica killed without leaving holds its partitions this long (Kafka's 45 s
+    # default stalls them too long; 6 s is the broker's minimum).
+    processor_session_timeout_s: float = Field(default=10.0, ge=6, le=300)
     processor_transactions: bool = False  # exactly once into processed-iot-data, at a cost
     cache_ttl_s: int = Field(default=3600, ge=1)  # backstop only: changes invalidate at once
     cache_size: int = Field(default=100_000, ge=1)  # controllers kept in process (LRU)
