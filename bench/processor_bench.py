@@ -29,6 +29,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
@@ -185,7 +186,7 @@ def consumed(port: int) -> float:
 def run_processor(env: dict[str, str], total: int) -> dict[str, float]:
     """Run ``f2pipe processor`` until it consumed ``total``; its CPU per frame after warm-up."""
     port = int(env["F2PIPE_PROCESSOR_PORT"])
-    log = (HERE / "processor-bench.log").open("ab")
+    log = (Path(tempfile.gettempdir()) / "f2pipe-processor-bench.log").open("ab")
     proc = subprocess.Popen([str(VENV_BIN / "f2pipe"), "processor"], env=env, stderr=log)
     try:
         warm = total // 5
