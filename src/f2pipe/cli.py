@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "decode": ("f2pipe.decode_cli", "decode one F2 message and print its readings or reason"),
     "connector": ("f2pipe.connector", "bridge device messages from MQTT into Kafka (raw-iot-data)"),
     "simulate": ("f2pipe.simulator", "simulate F2 controllers: live telemetry or a counted load"),
+    "processor": ("f2pipe.processor", "decode raw frames into readings (stream processor)"),
+    "dlq": ("f2pipe.dlq", "list, show or replay dead letters"),
 }
 
 
