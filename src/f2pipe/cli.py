@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("f2pipe.db", "migrate the database schema and seed the demo fleet"),
     "fleet": ("f2pipe.fleet", "import or export a fleet description (YAML)"),
     "decode": ("f2pipe.decode_cli", "decode one F2 message and print its readings or reason"),
+    "sink": ("f2pipe.sink", "write processed readings from Kafka into the time-series database"),
 }
 
 

@@ -8,7 +8,9 @@ CLI can print one line naming the cause and the fix and exit non-zero::
     ├── StackError         a local server could not be installed, started or reached
     ├── MigrationError     the database schema could not be brought up to date
     ├── FleetError         a fleet file entry is invalid (names the line)
-    └── CertError          a certificate could not be issued, parsed or revoked
+    ├── CertError          a certificate could not be issued, parsed or revoked
+    └── DatabaseUnavailable the database cannot take a write now (down, restarting,
+                           or failing in a way retrying may cure)
 
 Library exceptions (psycopg, confluent_kafka, paho) are translated into these at
 the boundary where a user-facing decision is made; inside the hot paths they are
@@ -38,3 +40,12 @@ class FleetError(F2PipeError):
 
 class CertError(F2PipeError):
     """A certificate operation failed."""
+
+
+class DatabaseUnavailable(F2PipeError):
+    """A write could not be done for a reason of the database, not of the data.
+
+    The caller keeps what it was writing and retries later (back-pressure);
+    nothing of the failed transaction was committed, or, if the connection
+    broke during COMMIT, the outcome is unknown and the write must be idempotent.
+    """

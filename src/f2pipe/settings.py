@@ -61,6 +61,13 @@ class Settings(BaseSettings):
     processor_port: int = Field(default=9102, ge=1, le=65535)
     sink_port: int = Field(default=9103, ge=1, le=65535)
 
+    # Sink batching: a batch is written when it holds this many rows or its first
+    # record is this old, whichever comes first (defaults from bench/sink.json).
+    sink_batch_rows: int = Field(default=20000, ge=1, le=1_000_000)
+    sink_batch_age_ms: int = Field(default=500, ge=1, le=600_000)
+    # Longest wait between two attempts to reach the database during an outage.
+    sink_backoff_max_ms: int = Field(default=5000, ge=10, le=600_000)
+
     # TimescaleDB policies (used only where the extension is present).
     compress_after: str = "7 days"
     retention: str = "5 years"
