@@ -33,6 +33,7 @@ Guarantees (SPEC sections 5 and 7):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import logging
 import math
@@ -41,11 +42,12 @@ import random
 import signal
 import struct
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import orjson
 import psycopg
@@ -183,14 +185,18 @@ def parse_reading(value: bytes | None) -> Row | str:
     return (micros, device_id, datapoint_id, number)
 
 
-def encode_copy(rows: Sequence[Row]) -> bytes:
-    """Rows as one complete binary COPY stream (header, rows, trailer).
+def encode_rows(rows: Iterable[Row]) -> bytes:
+    """Rows in PostgreSQL's binary COPY row format (no header, no trailer).
 
     Columns: timestamp, device_id, datapoint_id, value (the order of the COPY statements).
     """
     pack = _PACK_ROW
-    body = b"".join([pack(4, 8, r[0], 4, r[1], 4, r[2], 8, r[3]) for r in rows])
-    return _COPY_HEADER + body + _COPY_TRAILER
+    return b"".join([pack(4, 8, r[0], 4, r[1], 4, r[2], 8, r[3]) for r in rows])
+
+
+def encode_copy(rows: Iterable[Row]) -> bytes:
+    """Rows as one complete binary COPY stream (header, rows, trailer)."""
+    return _COPY_HEADER + encode_rows(rows) + _COPY_TRAILER
 
 
 def row_timestamp(row: Row) -> datetime:
@@ -198,14 +204,18 @@ def row_timestamp(row: Row) -> datetime:
     return _PG_EPOCH + timedelta(microseconds=row[0])
 
 
-def newest_per_key(rows: Sequence[Row]) -> dict[tuple[int, int], int]:
-    """(device_id, datapoint_id) -> the newest timestamp (us) among ``rows``."""
-    newest: dict[tuple[int, int], int] = {}
+def newest_per_key(rows: Iterable[Row]) -> dict[tuple[int, int], Row]:
+    """(device_id, datapoint_id) -> the row with the newest timestamp among ``rows``.
+
+    On equal timestamps the first row wins, as it does in decoded_data.
+    """
+    newest: dict[tuple[int, int], Row] = {}
     get = newest.get
-    for us, device_id, datapoint_id, _ in rows:
-        key = (device_id, datapoint_id)
-        if get(key, -(2**63)) < us:
-            newest[key] = us
+    for row in rows:
+        key = (row[1], row[2])
+        seen = get(key)
+        if seen is None or seen[0] < row[0]:
+            newest[key] = row
     return newest
 
 
@@ -220,15 +230,26 @@ class WriteResult:
 
     inserted: int
     rejected: list[tuple[int, str]]  # (index into the batch, the database's message)
-    fallback: bool = False
+    fallback: bool = False  # some rows were stored already: the staging path ran
 
 
 class Writer:
     """Writes batches into ``decoded_data`` over one connection (re-opened after failure).
 
-    Not thread-safe. :meth:`write` raises :class:`DatabaseUnavailable` for any
-    failure that is not the data's fault; the transaction is then rolled back
-    (or its outcome is unknown, if the connection broke during COMMIT).
+    Two ways in, both ending in one committed transaction per batch:
+
+    - streaming: :meth:`stream` sends rows into an open ``COPY decoded_data``
+      as they are consumed, so the server ingests while the client parses
+      the next records; :meth:`finish` ends the COPY and commits.
+    - :meth:`write`: the whole batch at once (retries, and batches whose stream failed).
+
+    If the direct COPY meets a stored row (unique violation) or a row the
+    database refuses, the transaction rolls back to the savepoint before the
+    COPY and the batch goes through the idempotent staging path, bisected
+    around refused rows. Not thread-safe. :meth:`finish` and :meth:`write`
+    raise :class:`DatabaseUnavailable` for any failure that is not the data's
+    fault; nothing of the batch is then committed (or, if the connection
+    broke during COMMIT, the outcome is unknown, which the idempotent retry absorbs).
     """
 
     def __init__(self, dsn: str, *, direct_copy: bool = True) -> None:
@@ -236,6 +257,10 @@ class Writer:
         self._conn: psycopg.Connection[Any] | None = None
         self._direct_copy = direct_copy
         self._connected_once = False
+        self._stream: ExitStack | None = None  # the open direct COPY of the current batch
+        self._streamed = 0  # rows sent into it
+        self._stream_failed = False
+        self._copy: Any = None  # psycopg Copy of the open stream
 
     def connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
@@ -249,41 +274,135 @@ class Writer:
         return self._conn
 
     def close(self) -> None:
+        self._stream = None
+        self._streamed = 0
+        self._stream_failed = False
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    # -- streaming --
+
+    def stream(self, rows: Sequence[Row]) -> None:
+        """Send ``rows`` (the next rows of the current batch) to the server. Never raises.
+
+        A failure only disables streaming for this batch: :meth:`finish` then
+        writes the whole batch through :meth:`write`.
+        """
+        if self._stream_failed or not self._direct_copy or not rows:
+            return
+        try:
+            if self._stream is None:
+                conn = self.connection()
+                conn.execute("SAVEPOINT f2pipe_direct")
+                stack = ExitStack()
+                cursor = stack.enter_context(conn.cursor())
+                self._copy = stack.enter_context(cursor.copy(_COPY_DIRECT))
+                self._stream = stack
+                self._copy.write(_COPY_HEADER)
+            self._copy.write(encode_rows(rows))
+            self._streamed += len(rows)
+        except (psycopg.Error, DatabaseUnavailable) as exc:
+            log.debug("streaming COPY failed; the batch will be written whole", exc_info=exc)
+            self._abandon_stream()
+
+    def finish(self, rows: Sequence[Row]) -> WriteResult:
+        """Commit the current batch (``rows``: all of its rows, in stream order)."""
+        stream, streamed = self._stream, self._streamed
+        self._stream, self._streamed = None, 0
+        failed, self._stream_failed = self._stream_failed, False
+        if stream is None or failed or streamed != len(rows):
+            if stream is not None:
+                self._rollback_quietly()
+            return self.write(rows)
+        conn = self.connection()
+        try:
+            try:
+                self._copy.write(_COPY_TRAILER)
+                stream.close()  # ends the COPY; raises what the server refused
+                conn.execute("RELEASE SAVEPOINT f2pipe_direct")
+                result = WriteResult(len(rows), [])
+                self._update_latest(conn, rows, stored_equals_batch=True)
+            except _REJECTIONS as exc:
+                conn.execute("ROLLBACK TO SAVEPOINT f2pipe_direct")
+                # A stored row: straight to staging. A refused row: bisect, direct first.
+                conflict = isinstance(exc, pgerrors.UniqueViolation)
+                result = self._insert(conn, rows, 0, direct_first=not conflict)
+                self._update_latest(conn, self._accepted(rows, result))
+            conn.commit()
+        except psycopg.Error as exc:
+            self._fail(conn, exc)
+        return result
+
+    def abandon(self) -> None:
+        """Give up the open stream (its batch changed); the next finish writes whole."""
+        if self._stream is not None:
+            self._abandon_stream()
+
+    def _abandon_stream(self) -> None:
+        self._stream_failed = True
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.__exit__(RuntimeError, RuntimeError("abandoned"), None)
+        self._rollback_quietly()
+
+    def _rollback_quietly(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            conn.rollback()
+        except psycopg.Error:
+            self.close()
+
+    # -- whole batch --
 
     def write(self, rows: Sequence[Row]) -> WriteResult:
         """Store ``rows`` idempotently in one transaction; update ``latest_readings``."""
         conn = self.connection()
         try:
             with conn.transaction():
-                result = self._insert(conn, rows, 0)
-                if result.rejected:
-                    refused = {index for index, _ in result.rejected}
-                    rows = [row for i, row in enumerate(rows) if i not in refused]
-                if rows:
-                    self._update_latest(conn, rows)
+                result = self._insert(conn, rows, 0, direct_first=self._direct_copy)
+                self._update_latest(
+                    conn,
+                    self._accepted(rows, result),
+                    stored_equals_batch=not result.fallback and not result.rejected,
+                )
         except psycopg.Error as exc:
-            if isinstance(exc, psycopg.OperationalError) or conn.broken:
-                self.close()
-            raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}".strip()) from exc
+            self._fail(conn, exc)
         return result
 
-    def _insert(self, conn: psycopg.Connection[Any], rows: Sequence[Row], base: int) -> WriteResult:
+    def _fail(self, conn: psycopg.Connection[Any], exc: psycopg.Error) -> NoReturn:
+        if isinstance(exc, psycopg.OperationalError) or conn.broken:
+            self.close()
+        else:
+            self._rollback_quietly()
+        raise DatabaseUnavailable(f"{type(exc).__name__}: {exc}".strip()) from exc
+
+    @staticmethod
+    def _accepted(rows: Sequence[Row], result: WriteResult) -> Sequence[Row]:
+        if not result.rejected:
+            return rows
+        refused = {index for index, _ in result.rejected}
+        return [row for i, row in enumerate(rows) if i not in refused]
+
+    def _insert(
+        self, conn: psycopg.Connection[Any], rows: Sequence[Row], base: int, direct_first: bool
+    ) -> WriteResult:
         # Bisect under savepoints: a refused row costs O(log n) sub-writes, and
         # every accepted row still lands in this one transaction.
         try:
             with conn.transaction():
-                inserted, fallback = self._copy_idempotent(conn, rows)
+                inserted, fallback = self._copy_idempotent(conn, rows, direct_first)
                 return WriteResult(inserted, [], fallback)
         except _REJECTIONS as exc:
             if len(rows) == 1:
                 detail = (exc.diag.message_primary or str(exc)).strip()
                 return WriteResult(0, [(base, f"{type(exc).__name__}: {detail}")])
         mid = len(rows) // 2
-        left = self._insert(conn, rows[:mid], base)
-        right = self._insert(conn, rows[mid:], base + mid)
+        left = self._insert(conn, rows[:mid], base, direct_first)
+        right = self._insert(conn, rows[mid:], base + mid, direct_first)
         return WriteResult(
             left.inserted + right.inserted,
             left.rejected + right.rejected,
@@ -291,10 +410,10 @@ class Writer:
         )
 
     def _copy_idempotent(
-        self, conn: psycopg.Connection[Any], rows: Sequence[Row]
+        self, conn: psycopg.Connection[Any], rows: Sequence[Row], direct_first: bool
     ) -> tuple[int, bool]:
         data = encode_copy(rows)
-        if self._direct_copy:
+        if direct_first:
             try:
                 with conn.transaction(), conn.cursor() as cur, cur.copy(_COPY_DIRECT) as cp:
                     cp.write(data)
@@ -312,26 +431,27 @@ class Writer:
             cur.execute(_INSERT_STAGED)
             return max(cur.rowcount, 0), True
 
-    def _update_latest(self, conn: psycopg.Connection[Any], rows: Sequence[Row]) -> None:
-        # From decoded_data, not from the batch: a redelivered reading whose
-        # value differs must not show in latest_readings when decoded_data
-        # kept the first write. Keys sorted so concurrent writers lock in one order.
+    def _update_latest(
+        self,
+        conn: psycopg.Connection[Any],
+        rows: Sequence[Row],
+        stored_equals_batch: bool = False,
+    ) -> None:
+        if not rows:
+            return
+        # Keys sorted so concurrent writers lock latest_readings rows in one order.
         newest = sorted(newest_per_key(rows).items())
         devices = [key[0] for key, _ in newest]
         datapoints = [key[1] for key, _ in newest]
-        stamps = [_PG_EPOCH + timedelta(microseconds=us) for _, us in newest]
-        conn.execute(
-            "INSERT INTO latest_readings AS l (device_id, datapoint_id, timestamp, value)"
-            " SELECT d.device_id, d.datapoint_id, d.timestamp, d.value"
-            " FROM unnest(%s::int4[], %s::int4[], %s::timestamptz[]) AS k(dev, dp, ts)"
-            " JOIN decoded_data d ON d.timestamp = k.ts AND d.device_id = k.dev"
-            " AND d.datapoint_id = k.dp"
-            " ON CONFLICT (device_id, datapoint_id) DO UPDATE"
-            " SET timestamp = EXCLUDED.timestamp, value = EXCLUDED.value, updated_at = now()"
-            " WHERE EXCLUDED.timestamp >= l.timestamp",
-            (devices, datapoints, stamps),
-            prepare=True,
-        )
+        stamps = [_PG_EPOCH + timedelta(microseconds=row[0]) for _, row in newest]
+        if stored_equals_batch:
+            # Every row of the batch was newly stored: its values are the stored ones.
+            values = [row[3] for _, row in newest]
+            conn.execute(_UPSERT_LATEST_FROM_BATCH, (devices, datapoints, stamps, values))
+        else:
+            # Some readings were stored before, maybe with other values: the first
+            # write wins in decoded_data, so take the values from there.
+            conn.execute(_UPSERT_LATEST_FROM_STORED, (devices, datapoints, stamps))
 
     @staticmethod
     def _describe_storage(conn: psycopg.Connection[Any]) -> None:
@@ -345,6 +465,25 @@ class Writer:
             log.info(
                 "TimescaleDB extension absent: writing to a plain PostgreSQL table decoded_data"
             )
+
+
+_UPSERT_LATEST_FROM_BATCH = (
+    "INSERT INTO latest_readings AS l (device_id, datapoint_id, timestamp, value)"
+    " SELECT * FROM unnest(%b::int4[], %b::int4[], %b::timestamptz[], %b::float8[])"
+    " ON CONFLICT (device_id, datapoint_id) DO UPDATE"
+    " SET timestamp = EXCLUDED.timestamp, value = EXCLUDED.value, updated_at = now()"
+    " WHERE EXCLUDED.timestamp >= l.timestamp"  # never backwards in time
+)
+_UPSERT_LATEST_FROM_STORED = (
+    "INSERT INTO latest_readings AS l (device_id, datapoint_id, timestamp, value)"
+    " SELECT d.device_id, d.datapoint_id, d.timestamp, d.value"
+    " FROM unnest(%b::int4[], %b::int4[], %b::timestamptz[]) AS k(dev, dp, ts)"
+    " JOIN decoded_data d ON d.timestamp = k.ts AND d.device_id = k.dev"
+    " AND d.datapoint_id = k.dp"
+    " ON CONFLICT (device_id, datapoint_id) DO UPDATE"
+    " SET timestamp = EXCLUDED.timestamp, value = EXCLUDED.value, updated_at = now()"
+    " WHERE EXCLUDED.timestamp >= l.timestamp"  # never backwards in time
+)
 
 
 # --- the consumer loop ---------------------------------------------------------------
@@ -522,6 +661,7 @@ class Sink:
         offsets: dict[Any, Any] = batch.offsets  # the loop's types are checked by _add's callers
         parse = parse_reading
         added = 0
+        first = len(batch.rows)
         for msg in messages:
             err = msg.error()
             if err is not None:
@@ -536,6 +676,8 @@ class Sink:
             offsets[(msg.topic(), msg.partition())] = msg.offset()
             added += 1
         batch.records += added
+        if not self._in_backpressure and len(batch.rows) > first:
+            self.writer.stream(batch.rows[first:])
 
     def _flush(self) -> None:
         """Write the batch, dead-letter its rejects, commit its offsets; retry until done.
@@ -552,11 +694,16 @@ class Sink:
             if written is None:
                 return
             result = written
-            ROWS_WRITTEN.inc(result.inserted)
-            DUPLICATES.inc(len(batch.rows) - len(result.rejected) - result.inserted)
-            if result.fallback:
-                FALLBACKS.inc()
-        # After the write: records added while paused are part of this batch too.
+        self._complete(result)
+
+    def _complete(self, result: WriteResult) -> None:
+        """After the database commit: count, dead-letter the rejects, commit offsets."""
+        # self.batch, not a saved reference: records added while paused belong to it.
+        batch = self.batch
+        ROWS_WRITTEN.inc(result.inserted)
+        DUPLICATES.inc(len(batch.rows) - len(result.rejected) - result.inserted)
+        if result.fallback:
+            FALLBACKS.inc()
         rejected = [(batch.messages[i], detail, "database") for i, detail in result.rejected]
         rejected += [(msg, detail, "parse") for msg, detail in batch.unparsed]
         if rejected:
@@ -569,7 +716,7 @@ class Sink:
         while True:
             started = time.monotonic()
             try:
-                result = self.writer.write(batch.rows)
+                result = self.writer.finish(batch.rows)
             except DatabaseUnavailable as exc:
                 DB_RETRIES.inc()
                 if not self._in_backpressure:
@@ -726,32 +873,21 @@ class Sink:
         if not self._in_backpressure and len(self.batch):
             # Hand over cleanly: write what we hold, so the next owner starts after it.
             try:
-                result = self.writer.write(self.batch.rows) if self.batch.rows else None
+                result = self.writer.finish(self.batch.rows)
             except DatabaseUnavailable:
-                result = None
                 self.batch.drop_partitions(gone)
             else:
-                self._finish_revoked(result)
+                self._complete(result)
         else:
             self.batch.drop_partitions(gone)
+            self.writer.abandon()
         log.info("partitions revoked", extra={"partitions": [tp.partition for tp in partitions]})
-
-    def _finish_revoked(self, result: WriteResult | None) -> None:
-        batch = self.batch
-        rejected = [(msg, detail, "parse") for msg, detail in batch.unparsed]
-        if result is not None:
-            ROWS_WRITTEN.inc(result.inserted)
-            DUPLICATES.inc(len(batch.rows) - len(result.rejected) - result.inserted)
-            rejected += [(batch.messages[i], d, "database") for i, d in result.rejected]
-        if rejected:
-            self._dead_letter(rejected)
-        self._commit(batch.offsets)
-        self.batch = Batch()
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
         self.batch.drop_partitions(gone)
+        self.writer.abandon()
         log.warning("partitions lost", extra={"partitions": [tp.partition for tp in partitions]})
 
     def _on_kafka_error(self, err: KafkaError) -> None:

@@ -11,7 +11,7 @@ CREATE TABLE latest_readings (
     value        double precision,
     updated_at   timestamptz      NOT NULL DEFAULT now(),
     PRIMARY KEY (device_id, datapoint_id)
-);
+) WITH (fillfactor = 50);  -- every batch updates its keys: leave room for HOT updates
 
 -- Readings for humans: names, labels and units from the metadata. Outer joins,
 -- because a deployment may keep the metadata in another database (the tables
