@@ -52,11 +52,12 @@ from typing import Any, NoReturn
 import orjson
 import psycopg
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 from prometheus_client import Counter, Gauge, Histogram
 from psycopg import errors as pgerrors
 
 from f2pipe.errors import DatabaseUnavailable
-from f2pipe.kafka import consumer_config, producer_config
+from f2pipe.kafka import admin_config, consumer_config, producer_config
 from f2pipe.logs import setup_logging
 from f2pipe.ops import OpsServer
 from f2pipe.reasons import Reason
@@ -272,6 +273,12 @@ class Writer:
                 self._connected_once = True
                 self._describe_storage(self._conn)
         return self._conn
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self._stream = None
@@ -580,6 +587,7 @@ class Sink:
             )
         )
         self.producer = Producer(producer_config(settings, error_cb=self._on_kafka_error))
+        self._admin = AdminClient(admin_config(settings))
         self.batch = Batch()
         self._stopping = False
         self._in_backpressure = False
@@ -596,7 +604,8 @@ class Sink:
         """Both dependencies answer: the database (a fresh connection) and Kafka."""
         with psycopg.connect(self.settings.timeseries_dsn, connect_timeout=2) as conn:
             conn.execute("SELECT 1")
-        self.consumer.list_topics(self.settings.topic_processed, timeout=2)
+        # Its own client: the consumer's handle is busy in the loop's consume().
+        self._admin.list_topics(self.settings.topic_processed, timeout=2)
         return True
 
     def run(self) -> int:
