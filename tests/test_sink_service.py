@@ -490,3 +490,36 @@ def test_postgres_restart_mid_stream_loses_and_duplicates_nothing(
     assert high_watermarks(topics.dead_letter, 1) == 0
     assert sink.proc.poll() is None
     assert sink.terminate() == 0
+
+
+def test_sigterm_writes_the_open_batch_and_commits_it(
+    fresh_db: str, topics: Topics, sinks: list[SinkProcess], tmp_path: Path
+) -> None:
+    records = readings(0, 500)
+    # A batch that neither fills nor ages during the test: only shutdown writes it.
+    sink = start(
+        sinks,
+        fresh_db,
+        topics,
+        tmp_path,
+        F2PIPE_SINK_BATCH_ROWS="100000",
+        F2PIPE_SINK_BATCH_AGE_MS="600000",
+    )
+    produce(topics.processed, records)
+    wait_until(
+        lambda: sink.metric("f2pipe_sink_records_consumed_total") == 500,
+        timeout=60,
+        what="records consumed",
+    )
+    assert count(fresh_db) == 0
+    assert sink.terminate() == 0
+    assert stored(fresh_db) == expected_rows(records)
+    consumer = Consumer(
+        {"bootstrap.servers": get_settings().kafka_bootstrap, "group.id": topics.group}
+    )
+    committed = consumer.committed(
+        [TopicPartition(topics.processed, p) for p in range(3)], timeout=10
+    )
+    consumer.close()
+    assert sum(max(tp.offset, 0) for tp in committed) == 500
+    assert "stopping: writing the open batch" in sink.logs()

@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 
 # --- metrics (one place; names are part of the ops contract) -----------------------
 
+# Records taken from the processed topic (rows, unparseable ones included).
+CONSUMED = Counter("f2pipe_sink_records_consumed", "records consumed from Kafka")
 # Rows newly stored in decoded_data.
 ROWS_WRITTEN = Counter("f2pipe_sink_rows_written", "rows stored in decoded_data")
 # Rows of a batch that were already stored (redelivery or replay): rows in batch - inserted.
@@ -648,10 +650,12 @@ class Sink:
     def _poll_once(self) -> None:
         batch = self.batch
         room = self.policy.max_rows - len(batch)
+        # At most 0.5 s: the signal handler runs (and the stop flag is seen)
+        # only between calls into librdkafka.
+        timeout = 0.5
         if len(batch):
-            timeout = max(0.0, self.policy.max_age_s - (time.monotonic() - batch.started))
-        else:
-            timeout = 0.5  # wake up now and then to notice a stop request
+            age = time.monotonic() - batch.started
+            timeout = min(timeout, max(0.0, self.policy.max_age_s - age))
         messages = self.consumer.consume(num_messages=max(room, 1), timeout=timeout)
         if messages:
             self._add(messages)
@@ -685,6 +689,7 @@ class Sink:
             offsets[(msg.topic(), msg.partition())] = msg.offset()
             added += 1
         batch.records += added
+        CONSUMED.inc(added)
         if not self._in_backpressure and len(batch.rows) > first:
             self.writer.stream(batch.rows[first:])
 
