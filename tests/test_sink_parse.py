@@ -123,9 +123,13 @@ def test_copy_encoding_round_trips(
     assert fields[8] == number
 
 
-def test_newest_per_key_keeps_the_newest_and_the_first_on_ties() -> None:
-    rows = [(10, 1, 1, 1.0), (30, 1, 1, 3.0), (20, 1, 1, 2.0), (30, 1, 1, 9.0), (5, 2, 1, 7.0)]
-    assert newest_per_key(rows) == {(1, 1): (30, 1, 1, 3.0), (2, 1): (5, 2, 1, 7.0)}
+def test_newest_per_key_keeps_the_newest() -> None:
+    rows = [(10, 1, 1, 1.0), (30, 1, 1, 3.0), (20, 1, 1, 2.0), (5, 2, 1, 7.0), (6, 2, 2, 8.0)]
+    assert newest_per_key(rows) == {
+        (1, 1): (30, 1, 1, 3.0),
+        (2, 1): (5, 2, 1, 7.0),
+        (2, 2): (6, 2, 2, 8.0),
+    }
 
 
 def test_commit_policy_is_validated() -> None:
