@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     # Longest wait between two attempts to reach the database during an outage.
     sink_backoff_max_ms: int = Field(default=5000, ge=10, le=600_000)
 
+    # The local stack (`f2pipe stack`): Kafka's KRaft controller listener, the broker's
+    # maximum heap (a JVM -Xmx size), and whether root may apt-get install missing servers.
+    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_heap: str = Field(default="1g", pattern=r"^[1-9][0-9]*[kKmMgG]$")
+    stack_install: bool = True
+
     # TimescaleDB policies (used only where the extension is present).
     compress_after: str = "7 days"
     retention: str = "5 years"
