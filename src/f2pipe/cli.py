@@ -26,6 +26,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("f2pipe.simulator", "simulate F2 controllers: live telemetry or a counted load"),
     "processor": ("f2pipe.processor", "decode raw frames into readings (stream processor)"),
     "dlq": ("f2pipe.dlq", "list, show or replay dead letters"),
+    "sink": ("f2pipe.sink", "write processed readings from Kafka into the time-series database"),
 }
 
 

@@ -10,6 +10,8 @@ CLI can print one line naming the cause and the fix and exit non-zero::
     ├── FleetError         a fleet file entry is invalid (names the line)
     ├── CertError          a certificate could not be issued, parsed or revoked
     ├── MetadataUnavailable the metadata database cannot be reached (retry, never guess)
+    ├── DatabaseUnavailable the database cannot take a write now (down, restarting,
+    │                      or failing in a way retrying may cure)
     └── DecodeError        a message cannot become readings; carries its dead-letter
                            reason (defined in f2pipe.decode, beside the decoder)
 
@@ -47,4 +49,13 @@ class MetadataUnavailable(F2PipeError):
     """The metadata database could not answer; the caller pauses and retries.
 
     Never a verdict on the message: a lookup that failed is not an unknown device.
+    """
+
+
+class DatabaseUnavailable(F2PipeError):
+    """A write could not be done for a reason of the database, not of the data.
+
+    The caller keeps what it was writing and retries later (back-pressure);
+    nothing of the failed transaction was committed, or, if the connection
+    broke during COMMIT, the outcome is unknown and the write must be idempotent.
     """

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     sink_port: int = Field(default=9103, ge=1, le=65535)
     ops_host: str = "127.0.0.1"  # where /healthz, /readyz, /metrics listen
 
+    # Sink batching: a batch is written when it holds this many rows or its first
+    # record is this old, whichever comes first (defaults from bench/sink.json).
+    sink_batch_rows: int = Field(default=20000, ge=1, le=1_000_000)
+    sink_batch_age_ms: int = Field(default=500, ge=1, le=600_000)
+    # Longest wait between two attempts to reach the database during an outage.
+    sink_backoff_max_ms: int = Field(default=5000, ge=10, le=600_000)
+
     # The local stack (`f2pipe stack`): Kafka's KRaft controller listener, the broker's
     # maximum heap (a JVM -Xmx size), and whether root may apt-get install missing servers.
     kafka_controller_port: int = Field(default=9093, ge=1, le=65535)

@@ -1,0 +1,296 @@
+"""Sink throughput against two ceilings measured in the same run, on the same rows.
+
+    .venv/bin/python bench/sink_bench.py [--rows 600000] [--batches 5000,20000,50000]
+
+Writes ``bench/sink.json``. For each batch size:
+
+- ``raw_copy``: the rows, already encoded, binary-COPYed straight into an
+  empty ``decoded_data``, one transaction per batch (the database's intake
+  ceiling; no Kafka, no parsing).
+- ``staging_idempotent``: the same encoded rows COPYed into a temporary
+  staging table and moved with ``INSERT ... ON CONFLICT DO NOTHING``, one
+  transaction per batch (the ceiling of the classic idempotent scheme).
+- ``sink``: the real :class:`f2pipe.sink.Sink` consuming the same records
+  from a Kafka topic (fresh consumer group), parsing, writing (optimistic
+  direct COPY, latest_readings), dead-lettering nothing and committing
+  offsets; rows/s from its first consumed record to its last commit, plus
+  per-batch write latency and record latency (first record of a batch
+  consumed -> offsets committed).
+- ``sink_redelivery``: the same records consumed again by another group, so
+  every batch conflicts and takes the staging path (every row a duplicate).
+
+Uses its own database and topic on the development servers and drops them after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from f2pipe import sink as sinkmod
+from f2pipe.db import create_database, migrate
+from f2pipe.kafka import admin_config, producer_config
+from f2pipe.settings import load_settings
+
+HERE = Path(__file__).resolve().parent
+
+
+def make_records(n: int) -> list[tuple[bytes, bytes]]:
+    """n readings shaped like the processor's output: 3 datapoints per message, 1000 devices."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    out = []
+    for i in range(n):
+        message = i // 3
+        device = 100 + message % 1000
+        datapoint = 1 + i % 3
+        ts = start + timedelta(milliseconds=message * 37)
+        value = orjson.dumps(
+            {
+                "v": 1,
+                "ts": ts.isoformat(),
+                "device_id": device,
+                "datapoint_id": datapoint,
+                "value": round(20 + (i % 997) * 0.013, 2),
+            }
+        )
+        out.append((f"{device}:{datapoint}".encode(), value))
+    return out
+
+
+def produce(settings: Any, topic: str, records: list[tuple[bytes, bytes]]) -> float:
+    producer = Producer(producer_config(settings, **{"linger.ms": 20}))
+    t0 = time.perf_counter()
+    for key, value in records:
+        while True:
+            try:
+                producer.produce(topic, value, key)
+                break
+            except BufferError:
+                producer.poll(0.05)
+        producer.poll(0)
+    assert producer.flush(60) == 0
+    return len(records) / (time.perf_counter() - t0)
+
+
+def ceiling(dsn: str, encoded: list[bytes], rows: int, staging: bool) -> float:
+    with psycopg.connect(dsn) as conn:
+        conn.execute("TRUNCATE decoded_data")
+        conn.commit()
+        if staging:
+            conn.execute(
+                "CREATE TEMP TABLE staging (LIKE decoded_data INCLUDING DEFAULTS)"
+                " ON COMMIT DELETE ROWS"
+            )
+            conn.commit()
+        t0 = time.perf_counter()
+        for data in encoded:
+            with conn.transaction(), conn.cursor() as cur:
+                if staging:
+                    with cur.copy(
+                        "COPY staging (timestamp, device_id, datapoint_id, value)"
+                        " FROM STDIN (FORMAT BINARY)"
+                    ) as cp:
+                        cp.write(data)
+                    cur.execute(
+                        "INSERT INTO decoded_data SELECT * FROM staging ON CONFLICT DO NOTHING"
+                    )
+                else:
+                    with cur.copy(sinkmod._COPY_DIRECT) as cp:
+                        cp.write(data)
+        elapsed = time.perf_counter() - t0
+        count = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
+        assert count is not None
+        assert count[0] == rows, count
+        conn.execute("TRUNCATE decoded_data, latest_readings")
+        conn.commit()
+    return rows / elapsed
+
+
+class TimedSink(sinkmod.Sink):
+    """The real sink, instrumented: first record time and per-batch latencies."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.first: float | None = None
+        self.last_commit = 0.0
+        self.writes: list[float] = []
+        self.record_latency: list[float] = []
+        self.committed = 0
+
+    def _add(self, messages: list[Any]) -> None:
+        if self.first is None:
+            self.first = time.monotonic()
+        super()._add(messages)
+
+    def _flush(self) -> None:
+        started = self.batch.started
+        n = len(self.batch)
+        t0 = time.monotonic()
+        super()._flush()
+        now = time.monotonic()
+        self.writes.append(now - t0)
+        self.record_latency.append(now - started)
+        self.last_commit = now
+        self.committed += n
+
+
+def run_sink(settings: Any, rows: int, policy: sinkmod.CommitPolicy) -> dict[str, Any]:
+    sink = TimedSink(settings, policy)
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 300
+    while sink.committed < rows and time.monotonic() < deadline:
+        time.sleep(0.05)
+    sink.stop()
+    thread.join(30)
+    assert sink.committed == rows, (sink.committed, rows)
+    assert sink.first is not None
+    elapsed = sink.last_commit - sink.first
+    writes = sorted(sink.writes)
+    lat = sorted(sink.record_latency)
+    return {
+        "rows_per_s": round(rows / elapsed),
+        "batches": len(writes),
+        "write_ms_p50": round(statistics.median(writes) * 1000, 1),
+        "write_ms_max": round(writes[-1] * 1000, 1),
+        "batch_latency_ms_p50": round(statistics.median(lat) * 1000, 1),
+        "batch_latency_ms_max": round(lat[-1] * 1000, 1),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", type=int, default=600_000)
+    parser.add_argument("--batches", default="5000,20000,50000")
+    parser.add_argument("--partitions", type=int, default=6)
+    parser.add_argument("--out", default=str(HERE / "sink.json"))
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.batches.split(",")]
+
+    base = load_settings()
+    tag = uuid.uuid4().hex[:10]
+    dbname, topic = f"f2bench_{tag}", f"f2bench-processed-{tag}"
+    admin_dsn = base.metadata_dsn.rsplit("/", 1)[0] + "/postgres"
+    create_database(admin_dsn, dbname)
+    dsn = admin_dsn.rsplit("/", 1)[0] + "/" + dbname
+    migrate(dsn, base)
+    admin = AdminClient(admin_config(base))
+    for fut in admin.create_topics([NewTopic(topic, args.partitions, 1)]).values():
+        fut.result()
+
+    report: dict[str, Any] = {}
+    try:
+        records = make_records(args.rows)
+        produce_rate = produce(base, topic, records)
+        parsed = [sinkmod.parse_reading(v) for _, v in records]
+        rows = [r for r in parsed if isinstance(r, tuple)]
+        assert len(rows) == args.rows
+
+        t0 = time.perf_counter()
+        for _, v in records:
+            sinkmod.parse_reading(v)
+        parse_us = (time.perf_counter() - t0) / args.rows * 1e6
+        t0 = time.perf_counter()
+        sinkmod.encode_copy(rows)
+        encode_us = (time.perf_counter() - t0) / args.rows * 1e6
+
+        table = []
+        for size in sizes:
+            encoded = [sinkmod.encode_copy(rows[i : i + size]) for i in range(0, len(rows), size)]
+            raw = ceiling(dsn, encoded, len(rows), staging=False)
+            staged = ceiling(dsn, encoded, len(rows), staging=True)
+            settings = load_settings(
+                timeseries_dsn=dsn,
+                metadata_dsn=dsn,
+                topic_processed=topic,
+                sink_group=f"f2bench-{tag}-{size}",
+            )
+            policy = sinkmod.CommitPolicy(size, 1.0)
+            result = run_sink(settings, len(rows), policy)
+            with psycopg.connect(dsn) as conn:
+                stored = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
+                assert stored is not None
+                assert stored[0] == len(rows), stored
+            redelivery = run_sink(
+                load_settings(
+                    timeseries_dsn=dsn,
+                    metadata_dsn=dsn,
+                    topic_processed=topic,
+                    sink_group=f"f2bench-{tag}-{size}-again",
+                ),
+                len(rows),
+                policy,
+            )
+            with psycopg.connect(dsn) as conn:
+                conn.execute("TRUNCATE decoded_data, latest_readings")
+            row = {
+                "batch_rows": size,
+                "raw_copy_rows_per_s": round(raw),
+                "staging_idempotent_rows_per_s": round(staged),
+                "sink": result,
+                "sink_vs_raw_copy": round(result["rows_per_s"] / raw, 3),
+                "sink_vs_idempotent": round(result["rows_per_s"] / staged, 3),
+                "sink_redelivery_all_duplicates": redelivery,
+            }
+            table.append(row)
+            print(json.dumps(row), flush=True)
+
+        report = {
+            "what": "processed-iot-data -> decoded_data, rows/s; ceilings on the same rows",
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": {
+                "cpus": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": sys.version.split()[0],
+                "load_avg_at_end": os.getloadavg(),
+            },
+            "versions": {
+                "postgresql": _server_version(dsn),
+                "psycopg": psycopg.__version__,
+                "confluent_kafka": importlib.metadata.version("confluent-kafka"),
+                "librdkafka": __import__("confluent_kafka").libversion()[0],
+            },
+            "rows": args.rows,
+            "partitions": args.partitions,
+            "producer_rows_per_s": round(produce_rate),
+            "parse_us_per_record": round(parse_us, 3),
+            "encode_us_per_row": round(encode_us, 3),
+            "by_batch_size": table,
+        }
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    finally:
+        for fut in admin.delete_topics([topic]).values():
+            try:
+                fut.result()
+            except Exception as exc:  # cleanup only: report and go on
+                print(f"topic cleanup: {exc}", file=sys.stderr)
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{dbname}" WITH (FORCE)')
+    return 0
+
+
+def _server_version(dsn: str) -> str:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SHOW server_version").fetchone()
+        return str(row[0]) if row else "?"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""The sink's pure part: record value -> row or reason, and the COPY encoding."""
+
+from __future__ import annotations
+
+import struct
+from datetime import UTC, datetime, timedelta
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from f2pipe.sink import (
+    Backoff,
+    CommitPolicy,
+    encode_copy,
+    newest_per_key,
+    parse_reading,
+    row_timestamp,
+)
+
+
+def value(**fields: object) -> bytes:
+    record: dict[str, object] = {
+        "v": 1,
+        "ts": "2024-07-15T14:30:25.123456+02:00",
+        "device_id": 5,
+        "datapoint_id": 1,
+        "value": 25.52,
+    }
+    record.update(fields)
+    return orjson.dumps({k: v for k, v in record.items() if v is not ...})
+
+
+def test_parses_the_processor_record() -> None:
+    row = parse_reading(value())
+    assert isinstance(row, tuple)
+    assert row[1:] == (5, 1, 25.52)
+    assert row_timestamp(row) == datetime(2024, 7, 15, 12, 30, 25, 123456, tzinfo=UTC)
+
+
+def test_integer_values_become_floats_and_z_means_utc() -> None:
+    row = parse_reading(value(value=3, ts="2024-07-15T14:30:25Z"))
+    assert isinstance(row, tuple)
+    assert row[3] == 3.0
+    assert type(row[3]) is float
+    assert row_timestamp(row) == datetime(2024, 7, 15, 14, 30, 25, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("raw", "says"),
+    [
+        (None, "empty"),
+        (b"not json", "invalid JSON"),
+        (b"[1, 2]", "not a JSON object"),
+        (value(ts=...), "missing field ts"),
+        (value(value=...), "missing field value"),
+        (value(v=2), "unsupported version"),
+        (value(ts="2024-07-15 14:30:25"), "without UTC offset"),
+        (value(ts="yesterday"), "invalid ts"),
+        (value(ts=1721053825), "ts is not a string"),
+        (value(device_id="5"), "device_id"),
+        (value(device_id=0), "device_id"),
+        (value(device_id=2**31), "device_id"),
+        (value(datapoint_id=True), "datapoint_id"),
+        (value(value="25.5"), "not a number"),
+        (value(value=True), "not a number"),
+        (value(value=None), "not a number"),
+        (
+            b'{"v":1,"ts":"2024-07-15T14:30:25Z","device_id":1,"datapoint_id":1,"value":1e999}',
+            "invalid JSON",
+        ),
+        (
+            b'{"v":1,"ts":"2024-07-15T14:30:25Z","device_id":1,"datapoint_id":1,"value":1'
+            + b"0" * 400
+            + b"}",
+            "invalid JSON",
+        ),
+    ],
+)
+def test_rejects_with_a_reason(raw: bytes | None, says: str) -> None:
+    reason = parse_reading(raw)
+    assert isinstance(reason, str)
+    assert says in reason
+
+
+@given(st.binary(max_size=200))
+def test_never_raises_on_arbitrary_bytes(raw: bytes) -> None:
+    assert isinstance(parse_reading(raw), tuple | str)
+
+
+@given(
+    st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2200, 1, 1), timezones=st.just(UTC)
+    ),
+    st.integers(1, 2**31 - 1),
+    st.integers(1, 2**31 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+)
+def test_copy_encoding_round_trips(
+    ts: datetime, device_id: int, datapoint_id: int, number: float
+) -> None:
+    raw = orjson.dumps(
+        {
+            "v": 1,
+            "ts": ts.isoformat(),
+            "device_id": device_id,
+            "datapoint_id": datapoint_id,
+            "value": number,
+        }
+    )
+    row = parse_reading(raw)
+    assert isinstance(row, tuple)
+    assert row_timestamp(row) == ts
+    data = encode_copy([row])
+    assert data.startswith(b"PGCOPY\n\xff\r\n\x00")
+    assert data.endswith(b"\xff\xff")
+    fields = struct.unpack("!hiqiiiiid", data[19:-2])
+    us = fields[2]
+    assert datetime(2000, 1, 1, tzinfo=UTC) + timedelta(microseconds=us) == ts
+    assert fields[4] == device_id
+    assert fields[6] == datapoint_id
+    assert fields[8] == number
+
+
+def test_newest_per_key_keeps_the_newest() -> None:
+    rows = [(10, 1, 1, 1.0), (30, 1, 1, 3.0), (20, 1, 1, 2.0), (5, 2, 1, 7.0), (6, 2, 2, 8.0)]
+    assert newest_per_key(rows) == {
+        (1, 1): (30, 1, 1, 3.0),
+        (2, 1): (5, 2, 1, 7.0),
+        (2, 2): (6, 2, 2, 8.0),
+    }
+
+
+def test_commit_policy_is_validated() -> None:
+    assert CommitPolicy(1000, 0.5).max_rows == 1000
+    with pytest.raises(ValueError, match="max_rows"):
+        CommitPolicy(0, 0.5)
+    with pytest.raises(ValueError, match="max_age_s"):
+        CommitPolicy(10, 0)
+
+
+def test_backoff_grows_to_the_cap_with_jitter() -> None:
+    delays = Backoff(base_s=0.1, cap_s=2.0).delays()
+    first = [next(delays) for _ in range(12)]
+    assert 0.05 <= first[0] <= 0.1
+    assert all(1.0 <= d <= 2.0 for d in first[6:])
+    assert len(set(first)) > 1
