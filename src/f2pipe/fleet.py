@@ -213,6 +213,15 @@ class _Loader(yaml.SafeLoader):
     pass
 
 
+class _LoadError(Exception):
+    """A YAML construct the format refuses (duplicate or non-text key), with its line."""
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(message)
+        self.line = line
+        self.message = message
+
+
 def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Iterator[LineDict]:
     data = LineDict()
     data.line = node.start_mark.line + 1
@@ -223,11 +232,9 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Iterator[Line
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         if not isinstance(key, str):
-            raise FleetError(f"line {line}: key {key!r} is not text")
+            raise _LoadError(line, f"key {key!r} is not text")
         if key in data:
-            raise FleetError(
-                f"line {line}: duplicate key {key!r} (first on line {data.key_lines[key]})"
-            )
+            raise _LoadError(line, f"duplicate key {key!r} (first on line {data.key_lines[key]})")
         if (
             key in _TEXT_KEYS
             and isinstance(value_node, yaml.ScalarNode)
@@ -304,8 +311,8 @@ def parse_fleet(text: str, source: str = "<fleet>") -> Fleet:
 def _load(text: str, source: str) -> tuple[LineDict, Fleet]:
     try:
         document = yaml.load(text, Loader=_Loader)  # noqa: S506 - _Loader is a SafeLoader
-    except FleetError as exc:
-        raise FleetError(f"{source}: {exc}") from None
+    except _LoadError as exc:
+        raise FleetError(f"{source}:{exc.line}: {exc.message}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{source}:{mark.line + 1}" if mark is not None else source
@@ -332,14 +339,13 @@ def _load(text: str, source: str) -> tuple[LineDict, Fleet]:
 
 
 def _message(err: Any) -> str:
-    msg = str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return "unknown field"
     if err["type"] == "missing":
         return "required field is missing"
-    if "input" in err and err["type"] not in ("missing",):
-        return f"{msg} (got {err['input']!r})" if "got" not in msg else msg
-    return msg
+    if err["type"] == "value_error":  # our validators already quote the value
+        return str(err["msg"]).removeprefix("Value error, ")
+    return f"{err['msg']} (got {err['input']!r})"
 
 
 def check_references(fleet: Fleet) -> list[tuple[Loc, str]]:
