@@ -253,6 +253,11 @@ def test_import_registers_the_fleet_and_reimport_changes_nothing(
     assert door == ("bool", 1, "door")
 
     before = snapshot(fresh_db)
+    dry = import_fleet(
+        fresh_db, write(tmp_path, SMALL.replace("pin: 6", "pin: 5"), "dry.yaml"), dry_run=True
+    )
+    assert dry.counts == {"wiring": {"removed": 1, "created": 1}}
+    assert snapshot(fresh_db) == before  # a dry run counts and writes nothing
     again = import_fleet(fresh_db, path)
     assert again.total == 0
     assert snapshot(fresh_db) == before  # not one row, not even the change version

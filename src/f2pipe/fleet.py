@@ -812,6 +812,17 @@ def export_fleet(dsn: str, with_claiming_codes: bool = False) -> str:
     Raises FleetError when the database holds something the format cannot
     express unambiguously (two MAC-less devices with one name).
     """
+    try:
+        rows = _read_fleet(dsn)
+    except psycopg.OperationalError as exc:
+        raise FleetError(f"cannot reach the metadata database: {exc}".strip()) from None
+    return _render(*rows, with_claiming_codes=with_claiming_codes)
+
+
+Rows = list[tuple[Any, ...]]
+
+
+def _read_fleet(dsn: str) -> tuple[Rows, Rows, Rows, Rows, Rows, Rows]:
     with psycopg.connect(dsn) as conn, conn.transaction():
         # One snapshot for every query, so a concurrent change cannot tear the document.
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -845,6 +856,18 @@ def export_fleet(dsn: str, with_claiming_codes: bool = False) -> str:
             " WHERE d.mac_address IS NULL"
             " ORDER BY ctl.mac_address, c.connector_number, p.position"
         ).fetchall()
+    return types, templates, datapoints, controllers, sensors, wiring
+
+
+def _render(
+    types: Rows,
+    templates: Rows,
+    datapoints: Rows,
+    controllers: Rows,
+    sensors: Rows,
+    wiring: Rows,
+    with_claiming_codes: bool,
+) -> str:
     seen: dict[str, int] = {}
     for name, _, _, device_id in sensors:
         if name in seen:
