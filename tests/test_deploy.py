@@ -300,3 +300,191 @@ def test_grafana_dashboard_and_provisioning_agree() -> None:
         "FROM readings",
     ):
         assert needle in text, needle
+
+
+# --- the broker configuration, on a real Mosquitto ---------------------------------------------
+
+
+def _pki(folder: Path, identities: list[str]) -> None:
+    """A CA, a broker certificate for 127.0.0.1, client certificates and an empty CRL."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+        path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+        path.chmod(0o600)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test CA"))
+        .issuer_name(name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    crl = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.subject)
+        .last_update(now - dt.timedelta(minutes=5))
+        .next_update(now + dt.timedelta(days=1))
+        .sign(ca_key, hashes.SHA256())
+    )
+    (folder / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+    for cn in ["broker", *identities]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        usage = (
+            ExtendedKeyUsageOID.SERVER_AUTH if cn == "broker" else ExtendedKeyUsageOID.CLIENT_AUTH
+        )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if cn == "broker":
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        cert = builder.sign(ca_key, hashes.SHA256())
+        (folder / f"{cn}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        write_key(key, folder / f"{cn}.key")
+
+
+def test_the_broker_configuration_enforces_mtls_and_the_acl(tmp_path: Path) -> None:
+    """The shipped mosquitto.conf and aclfile, on a private Mosquitto on a free loopback port."""
+    import getpass
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    import paho.mqtt.client as mqtt
+
+    from conftest import wait_until
+
+    state = tmp_path / "state"
+    (state / "pki").mkdir(parents=True)
+    (state / "mosquitto").mkdir()
+    device, other, connector = "f2-aabbccddee01", "f2-aabbccddee02", "svc-connector"
+    _pki(state / "pki", [device, connector])
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    conf = (ROOT / "deploy/mosquitto/mosquitto.conf").read_text(encoding="utf-8")
+    assert "listener 8883\n" in conf
+    conf = (
+        conf.replace("/var/lib/f2pipe/", f"{state}/")
+        .replace("/mosquitto/config/aclfile", str(ROOT / "deploy/mosquitto/aclfile"))
+        .replace("listener 8883\n", f"listener {port} 127.0.0.1\n")
+    )
+    # In the container the broker runs as the owner of its key; here, as whoever runs the test.
+    conf += f"user {getpass.getuser()}\n"
+    (tmp_path / "mosquitto.conf").write_text(conf, encoding="utf-8")
+    broker = subprocess.Popen(
+        ["mosquitto", "-c", str(tmp_path / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    clients: list[mqtt.Client] = []
+    try:
+
+        def listening() -> bool:
+            assert broker.poll() is None, "mosquitto exited: the configuration is refused"
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+
+        wait_until(listening, timeout=15, what="mosquitto to listen")
+
+        def client(identity: str | None) -> tuple[mqtt.Client, threading.Event, list[int]]:
+            context = ssl.create_default_context(cafile=str(state / "pki/ca.pem"))
+            if identity:
+                context.load_cert_chain(
+                    state / f"pki/{identity}.pem", state / f"pki/{identity}.key"
+                )
+            c = mqtt.Client(
+                mqtt.CallbackAPIVersion.VERSION2,
+                client_id=identity or "anonymous",
+                protocol=mqtt.MQTTv311,
+            )
+            c.tls_set_context(context)
+            connected = threading.Event()
+            codes: list[int] = []
+
+            def on_connect(*args: Any) -> None:
+                codes.append(int(args[3].value))
+                connected.set()
+
+            c.on_connect = on_connect
+            clients.append(c)
+            return c, connected, codes
+
+        # No certificate: the broker drops the connection before any MQTT is spoken.
+        anonymous, anonymous_up, _ = client(None)
+        try:
+            anonymous.connect("127.0.0.1", port)
+            wait_until(
+                lambda: anonymous.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS,
+                timeout=10,
+                what="the broker to drop a client without a certificate",
+            )
+        except (ssl.SSLError, OSError):
+            pass  # refused during the handshake: just as good
+        assert not anonymous_up.is_set()
+
+        received: list[str] = []
+        sub, sub_up, sub_codes = client(connector)
+        sub.on_message = lambda _c, _u, msg: received.append(msg.topic)
+        sub.connect("127.0.0.1", port)
+        sub.loop_start()
+        wait_until(sub_up.is_set, timeout=10, what="the connector identity to connect")
+        assert sub_codes == [0]
+        subscribed = threading.Event()
+        sub.on_subscribe = lambda *args: subscribed.set()
+        sub.subscribe([("tele/#", 1), ("stat/#", 1)])
+        wait_until(subscribed.is_set, timeout=10, what="the subscription")
+
+        pub, pub_up, _ = client(device)
+        pub.connect("127.0.0.1", port)
+        pub.loop_start()
+        wait_until(pub_up.is_set, timeout=10, what="the device to connect")
+        # Another device's topic is refused by the ACL; the device's own goes through.
+        pub.publish(f"tele/{other}/sensor-mode/J1/sensor-1", b"{}", qos=1).wait_for_publish(10)
+        pub.publish(f"tele/{device}/sensor-mode/J1/sensor-1", b"{}", qos=1).wait_for_publish(10)
+        wait_until(lambda: received, timeout=10, what="the device's telemetry")
+        assert received == [f"tele/{device}/sensor-mode/J1/sensor-1"]
+    finally:
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
+        broker.terminate()
+        broker.wait(timeout=10)
