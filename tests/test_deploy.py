@@ -151,6 +151,7 @@ def test_every_f2pipe_variable_is_a_setting_with_a_valid_value() -> None:
     text = COMPOSE_FILE.read_text(encoding="utf-8")
     names = set(re.findall(r"\bF2PIPE_[A-Z0-9_]+", text))
     unknown = {n for n in names if n.removeprefix("F2PIPE_").lower() not in Settings.model_fields}
+    # F2PIPE_OPS_HOST comes with the connector; until it is merged this fails, loudly.
     assert not unknown, f"not settings: {sorted(unknown)}"
     values = env_example()
     for name, svc in f2pipe_services().items():

@@ -60,7 +60,6 @@ class Settings(BaseSettings):
     connector_port: int = Field(default=9101, ge=1, le=65535)
     processor_port: int = Field(default=9102, ge=1, le=65535)
     sink_port: int = Field(default=9103, ge=1, le=65535)
-    ops_host: str = "127.0.0.1"  # where /healthz, /readyz, /metrics listen
 
     # TimescaleDB policies (used only where the extension is present).
     compress_after: str = "7 days"
