@@ -176,6 +176,21 @@ def test_every_problem_is_reported_at_once() -> None:
     assert f"fleet.yaml:{line_with(text, 'int17')}:" in message
 
 
+def test_merge_keys_may_be_overridden() -> None:
+    text = SMALL.replace(
+        "  - {name: Hall Thermo, template: Thermo, serial_number: T-1}",
+        "  - &thermo {name: Hall Thermo, template: Thermo, serial_number: T-1}",
+    ).replace(
+        "  - {name: Attic Thermo, template: Thermo}",
+        "  - {<<: *thermo, name: Attic Thermo, serial_number: T-2}",
+    )
+    sensors = parse_fleet(text).sensors
+    assert [(s.name, s.template, s.serial_number) for s in sensors] == [
+        ("Hall Thermo", "Thermo", "T-1"),
+        ("Attic Thermo", "Thermo", "T-2"),
+    ]
+
+
 def test_broken_yaml_names_its_line() -> None:
     text = SMALL.replace("  - {name: Attic Thermo, template: Thermo}", "  - {name: [Attic")
     assert "not valid YAML" in problem_of(text)

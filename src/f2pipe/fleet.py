@@ -227,14 +227,24 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> Iterator[Line
     data.line = node.start_mark.line + 1
     data.key_lines = {}
     yield data
+    # Duplicates among the keys written here (PyYAML would keep the last silently);
+    # keys a merge (<<) brings in may be overridden, as YAML says.
+    first: dict[str, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            continue
+        line = key_node.start_mark.line + 1
+        if key_node.value in first:
+            raise _LoadError(
+                line, f"duplicate key {key_node.value!r} (first on line {first[key_node.value]})"
+            )
+        first[key_node.value] = line
     loader.flatten_mapping(node)
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=True)
         line = key_node.start_mark.line + 1
         if not isinstance(key, str):
             raise _LoadError(line, f"key {key!r} is not text")
-        if key in data:
-            raise _LoadError(line, f"duplicate key {key!r} (first on line {data.key_lines[key]})")
         if (
             key in _TEXT_KEYS
             and isinstance(value_node, yaml.ScalarNode)
