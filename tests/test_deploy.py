@@ -306,22 +306,83 @@ def test_grafana_dashboard_and_provisioning_agree() -> None:
 # --- the broker configuration, on a real Mosquitto ---------------------------------------------
 
 
-def _pki(folder: Path, identities: list[str]) -> None:
-    """A CA, a broker certificate for 127.0.0.1, client certificates and an empty CRL."""
-    import datetime as dt
-    import ipaddress
+class _TestCA:
+    """A throw-away CA writing the PKI layout the broker reads: CA, CRL, broker and clients."""
 
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    def __init__(self, folder: Path) -> None:
+        import datetime as dt
 
-    now = dt.datetime.now(dt.UTC)
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.asymmetric import ec
 
-    def name(cn: str) -> x509.Name:
+        self.folder = folder
+        self.now = dt.datetime.now(dt.UTC)
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.serials: dict[str, int] = {}
+        self.cert = (
+            self._builder("test CA", self.key.public_key(), self._name("test CA"))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+                critical=True,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+        self._write("ca.pem", self.cert)
+        self.write_crl(revoked=[])
+
+    @staticmethod
+    def _name(cn: str) -> Any:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
-    def write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+    def _builder(self, cn: str, public_key: Any, issuer: Any) -> Any:
+        import datetime as dt
+
+        from cryptography import x509
+
+        return (
+            x509.CertificateBuilder()
+            .subject_name(self._name(cn))
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(self.now - dt.timedelta(minutes=5))
+            .not_valid_after(self.now + dt.timedelta(days=1))
+        )
+
+    def _write(self, name: str, cert: Any) -> None:
+        from cryptography.hazmat.primitives import serialization
+
+        (self.folder / name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def issue(self, cn: str) -> None:
+        """``<cn>.pem`` and ``<cn>.key`` (0600); ``broker`` gets a server certificate."""
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import ExtendedKeyUsageOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        server = cn == "broker"
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        builder = self._builder(cn, key.public_key(), self.cert.subject).add_extension(
+            x509.ExtendedKeyUsage([usage]), critical=False
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                critical=False,
+            )
+        cert = builder.sign(self.key, hashes.SHA256())
+        self.serials[cn] = cert.serial_number
+        self._write(f"{cn}.pem", cert)
+        path = self.folder / f"{cn}.key"
         path.write_bytes(
             key.private_bytes(
                 serialization.Encoding.PEM,
@@ -331,59 +392,36 @@ def _pki(folder: Path, identities: list[str]) -> None:
         )
         path.chmod(0o600)
 
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("test CA"))
-        .issuer_name(name("test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-            critical=True,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    crl = (
-        x509.CertificateRevocationListBuilder()
-        .issuer_name(ca.subject)
-        .last_update(now - dt.timedelta(minutes=5))
-        .next_update(now + dt.timedelta(days=1))
-        .sign(ca_key, hashes.SHA256())
-    )
-    (folder / "crl.pem").write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-    for cn in ["broker", *identities]:
-        key = ec.generate_private_key(ec.SECP256R1())
-        usage = (
-            ExtendedKeyUsageOID.SERVER_AUTH if cn == "broker" else ExtendedKeyUsageOID.CLIENT_AUTH
-        )
+    def write_crl(self, revoked: list[str]) -> None:
+        import datetime as dt
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+
         builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=1))
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.cert.subject)
+            .last_update(self.now - dt.timedelta(minutes=5))
+            .next_update(self.now + dt.timedelta(days=1))
         )
-        if cn == "broker":
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
+        for cn in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(self.serials[cn])
+                .revocation_date(self.now - dt.timedelta(minutes=1))
+                .build()
             )
-        cert = builder.sign(ca_key, hashes.SHA256())
-        (folder / f"{cn}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        write_key(key, folder / f"{cn}.key")
+        crl = builder.sign(self.key, hashes.SHA256())
+        # Written beside and renamed, as a CA writes it: the broker never reads half a file.
+        part = self.folder / "crl.pem.part"
+        part.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
+        part.replace(self.folder / "crl.pem")
 
 
-def test_the_broker_configuration_enforces_mtls_and_the_acl(tmp_path: Path) -> None:
-    """The shipped mosquitto.conf and aclfile, on a private Mosquitto on a free loopback port."""
+def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Path) -> None:
+    """The shipped mosquitto.conf, aclfile and start command, on a private Mosquitto."""
     import getpass
+    import signal
     import socket
     import ssl
     import subprocess
@@ -397,7 +435,9 @@ def test_the_broker_configuration_enforces_mtls_and_the_acl(tmp_path: Path) -> N
     (state / "pki").mkdir(parents=True)
     (state / "mosquitto").mkdir()
     device, other, connector = "f2-aabbccddee01", "f2-aabbccddee02", "svc-connector"
-    _pki(state / "pki", [device, connector])
+    ca = _TestCA(state / "pki")
+    for identity in ("broker", device, connector):
+        ca.issue(identity)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -411,70 +451,74 @@ def test_the_broker_configuration_enforces_mtls_and_the_acl(tmp_path: Path) -> N
     # In the container the broker runs as the owner of its key; here, as whoever runs the test.
     conf += f"user {getpass.getuser()}\n"
     (tmp_path / "mosquitto.conf").write_text(conf, encoding="utf-8")
+    # The compose start command itself, with the paths of this test.
+    shell, flag, script = services()["mosquitto"]["command"]
+    script = (
+        script.replace("$$", "$")
+        .replace("/var/lib/f2pipe/", f"{state}/")
+        .replace("/mosquitto/config/mosquitto.conf", str(tmp_path / "mosquitto.conf"))
+    )
     broker = subprocess.Popen(
-        ["mosquitto", "-c", str(tmp_path / "mosquitto.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        [shell, flag, script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     clients: list[mqtt.Client] = []
+
+    def client(identity: str | None) -> tuple[mqtt.Client, threading.Event]:
+        context = ssl.create_default_context(cafile=str(state / "pki/ca.pem"))
+        if identity:
+            context.load_cert_chain(state / f"pki/{identity}.pem", state / f"pki/{identity}.key")
+        c = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=identity or "anonymous",
+            protocol=mqtt.MQTTv311,
+        )
+        c.tls_set_context(context)
+        connected = threading.Event()
+
+        def on_connect(*args: Any) -> None:
+            if not args[3].is_failure:
+                connected.set()
+
+        c.on_connect = on_connect
+        clients.append(c)
+        return c, connected
+
+    def refused(identity: str | None) -> bool:
+        """True when the broker drops a connection with this identity before CONNACK."""
+        c, connected = client(identity)
+        try:
+            c.connect("127.0.0.1", port)
+            wait_until(
+                lambda: connected.is_set() or c.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS,
+                timeout=10,
+                what="the broker to answer",
+            )
+        except (ssl.SSLError, OSError):
+            return True  # refused during the handshake
+        return not connected.is_set()
+
     try:
 
         def listening() -> bool:
-            assert broker.poll() is None, "mosquitto exited: the configuration is refused"
+            assert broker.poll() is None, "the broker exited: its configuration is refused"
             with socket.socket() as s:
                 return s.connect_ex(("127.0.0.1", port)) == 0
 
         wait_until(listening, timeout=15, what="mosquitto to listen")
-
-        def client(identity: str | None) -> tuple[mqtt.Client, threading.Event, list[int]]:
-            context = ssl.create_default_context(cafile=str(state / "pki/ca.pem"))
-            if identity:
-                context.load_cert_chain(
-                    state / f"pki/{identity}.pem", state / f"pki/{identity}.key"
-                )
-            c = mqtt.Client(
-                mqtt.CallbackAPIVersion.VERSION2,
-                client_id=identity or "anonymous",
-                protocol=mqtt.MQTTv311,
-            )
-            c.tls_set_context(context)
-            connected = threading.Event()
-            codes: list[int] = []
-
-            def on_connect(*args: Any) -> None:
-                codes.append(int(args[3].value))
-                connected.set()
-
-            c.on_connect = on_connect
-            clients.append(c)
-            return c, connected, codes
-
-        # No certificate: the broker drops the connection before any MQTT is spoken.
-        anonymous, anonymous_up, _ = client(None)
-        try:
-            anonymous.connect("127.0.0.1", port)
-            wait_until(
-                lambda: anonymous.loop(timeout=0.2) != mqtt.MQTT_ERR_SUCCESS,
-                timeout=10,
-                what="the broker to drop a client without a certificate",
-            )
-        except (ssl.SSLError, OSError):
-            pass  # refused during the handshake: just as good
-        assert not anonymous_up.is_set()
+        assert refused(None), "a client without a certificate was let in"
 
         received: list[str] = []
-        sub, sub_up, sub_codes = client(connector)
+        sub, sub_up = client(connector)
         sub.on_message = lambda _c, _u, msg: received.append(msg.topic)
         sub.connect("127.0.0.1", port)
         sub.loop_start()
         wait_until(sub_up.is_set, timeout=10, what="the connector identity to connect")
-        assert sub_codes == [0]
         subscribed = threading.Event()
         sub.on_subscribe = lambda *args: subscribed.set()
         sub.subscribe([("tele/#", 1), ("stat/#", 1)])
         wait_until(subscribed.is_set, timeout=10, what="the subscription")
 
-        pub, pub_up, _ = client(device)
+        pub, pub_up = client(device)
         pub.connect("127.0.0.1", port)
         pub.loop_start()
         wait_until(pub_up.is_set, timeout=10, what="the device to connect")
@@ -483,9 +527,19 @@ def test_the_broker_configuration_enforces_mtls_and_the_acl(tmp_path: Path) -> N
         pub.publish(f"tele/{device}/sensor-mode/J1/sensor-1", b"{}", qos=1).wait_for_publish(10)
         wait_until(lambda: received, timeout=10, what="the device's telemetry")
         assert received == [f"tele/{device}/sensor-mode/J1/sensor-1"]
+
+        # Revoked: once the CRL changes, the broker refuses the device's new connections.
+        ca.write_crl(revoked=[device])
+        wait_until(lambda: refused(device), timeout=30, what="the broker to apply the new CRL")
+        assert not refused(connector)
+
+        # A stop reaches the broker through the wrapper, which exits with it.
+        broker.send_signal(signal.SIGTERM)
+        assert broker.wait(timeout=20) == 0
     finally:
         for c in clients:
             c.loop_stop()
             c.disconnect()
-        broker.terminate()
-        broker.wait(timeout=10)
+        if broker.poll() is None:
+            broker.kill()
+            broker.wait(timeout=10)
