@@ -113,7 +113,6 @@ class Settings(BaseSettings):
     # MQTT clients (connector, simulator). Plain MQTT is for a development broker only.
     mqtt_tls: bool = True
     mqtt_keepalive: int = Field(default=30, ge=5, le=3600)
-    ops_host: str = "127.0.0.1"  # where /healthz, /readyz, /metrics listen
 
     # Connector: its MQTT identity is its client id (the broker enforces it under mTLS).
     connector_client_id: str = "svc-connector"
