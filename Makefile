@@ -5,7 +5,7 @@ SHELL := /bin/bash
 VENV := .venv
 F2PIPE := $(VENV)/bin/f2pipe
 
-.PHONY: venv run up down status test lint
+.PHONY: venv run up down status test chaos bench lint
 
 # uv from PATH, or from the user's Python when it was just installed with pip.
 UV = $$(command -v uv || echo python3 -m uv)
@@ -16,22 +16,19 @@ venv:
 		|| python3 -m pip install --quiet --user --break-system-packages uv
 	@$(UV) sync --frozen --quiet
 
-# For now: the servers, the schema and the demo fleet; later the whole pipeline.
+# The whole pipeline in the foreground with a live view; Ctrl-C stops what it started.
 run: venv
-	$(F2PIPE) stack up
-	$(F2PIPE) db migrate
-	$(F2PIPE) db seed-demo
-	@echo
-	@$(F2PIPE) stack status
+	@$(F2PIPE) run
 
+# The same in the background: returns once every service is healthy; idempotent.
 up: venv
-	$(F2PIPE) stack up
+	@$(F2PIPE) up
 
 down: venv
-	$(F2PIPE) stack down
+	@$(F2PIPE) down
 
 status: venv
-	@$(F2PIPE) stack status
+	@$(F2PIPE) status
 
 # Starts what is not running, runs the whole suite, then stops only what it started
 # (a stack that was already up stays up), even when tests fail or on Ctrl-C.
@@ -40,6 +37,16 @@ test: venv
 	trap '$(F2PIPE) stack down --record "$$started"; rm -f "$$started"' EXIT; \
 	trap 'exit 130' INT TERM; \
 	$(F2PIPE) stack up --record "$$started" && $(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The crash test at full size: 50,000 QoS 1 messages while every stage is killed and
+# every server restarted (CHAOS_MESSAGES overrides the size).
+chaos: venv
+	@$(MAKE) --no-print-directory test PYTEST_ARGS="tests/test_pipeline.py -k crash \
+		--chaos-messages=$${CHAOS_MESSAGES:-50000} $(PYTEST_ARGS)"
+
+# The whole pipeline on this box: writes bench/report.json and bench/report.md.
+bench: venv
+	@$(F2PIPE) bench $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check src tests

@@ -17,6 +17,10 @@ from f2pipe.errors import F2PipeError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "up": ("f2pipe.services:configure_up", "start the whole pipeline in the background"),
+    "down": ("f2pipe.services:configure_down", "stop what `f2pipe up` started"),
+    "run": ("f2pipe.services:configure_run", "the whole pipeline in the foreground, live view"),
+    "status": ("f2pipe.status", "each service up or down, throughput, lag, dead letters"),
     "stack": ("f2pipe.stack", "install, start, stop or inspect the local servers"),
     "db": ("f2pipe.db", "migrate the database schema and seed the demo fleet"),
     "fleet": ("f2pipe.fleet", "import or export a fleet description (YAML)"),
@@ -39,7 +43,9 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     for name, (module, text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=text, description=text)
         if name == chosen:
-            importlib.import_module(module).configure(sub_parser)
+            # "package.module:function" names a configure function other than `configure`.
+            module_name, _, function = module.partition(":")
+            getattr(importlib.import_module(module_name), function or "configure")(sub_parser)
     return parser
 
 

@@ -75,6 +75,8 @@ class Settings(BaseSettings):
     processor_port: int = Field(default=9102, ge=1, le=65535)
     sink_port: int = Field(default=9103, ge=1, le=65535)
     ops_host: str = "127.0.0.1"  # where /healthz, /readyz, /metrics listen
+    # `f2pipe up`: seconds between two messages of one demo sensor (live simulator).
+    simulator_interval: float = Field(default=1.0, gt=0, le=3600)
 
     # Sink batching: a batch is written when it holds this many rows or its first
     # record is this old, whichever comes first (defaults from bench/sink.json).

@@ -48,6 +48,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
+from f2pipe.broker import ensure_config as ensure_mosquitto_config
+from f2pipe.broker import raise_fd_limit
 from f2pipe.errors import ConfigError, StackError
 from f2pipe.settings import Settings, load_settings
 
@@ -62,32 +64,6 @@ KAFKA_POM = _CHECKOUT / "deploy" / "kafka" / "pom.xml"
 DAY_MS = 24 * 3600 * 1000
 DATA_RETENTION_MS = 7 * DAY_MS
 DEAD_LETTER_RETENTION_MS = 30 * DAY_MS
-
-
-# --------------------------------------------------------------------------- Mosquitto config
-def _placeholder_mosquitto_config(settings: Settings) -> Path:
-    """PLACEHOLDER until ``f2pipe.broker`` lands: a plain, anonymous, loopback-only listener.
-
-    For tests only; the product listens with mTLS. Same contract as
-    ``f2pipe.broker.ensure_config``: write the configuration under the state
-    folder and return its path.
-    """
-    path = settings.state_dir / "mosquitto" / "mosquitto.conf"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "# Written by `f2pipe stack` - PLACEHOLDER plain listener (tests only, no TLS).\n"
-        f"listener {settings.mqtt_port} {LOOPBACK}\n"
-        "allow_anonymous true\n"
-        "persistence false\n"
-        "log_dest stderr\n"
-        "log_timestamp_format %Y-%m-%dT%H:%M:%S\n"
-    )
-    return path
-
-
-# PLACEHOLDER: when f2pipe.broker is on main, replace this line with
-# `from f2pipe.broker import ensure_config as ensure_mosquitto_config`.
-ensure_mosquitto_config = _placeholder_mosquitto_config
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -306,6 +282,10 @@ class Server(abc.ABC):
         """The account to run as (None: the caller's)."""
         return None
 
+    def environment(self) -> dict[str, str]:
+        """Variables set for the process on top of the caller's environment."""
+        return {}
+
     def describe(self) -> str:
         return ", ".join(f"{LOOPBACK}:{port}" for port in self.ports())
 
@@ -333,7 +313,7 @@ class Server(abc.ABC):
     def start(self) -> None:
         """Start the server in the background and record its pid (does not wait)."""
         user = self.run_as()
-        env = dict(os.environ)
+        env = {**os.environ, **self.environment()}
         if user is not None:
             env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
         with self.log_file.open("ab") as out:
@@ -870,6 +850,8 @@ class Mosquitto(Server):
     def prepare(self) -> None:
         self.home.mkdir(exist_ok=True)
         self.config = ensure_mosquitto_config(self.settings)
+        # One descriptor per client connection; the child inherits the raised limit.
+        raise_fd_limit(self.settings)
 
     def command(self) -> list[str]:
         assert self.config is not None, "prepare() writes the configuration first"
@@ -932,10 +914,14 @@ def _servers(settings: Settings, names: Sequence[str]) -> list[Server]:
 
 
 @contextlib.contextmanager
-def _locked(paths: Paths) -> Iterator[None]:
-    """One `up` or `down` at a time per state folder."""
+def locked(paths: Paths, name: str = "stack") -> Iterator[None]:
+    """One `up` or `down` of ``name`` at a time per state folder.
+
+    flock locks belong to an open file, so a process holding ``services`` may
+    still take ``stack`` (a different file) without deadlocking on itself.
+    """
     paths.make()
-    with (paths.run / "stack.lock").open("w") as lock:
+    with (paths.run / f"{name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
@@ -949,7 +935,7 @@ def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None
     _check_settings(settings)
     servers = _servers(settings, names)
     paths = Paths(settings.state_dir)
-    with _locked(paths):
+    with locked(paths):
         todo = [server for server in servers if server.pid() is None]
         for server in todo:
             server.check_ports()
@@ -1006,7 +992,7 @@ def down(settings: Settings, names: Sequence[str] = ()) -> list[str]:
     """Stop the chosen servers we started (reverse order); returns the names stopped."""
     servers = _servers(settings, names)
     stopped = []
-    with _locked(Paths(settings.state_dir)):
+    with locked(Paths(settings.state_dir)):
         for server in reversed(servers):
             if server.stop():
                 stopped.append(server.name)
