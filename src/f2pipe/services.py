@@ -250,18 +250,21 @@ def up(
     names: Sequence[str] = (),
     quiet: bool = False,
     started: Started | None = None,
+    servers: Sequence[str] | None = None,
 ) -> Started:
     """Start the stack and every chosen service that is not running; wait until healthy.
 
     Returns what this call started (also filled into ``started`` as it goes, so
     a caller interrupted mid-way knows which servers to stop). Raises
     StackError (or ConfigError) naming the cause; services this call started
-    are stopped again on failure.
+    are stopped again on failure. ``servers``: the stack servers to ensure
+    (default all; tests that share some servers pass only the others).
     """
     paths = Paths(settings.state_dir)
     started = Started() if started is None else started
     with stack.locked(paths, "services"):
-        started.servers.extend(stack.up(settings))
+        if servers is None or servers:
+            started.servers.extend(stack.up(settings, servers or ()))
         _remember(paths, started.servers)
         prepare_data(settings)
         chosen = services(settings, names)

@@ -17,6 +17,7 @@ report as one JSON object.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import time
@@ -38,8 +39,14 @@ THROUGHPUT = {
     "kafka_acked": ("connector", "f2pipe_connector_acked"),
     "frames_consumed": ("processor", "f2pipe_processor_consumed"),
     "readings_produced": ("processor", "f2pipe_processor_produced"),
+    "sink_consumed": ("sink", "f2pipe_sink_records_consumed"),
     "readings_landed": ("sink", "f2pipe_sink_rows_written"),
 }
+# The counter that shows a stage is consuming at all (for the lag verdict).
+STAGE_INPUT = {"processor": "frames_consumed", "sink": "sink_consumed"}
+# Lag that rises at every sample is "growing" once it is this large, or at any size
+# while the stage consumes nothing: at a few records a second it rises by chance.
+LAG_FLOOR = 1000
 # Dead-letter counters: (service, family, fixed stage or "" to read the `stage` label).
 DEAD_LETTERS = (
     ("connector", "f2pipe_connector_dead_letters", "connector"),
@@ -264,16 +271,15 @@ def rates(before: Snapshot, after: Snapshot) -> dict[str, float]:
     }
 
 
-def growing(history: Iterable[dict[str, int | None]]) -> dict[str, bool]:
-    """A stage's lag is growing when every sample is known and larger than the one before."""
+def growing(history: Iterable[dict[str, int | None]], rates: dict[str, float]) -> dict[str, bool]:
+    """Per stage: its lag rose at every sample and is either large or not being consumed."""
     samples = list(history)
     out: dict[str, bool] = {}
-    for stage in ("processor", "sink"):
+    for stage, counter in STAGE_INPUT.items():
         values = [s.get(stage) for s in samples]
         known = [v for v in values if v is not None]
-        out[stage] = len(known) == len(values) >= 2 and all(
-            b > a for a, b in itertools.pairwise(known)
-        )
+        rising = len(known) == len(values) >= 2 and all(b > a for a, b in itertools.pairwise(known))
+        out[stage] = rising and (known[-1] >= LAG_FLOOR or rates.get(counter, 0.0) == 0.0)
     return out
 
 
@@ -294,10 +300,11 @@ def report(settings: Settings, interval: float = 2.0) -> Report:
     time.sleep(interval / (LAG_SAMPLES - 1))
     last = observer.snapshot()
     lags.append(last.lag)
-    trend = growing(lags)
+    per_s = rates(first, last)
+    trend = growing(lags, per_s)
     return Report(
         health=last.health,
-        rates=rates(first, last),
+        rates=per_s,
         lag=last.lag,
         lag_growing=trend,
         dead_letters=last.dead_letters,
@@ -308,6 +315,7 @@ def report(settings: Settings, interval: float = 2.0) -> Report:
 
 # --------------------------------------------------------------------------- rendering
 def _tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
+    from rich.columns import Columns
     from rich.console import Group
     from rich.table import Table
 
@@ -343,7 +351,8 @@ def _tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
     if not rep.dead_letters:
         dead.add_row("none", "0")
 
-    parts: list[Any] = [health, flow, lag, dead]
+    # Side by side where the terminal is wide enough, so the view fits one screen.
+    parts: list[Any] = [Columns([health, flow]), Columns([lag, dead])]
     if readings is not None:
         latest = Table(title="latest readings", title_justify="left")
         for column in ("time (UTC)", "device", "datapoint", "value", "unit"):
@@ -357,7 +366,7 @@ def _tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
     return Group(*parts)
 
 
-def latest_readings(settings: Settings, limit: int = 12) -> list[tuple[Any, ...]] | None:
+def latest_readings(settings: Settings, limit: int = 10) -> list[tuple[Any, ...]] | None:
     """The newest value per datapoint with names, labels and units; None if unreachable."""
     import psycopg
 
@@ -374,33 +383,44 @@ def latest_readings(settings: Settings, limit: int = 12) -> list[tuple[Any, ...]
 
 
 def live(settings: Settings, refresh: float = 2.0, readings_every: float = 5.0) -> None:
-    """Redraw the picture every ``refresh`` s until KeyboardInterrupt."""
+    """Redraw the picture every ``refresh`` s until KeyboardInterrupt.
+
+    On a terminal the view is redrawn in place; otherwise (a pipe, a log file)
+    each picture is printed after the previous one.
+    """
+    from rich.console import Console
     from rich.live import Live
 
+    console = Console()
     observer = Observer(settings)
     previous = observer.snapshot()
     lags = [previous.lag]
     readings = latest_readings(settings)
     readings_at = time.monotonic()
-    with Live(refresh_per_second=4, screen=False) as view:
+    with contextlib.ExitStack() as stack_:
+        view = stack_.enter_context(Live(console=console)) if console.is_terminal else None
         while True:
             time.sleep(refresh)
             current = observer.snapshot()
             lags = [*lags, current.lag][-LAG_SAMPLES:]
-            trend = growing(lags)
+            per_s = rates(previous, current)
+            trend = growing(lags, per_s)
             if time.monotonic() - readings_at >= readings_every:
                 readings = latest_readings(settings) or readings
                 readings_at = time.monotonic()
             rep = Report(
                 health=current.health,
-                rates=rates(previous, current),
+                rates=per_s,
                 lag=current.lag,
                 lag_growing=trend,
                 dead_letters=current.dead_letters,
                 interval_s=current.taken - previous.taken,
                 problems=problems(current.health, trend),
             )
-            view.update(_tables(rep, readings))
+            if view is not None:
+                view.update(_tables(rep, readings))
+            else:
+                console.print(_tables(rep, readings))
             previous = current
 
 
