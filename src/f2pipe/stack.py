@@ -99,6 +99,17 @@ def _start_time(pid: int) -> str | None:
     return fields[19]
 
 
+# Every server or service this process started, kept until it exits: so it is reaped
+# (a killed child never lingers as a zombie that still holds its pid) and so its Popen
+# is never dropped while it runs, which Python reports as a leak.
+_CHILDREN: list[subprocess.Popen[bytes]] = []
+
+
+def reap() -> None:
+    """Collect the exit status of children that ended; cheap, never blocks."""
+    _CHILDREN[:] = [child for child in _CHILDREN if child.poll() is None]
+
+
 class PidFile:
     """``<pid> <start time>`` of a process we started; see the module docstring."""
 
@@ -295,6 +306,7 @@ class Server(abc.ABC):
 
     # -- shared behaviour
     def pid(self) -> int | None:
+        reap()
         return self.pidfile.live_pid()
 
     def foreign_port(self) -> int | None:
@@ -330,6 +342,7 @@ class Server(abc.ABC):
                 group=None if user is None else user.pw_gid,
                 extra_groups=None if user is None else [],
             )
+        _CHILDREN.append(self._proc)
         self.pidfile.write(self._proc.pid)
         self.on_started(self._proc.pid)
 

@@ -1,0 +1,448 @@
+"""End to end through the whole pipeline (SPEC section 7).
+
+The services run as separate processes, exactly as ``f2pipe up`` starts them
+(:mod:`f2pipe.services`), configured only through ``F2PIPE_*`` variables. The
+simulator publishes over mutual TLS and writes a ledger of every message the
+broker acknowledged; the ledger is the ground truth the table is compared to.
+
+- ``test_pipeline``: on the test stack's PostgreSQL, Redis and Kafka (unique
+  database, topics and groups) with a dedicated mTLS Mosquitto: every expected
+  reading is in ``decoded_data`` with its exact value, every malformed message
+  is on the dead-letter topic with its reason, and nothing else is in the table.
+- ``test_crash``: on dedicated servers (a whole ``f2pipe up`` in a temporary
+  state folder): while QoS 1 messages stream through, each stage is killed
+  with SIGKILL and restarted, PostgreSQL and Kafka are restarted, and Mosquitto
+  is restarted gracefully while it holds the connector's queued messages; the
+  rows equal the ledger exactly. ``CHAOS_MESSAGES`` sets its size (``make
+  chaos``: 50,000).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer
+from confluent_kafka.admin import AdminClient
+
+from conftest import unique, wait_until
+from f2pipe import services, stack, status
+from f2pipe.settings import Settings, get_settings, load_settings
+
+pytestmark = pytest.mark.servers
+
+Row = tuple[datetime, int, int, float]
+# Simulator fault -> the dead-letter reason it must produce. `duplicate` must produce
+# nothing extra; `unknown_mac` is dropped by the broker's ACL (a device may publish only
+# on its own topics), so it reaches neither the table nor the dead letters.
+FAULT_REASONS = {
+    "bad_crc": "crc_mismatch",
+    "bad_json": "invalid_json",
+    "clock_skew": "timestamp_out_of_range",
+}
+STAGES = ("connector", "processor", "sink")
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def simulate(settings: Settings, ledger: Path, count: int, *extra: str) -> subprocess.Popen[bytes]:
+    """Start the load-mode simulator (demo fleet, mTLS) writing ``ledger``."""
+    command = [
+        sys.executable, "-m", "f2pipe.cli", "simulate", "--count", str(count),
+        "--ledger", str(ledger), "--json", *extra,
+    ]  # fmt: skip
+    env = {**os.environ, **services.settings_env(settings)}
+    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def finish(process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err.decode()[-2000:]
+    summary: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
+    return summary
+
+
+def read_ledger(*paths: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for path in paths for line in path.read_text().splitlines()]
+
+
+def datapoint_map(dsn: str) -> dict[tuple[str, int, int, str], tuple[int, int]]:
+    """(controller MAC, connector number, pin, label) -> (sensor device_id, datapoint_id)."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT c.mac_address, cn.connector_number, p.position, dp.label,"
+            "       p.device_id, dp.datapoint_id"
+            "  FROM pins p"
+            "  JOIN connectors cn USING (connector_id)"
+            "  JOIN devices c ON c.device_id = cn.controller_id"
+            "  JOIN devices s ON s.device_id = p.device_id"
+            "  JOIN datapoints dp ON dp.device_template_id = s.device_template_id"
+        ).fetchall()
+    return {(mac, int(n), int(pin), label): (dev, dp) for mac, n, pin, label, dev, dp in rows}
+
+
+def expected_rows(entries: Sequence[dict[str, Any]], dsn: str) -> set[Row]:
+    """The readings the ledger says must land (faulty messages carry none)."""
+    mapping = datapoint_map(dsn)
+    expected: set[Row] = set()
+    for entry in entries:
+        if not entry["readings"]:
+            continue
+        # tele/f2-<mac>/sensor-mode/J<n>/sensor-<pin>
+        _, device, _, connector, sensor = entry["topic"].split("/")
+        mac, number, pin = device[3:], int(connector[1:]), int(sensor.split("-")[1])
+        ts = datetime.fromisoformat(entry["timestamp"]).replace(tzinfo=UTC)
+        for reading in entry["readings"]:
+            device_id, datapoint_id = mapping[(mac, number, pin, reading["label"])]
+            expected.add((ts, device_id, datapoint_id, float(reading["value"])))
+    return expected
+
+
+def stored_rows(dsn: str) -> set[Row]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT timestamp, device_id, datapoint_id, value FROM decoded_data"
+        ).fetchall()
+    return {(ts.astimezone(UTC), int(d), int(p), float(v)) for ts, d, p, v in rows}
+
+
+def row_count(dsn: str) -> int:
+    try:
+        with psycopg.connect(dsn, connect_timeout=2) as conn:
+            found = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
+    except psycopg.Error:
+        return -1  # restarting
+    return int(found[0]) if found else 0
+
+
+def lags(settings: Settings) -> dict[str, int | None]:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 2})
+    return {
+        "processor": status.consumer_lag(admin, settings.processor_group, settings.topic_raw),
+        "sink": status.consumer_lag(admin, settings.sink_group, settings.topic_processed),
+    }
+
+
+def drained(settings: Settings, expected: set[Row]) -> bool:
+    """Every stage has committed all its input and the table holds ``expected``'s count."""
+    return row_count(settings.timeseries_dsn) >= len(expected) and all(
+        lag == 0 for lag in lags(settings).values()
+    )
+
+
+def dead_letters(settings: Settings, want: int, timeout: float) -> list[tuple[bytes, str, str]]:
+    """(value, dlq.stage, dlq.reason) of the dead-letter topic, once ``want`` are there."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": unique("dlq-reader"),
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([settings.topic_dead_letter])
+    found: list[tuple[bytes, str, str]] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is None:
+                if len(found) >= want:
+                    break  # and nothing more arrived in the last half second
+                continue
+            assert message.error() is None, message.error()
+            headers = {k: (v or b"").decode() for k, v in message.headers() or []}
+            found.append((message.value() or b"", headers["dlq.stage"], headers["dlq.reason"]))
+    finally:
+        consumer.close()
+    return found
+
+
+def create_topics(settings: Settings, partitions: int = 3) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    day = stack.DAY_MS
+    stack.create_topics(
+        admin,
+        {
+            settings.topic_raw: (partitions, day),
+            settings.topic_processed: (partitions, day),
+            settings.topic_dead_letter: (1, day),
+        },
+        deadline=time.monotonic() + 60,
+    )
+
+
+def delete_topics(settings: Settings) -> None:
+    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    topics = [settings.topic_raw, settings.topic_processed, settings.topic_dead_letter]
+    for future in admin.delete_topics(topics).values():
+        with contextlib.suppress(Exception):  # best-effort cleanup
+            future.result(30)
+
+
+def failure_logs(settings: Settings) -> str:
+    """The tail of every service log, for a failing assertion's message."""
+    logs = settings.state_dir / "log"
+    parts = []
+    for name in (*services.NAMES, *stack.NAMES):
+        path = logs / f"{name}.log"
+        if path.is_file():
+            parts.append(f"--- {name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- end to end
+@pytest.fixture
+def shared_pipeline(tmp_path: Path, fresh_db: str) -> Iterator[Settings]:
+    """Connector, processor and sink as processes on the test stack, with their own broker."""
+    mqtt, connector, processor, sink, certgen = free_ports(5)
+    base = get_settings()
+    settings = load_settings(
+        state_dir=tmp_path / "state",
+        metadata_dsn=fresh_db,
+        timeseries_dsn=fresh_db,
+        redis_url=base.redis_url,
+        kafka_bootstrap=base.kafka_bootstrap,
+        mqtt_port=mqtt,
+        mqtt_tls=True,
+        connector_port=connector,
+        processor_port=processor,
+        sink_port=sink,
+        certgen_port=certgen,
+        topic_raw=unique("raw"),
+        topic_processed=unique("processed"),
+        topic_dead_letter=unique("dead"),
+        processor_group=unique("processor"),
+        sink_group=unique("sink"),
+        sink_batch_age_ms=200,
+    )
+    create_topics(settings)
+    try:
+        services.up(settings, STAGES, quiet=True, servers=["mosquitto"])
+        yield settings
+    finally:
+        services.down(settings, quiet=True)
+        delete_topics(settings)
+
+
+def test_pipeline(shared_pipeline: Settings, tmp_path: Path) -> None:
+    settings = shared_pipeline
+    ledger = tmp_path / "ledger.jsonl"
+    summary = finish(
+        simulate(settings, ledger, 800, "--faults", "0.2", "--seed", "20261126"), timeout=120
+    )
+    assert summary["acknowledged"] == summary["published"] == 800
+    entries = read_ledger(ledger)
+    assert len(entries) == 800
+    faults = {fault for entry in entries if (fault := entry["fault"])}
+    assert set(FAULT_REASONS) <= faults, "the seed must exercise every dead-letter fault"
+
+    expected = expected_rows(entries, settings.timeseries_dsn)
+    wait_until(
+        lambda: drained(settings, expected), timeout=90, what="every stage to commit its input"
+    )
+    stored = stored_rows(settings.timeseries_dsn)
+    assert not expected - stored, f"missing readings\n{failure_logs(settings)}"
+    assert not stored - expected, "rows that the ledger does not hold"
+    assert len(stored) == row_count(settings.timeseries_dsn)
+
+    malformed = sorted(
+        (entry["payload"].encode(), FAULT_REASONS[entry["fault"]])
+        for entry in entries
+        if entry["fault"] in FAULT_REASONS
+    )
+    found = dead_letters(settings, len(malformed), timeout=30)
+    assert sorted((value, reason) for value, _stage, reason in found) == malformed
+    assert {stage for _value, stage, _reason in found} == {"processor"}
+
+
+# --------------------------------------------------------------------------- crash test
+def chaos_size() -> int:
+    return int(os.environ.get("CHAOS_MESSAGES", "4000"))
+
+
+@pytest.fixture
+def own_pipeline(tmp_path: Path) -> Iterator[Settings]:
+    """``f2pipe up`` of the three stages on dedicated servers in a temporary state folder."""
+    pg, redis, kafka, controller, mqtt, connector, processor, sink, certgen = free_ports(9)
+    # Outside pytest's 0700 temporary folder: PostgreSQL's account must reach its data.
+    state = Path(tempfile.mkdtemp(prefix="f2pipe-chaos-"))
+    state.chmod(0o711)
+    settings = load_settings(
+        state_dir=state,
+        metadata_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
+        timeseries_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
+        redis_url=f"redis://127.0.0.1:{redis}/0",
+        kafka_bootstrap=f"127.0.0.1:{kafka}",
+        kafka_controller_port=controller,
+        kafka_heap="512m",
+        mqtt_port=mqtt,
+        mqtt_tls=True,
+        connector_port=connector,
+        processor_port=processor,
+        sink_port=sink,
+        certgen_port=certgen,
+        data_topic_partitions=3,
+        processor_group=unique("processor"),
+        sink_group=unique("sink"),
+        # A killed replica's partitions wait this long for the group to notice.
+        processor_session_timeout_s=6,
+        sink_batch_age_ms=200,
+    )
+    try:
+        services.up(settings, STAGES, quiet=True)
+        yield settings
+    finally:
+        services.down(settings, quiet=True)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _service(settings: Settings, name: str) -> services.Service:
+    return services.services(settings, [name])[0]
+
+
+def _server(settings: Settings, name: str) -> stack.Server:
+    cls = next(cls for cls in stack.SERVERS if cls.name == name)
+    return cls(settings, stack.Paths(settings.state_dir))
+
+
+def kill_and_restart(settings: Settings, name: str) -> None:
+    """SIGKILL a stage (no chance to flush or commit), then start it again."""
+    service = _service(settings, name)
+    pid = service.pid()
+    assert pid is not None, f"{name} is not running"
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: service.pid() is None, timeout=10, what=f"{name} to die")
+    service.pidfile.remove()
+    service.start()
+    service.wait_healthy()
+
+
+def restart_server(settings: Settings, name: str) -> None:
+    """A graceful stop (the server's own shutdown signal), then a start on the same data."""
+    server = _server(settings, name)
+    assert server.stop(), f"{name} was not running"
+    server.prepare()
+    server.start()
+    server.wait_healthy()
+
+
+class Publisher(threading.Thread):
+    """Publishes in back-to-back simulator runs until told to stop and ``minimum`` are in.
+
+    However long the chaos events take, messages keep streaming through all of
+    them; each run writes its own ledger.
+    """
+
+    def __init__(self, settings: Settings, folder: Path, minimum: int, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.settings, self.folder, self.minimum, self.rate = settings, folder, minimum, rate
+        self.chunk = max(100, int(rate * 10))
+        self.ledgers: list[Path] = []
+        self.published = 0
+        self.stop = threading.Event()
+        self.failure: str | None = None
+
+    def run(self) -> None:
+        try:
+            while not (self.stop.is_set() and self.published >= self.minimum):
+                ledger = self.folder / f"ledger-{len(self.ledgers) + 1}.jsonl"
+                self.ledgers.append(ledger)
+                process = simulate(
+                    self.settings, ledger, self.chunk, "--rate", str(self.rate), "--window", "2000"
+                )
+                summary = finish(process, timeout=600)
+                if summary["acknowledged"] != summary["published"]:
+                    self.failure = f"unacknowledged messages: {summary}"
+                    return
+                self.published += int(summary["published"])
+        except BaseException as exc:  # reported by the test, not lost in the thread
+            self.failure = repr(exc)
+
+
+@pytest.mark.slow
+def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
+    settings = own_pipeline
+    dsn = settings.timeseries_dsn
+    total = chaos_size()
+    first = int(total * 0.7)
+    # Phase one streams through every event; it lasts about 100 s however large it is.
+    publisher = Publisher(settings, tmp_path, first, rate=max(30.0, first / 100))
+    publisher.start()
+
+    def flowing(label: str, more: int = 20) -> None:
+        """Wait until new rows land again: the stage (or server) is back in the chain."""
+        base = row_count(dsn)
+        wait_until(
+            lambda: publisher.failure is not None or row_count(dsn) >= base + more,
+            timeout=120,
+            what=f"rows to flow again after {label}",
+        )
+        assert publisher.failure is None, publisher.failure
+
+    flowing("start")
+    for name in STAGES:
+        kill_and_restart(settings, name)
+        flowing(f"kill -9 {name}")
+    restart_server(settings, "postgres")
+    flowing("restarting postgres")
+    restart_server(settings, "kafka")
+    flowing("restarting kafka")
+    publisher.stop.set()
+    publisher.join(timeout=900)
+    assert publisher.failure is None, publisher.failure
+    second = max(100, total - publisher.published)
+    ledgers = [*publisher.ledgers, tmp_path / "ledger-last.jsonl"]
+
+    # Phase two: the connector is down, so the broker queues everything for its persistent
+    # session; a graceful broker restart must keep that queue.
+    connector = _service(settings, "connector")
+    pid = connector.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: connector.pid() is None, timeout=10, what="connector to die")
+    summary = finish(simulate(settings, ledgers[-1], second, "--window", "2000"), timeout=600)
+    assert summary["acknowledged"] == summary["published"] == second
+    restart_server(settings, "mosquitto")
+    connector.pidfile.remove()
+    connector.start()
+    connector.wait_healthy()
+
+    expected = expected_rows(read_ledger(*ledgers), dsn)
+    assert len(expected) > total  # every demo sensor carries several datapoints
+    wait_until(
+        lambda: drained(settings, expected),
+        timeout=300,
+        interval=1.0,
+        what="every stage to commit its input",
+    )
+    stored = stored_rows(dsn)
+    missing, extra = expected - stored, stored - expected
+    assert not missing, f"{len(missing)} readings lost\n{failure_logs(settings)}"
+    assert not extra, f"{len(extra)} rows not in the ledger"
