@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "down": ("f2pipe.services:configure_down", "stop what `f2pipe up` started"),
     "run": ("f2pipe.services:configure_run", "the whole pipeline in the foreground, live view"),
     "status": ("f2pipe.status", "each service up or down, throughput, lag, dead letters"),
+    "bench": ("f2pipe.benchmark", "benchmark the whole pipeline on this machine"),
     "stack": ("f2pipe.stack", "install, start, stop or inspect the local servers"),
     "db": ("f2pipe.db", "migrate the database schema and seed the demo fleet"),
     "fleet": ("f2pipe.fleet", "import or export a fleet description (YAML)"),
