@@ -446,3 +446,28 @@ def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
     missing, extra = expected - stored, stored - expected
     assert not missing, f"{len(missing)} readings lost\n{failure_logs(settings)}"
     assert not extra, f"{len(extra)} rows not in the ledger"
+
+
+def test_up_revives_a_killed_stage_and_status_sees_it(shared_pipeline: Settings) -> None:
+    settings = shared_pipeline
+    sink = _service(settings, "sink")
+    pid = sink.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: sink.pid() is None, timeout=10, what="the sink to die")
+
+    report = status.report(settings, interval=0.5)
+    health = {h.name: h for h in report.health}
+    assert not health["sink"].up
+    assert health["processor"].up
+    assert health["processor"].ready
+    assert "sink is down" in " ".join(report.problems)
+
+    again = services.up(settings, STAGES, quiet=True, servers=["mosquitto"])
+    assert again.services == ["sink"]  # only what was not running
+    assert again.servers == []
+    revived = sink.pid()
+    assert revived is not None
+    assert revived != pid
+    health = {h.name: h for h in status.report(settings, interval=0.5).health}
+    assert all(health[name].up for name in STAGES)

@@ -1,0 +1,104 @@
+"""The pure parts of the supervisor and of ``f2pipe status``: settings hand-over, lag verdict."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from f2pipe import services, status
+from f2pipe.settings import Settings, load_settings
+
+
+def test_settings_env_reproduces_the_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = load_settings(
+        state_dir=tmp_path,
+        mqtt_port=12345,
+        mqtt_tls=False,
+        admin_token="s3cret",
+        topic_raw="raw-x",
+        sink_batch_age_ms=123,
+    )
+    env = services.settings_env(settings)
+    assert env["F2PIPE_MQTT_TLS"] == "false"
+    assert env["F2PIPE_ADMIN_TOKEN"] == "s3cret"
+    assert "F2PIPE_ADMIN_TOKEN_FILE" not in env  # None is left unset, not "None"
+    for key in [k for k in os.environ if k.startswith("F2PIPE_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert Settings() == settings
+
+
+def snapshot(taken: float, **counters: float) -> status.Snapshot:
+    return status.Snapshot(taken, [], dict(counters), {}, {})
+
+
+def test_rates_are_per_second_and_a_restart_reads_zero() -> None:
+    before = snapshot(10.0, frames_consumed=100.0, readings_landed=500.0)
+    after = snapshot(12.0, frames_consumed=300.0, readings_landed=20.0)  # the sink restarted
+    assert status.rates(before, after) == {"frames_consumed": 100.0, "readings_landed": 0.0}
+
+
+@pytest.mark.parametrize(
+    ("samples", "rates", "verdict"),
+    [
+        ([0, 1, 2], {"frames_consumed": 4.0}, False),  # a few records, consumed: noise
+        ([2000, 3000, 4000], {"frames_consumed": 900.0}, True),  # falling behind
+        ([1, 2, 3], {"frames_consumed": 0.0}, True),  # stalled
+        ([5000, 4000, 6000], {"frames_consumed": 0.0}, False),  # not at every sample
+        ([1, None, 3], {"frames_consumed": 0.0}, False),  # unknown is not growing
+    ],
+)
+def test_lag_grows_only_when_large_or_not_consumed(
+    samples: list[int | None], rates: dict[str, float], verdict: bool
+) -> None:
+    history = [{"processor": s, "sink": 0} for s in samples]
+    assert status.growing(history, rates) == {"processor": verdict, "sink": False}
+
+
+def test_problems_name_what_is_down_and_what_grows() -> None:
+    health = [
+        status.Health("sink", "service", False, False, None, None, "/healthz: refused"),
+        status.Health("kafka", "server", True),
+    ]
+    found = status.problems(health, {"processor": True, "sink": False})
+    assert found == ["sink is down (/healthz: refused)", "processor lag keeps growing"]
+
+
+def test_scrape_parses_prometheus_text(tmp_path: Path) -> None:
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    body = (
+        b"# TYPE f2pipe_dead_letters counter\n"
+        b'f2pipe_dead_letters_total{stage="processor",reason="crc_mismatch"} 3.0\n'
+        b'f2pipe_dead_letters_total{stage="processor",reason="invalid_json"} 2.0\n'
+    )
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        samples = status.scrape(f"http://127.0.0.1:{server.server_address[1]}/metrics")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert status.total(samples, "f2pipe_dead_letters") == 5.0
+    assert status.total(samples, "f2pipe_dead_letters", reason="crc_mismatch") == 3.0
+    assert status.by_label(samples, "f2pipe_dead_letters", "reason") == {
+        "crc_mismatch": 3.0,
+        "invalid_json": 2.0,
+    }
+    assert status.scrape("http://127.0.0.1:1/metrics") is None
