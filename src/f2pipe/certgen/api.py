@@ -51,6 +51,7 @@ from f2pipe.certgen.ca import (
     pki_paths,
     serial_text,
 )
+from f2pipe.certgen.local import record_local_certificates
 from f2pipe.certgen.store import CertificateStore, ClaimAlreadyUsed, DeviceRow
 from f2pipe.errors import CertError, ConfigError
 from f2pipe.settings import Settings
@@ -88,6 +89,9 @@ class Runtime:
         self.token = admin_token(settings)
         self.store = CertificateStore(settings.metadata_dsn)
         self.store.open()
+        # Server and service certificates made before the database was up (stack up)
+        # enter the register here, so they can be revoked by serial like any other.
+        record_local_certificates(settings, self.store)
         self.by_mac = FailureLimiter(settings.certgen_max_failures, settings.certgen_failure_window)
         self.by_address = FailureLimiter(
             settings.certgen_max_failures, settings.certgen_failure_window

@@ -89,7 +89,7 @@ def _renew_crl_forever(settings: Settings, stop: threading.Event) -> None:
             if store is None:
                 continue
             try:
-                sync_crl(settings, ca, store)
+                sync_crl(settings, ca, store, renew=True)
                 log.info("CRL renewed")
             finally:
                 store.close()
