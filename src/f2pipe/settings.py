@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     mqtt_max_inflight_messages: int = Field(default=2000, ge=20, le=65535)
     mqtt_autosave_interval: int = Field(default=60, ge=1, le=86400)
 
+    # The local stack (`f2pipe stack`): Kafka's KRaft controller listener, the broker's
+    # maximum heap (a JVM -Xmx size), and whether root may apt-get install missing servers.
+    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_heap: str = Field(default="1g", pattern=r"^[1-9][0-9]*[kKmMgG]$")
+    stack_install: bool = True
+
     # TimescaleDB policies (used only where the extension is present).
     compress_after: str = "7 days"
     retention: str = "5 years"
