@@ -40,6 +40,8 @@ from pki_fixtures import (
 
 __all__ = ["broker", "certgen", "register_database", "register_dsn", "settings"]
 
+pytestmark = pytest.mark.servers
+
 A, B = "aabbccddee01", "aabbccddee02"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -375,3 +377,22 @@ def test_extra_connector_identities_get_the_connectors_rights(
     wait_until(lambda: second.topics() == [topic], timeout=10, what="the shared reading")
     second.close()
     device.close()
+
+
+def test_packets_over_256_kib_are_refused(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    connector = _connected(settings, service_identity(settings, "svc-connector"))
+    _subscribed(connector, "tele/#")
+    device = _connected(settings, device_identity(settings, A, tmp_path))
+    topic = f"tele/f2-{A}/sensor-mode/J1/sensor-1"
+    device.mqtt.publish(topic, b"x" * (256 * 1024), qos=1)
+    wait_until(lambda: device.disconnects, timeout=10, what="the oversized sender to be dropped")
+    device.close()
+    # Just under the limit (packet = payload + topic + header) still passes.
+    again = _connected(settings, device_identity(settings, A, tmp_path / "again"))
+    again.mqtt.publish(topic, b"y" * (200 * 1024), qos=1)
+    wait_until(lambda: connector.topics() == [topic], timeout=10, what="the large reading")
+    assert connector.received[0].payload == b"y" * (200 * 1024)
+    again.close()
+    connector.close()

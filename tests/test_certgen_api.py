@@ -32,6 +32,8 @@ from pki_fixtures import (
 
 __all__ = ["certgen", "register_database", "register_dsn", "settings"]  # fixtures used by name
 
+pytestmark = pytest.mark.servers
+
 MAC = "aabbccddee01"
 CODE = "claim-7f3a9c2e"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
