@@ -193,8 +193,8 @@ async def authorize_issue(
     request: Request,
     runtime: RuntimeDep,
     mac: Annotated[str, Depends(device_mac)],
-    body: IssueRequest,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    body: IssueRequest | None = None,
 ) -> Grant:
     """Admin token, or the device's own unused claiming code (rate-limited failures).
 
@@ -204,6 +204,7 @@ async def authorize_issue(
     ``certgen_max_failures`` in the window, requests are refused with 429
     before the code is looked at.
     """
+    body = body or IssueRequest()
     if credentials is not None or body.claiming_code is None:
         await require_admin(runtime, credentials)
         device = await run_in_threadpool(runtime.store.device, mac)
@@ -244,11 +245,15 @@ devices = APIRouter(prefix="/v1/devices", tags=["devices"])
 
 @devices.post("/{mac}/certificate", status_code=status.HTTP_201_CREATED)
 async def issue_device_certificate(
-    body: IssueRequest,
     grant: Annotated[Grant, Depends(authorize_issue)],
     runtime: RuntimeDep,
+    body: IssueRequest | None = None,
 ) -> IssueResponse:
-    """Issue ``f2-<mac>``'s certificate (see the module docstring for who may)."""
+    """Issue ``f2-<mac>``'s certificate (see the module docstring for who may).
+
+    No body (or ``{}``) means: generate the key here, admin token required.
+    """
+    body = body or IssueRequest()
     public_key: PublicKey | None = None
     if body.csr is not None:
         try:
@@ -433,7 +438,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()
+        dict.fromkeys(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+            for err in exc.errors()
+        )
     )
     detail = f"bad request: {problems}"
     _log_refusal(400, detail, _client(request), request.scope)
