@@ -20,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.x509.oid import NameOID
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from conftest import unique, wait_until
@@ -213,6 +215,7 @@ def make_client(
     client_id: str = "",
     tls: bool = True,
     reconnect: bool = False,
+    persistent: bool = False,
 ) -> Client:
     """Connect (asynchronously) and return; poll ``connected()`` or ``connack``."""
     paho = mqtt.Client(
@@ -250,7 +253,17 @@ def make_client(
     paho.on_message = on_message
     paho.on_subscribe = on_subscribe
     paho.reconnect_delay_set(1, 2)
-    paho.connect_async(settings.mqtt_host, settings.mqtt_port, keepalive=30)
+    properties = None
+    if persistent:  # a session that outlives the connection, as the connector's does
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = 3600
+    paho.connect_async(
+        settings.mqtt_host,
+        settings.mqtt_port,
+        keepalive=30,
+        clean_start=not persistent,
+        properties=properties,
+    )
     paho.loop_start()
     return client
 

@@ -40,6 +40,8 @@ from pki_fixtures import (
 
 __all__ = ["broker", "certgen", "register_database", "register_dsn", "settings"]
 
+pytestmark = pytest.mark.servers
+
 A, B = "aabbccddee01", "aabbccddee02"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -273,3 +275,124 @@ def test_connected_revoked_device_is_disconnected(
 @pytest.mark.parametrize("name", ["svc-connector", "svc-commander", "svc-monitor"])
 def test_service_identities_exist(settings: Settings, broker: Broker, name: str) -> None:
     assert connects(settings, service_identity(settings, name))
+
+
+def _persistent_connector(settings: Settings, identity: Identity):  # type: ignore[no-untyped-def]
+    client = make_client(settings, identity, persistent=True)
+    wait_until(client.connected, timeout=10, what="the connector to connect")
+    return client
+
+
+def test_rotating_the_connector_certificate_keeps_its_queued_messages(
+    settings: Settings, broker: Broker, certgen: Certgen, tmp_path: Path
+) -> None:
+    from cryptography import x509
+
+    from f2pipe.certgen.ca import issue_service_files, pki_paths
+    from f2pipe.certgen.local import load_ca
+
+    # certgen is running before the rotation: it has entered the service
+    # certificates into its register.
+    assert httpx.get(f"{certgen.url}/readyz").status_code == 200
+    paths = pki_paths(settings)
+    current = service_identity(settings, "svc-connector")
+    saved = tmp_path / "old"
+    saved.mkdir()
+    old = Identity(saved / "old.pem", saved / "old.key", current.ca)
+    old.cert.write_bytes(current.cert.read_bytes())
+    old.key.write_bytes(current.key.read_bytes())
+    old_serial = format(x509.load_pem_x509_certificate(old.cert.read_bytes()).serial_number, "x")
+    connector = _persistent_connector(settings, old)
+    _subscribed(connector, "tele/#")
+    device = _connected(settings, device_identity(settings, A, tmp_path))
+    topics = [f"tele/f2-{A}/sensor-mode/J1/sensor-{n}" for n in range(1, 7)]
+    device.mqtt.publish(topics[0], b"1", qos=1)
+    wait_until(lambda: connector.topics() == topics[:1], timeout=10, what="the first reading")
+    # Rotation: a new certificate for the same identity, then revoke the old one
+    # while the connector is live and messages keep coming.
+    issued = issue_service_files(load_ca(settings), paths, "svc-connector", 30)
+    assert issued.serial != old_serial
+    for topic in topics[1:3]:
+        device.mqtt.publish(topic, b"x", qos=1)
+    result = _revoke(certgen, old_serial)
+    assert result["session_closed"] is True
+    wait_until(lambda: connector.disconnects, timeout=60, what="the old connector session to end")
+    connector.close()
+    for topic in topics[3:]:
+        device.mqtt.publish(topic, b"x", qos=1)
+    assert not connects(settings, old)
+    successor = _persistent_connector(settings, service_identity(settings, "svc-connector"))
+    # Every reading reaches the connector identity exactly once across the two clients
+    # (a redelivery of an unacknowledged one is allowed by QoS 1).
+    wait_until(
+        lambda: set(connector.topics()) | set(successor.topics()) == set(topics),
+        timeout=15,
+        what="all six readings across the rotation",
+    )
+    successor.close()
+    device.close()
+
+
+def test_a_revocation_while_the_connector_is_offline_loses_none_of_its_messages(
+    settings: Settings, broker: Broker, certgen: Certgen, tmp_path: Path
+) -> None:
+    # Mosquitto 2.0.11 forgets the user ACL of offline sessions on reload; certgen
+    # restores it (revocation.refresh_service_sessions). Without that, the
+    # readings published below would be discarded silently.
+    add_device(settings.metadata_dsn, B, "code")
+    serial, _ = _issue(certgen, B, tmp_path / "b", settings)
+    connector = _persistent_connector(settings, service_identity(settings, "svc-connector"))
+    _subscribed(connector, "tele/#")
+    connector.close()
+    device = _connected(settings, device_identity(settings, A, tmp_path))
+    topics = [f"tele/f2-{A}/sensor-mode/J2/sensor-{n}" for n in range(1, 5)]
+    device.mqtt.publish(topics[0], b"before", qos=1)
+    assert _revoke(certgen, serial)["broker_reloaded"] is True
+    for topic in topics[1:]:
+        device.mqtt.publish(topic, b"after", qos=1)
+    successor = _persistent_connector(settings, service_identity(settings, "svc-connector"))
+    wait_until(
+        lambda: set(successor.topics()) == set(topics), timeout=15, what="all queued readings"
+    )
+    successor.close()
+    device.close()
+
+
+def test_extra_connector_identities_get_the_connectors_rights(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    from f2pipe.certgen.ca import issue_service_files, pki_paths
+    from f2pipe.certgen.local import load_ca
+    from f2pipe.certgen.revocation import reload_and_refresh
+
+    issue_service_files(load_ca(settings), pki_paths(settings), "svc-connector-2", 30)
+    ensure_config(settings)
+    assert "user svc-connector-2\ntopic read stat/#" in acl_path(settings).read_text()
+    assert reload_and_refresh(settings)
+    second = _connected(settings, service_identity(settings, "svc-connector-2"))
+    _subscribed(second, "$share/connectors/tele/#")
+    device = _connected(settings, device_identity(settings, A, tmp_path))
+    topic = f"tele/f2-{A}/sensor-mode/J1/sensor-1"
+    device.mqtt.publish(topic, b"x", qos=1)
+    wait_until(lambda: second.topics() == [topic], timeout=10, what="the shared reading")
+    second.close()
+    device.close()
+
+
+def test_packets_over_256_kib_are_refused(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    connector = _connected(settings, service_identity(settings, "svc-connector"))
+    _subscribed(connector, "tele/#")
+    device = _connected(settings, device_identity(settings, A, tmp_path))
+    topic = f"tele/f2-{A}/sensor-mode/J1/sensor-1"
+    device.mqtt.publish(topic, b"x" * (256 * 1024), qos=1)
+    wait_until(lambda: device.disconnects, timeout=10, what="the oversized sender to be dropped")
+    device.close()
+    # Just under the limit (packet = payload + topic + header) still passes.
+    again = _connected(settings, device_identity(settings, A, tmp_path / "again"))
+    again.mqtt.publish(topic, b"y" * (200 * 1024), qos=1)
+    wait_until(lambda: connector.topics() == [topic], timeout=10, what="the large reading")
+    assert connector.received[0].payload == b"y" * (200 * 1024)
+    again.close()
+    connector.close()

@@ -32,6 +32,8 @@ from pki_fixtures import (
 
 __all__ = ["certgen", "register_database", "register_dsn", "settings"]  # fixtures used by name
 
+pytestmark = pytest.mark.servers
+
 MAC = "aabbccddee01"
 CODE = "claim-7f3a9c2e"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -358,3 +360,16 @@ def test_refusals_are_logged_with_the_caller_and_no_secret(
     text = "\n".join(str(r.__dict__) for r in caplog.records)
     for secret in (secret_guess, "wrong-token-xyz", CODE, ADMIN_TOKEN):
         assert secret not in text
+
+
+def test_admin_may_send_no_body_and_bad_json_is_400(settings: Settings, certgen: Certgen) -> None:
+    add_device(settings.metadata_dsn, MAC, CODE)
+    with httpx.Client(base_url=certgen.url) as http:
+        empty = http.post(f"/v1/devices/{MAC}/certificate", headers=ADMIN)
+        anonymous = http.post(f"/v1/devices/{MAC}/certificate")
+        garbage = http.post(f"/v1/devices/{MAC}/certificate", headers=ADMIN, content=b"{nope")
+    assert empty.status_code == 201
+    assert empty.json()["private_key"].startswith("-----BEGIN PRIVATE KEY-----")
+    assert anonymous.status_code == 401
+    assert garbage.status_code == 400
+    assert garbage.json()["detail"].startswith("bad request")

@@ -31,6 +31,8 @@ from pki_fixtures import (
 
 __all__ = ["register_database", "register_dsn", "settings"]
 
+pytestmark = pytest.mark.servers
+
 
 def f2pipe(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     env = {

@@ -63,7 +63,7 @@ def pid_path(settings: Settings) -> Path:
     return settings.mosquitto_dir / "mosquitto.pid"
 
 
-def render_acl() -> str:
+def render_acl(connectors: list[str] | None = None) -> str:
     """The ACL file: devices reach only their own topics, services only theirs.
 
     Pattern rules apply to every user; ``%u`` is the certificate CN, so a
@@ -71,7 +71,9 @@ def render_acl() -> str:
     ``tele/f2-<mac>/#`` (write) and ``cmnd/f2-<mac>/#`` (read). A service
     identity matches the same patterns only for topics named after itself
     (``tele/svc-connector/...``), which no device reads and the pipeline treats
-    as an invalid topic.
+    as an invalid topic. ``connectors`` adds identities with the connector's
+    rights (``svc-connector-2``...): several connectors sharing the load need
+    one identity each, since the identity is the client id.
     """
     lines = [
         "# Written by f2pipe (f2pipe.broker); changes are overwritten.",
@@ -81,11 +83,26 @@ def render_acl() -> str:
         "pattern read cmnd/%u/#",
         "",
     ]
-    for user, rules in SERVICE_ACL.items():
+    users = dict(SERVICE_ACL)
+    for name in connectors or []:
+        users.setdefault(name, SERVICE_ACL["svc-connector"])
+    for user, rules in users.items():
         lines.append(f"user {user}")
         lines.extend(rules)
         lines.append("")
     return "\n".join(lines)
+
+
+def connector_identities(settings: Settings) -> list[str]:
+    """Connector identities with a certificate in ``<state>/pki/services`` (svc-connector*)."""
+    services = pki_paths(settings).services
+    if not services.is_dir():
+        return []
+    return sorted(
+        path.stem
+        for path in services.glob("svc-connector*.pem")
+        if path.with_suffix(".key").is_file()
+    )
 
 
 def render_conf(settings: Settings, pki: PkiPaths) -> str:
@@ -148,7 +165,7 @@ def ensure_config(settings: Settings) -> Path:
     pki = pki_paths(settings)
     mdir = settings.mosquitto_dir
     (mdir / "data").mkdir(parents=True, exist_ok=True)
-    _write_if_changed(acl_path(settings), render_acl())
+    _write_if_changed(acl_path(settings), render_acl(connector_identities(settings)))
     conf = conf_path(settings)
     _write_if_changed(conf, render_conf(settings, pki))
     return conf

@@ -51,6 +51,7 @@ from f2pipe.certgen.ca import (
     pki_paths,
     serial_text,
 )
+from f2pipe.certgen.local import record_local_certificates
 from f2pipe.certgen.store import CertificateStore, ClaimAlreadyUsed, DeviceRow
 from f2pipe.errors import CertError, ConfigError
 from f2pipe.settings import Settings
@@ -88,6 +89,9 @@ class Runtime:
         self.token = admin_token(settings)
         self.store = CertificateStore(settings.metadata_dsn)
         self.store.open()
+        # Server and service certificates made before the database was up (stack up)
+        # enter the register here, so they can be revoked by serial like any other.
+        record_local_certificates(settings, self.store)
         self.by_mac = FailureLimiter(settings.certgen_max_failures, settings.certgen_failure_window)
         self.by_address = FailureLimiter(
             settings.certgen_max_failures, settings.certgen_failure_window
@@ -189,8 +193,8 @@ async def authorize_issue(
     request: Request,
     runtime: RuntimeDep,
     mac: Annotated[str, Depends(device_mac)],
-    body: IssueRequest,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    body: IssueRequest | None = None,
 ) -> Grant:
     """Admin token, or the device's own unused claiming code (rate-limited failures).
 
@@ -200,6 +204,7 @@ async def authorize_issue(
     ``certgen_max_failures`` in the window, requests are refused with 429
     before the code is looked at.
     """
+    body = body or IssueRequest()
     if credentials is not None or body.claiming_code is None:
         await require_admin(runtime, credentials)
         device = await run_in_threadpool(runtime.store.device, mac)
@@ -240,11 +245,15 @@ devices = APIRouter(prefix="/v1/devices", tags=["devices"])
 
 @devices.post("/{mac}/certificate", status_code=status.HTTP_201_CREATED)
 async def issue_device_certificate(
-    body: IssueRequest,
     grant: Annotated[Grant, Depends(authorize_issue)],
     runtime: RuntimeDep,
+    body: IssueRequest | None = None,
 ) -> IssueResponse:
-    """Issue ``f2-<mac>``'s certificate (see the module docstring for who may)."""
+    """Issue ``f2-<mac>``'s certificate (see the module docstring for who may).
+
+    No body (or ``{}``) means: generate the key here, admin token required.
+    """
+    body = body or IssueRequest()
     public_key: PublicKey | None = None
     if body.csr is not None:
         try:
@@ -429,7 +438,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()
+        dict.fromkeys(
+            f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}"
+            for err in exc.errors()
+        )
     )
     detail = f"bad request: {problems}"
     _log_refusal(400, detail, _client(request), request.scope)

@@ -8,6 +8,8 @@ import logging
 import threading
 from pathlib import Path
 
+import psycopg
+
 from f2pipe.certgen.auth import admin_token, admin_token_path
 from f2pipe.certgen.ca import (
     check_service_name,
@@ -70,6 +72,8 @@ def _init(args: argparse.Namespace) -> int:
     if store is not None:
         try:
             record_local_certificates(settings, store)
+        except psycopg.Error as exc:
+            print(f"certificates not recorded yet (run `f2pipe db migrate`): {exc}".strip())
         finally:
             store.close()
     for path in report.created:
@@ -89,7 +93,7 @@ def _renew_crl_forever(settings: Settings, stop: threading.Event) -> None:
             if store is None:
                 continue
             try:
-                sync_crl(settings, ca, store)
+                sync_crl(settings, ca, store, renew=True)
                 log.info("CRL renewed")
             finally:
                 store.close()
@@ -109,6 +113,12 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             record_local_certificates(settings, store)
             sync_crl(settings, load_ca(settings), store)
+        except psycopg.Error as exc:
+            # Serve anyway: /healthz and /v1/ca.pem work, issuing answers 503 until fixed.
+            log.warning(
+                "certificate register not ready (run `f2pipe db migrate`)",
+                extra={"error": str(exc).strip()},
+            )
         finally:
             store.close()
     paths = pki_paths(settings)

@@ -65,9 +65,11 @@ def crl_due(settings: Settings) -> bool:
     return left < dt.timedelta(days=settings.crl_days / 2)
 
 
-def sync_crl(settings: Settings, ca: CertificateAuthority, store: CertificateStore) -> None:
-    """Rewrite the CRL from the register and reload the broker (start-up and renewal)."""
-    refresh_crl(settings, ca, store)
+def sync_crl(
+    settings: Settings, ca: CertificateAuthority, store: CertificateStore, renew: bool = False
+) -> bool:
+    """Bring the CRL in line with the register; reload the broker if it changed or ``renew``."""
+    return refresh_crl(settings, ca, store, force=renew)
 
 
 def issue_device_files(

@@ -1,17 +1,31 @@
 """Revocation: record it, rewrite the CRL, make the broker reload it, close the live session.
 
-Mosquitto checks the CRL only while a client connects, and re-reads
-``crlfile`` on SIGHUP (verified with 2.0.11). A revoked client that is already
-connected would stay connected, so :func:`close_session` takes its session
-over: with ``use_identity_as_username`` and ``use_username_as_clientid`` the
-client id is the certificate CN, so a connection under the same CN makes the
-broker drop the old one ("session taken over"). The identity used for that is
-a certificate minted for the purpose, valid for ten minutes, whose key exists
-only in this process and a temporary 0700 directory, recorded in the register
-and revoked right after use. The revoked client's reconnect then fails the CRL
-check.
+Facts about Mosquitto 2.0.11 this module works around (each verified against
+the real broker in the tests):
 
-Everything here blocks (files, signals, an MQTT connection); the HTTP service
+- The CRL is checked only while a client connects; ``crlfile`` is re-read on
+  SIGHUP, so no restart is needed, but a client that is already connected
+  stays connected. :func:`close_session` therefore takes the revoked
+  identity's session over: the client id is the certificate CN
+  (``use_identity_as_username`` + ``use_username_as_clientid``), so a
+  connection under the same CN makes the broker drop the old one. The
+  identity used for that is a certificate minted for the purpose, valid for
+  ten minutes, whose key exists only in this process (and briefly in a 0700
+  temporary directory), recorded in the register and revoked right after. The
+  takeover resumes the session rather than clearing it and acknowledges
+  nothing, so a rotated service certificate loses no queued message.
+- A reload drops the ``user`` ACL entries of every *offline* persistent
+  session until that client reconnects; meanwhile messages routed to it are
+  silently discarded. Device sessions are unaffected (their rules are
+  ``pattern`` rules), but the connector's session is exactly such a session.
+  After each reload, :func:`refresh_service_sessions` therefore connects once
+  under each connector identity found in ``<state>/pki/services`` (resuming
+  its session, acknowledging nothing), which makes the broker look the ACL up
+  again. A live connector is briefly taken over and reconnects on its own; its
+  unacknowledged messages are redelivered, never lost. What remains is the
+  few milliseconds between the reload and the refresh.
+
+Everything here blocks (files, signals, MQTT connections); the HTTP service
 runs it in a worker thread.
 """
 
@@ -30,8 +44,16 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from f2pipe.broker import client_ssl_context, pid_path
-from f2pipe.certgen.ca import CertificateAuthority, key_pem, pki_paths, write_crl, write_private
+from f2pipe.broker import client_ssl_context, connector_identities, pid_path
+from f2pipe.certgen.ca import (
+    CertificateAuthority,
+    crl_entries,
+    key_pem,
+    pki_paths,
+    read_crl,
+    write_crl,
+    write_private,
+)
 from f2pipe.certgen.store import CertificateStore
 from f2pipe.settings import Settings
 
@@ -41,6 +63,9 @@ log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 _TAKEOVER_DAYS = 10 / (24 * 60)  # ten minutes
 _CONNECT_TIMEOUT = 10.0
+# How long the broker keeps the session the takeover leaves behind; the rightful
+# owner's next connect sets its own expiry again.
+_KEEP_SESSION_SECONDS = 7 * 24 * 3600
 
 
 @dataclass(frozen=True)
@@ -71,11 +96,46 @@ def reload_broker(settings: Settings) -> bool:
     return True
 
 
-def refresh_crl(settings: Settings, ca: CertificateAuthority, store: CertificateStore) -> None:
-    """Rewrite the CRL from the register (plus what it already lists) and reload the broker."""
+def reload_and_refresh(settings: Settings) -> bool:
+    """SIGHUP the broker, then restore the ACL of offline service sessions; True if reloaded."""
+    if not reload_broker(settings):
+        return False
+    refresh_service_sessions(settings)
+    return True
+
+
+def refresh_service_sessions(settings: Settings) -> None:
+    """Connect once as each connector identity so the broker re-reads its ACL (see module doc)."""
+    paths = pki_paths(settings)
+    for name in connector_identities(settings):
+        try:
+            context = client_ssl_context(
+                paths.ca_cert, paths.service_cert(name), paths.service_key(name)
+            )
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "cannot refresh service session", extra={"identity": name, "error": str(exc)}
+            )
+            continue
+        if not _take_over(settings, context, name):
+            log.warning("service session not refreshed", extra={"identity": name})
+
+
+def refresh_crl(
+    settings: Settings, ca: CertificateAuthority, store: CertificateStore, force: bool = False
+) -> bool:
+    """Rewrite the CRL from the register (plus what it already lists); True if reloaded.
+
+    The broker is reloaded only when the list of revoked serials changed, or
+    with ``force`` (a renewed CRL must reach the broker before the old expires).
+    """
+    paths = pki_paths(settings)
     with _LOCK:
-        write_crl(ca, pki_paths(settings), store.revoked(), settings.crl_days)
-        reload_broker(settings)
+        before = set(crl_entries(read_crl(paths.crl)))
+        crl = write_crl(ca, paths, store.revoked(), settings.crl_days)
+        if force or set(crl_entries(crl)) != before:
+            return reload_and_refresh(settings)
+    return False
 
 
 def revoke(
@@ -96,7 +156,7 @@ def revoke(
         return None
     with _LOCK:
         write_crl(ca, pki_paths(settings), store.revoked(), settings.crl_days)
-        reloaded = reload_broker(settings)
+        reloaded = reload_and_refresh(settings)
         closed = False
         if reloaded:
             closed = close_session(settings, ca, store, record.common_name)
@@ -117,7 +177,7 @@ def close_session(
 ) -> bool:
     """Drop any live MQTT session of ``common_name`` by taking it over; True on success.
 
-    Caller holds ``_LOCK`` (the takeover identity is revoked through the CRL
+    Caller holds ``_LOCK`` (the takeover identity is revoked in the CRL file
     afterwards). Never raises for broker trouble: a broker that cannot be
     reached has no session to close, and the failure is logged.
     """
@@ -134,9 +194,11 @@ def close_session(
             context = client_ssl_context(paths.ca_cert, cert_file, key_file)
         return _take_over(settings, context, common_name)
     finally:
+        # Listed in the CRL file now; the broker picks it up at the next reload. No
+        # reload just for it: its key is gone with this process, it expires in ten
+        # minutes, and every reload has a cost (see the module docstring).
         store.revoke(issued.serial, "session closed after revocation")
         write_crl(ca, paths, store.revoked(), settings.crl_days)
-        reload_broker(settings)
 
 
 def _take_over(settings: Settings, context: object, common_name: str) -> bool:
@@ -149,22 +211,27 @@ def _take_over(settings: Settings, context: object, common_name: str) -> bool:
         outcome.append(str(reason))
         connected.set()
 
+    # The session is resumed, not cleared, and nothing delivered meanwhile is
+    # acknowledged: if the identity is a service whose certificate is being
+    # rotated (revoke the old one after issuing the new), its persistent session
+    # and queued messages must survive for the successor (SPEC section 7).
     client = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=common_name,
         protocol=mqtt.MQTTv5,
         reconnect_on_failure=False,
+        manual_ack=True,
     )
     client.tls_set_context(context)  # type: ignore[arg-type]
     client.on_connect = on_connect
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
-    properties.SessionExpiryInterval = 0  # leave no session behind
+    properties.SessionExpiryInterval = _KEEP_SESSION_SECONDS
     try:
         client.connect(
             settings.mqtt_host,
             settings.mqtt_port,
             keepalive=30,
-            clean_start=True,
+            clean_start=False,
             properties=properties,
         )
     except OSError as exc:
