@@ -776,7 +776,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     setup_logging("connector", args.log_level)
     settings = get_settings()
-    connector = Connector(settings, build_ssl_context(settings), bare=args.bare)
+    # A longer linger than the shared default: bigger batches cost Kafka and librdkafka
+    # less CPU per record, and the Receive Maximum covers the extra acknowledgement wait.
+    overrides = {"linger.ms": settings.connector_linger_ms}
+    connector = Connector(settings, build_ssl_context(settings), overrides, bare=args.bare)
     ops = OpsServer(settings.ops_host, settings.connector_port, connector.ready)
     interrupted = 0
 
