@@ -8,7 +8,9 @@ CLI can print one line naming the cause and the fix and exit non-zero::
     ├── StackError         a local server could not be installed, started or reached
     ├── MigrationError     the database schema could not be brought up to date
     ├── FleetError         a fleet file entry is invalid (names the line)
-    └── CertError          a certificate could not be issued, parsed or revoked
+    ├── CertError          a certificate could not be issued, parsed or revoked
+    └── DecodeError        a message cannot become readings; carries its dead-letter
+                           reason (defined in f2pipe.decode, beside the decoder)
 
 Library exceptions (psycopg, confluent_kafka, paho) are translated into these at
 the boundary where a user-facing decision is made; inside the hot paths they are

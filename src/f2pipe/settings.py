@@ -77,6 +77,12 @@ class Settings(BaseSettings):
     connector_shutdown_timeout: float = Field(default=30.0, gt=0)
     connector_linger_ms: int = Field(default=20, ge=0, le=1000)  # Kafka producer batching wait
 
+    # The local stack (`f2pipe stack`): Kafka's KRaft controller listener, the broker's
+    # maximum heap (a JVM -Xmx size), and whether root may apt-get install missing servers.
+    kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
+    kafka_heap: str = Field(default="1g", pattern=r"^[1-9][0-9]*[kKmMgG]$")
+    stack_install: bool = True
+
     # TimescaleDB policies (used only where the extension is present).
     compress_after: str = "7 days"
     retention: str = "5 years"
