@@ -6,7 +6,7 @@ controller, client id ``f2-<mac>``), so one process holds thousands of them.
 Frames follow SPEC sections 1 and 2: each sensor's template gives the
 datapoints; values random-walk inside a plausible range; the frame is a Modbus
 RTU response ``01 03 <count> <data> <crc lo> <crc hi>`` with a valid byte count
-and CRC-16/MODBUS.
+and CRC-16/MODBUS (:mod:`f2pipe.frames`).
 
 Load mode (``--count M``) publishes exactly M QoS 1 messages (as fast as the
 in-flight window allows, or at ``--rate R``), counts the broker's PUBACKs, and
@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from f2pipe import tls
+from f2pipe.frames import encode_modbus_response
 from f2pipe.logs import setup_logging
 from f2pipe.settings import Settings, get_settings
 
@@ -49,31 +50,9 @@ log = logging.getLogger("f2pipe.simulator")
 # --- frames (SPEC section 2) ---
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc_table()
-
-
-def crc16_modbus(data: bytes) -> int:
-    """CRC-16/MODBUS (reflected poly 0xA001, init 0xFFFF)."""
-    crc = 0xFFFF
-    for byte in data:
-        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
-    return crc
-
-
 def modbus_frame(data: bytes, address: int = 1, function: int = 3) -> bytes:
     """A Modbus RTU read response carrying ``data``, CRC appended low byte first."""
-    body = bytes((address, function, len(data))) + data
-    return body + struct.pack("<H", crc16_modbus(body))
+    return encode_modbus_response(address, function, data)
 
 
 # --- templates and values ---
