@@ -70,6 +70,7 @@ class Mosquitto:
             "max_queued_bytes 0\n"
             "max_inflight_messages 0\n"
             "max_packet_size 262144\n"
+            "sys_interval 1\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\n" + self.extra
         )

@@ -35,7 +35,7 @@ import ssl
 import struct
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -438,6 +438,18 @@ class LeanClient:
         self._inflight.clear()
 
 
+async def connect_all(clients: Iterable[LeanClient], concurrency: int = 64) -> None:
+    """Connect every client, at most ``concurrency`` handshakes at a time (a burst of
+    thousands of TLS handshakes overflows the broker's accept queue and its CPU)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(client: LeanClient) -> None:
+        async with gate:
+            await client.connect()
+
+    await asyncio.gather(*(one(c) for c in clients))
+
+
 # --- load mode ---
 
 
@@ -541,7 +553,7 @@ async def run_load(
                 sem,
                 on_ack,
             )
-    await asyncio.gather(*(c.connect() for c in clients.values()))
+    await connect_all(clients.values())
     start = time.perf_counter()
     try:
         batch = 0
@@ -614,13 +626,14 @@ async def run_live(
         )
         for s in sensors
     }
-    await asyncio.gather(*(c.connect() for c in clients.values()))
+    await connect_all(clients.values())
     log.info("devices connected", extra={"connections": len(clients), "sensors": len(sensors)})
     start = time.perf_counter()
 
     async def sensor_loop(sensor: Sensor) -> None:
         # Spread the sensors over the interval so the load is even.
-        await asyncio.sleep(rng.uniform(0, interval))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), rng.uniform(0, interval))
         while not stop.is_set():
             await sem.acquire()
             clients[sensor.mac].publish(make_message(sensor, rng, None))
