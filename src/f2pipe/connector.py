@@ -77,6 +77,8 @@ _QOS = (b"0", b"1", b"2")
 DEAD_LETTERS = Counter(
     "f2pipe_connector_dead_letters", "messages sent to the dead-letter topic", ["reason"]
 )
+for _reason in (Reason.INVALID_TOPIC, Reason.PAYLOAD_TOO_LARGE):
+    DEAD_LETTERS.labels(_reason.value)  # exported at 0 from the start, for alerting
 DELIVERY_ERRORS = Counter(
     "f2pipe_connector_delivery_errors", "Kafka delivery reports with an error (record retried)"
 )
