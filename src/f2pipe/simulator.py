@@ -598,6 +598,8 @@ async def run_load(
             if all(c.closed.is_set() or not c.unacknowledged for c in clients.values()):
                 break
             await asyncio.sleep(0.005)
+        if progress is not None:
+            progress(summary)
     finally:
         summary.elapsed = time.perf_counter() - start
         await asyncio.gather(*(c.close() for c in clients.values()))
