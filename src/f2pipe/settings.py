@@ -77,6 +77,29 @@ class Settings(BaseSettings):
     connector_shutdown_timeout: float = Field(default=30.0, gt=0)
     connector_linger_ms: int = Field(default=20, ge=0, le=1000)  # Kafka producer batching wait
 
+    # Certificates (section 6). The CA key may be encrypted with a passphrase from a
+    # secret; the file form keeps it out of the process environment.
+    ca_passphrase: SecretStr | None = None
+    ca_passphrase_file: Path | None = None
+    ca_days: int = Field(default=3650, ge=1, le=36500)
+    device_cert_days: int = Field(default=365, ge=1, le=3650)
+    service_cert_days: int = Field(default=730, ge=1, le=3650)
+    # The broker refuses every client once its CRL is past nextUpdate, so the CRL is
+    # long-lived and renewed by certgen (and `stack up`) when half of it has run out.
+    crl_days: int = Field(default=90, ge=2, le=3650)
+    # Extra DNS names or IP addresses for the broker's (and certgen's) server
+    # certificate, comma-separated; localhost and 127.0.0.1 are always included.
+    broker_names: str = ""
+    certgen_tls: bool = False
+    certgen_max_failures: int = Field(default=5, ge=1, le=1000)
+    certgen_failure_window: float = Field(default=60.0, gt=0, le=86400)
+
+    # Broker limits written into mosquitto.conf (see f2pipe.broker for the reasoning).
+    mqtt_max_connections: int = Field(default=10000, ge=1, le=1_000_000)
+    mqtt_max_queued_messages: int = Field(default=6_000_000, ge=1000)
+    mqtt_max_inflight_messages: int = Field(default=2000, ge=20, le=65535)
+    mqtt_autosave_interval: int = Field(default=60, ge=1, le=86400)
+
     # The local stack (`f2pipe stack`): Kafka's KRaft controller listener, the broker's
     # maximum heap (a JVM -Xmx size), and whether root may apt-get install missing servers.
     kafka_controller_port: int = Field(default=9093, ge=1, le=65535)
@@ -119,6 +142,14 @@ class Settings(BaseSettings):
     @property
     def pki_dir(self) -> Path:
         return self.state_dir / "pki"
+
+    @property
+    def mosquitto_dir(self) -> Path:
+        return self.state_dir / "mosquitto"
+
+    def extra_server_names(self) -> list[str]:
+        """``broker_names`` as a list, blanks dropped."""
+        return [name.strip() for name in self.broker_names.split(",") if name.strip()]
 
     @property
     def log_dir(self) -> Path:
