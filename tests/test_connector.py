@@ -36,6 +36,7 @@ from mqtt_kafka import (
     KafkaServer,
     Mosquitto,
     TestPki,
+    assert_all_delivered,
     create_topics,
     ledger_entries,
     read_topic,
@@ -173,22 +174,6 @@ class Publisher(threading.Thread):
 
     def run(self) -> None:
         self.result = publish(*self.args, **self.kwargs)
-
-
-def assert_all_delivered(ledger: list[dict[str, Any]], records: list[Any]) -> int:
-    """Every ledger message is in ``records`` exactly as published; return the duplicates."""
-    seen: collections.Counter[tuple[str, bytes]] = collections.Counter()
-    for record in records:
-        headers = dict(record.headers() or [])
-        topic = headers["mqtt.topic"].decode()
-        assert record.key() == topic_mac(topic)
-        assert headers["mqtt.qos"] == b"1"
-        assert headers["mqtt.retain"] == b"0"
-        assert int(headers["ingest.ts"]) > 1_700_000_000_000
-        seen[(topic, record.value())] += 1
-    missing = [e for e in ledger if (e["topic"], e["payload"].encode()) not in seen]
-    assert not missing, f"{len(missing)} acknowledged messages missing, e.g. {missing[:2]}"
-    return sum(seen.values()) - len(seen)
 
 
 # --- the runner against the real servers ---
