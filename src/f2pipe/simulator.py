@@ -450,6 +450,78 @@ async def connect_all(clients: Iterable[LeanClient], concurrency: int = 64) -> N
     await asyncio.gather(*(one(c) for c in clients))
 
 
+# --- certificates ---
+
+
+def device_cert_paths(settings: Settings, mac: str) -> tuple[Path, Path]:
+    """Where a simulated device keeps its identity: ``<state>/pki/devices/f2-<mac>.pem/.key``."""
+    devices = settings.pki_dir / "devices"
+    return devices / f"f2-{mac}.pem", devices / f"f2-{mac}.key"
+
+
+def provision_certificates(
+    settings: Settings, macs: Iterable[str], claiming_codes: dict[str, str] | None = None
+) -> int:
+    """Give every device in ``macs`` a certificate from certgen; return how many were issued.
+
+    The private key is generated here and never leaves (0600); certgen gets a
+    CSR for ``f2-<mac>`` with the device's claiming code when one is given, else
+    the operator's admin token. A device whose certificate and key already
+    exist is left alone, so a second run reuses them. The CA certificate from
+    the answer is written to ``<state>/pki/ca.pem`` if that file is missing.
+    Raises CertError naming the device and certgen's answer on a refusal.
+    """
+    import httpx
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    from f2pipe.certgen.auth import admin_token
+    from f2pipe.certgen.ca import generate_key, key_pem, write_private, write_public
+    from f2pipe.errors import CertError
+
+    codes = claiming_codes or {}
+    missing = [m for m in macs if not all(p.is_file() for p in device_cert_paths(settings, m))]
+    if not missing:
+        return 0
+    token = None if codes and all(m in codes for m in missing) else admin_token(settings, False)
+    ca_file = settings.pki_dir / "ca.pem"
+    verify: bool | ssl.SSLContext = (
+        ssl.create_default_context(cafile=str(ca_file)) if ca_file.is_file() else True
+    )
+    issued = 0
+    with httpx.Client(base_url=settings.certgen_url, verify=verify, timeout=30) as http:
+        for mac in missing:
+            key = generate_key()
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"f2-{mac}")]))
+                .sign(key, hashes.SHA256())
+            )
+            body: dict[str, str] = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+            headers = {}
+            if mac in codes:
+                body["claiming_code"] = codes[mac]
+            elif token is not None:
+                headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+            try:
+                answer = http.post(f"/v1/devices/{mac}/certificate", json=body, headers=headers)
+            except httpx.HTTPError as exc:
+                raise CertError(f"certgen at {settings.certgen_url} unreachable: {exc}") from None
+            if answer.status_code != 201:
+                detail = answer.json().get("detail") if answer.content else ""
+                raise CertError(f"certgen refused f2-{mac}: {answer.status_code} {detail}")
+            issued_cert = answer.json()
+            cert_path, key_path = device_cert_paths(settings, mac)
+            write_private(key_path, key_pem(key))
+            write_public(cert_path, issued_cert["certificate"].encode())
+            if not ca_file.is_file():
+                write_public(ca_file, issued_cert["ca_certificate"].encode())
+            issued += 1
+    log.info("device certificates issued", extra={"issued": issued})
+    return issued
+
+
 # --- load mode ---
 
 
@@ -478,10 +550,8 @@ def device_ssl_context(settings: Settings, mac: str) -> ssl.SSLContext | None:
     """A device's mTLS context from ``<state>/pki/devices/f2-<mac>.pem``/``.key``."""
     if not settings.mqtt_tls:
         return None
-    devices = settings.pki_dir / "devices"
-    return tls.client_context(
-        settings.pki_dir / "ca.pem", devices / f"f2-{mac}.pem", devices / f"f2-{mac}.key"
-    )
+    cert, key = device_cert_paths(settings, mac)
+    return tls.client_context(settings.pki_dir / "ca.pem", cert, key)
 
 
 def _schedule(
@@ -671,6 +741,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, help="random seed (reproducible values and faults)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--provision-certs",
+        action="store_true",
+        help="first obtain missing device certificates from certgen (CSR, admin token)",
+    )
     parser.add_argument("--log-level", default="WARNING")
     parser.set_defaults(func=main)
 
@@ -683,6 +758,8 @@ def main(args: argparse.Namespace) -> int:
         print("--window must be between 1 and 65535", file=sys.stderr)
         return 2
     sensors = generated_fleet(args.devices) if args.devices else demo_fleet()
+    if args.provision_certs:
+        provision_certificates(settings, dict.fromkeys(s.mac for s in sensors))
     if args.count is None:
         stop = asyncio.Event()
 
