@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "decode": ("f2pipe.decode_cli", "decode one F2 message and print its readings or reason"),
     "connector": ("f2pipe.connector", "bridge device messages from MQTT into Kafka (raw-iot-data)"),
     "simulate": ("f2pipe.simulator", "simulate F2 controllers: live telemetry or a counted load"),
+    "cmnd": ("f2pipe.cmnd", "send a command to a device (as svc-commander)"),
 }
 
 

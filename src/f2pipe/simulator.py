@@ -35,7 +35,7 @@ import ssl
 import struct
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
@@ -315,6 +315,8 @@ class LeanClient:
         self._out = bytearray()
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = asyncio.Event()
+        # Called as on_command(client, topic, payload) for each PUBLISH the broker sends.
+        self.on_command: Callable[[LeanClient, str, bytes], None] | None = None
 
     async def connect(self, clean: bool = True) -> None:
         reader, writer = await asyncio.open_connection(
@@ -399,17 +401,41 @@ class LeanClient:
                         shift += 7
                     if length < 0 or end - i < length:
                         break
-                    if buf[pos] & 0xF0 == 0x40:  # PUBACK
+                    kind = buf[pos] & 0xF0
+                    if kind == 0x40:  # PUBACK
                         message = self._inflight.pop((buf[i] << 8) | buf[i + 1], None)
                         if message is not None:
                             self.window.release()
                             self.on_ack(message)
+                    elif kind == 0x30:  # PUBLISH (a command for this device)
+                        self._incoming(buf[pos], bytes(buf[i : i + length]))
                     pos = i + length
                 buf = buf[pos:]
         except (ConnectionError, OSError):
             pass
         finally:
             self.closed.set()
+
+    def _incoming(self, command: int, body: bytes) -> None:
+        qos = (command >> 1) & 0x03
+        topic_end = 2 + ((body[0] << 8) | body[1])
+        topic = body[2:topic_end].decode("utf-8", "replace")
+        start = topic_end
+        if qos:
+            start += 2
+            if self._writer is not None:  # PUBACK (QoS 1; commands are not sent with QoS 2)
+                self._writer.write(b"\x40\x02" + body[topic_end:start])
+        if self.on_command is not None:
+            self.on_command(self, topic, body[start:])
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Send SUBSCRIBE (the SUBACK is not awaited: commands simply start arriving)."""
+        if self._writer is None:
+            raise MqttError(f"{self.client_id}: not connected")
+        raw = topic_filter.encode()
+        body = struct.pack(">H", self._mid()) + struct.pack(">H", len(raw)) + raw + bytes((qos,))
+        self.flush()
+        self._writer.write(b"\x82" + _encode_length(len(body)) + body)
 
     async def _ping_loop(self) -> None:
         while not self.closed.is_set():
@@ -676,29 +702,129 @@ async def run_load(
     return summary
 
 
+# --- status components and commands (live mode) ---
+
+# The status components every simulated controller has, on a connector its sensors
+# leave free: (mode, component). Strikes and sirens obey commands; the rest change
+# on their own now and then.
+STATUS_CONNECTOR = 3
+STATUS_COMPONENTS = (
+    ("access-control-mode", "strike-1"),
+    ("access-control-mode", "door-sensors"),
+    ("access-control-mode", "exit-buttons"),
+    ("alarm-mode", "siren-1"),
+    ("alarm-mode", "motion-sensor-1"),
+)
+_SPONTANEOUS = ("door-sensors", "exit-buttons", "motion-sensor-1")
+
+
+def status_payload(component: str, state: bool, rng: random.Random) -> dict[str, Any]:
+    """The F2 status JSON of ``component`` (SPEC section 1), without its timestamp."""
+    if component == "door-sensors":
+        return {"door-sensor-1": state, "door-sensor-2": rng.random() < 0.5}
+    if component == "exit-buttons":
+        return {"exit-button-1": state, "exit-button-2": False}
+    return {"status": state}
+
+
+def status_message(mac: str, mode: str, component: str, body: dict[str, Any]) -> Message:
+    stamp = format_timestamp(datetime.now(UTC).replace(tzinfo=None))
+    topic = f"stat/f2-{mac}/{mode}/J{STATUS_CONNECTOR}/{component}"
+    payload = json.dumps({"timestamp": stamp, **body}).encode()
+    return Message(topic, payload, stamp, [], None, mac)
+
+
+def command_response(topic: str, payload: bytes) -> list[tuple[float, str, str, bool]]:
+    """What a controller does for one command: ``[(delay s, mode, component, state)]``.
+
+    ``{"power-flag": 0}`` switches a strike or siren off, ``1`` on, and ``2``
+    on for ``period`` seconds (default 3), then off. Other commands, and
+    malformed ones, get no answer (a real controller ignores them too).
+    """
+    levels = topic.split("/")
+    if len(levels) != 5 or levels[0] != "cmnd":
+        return []
+    _type, _device, mode, _connector, component = levels
+    if not component.startswith(("strike-", "siren-")):
+        return []
+    try:
+        body = json.loads(payload)
+        flag = int(body["power-flag"])
+        period = float(body.get("period", 3))
+    except (ValueError, TypeError, KeyError):
+        return []
+    if flag == 0:
+        return [(0.0, mode, component, False)]
+    if flag == 1:
+        return [(0.0, mode, component, True)]
+    if flag == 2 and period >= 0:
+        return [(0.0, mode, component, True), (period, mode, component, False)]
+    return []
+
+
 async def run_live(
-    settings: Settings, sensors: Sequence[Sensor], interval: float, stop: asyncio.Event
+    settings: Settings,
+    sensors: Sequence[Sensor],
+    interval: float,
+    stop: asyncio.Event,
+    status_interval: float = 60.0,
 ) -> Summary:
-    """Publish each sensor's telemetry every ``interval`` s (QoS 1) until ``stop`` is set."""
+    """Run the fleet until ``stop`` is set.
+
+    Each sensor publishes telemetry every ``interval`` s (QoS 1); each
+    controller changes a door, exit-button or motion status about every
+    ``status_interval`` s (0: never) and answers strike and siren commands on
+    ``cmnd/f2-<mac>/#`` by publishing the new status.
+    """
     rng = random.Random()  # noqa: S311 -- simulated values, not secrets
     summary = Summary()
     sem = asyncio.Semaphore(65535)
+    background: set[asyncio.Task[None]] = set()
 
     def on_ack(_m: Message) -> None:
         summary.acknowledged += 1
 
-    clients = {
-        s.mac: LeanClient(
-            settings.mqtt_host,
-            settings.mqtt_port,
-            f"f2-{s.mac}",
-            device_ssl_context(settings, s.mac),
-            sem,
-            on_ack,
-        )
-        for s in sensors
-    }
+    async def publish(client: LeanClient, message: Message, delay: float = 0.0) -> None:
+        if delay:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        await sem.acquire()
+        if client.closed.is_set():
+            sem.release()
+            return
+        client.publish(message)
+        client.flush()
+        summary.published += 1
+
+    def spawn(coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    def on_command(client: LeanClient, topic: str, payload: bytes) -> None:
+        mac = client.client_id.removeprefix("f2-")
+        steps = command_response(topic, payload)
+        log.info("command", extra={"topic": topic, "answered": bool(steps)})
+        for delay, mode, component, state in steps:
+            message = status_message(mac, mode, component, status_payload(component, state, rng))
+            spawn(publish(client, message, delay))
+
+    clients: dict[str, LeanClient] = {}
+    for sensor in sensors:
+        if sensor.mac not in clients:
+            client = LeanClient(
+                settings.mqtt_host,
+                settings.mqtt_port,
+                f"f2-{sensor.mac}",
+                device_ssl_context(settings, sensor.mac),
+                sem,
+                on_ack,
+            )
+            client.on_command = on_command
+            clients[sensor.mac] = client
     await connect_all(clients.values())
+    for mac, client in clients.items():
+        client.subscribe(f"cmnd/f2-{mac}/#")
     log.info("devices connected", extra={"connections": len(clients), "sensors": len(sensors)})
     start = time.perf_counter()
 
@@ -707,17 +833,32 @@ async def run_live(
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), rng.uniform(0, interval))
         while not stop.is_set():
-            await sem.acquire()
-            clients[sensor.mac].publish(make_message(sensor, rng, None))
-            clients[sensor.mac].flush()
-            summary.published += 1
+            await publish(clients[sensor.mac], make_message(sensor, rng, None))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
+    async def status_loop(mac: str, client: LeanClient) -> None:
+        states = dict.fromkeys(_SPONTANEOUS, False)
+        while status_interval > 0 and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), rng.expovariate(1 / status_interval))
+            if stop.is_set():
+                return
+            component = rng.choice(_SPONTANEOUS)
+            states[component] = not states[component]
+            mode = "alarm-mode" if component.startswith("motion") else "access-control-mode"
+            body = status_payload(component, states[component], rng)
+            await publish(client, status_message(mac, mode, component, body))
+
     try:
-        await asyncio.gather(*(sensor_loop(s) for s in sensors))
+        await asyncio.gather(
+            *(sensor_loop(s) for s in sensors),
+            *(status_loop(mac, c) for mac, c in clients.items()),
+        )
     finally:
         summary.elapsed = time.perf_counter() - start
+        for task in list(background):
+            task.cancel()
         await asyncio.gather(*(c.close() for c in clients.values()))
     return summary
 
@@ -734,6 +875,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--interval", type=float, default=30.0, help="live mode: seconds per sensor"
+    )
+    parser.add_argument(
+        "--status-interval",
+        type=float,
+        default=60.0,
+        help="live mode: mean seconds between status changes per controller (0: none)",
     )
     parser.add_argument("--faults", type=float, default=0.0, help="fraction of faulty messages")
     parser.add_argument(
@@ -767,7 +914,7 @@ def main(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            return await run_live(settings, sensors, args.interval, stop)
+            return await run_live(settings, sensors, args.interval, stop, args.status_interval)
 
         summary = asyncio.run(live())
     else:
