@@ -7,6 +7,7 @@ own data directory, and stopped by the fixture that started it.
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from conftest import wait_until
+from f2pipe.connector import topic_mac
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_HOME = Path.home() / ".cache" / "f2pipe" / "kafka-4.1.1"
@@ -70,6 +72,7 @@ class Mosquitto:
             "max_queued_bytes 0\n"
             "max_inflight_messages 0\n"
             "max_packet_size 262144\n"
+            "sys_interval 1\n"
             f"log_dest file {self.workdir}/mosquitto.log\n"
             "log_type error\nlog_type warning\nlog_type notice\n" + self.extra
         )
@@ -360,3 +363,19 @@ class TestPki:
             "require_certificate true\nuse_identity_as_username true\n"
             "tls_version tlsv1.2\n"
         )
+
+
+def assert_all_delivered(ledger: list[dict[str, Any]], records: list[Any]) -> int:
+    """Every ledger message is in ``records`` exactly as published; return the duplicates."""
+    seen: collections.Counter[tuple[str, bytes]] = collections.Counter()
+    for record in records:
+        headers = dict(record.headers() or [])
+        topic = headers["mqtt.topic"].decode()
+        assert record.key() == topic_mac(topic)
+        assert headers["mqtt.qos"] == b"1"
+        assert headers["mqtt.retain"] == b"0"
+        assert int(headers["ingest.ts"]) > 1_700_000_000_000
+        seen[(topic, record.value())] += 1
+    missing = [e for e in ledger if (e["topic"], e["payload"].encode()) not in seen]
+    assert not missing, f"{len(missing)} acknowledged messages missing, e.g. {missing[:2]}"
+    return sum(seen.values()) - len(seen)

@@ -36,6 +36,7 @@ from mqtt_kafka import (
     KafkaServer,
     Mosquitto,
     TestPki,
+    assert_all_delivered,
     create_topics,
     ledger_entries,
     read_topic,
@@ -173,22 +174,6 @@ class Publisher(threading.Thread):
 
     def run(self) -> None:
         self.result = publish(*self.args, **self.kwargs)
-
-
-def assert_all_delivered(ledger: list[dict[str, Any]], records: list[Any]) -> int:
-    """Every ledger message is in ``records`` exactly as published; return the duplicates."""
-    seen: collections.Counter[tuple[str, bytes]] = collections.Counter()
-    for record in records:
-        headers = dict(record.headers() or [])
-        topic = headers["mqtt.topic"].decode()
-        assert record.key() == topic_mac(topic)
-        assert headers["mqtt.qos"] == b"1"
-        assert headers["mqtt.retain"] == b"0"
-        assert int(headers["ingest.ts"]) > 1_700_000_000_000
-        seen[(topic, record.value())] += 1
-    missing = [e for e in ledger if (e["topic"], e["payload"].encode()) not in seen]
-    assert not missing, f"{len(missing)} acknowledged messages missing, e.g. {missing[:2]}"
-    return sum(seen.values()) - len(seen)
 
 
 # --- the runner against the real servers ---
@@ -437,3 +422,49 @@ def test_simulate_command_publishes_exactly_count_with_faults(
     faults = collections.Counter(e["fault"] for e in entries)
     assert set(faults) == {None, "bad_crc", "bad_json", "unknown_mac", "duplicate", "clock_skew"}
     assert all(e["readings"] for e in entries if e["fault"] in (None, "duplicate"))
+
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_one_simulator_process_holds_2000_mtls_connections(broker: Mosquitto) -> None:
+    devices = 2000
+    pki = broker_pki[broker.port]
+    for sensor in generated_fleet(devices)[FLEET:]:
+        pki.device(sensor.mac)
+    cert, key = pki.service("svc-monitor")
+    connected: list[int] = []
+    monitor = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=unique("svc-monitor"))
+    monitor.tls_set_context(tls.client_context(pki.ca, cert, key))
+    monitor.on_message = lambda _c, _u, msg: connected.append(int(msg.payload))
+    monitor.connect("127.0.0.1", broker.port)
+    monitor.subscribe("$SYS/broker/clients/connected")
+    monitor.loop_start()
+    env = {
+        **os.environ,
+        "F2PIPE_MQTT_TLS": "true",
+        "F2PIPE_STATE_DIR": str(pki.root),
+        "F2PIPE_MQTT_PORT": str(broker.port),
+    }
+    simulator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "f2pipe.cli",
+            "simulate",
+            "--devices",
+            str(devices),
+            "--interval",
+            "30",
+        ],
+        env=env,
+    )
+    try:
+        # The monitor itself is one of the connected clients.
+        wait_until(lambda: connected and connected[-1] >= devices + 1, 180, 0.2, what="all up")
+        assert simulator.poll() is None
+    finally:
+        simulator.terminate()
+        code = simulator.wait(60)
+        monitor.loop_stop()
+        monitor.disconnect()
+    assert code == 0

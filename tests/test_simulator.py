@@ -12,10 +12,10 @@ import pytest
 
 from conftest import VECTORS
 from f2pipe.connector import topic_mac
+from f2pipe.frames import crc16_modbus
 from f2pipe.simulator import (
     FAULTS,
     Datapoint,
-    crc16_modbus,
     demo_fleet,
     generated_fleet,
     make_message,

@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "processor": ("f2pipe.processor", "decode raw frames into readings (stream processor)"),
     "dlq": ("f2pipe.dlq", "list, show or replay dead letters"),
     "sink": ("f2pipe.sink", "write processed readings from Kafka into the time-series database"),
+    "cmnd": ("f2pipe.cmnd", "send a command to a device (as svc-commander)"),
 }
 
 

@@ -6,7 +6,7 @@ controller, client id ``f2-<mac>``), so one process holds thousands of them.
 Frames follow SPEC sections 1 and 2: each sensor's template gives the
 datapoints; values random-walk inside a plausible range; the frame is a Modbus
 RTU response ``01 03 <count> <data> <crc lo> <crc hi>`` with a valid byte count
-and CRC-16/MODBUS.
+and CRC-16/MODBUS (:mod:`f2pipe.frames`).
 
 Load mode (``--count M``) publishes exactly M QoS 1 messages (as fast as the
 in-flight window allows, or at ``--rate R``), counts the broker's PUBACKs, and
@@ -35,12 +35,13 @@ import ssl
 import struct
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, Any
 
 from f2pipe import tls
+from f2pipe.frames import encode_modbus_response
 from f2pipe.logs import setup_logging
 from f2pipe.settings import Settings, get_settings
 
@@ -49,31 +50,9 @@ log = logging.getLogger("f2pipe.simulator")
 # --- frames (SPEC section 2) ---
 
 
-def _crc_table() -> list[int]:
-    table = []
-    for byte in range(256):
-        crc = byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-        table.append(crc)
-    return table
-
-
-_CRC_TABLE = _crc_table()
-
-
-def crc16_modbus(data: bytes) -> int:
-    """CRC-16/MODBUS (reflected poly 0xA001, init 0xFFFF)."""
-    crc = 0xFFFF
-    for byte in data:
-        crc = (crc >> 8) ^ _CRC_TABLE[(crc ^ byte) & 0xFF]
-    return crc
-
-
 def modbus_frame(data: bytes, address: int = 1, function: int = 3) -> bytes:
     """A Modbus RTU read response carrying ``data``, CRC appended low byte first."""
-    body = bytes((address, function, len(data))) + data
-    return body + struct.pack("<H", crc16_modbus(body))
+    return encode_modbus_response(address, function, data)
 
 
 # --- templates and values ---
@@ -336,6 +315,8 @@ class LeanClient:
         self._out = bytearray()
         self._tasks: list[asyncio.Task[None]] = []
         self.closed = asyncio.Event()
+        # Called as on_command(client, topic, payload) for each PUBLISH the broker sends.
+        self.on_command: Callable[[LeanClient, str, bytes], None] | None = None
 
     async def connect(self, clean: bool = True) -> None:
         reader, writer = await asyncio.open_connection(
@@ -420,17 +401,41 @@ class LeanClient:
                         shift += 7
                     if length < 0 or end - i < length:
                         break
-                    if buf[pos] & 0xF0 == 0x40:  # PUBACK
+                    kind = buf[pos] & 0xF0
+                    if kind == 0x40:  # PUBACK
                         message = self._inflight.pop((buf[i] << 8) | buf[i + 1], None)
                         if message is not None:
                             self.window.release()
                             self.on_ack(message)
+                    elif kind == 0x30:  # PUBLISH (a command for this device)
+                        self._incoming(buf[pos], bytes(buf[i : i + length]))
                     pos = i + length
                 buf = buf[pos:]
         except (ConnectionError, OSError):
             pass
         finally:
             self.closed.set()
+
+    def _incoming(self, command: int, body: bytes) -> None:
+        qos = (command >> 1) & 0x03
+        topic_end = 2 + ((body[0] << 8) | body[1])
+        topic = body[2:topic_end].decode("utf-8", "replace")
+        start = topic_end
+        if qos:
+            start += 2
+            if self._writer is not None:  # PUBACK (QoS 1; commands are not sent with QoS 2)
+                self._writer.write(b"\x40\x02" + body[topic_end:start])
+        if self.on_command is not None:
+            self.on_command(self, topic, body[start:])
+
+    def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        """Send SUBSCRIBE (the SUBACK is not awaited: commands simply start arriving)."""
+        if self._writer is None:
+            raise MqttError(f"{self.client_id}: not connected")
+        raw = topic_filter.encode()
+        body = struct.pack(">H", self._mid()) + struct.pack(">H", len(raw)) + raw + bytes((qos,))
+        self.flush()
+        self._writer.write(b"\x82" + _encode_length(len(body)) + body)
 
     async def _ping_loop(self) -> None:
         while not self.closed.is_set():
@@ -457,6 +462,90 @@ class LeanClient:
         for _ in range(len(self._inflight)):
             self.window.release()
         self._inflight.clear()
+
+
+async def connect_all(clients: Iterable[LeanClient], concurrency: int = 64) -> None:
+    """Connect every client, at most ``concurrency`` handshakes at a time (a burst of
+    thousands of TLS handshakes overflows the broker's accept queue and its CPU)."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one(client: LeanClient) -> None:
+        async with gate:
+            await client.connect()
+
+    await asyncio.gather(*(one(c) for c in clients))
+
+
+# --- certificates ---
+
+
+def device_cert_paths(settings: Settings, mac: str) -> tuple[Path, Path]:
+    """Where a simulated device keeps its identity: ``<state>/pki/devices/f2-<mac>.pem/.key``."""
+    devices = settings.pki_dir / "devices"
+    return devices / f"f2-{mac}.pem", devices / f"f2-{mac}.key"
+
+
+def provision_certificates(
+    settings: Settings, macs: Iterable[str], claiming_codes: dict[str, str] | None = None
+) -> int:
+    """Give every device in ``macs`` a certificate from certgen; return how many were issued.
+
+    The private key is generated here and never leaves (0600); certgen gets a
+    CSR for ``f2-<mac>`` with the device's claiming code when one is given, else
+    the operator's admin token. A device whose certificate and key already
+    exist is left alone, so a second run reuses them. The CA certificate from
+    the answer is written to ``<state>/pki/ca.pem`` if that file is missing.
+    Raises CertError naming the device and certgen's answer on a refusal.
+    """
+    import httpx
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    from f2pipe.certgen.auth import admin_token
+    from f2pipe.certgen.ca import generate_key, key_pem, write_private, write_public
+    from f2pipe.errors import CertError
+
+    codes = claiming_codes or {}
+    missing = [m for m in macs if not all(p.is_file() for p in device_cert_paths(settings, m))]
+    if not missing:
+        return 0
+    token = None if codes and all(m in codes for m in missing) else admin_token(settings, False)
+    ca_file = settings.pki_dir / "ca.pem"
+    verify: bool | ssl.SSLContext = (
+        ssl.create_default_context(cafile=str(ca_file)) if ca_file.is_file() else True
+    )
+    issued = 0
+    with httpx.Client(base_url=settings.certgen_url, verify=verify, timeout=30) as http:
+        for mac in missing:
+            key = generate_key()
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"f2-{mac}")]))
+                .sign(key, hashes.SHA256())
+            )
+            body: dict[str, str] = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+            headers = {}
+            if mac in codes:
+                body["claiming_code"] = codes[mac]
+            elif token is not None:
+                headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+            try:
+                answer = http.post(f"/v1/devices/{mac}/certificate", json=body, headers=headers)
+            except httpx.HTTPError as exc:
+                raise CertError(f"certgen at {settings.certgen_url} unreachable: {exc}") from None
+            if answer.status_code != 201:
+                detail = answer.json().get("detail") if answer.content else ""
+                raise CertError(f"certgen refused f2-{mac}: {answer.status_code} {detail}")
+            issued_cert = answer.json()
+            cert_path, key_path = device_cert_paths(settings, mac)
+            write_private(key_path, key_pem(key))
+            write_public(cert_path, issued_cert["certificate"].encode())
+            if not ca_file.is_file():
+                write_public(ca_file, issued_cert["ca_certificate"].encode())
+            issued += 1
+    log.info("device certificates issued", extra={"issued": issued})
+    return issued
 
 
 # --- load mode ---
@@ -487,10 +576,8 @@ def device_ssl_context(settings: Settings, mac: str) -> ssl.SSLContext | None:
     """A device's mTLS context from ``<state>/pki/devices/f2-<mac>.pem``/``.key``."""
     if not settings.mqtt_tls:
         return None
-    devices = settings.pki_dir / "devices"
-    return tls.client_context(
-        settings.pki_dir / "ca.pem", devices / f"f2-{mac}.pem", devices / f"f2-{mac}.key"
-    )
+    cert, key = device_cert_paths(settings, mac)
+    return tls.client_context(settings.pki_dir / "ca.pem", cert, key)
 
 
 def _schedule(
@@ -562,7 +649,7 @@ async def run_load(
                 sem,
                 on_ack,
             )
-    await asyncio.gather(*(c.connect() for c in clients.values()))
+    await connect_all(clients.values())
     start = time.perf_counter()
     try:
         batch = 0
@@ -607,53 +694,171 @@ async def run_load(
             if all(c.closed.is_set() or not c.unacknowledged for c in clients.values()):
                 break
             await asyncio.sleep(0.005)
+        if progress is not None:
+            progress(summary)
     finally:
         summary.elapsed = time.perf_counter() - start
         await asyncio.gather(*(c.close() for c in clients.values()))
     return summary
 
 
+# --- status components and commands (live mode) ---
+
+# The status components every simulated controller has, on a connector its sensors
+# leave free: (mode, component). Strikes and sirens obey commands; the rest change
+# on their own now and then.
+STATUS_CONNECTOR = 3
+STATUS_COMPONENTS = (
+    ("access-control-mode", "strike-1"),
+    ("access-control-mode", "door-sensors"),
+    ("access-control-mode", "exit-buttons"),
+    ("alarm-mode", "siren-1"),
+    ("alarm-mode", "motion-sensor-1"),
+)
+_SPONTANEOUS = ("door-sensors", "exit-buttons", "motion-sensor-1")
+
+
+def status_payload(component: str, state: bool, rng: random.Random) -> dict[str, Any]:
+    """The F2 status JSON of ``component`` (SPEC section 1), without its timestamp."""
+    if component == "door-sensors":
+        return {"door-sensor-1": state, "door-sensor-2": rng.random() < 0.5}
+    if component == "exit-buttons":
+        return {"exit-button-1": state, "exit-button-2": False}
+    return {"status": state}
+
+
+def status_message(mac: str, mode: str, component: str, body: dict[str, Any]) -> Message:
+    stamp = format_timestamp(datetime.now(UTC).replace(tzinfo=None))
+    topic = f"stat/f2-{mac}/{mode}/J{STATUS_CONNECTOR}/{component}"
+    payload = json.dumps({"timestamp": stamp, **body}).encode()
+    return Message(topic, payload, stamp, [], None, mac)
+
+
+def command_response(topic: str, payload: bytes) -> list[tuple[float, str, str, bool]]:
+    """What a controller does for one command: ``[(delay s, mode, component, state)]``.
+
+    ``{"power-flag": 0}`` switches a strike or siren off, ``1`` on, and ``2``
+    on for ``period`` seconds (default 3), then off. Other commands, and
+    malformed ones, get no answer (a real controller ignores them too).
+    """
+    levels = topic.split("/")
+    if len(levels) != 5 or levels[0] != "cmnd":
+        return []
+    _type, _device, mode, _connector, component = levels
+    if not component.startswith(("strike-", "siren-")):
+        return []
+    try:
+        body = json.loads(payload)
+        flag = int(body["power-flag"])
+        period = float(body.get("period", 3))
+    except (ValueError, TypeError, KeyError):
+        return []
+    if flag == 0:
+        return [(0.0, mode, component, False)]
+    if flag == 1:
+        return [(0.0, mode, component, True)]
+    if flag == 2 and period >= 0:
+        return [(0.0, mode, component, True), (period, mode, component, False)]
+    return []
+
+
 async def run_live(
-    settings: Settings, sensors: Sequence[Sensor], interval: float, stop: asyncio.Event
+    settings: Settings,
+    sensors: Sequence[Sensor],
+    interval: float,
+    stop: asyncio.Event,
+    status_interval: float = 60.0,
 ) -> Summary:
-    """Publish each sensor's telemetry every ``interval`` s (QoS 1) until ``stop`` is set."""
+    """Run the fleet until ``stop`` is set.
+
+    Each sensor publishes telemetry every ``interval`` s (QoS 1); each
+    controller changes a door, exit-button or motion status about every
+    ``status_interval`` s (0: never) and answers strike and siren commands on
+    ``cmnd/f2-<mac>/#`` by publishing the new status.
+    """
     rng = random.Random()  # noqa: S311 -- simulated values, not secrets
     summary = Summary()
     sem = asyncio.Semaphore(65535)
+    background: set[asyncio.Task[None]] = set()
 
     def on_ack(_m: Message) -> None:
         summary.acknowledged += 1
 
-    clients = {
-        s.mac: LeanClient(
-            settings.mqtt_host,
-            settings.mqtt_port,
-            f"f2-{s.mac}",
-            device_ssl_context(settings, s.mac),
-            sem,
-            on_ack,
-        )
-        for s in sensors
-    }
-    await asyncio.gather(*(c.connect() for c in clients.values()))
+    async def publish(client: LeanClient, message: Message, delay: float = 0.0) -> None:
+        if delay:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)
+        await sem.acquire()
+        if client.closed.is_set():
+            sem.release()
+            return
+        client.publish(message)
+        client.flush()
+        summary.published += 1
+
+    def spawn(coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    def on_command(client: LeanClient, topic: str, payload: bytes) -> None:
+        mac = client.client_id.removeprefix("f2-")
+        steps = command_response(topic, payload)
+        log.info("command", extra={"topic": topic, "answered": bool(steps)})
+        for delay, mode, component, state in steps:
+            message = status_message(mac, mode, component, status_payload(component, state, rng))
+            spawn(publish(client, message, delay))
+
+    clients: dict[str, LeanClient] = {}
+    for sensor in sensors:
+        if sensor.mac not in clients:
+            client = LeanClient(
+                settings.mqtt_host,
+                settings.mqtt_port,
+                f"f2-{sensor.mac}",
+                device_ssl_context(settings, sensor.mac),
+                sem,
+                on_ack,
+            )
+            client.on_command = on_command
+            clients[sensor.mac] = client
+    await connect_all(clients.values())
+    for mac, client in clients.items():
+        client.subscribe(f"cmnd/f2-{mac}/#")
     log.info("devices connected", extra={"connections": len(clients), "sensors": len(sensors)})
     start = time.perf_counter()
 
     async def sensor_loop(sensor: Sensor) -> None:
         # Spread the sensors over the interval so the load is even.
-        await asyncio.sleep(rng.uniform(0, interval))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), rng.uniform(0, interval))
         while not stop.is_set():
-            await sem.acquire()
-            clients[sensor.mac].publish(make_message(sensor, rng, None))
-            clients[sensor.mac].flush()
-            summary.published += 1
+            await publish(clients[sensor.mac], make_message(sensor, rng, None))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)
 
+    async def status_loop(mac: str, client: LeanClient) -> None:
+        states = dict.fromkeys(_SPONTANEOUS, False)
+        while status_interval > 0 and not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), rng.expovariate(1 / status_interval))
+            if stop.is_set():
+                return
+            component = rng.choice(_SPONTANEOUS)
+            states[component] = not states[component]
+            mode = "alarm-mode" if component.startswith("motion") else "access-control-mode"
+            body = status_payload(component, states[component], rng)
+            await publish(client, status_message(mac, mode, component, body))
+
     try:
-        await asyncio.gather(*(sensor_loop(s) for s in sensors))
+        await asyncio.gather(
+            *(sensor_loop(s) for s in sensors),
+            *(status_loop(mac, c) for mac, c in clients.items()),
+        )
     finally:
         summary.elapsed = time.perf_counter() - start
+        for task in list(background):
+            task.cancel()
         await asyncio.gather(*(c.close() for c in clients.values()))
     return summary
 
@@ -671,12 +876,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--interval", type=float, default=30.0, help="live mode: seconds per sensor"
     )
+    parser.add_argument(
+        "--status-interval",
+        type=float,
+        default=60.0,
+        help="live mode: mean seconds between status changes per controller (0: none)",
+    )
     parser.add_argument("--faults", type=float, default=0.0, help="fraction of faulty messages")
     parser.add_argument(
         "--ledger", type=Path, help="load mode: write acknowledged messages (JSONL)"
     )
     parser.add_argument("--seed", type=int, help="random seed (reproducible values and faults)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    parser.add_argument(
+        "--provision-certs",
+        action="store_true",
+        help="first obtain missing device certificates from certgen (CSR, admin token)",
+    )
     parser.add_argument("--log-level", default="WARNING")
     parser.set_defaults(func=main)
 
@@ -684,10 +900,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     setup_logging("simulator", args.log_level)
     settings = get_settings()
-    if args.window < 1 or args.window > 65535 * 4:
-        print("--window must be between 1 and 262140", file=sys.stderr)
+    if not 1 <= args.window <= 65535:
+        # 65,535 is the packet-id space of one connection, so no single one overflows it.
+        print("--window must be between 1 and 65535", file=sys.stderr)
         return 2
     sensors = generated_fleet(args.devices) if args.devices else demo_fleet()
+    if args.provision_certs:
+        provision_certificates(settings, dict.fromkeys(s.mac for s in sensors))
     if args.count is None:
         stop = asyncio.Event()
 
@@ -695,24 +914,38 @@ def main(args: argparse.Namespace) -> int:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
-            return await run_live(settings, sensors, args.interval, stop)
+            return await run_live(settings, sensors, args.interval, stop, args.status_interval)
 
         summary = asyncio.run(live())
     else:
         ledger = args.ledger.open("w") if args.ledger else None
         try:
-            summary = asyncio.run(
-                run_load(
-                    settings,
-                    sensors,
-                    args.count,
-                    rate=args.rate,
-                    window=args.window,
-                    fault_fraction=args.faults,
-                    ledger=ledger,
-                    seed=args.seed,
+            with contextlib.ExitStack() as stack:
+                progress = None
+                if sys.stderr.isatty() and not args.json:
+                    # A live bar for a person at a terminal; logs stay quiet and structured.
+                    from rich.console import Console
+                    from rich.progress import Progress
+
+                    bar = stack.enter_context(Progress(console=Console(stderr=True)))
+                    task = bar.add_task("acknowledged by the broker", total=args.count)
+
+                    def progress(summary: Summary) -> None:
+                        bar.update(task, completed=summary.acknowledged)
+
+                summary = asyncio.run(
+                    run_load(
+                        settings,
+                        sensors,
+                        args.count,
+                        rate=args.rate,
+                        window=args.window,
+                        fault_fraction=args.faults,
+                        ledger=ledger,
+                        seed=args.seed,
+                        progress=progress,
+                    )
                 )
-            )
         finally:
             if ledger is not None:
                 ledger.close()
