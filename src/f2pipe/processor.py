@@ -297,6 +297,7 @@ class Processor:
         self._last_hits = dict.fromkeys(TIERS, 0)
         self._last_misses = dict.fromkeys(TIERS, 0)
         self._lag_at = 0.0
+        self._synced_at = 0.0  # monotonic time of the last metadata version read
         self._pending: dict[tuple[str, int], int] = {}  # offsets produced, not yet committed
 
     # --- control ---
@@ -357,11 +358,23 @@ class Processor:
                 batch = self._poll(settings.processor_poll_timeout_s)
                 if batch:
                     self._handle_batch(batch)
+                    self._synced_at = time.monotonic()
+                elif time.monotonic() - self._synced_at > 5.0:
+                    self._idle_sync()
                 self._update_lag()
         except _Stopping:
             log.info("stopping with a batch uncommitted; it will be consumed again")
         finally:
             self._close()
+
+    def _idle_sync(self) -> None:
+        # With no traffic, still probe the metadata database now and then so /readyz
+        # tells the truth and the caches do not hold a stale version until the next batch.
+        self._synced_at = time.monotonic()
+        try:
+            METADATA_VERSION.set(self.resolver.sync())
+        except MetadataUnavailable as exc:
+            log.warning("metadata database unreachable while idle", extra={"error": str(exc)})
 
     def _poll(self, timeout: float) -> list[Message]:
         msgs = self.consumer.consume(
