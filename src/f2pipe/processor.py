@@ -196,16 +196,15 @@ def reading_key(device_id: int, datapoint_id: int) -> bytes:
     return b"%d:%d" % (device_id, datapoint_id)
 
 
-# The processed value, formatted directly: a dict through orjson per reading cost about
-# three times as much. ``%r`` of a float is its shortest round-trip repr, valid JSON
-# because decoding never lets a NaN or an infinity through; ts is orjson's RFC 3339 text.
-_VALUE: Final = b'{"v":1,"ts":%s,"device_id":%d,"datapoint_id":%d,"value":%r}'
-
-
 def reading_value(device_id: int, reading: Reading) -> bytes:
-    """Value of a processed record (SPEC section 4), JSON version 1; deterministic."""
+    """Value of a processed record (SPEC section 4), JSON version 1; deterministic.
+
+    ``ts`` is orjson's RFC 3339 text of the aware UTC timestamp (``+00:00``).
+    """
     datapoint_id, ts, value = reading
-    return _VALUE % (orjson.dumps(ts), device_id, datapoint_id, float(value))
+    return orjson.dumps(
+        {"v": 1, "ts": ts, "device_id": device_id, "datapoint_id": datapoint_id, "value": value}
+    )
 
 
 # --- the runner ------------------------------------------------------------------------
@@ -472,15 +471,19 @@ class Processor:
             outcome = handle(topic, msg.value(), now)
             if type(outcome) is Decoded:
                 device_id = outcome.device_id
-                last_ts: datetime | None = None
-                ts_json = b""
                 for datapoint_id, ts, value in outcome.readings:
-                    if ts is not last_ts:  # one timestamp per message: format it once
-                        last_ts, ts_json = ts, dumps(ts)
                     outputs.append(
                         (
                             b"%d:%d" % (device_id, datapoint_id),
-                            _VALUE % (ts_json, device_id, datapoint_id, float(value)),
+                            dumps(
+                                {
+                                    "v": 1,
+                                    "ts": ts,
+                                    "device_id": device_id,
+                                    "datapoint_id": datapoint_id,
+                                    "value": value,
+                                }
+                            ),
                         )
                     )
             elif type(outcome) is Rejected:
@@ -541,13 +544,12 @@ class Processor:
             raise KafkaException(f"records not delivered: {errors[:3]}")
 
     def _batch_offsets(self, batch: list[Message]) -> list[TopicPartition]:
-        last: dict[tuple[str, int], int] = {}
+        # One topic; a partition's records arrive in offset order, so the last one seen wins.
+        last: dict[int, int] = {}
         for msg in batch:
-            key = (msg.topic() or "", msg.partition() or 0)
-            offset = msg.offset() or 0
-            if offset >= last.get(key, -1):
-                last[key] = offset
-        return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+            last[msg.partition()] = msg.offset()  # type: ignore[index,assignment]
+        topic = self.settings.topic_raw
+        return [TopicPartition(topic, p, o + 1) for p, o in last.items()]
 
     def _commit(self, batch: list[Message]) -> None:
         offsets = self._batch_offsets(batch)
