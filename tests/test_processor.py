@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,3 +257,46 @@ def test_unknown_device_registered_later_decodes_and_replay_recovers_its_dead_le
         assert len(dead.poll()) == 3  # nothing replayed failed again
     finally:
         proc.stop()
+
+
+def _status(port: int, path: str) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def test_transactional_mode_commits_outputs_and_offsets_together(
+    fresh_db: str, fleet: Fleet, topics: Topics, tmp_path: Path
+) -> None:
+    template = fleet.template("env", "modbus_crc", ENV_DATAPOINTS)
+    macs = [f"7a00000000{i:02x}" for i in range(4)]
+    for mac in macs:
+        fleet.controller(mac)
+        fleet.wire(mac, 1, 1, fleet.sensor(f"s-{mac}", template))
+    publisher = Publisher(topics.raw)
+    for seq in range(1, 41):
+        publisher.send(f"tele/f2-{macs[seq % 4]}/sensor-mode/J1/sensor-1", env_payload(seq))
+    publisher.flush()
+    env = processor_env(fresh_db, topics, F2PIPE_PROCESSOR_TRANSACTIONS="true")
+    proc = ProcessorProcess(env, tmp_path / "processor.log")
+    out = TopicReader(topics.processed)  # read_committed: sees committed transactions only
+    try:
+        wait_until(lambda: len(out.poll()) >= 120, 60, what="transactional readings")
+        wait_until(lambda: _status(proc.port, "/readyz") == 200, 10, what="ready")
+        assert _status(proc.port, "/healthz") == 200
+    finally:
+        assert proc.stop() == 0
+    # The offsets were committed with the outputs: a restart re-reads nothing.
+    proc.start()
+    try:
+        publisher.send(f"tele/f2-{macs[0]}/sensor-mode/J1/sensor-1", env_payload(41))
+        publisher.flush()
+        wait_until(lambda: len(out.poll()) >= 123, 60, what="the next message")
+    finally:
+        proc.stop()
+    assert len(out.poll()) == 123
+    assert len(_readings(out)) == 123

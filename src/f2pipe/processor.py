@@ -196,16 +196,15 @@ def reading_key(device_id: int, datapoint_id: int) -> bytes:
     return b"%d:%d" % (device_id, datapoint_id)
 
 
-# The processed value, formatted directly: a dict through orjson per reading cost about
-# three times as much. ``%r`` of a float is its shortest round-trip repr, valid JSON
-# because decoding never lets a NaN or an infinity through; ts is orjson's RFC 3339 text.
-_VALUE: Final = b'{"v":1,"ts":%s,"device_id":%d,"datapoint_id":%d,"value":%r}'
-
-
 def reading_value(device_id: int, reading: Reading) -> bytes:
-    """Value of a processed record (SPEC section 4), JSON version 1; deterministic."""
+    """Value of a processed record (SPEC section 4), JSON version 1; deterministic.
+
+    ``ts`` is orjson's RFC 3339 text of the aware UTC timestamp (``+00:00``).
+    """
     datapoint_id, ts, value = reading
-    return _VALUE % (orjson.dumps(ts), device_id, datapoint_id, float(value))
+    return orjson.dumps(
+        {"v": 1, "ts": ts, "device_id": device_id, "datapoint_id": datapoint_id, "value": value}
+    )
 
 
 # --- the runner ------------------------------------------------------------------------
@@ -297,6 +296,7 @@ class Processor:
         self._last_hits = dict.fromkeys(TIERS, 0)
         self._last_misses = dict.fromkeys(TIERS, 0)
         self._lag_at = 0.0
+        self._synced_at = 0.0  # monotonic time of the last metadata version read
         self._pending: dict[tuple[str, int], int] = {}  # offsets produced, not yet committed
 
     # --- control ---
@@ -357,11 +357,23 @@ class Processor:
                 batch = self._poll(settings.processor_poll_timeout_s)
                 if batch:
                     self._handle_batch(batch)
+                    self._synced_at = time.monotonic()
+                elif time.monotonic() - self._synced_at > 5.0:
+                    self._idle_sync()
                 self._update_lag()
         except _Stopping:
             log.info("stopping with a batch uncommitted; it will be consumed again")
         finally:
             self._close()
+
+    def _idle_sync(self) -> None:
+        # With no traffic, still probe the metadata database now and then so /readyz
+        # tells the truth and the caches do not hold a stale version until the next batch.
+        self._synced_at = time.monotonic()
+        try:
+            METADATA_VERSION.set(self.resolver.sync())
+        except MetadataUnavailable as exc:
+            log.warning("metadata database unreachable while idle", extra={"error": str(exc)})
 
     def _poll(self, timeout: float) -> list[Message]:
         msgs = self.consumer.consume(
@@ -459,15 +471,19 @@ class Processor:
             outcome = handle(topic, msg.value(), now)
             if type(outcome) is Decoded:
                 device_id = outcome.device_id
-                last_ts: datetime | None = None
-                ts_json = b""
                 for datapoint_id, ts, value in outcome.readings:
-                    if ts is not last_ts:  # one timestamp per message: format it once
-                        last_ts, ts_json = ts, dumps(ts)
                     outputs.append(
                         (
                             b"%d:%d" % (device_id, datapoint_id),
-                            _VALUE % (ts_json, device_id, datapoint_id, float(value)),
+                            dumps(
+                                {
+                                    "v": 1,
+                                    "ts": ts,
+                                    "device_id": device_id,
+                                    "datapoint_id": datapoint_id,
+                                    "value": value,
+                                }
+                            ),
                         )
                     )
             elif type(outcome) is Rejected:
@@ -528,13 +544,12 @@ class Processor:
             raise KafkaException(f"records not delivered: {errors[:3]}")
 
     def _batch_offsets(self, batch: list[Message]) -> list[TopicPartition]:
-        last: dict[tuple[str, int], int] = {}
+        # One topic; a partition's records arrive in offset order, so the last one seen wins.
+        last: dict[int, int] = {}
         for msg in batch:
-            key = (msg.topic() or "", msg.partition() or 0)
-            offset = msg.offset() or 0
-            if offset >= last.get(key, -1):
-                last[key] = offset
-        return [TopicPartition(t, p, o + 1) for (t, p), o in last.items()]
+            last[msg.partition()] = msg.offset()  # type: ignore[index,assignment]
+        topic = self.settings.topic_raw
+        return [TopicPartition(topic, p, o + 1) for p, o in last.items()]
 
     def _commit(self, batch: list[Message]) -> None:
         offsets = self._batch_offsets(batch)
