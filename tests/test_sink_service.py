@@ -523,3 +523,24 @@ def test_sigterm_writes_the_open_batch_and_commits_it(
     consumer.close()
     assert sum(max(tp.offset, 0) for tp in committed) == 500
     assert "stopping: writing the open batch" in sink.logs()
+
+
+def test_a_second_sink_joining_and_the_first_leaving_loses_and_duplicates_nothing(
+    fresh_db: str, topics: Topics, sinks: list[SinkProcess], tmp_path: Path
+) -> None:
+    records = readings(0, 30000)
+    small = {"F2PIPE_SINK_BATCH_ROWS": "1000", "F2PIPE_SINK_BATCH_AGE_MS": "200"}
+    first = start(sinks, fresh_db, topics, tmp_path, **small)
+    produce(topics.processed, records[:15000])
+    wait_until(lambda: count(fresh_db) >= 3000, timeout=120, what="some rows stored")
+    second = start(sinks, fresh_db, topics, tmp_path, **small)  # partitions move
+    produce(topics.processed, records[15000:])
+    wait_until(
+        lambda: second.metric("f2pipe_sink_records_consumed_total") > 0,
+        timeout=120,
+        what="the second sink taking partitions",
+    )
+    assert first.terminate() == 0  # the rest moves to the second sink
+    wait_until(lambda: count(fresh_db) == 30000, timeout=180, what="all rows")
+    assert stored(fresh_db) == expected_rows(records)
+    assert second.terminate() == 0
