@@ -14,8 +14,9 @@ Writes ``bench/sink.json``. For each batch size:
   from a Kafka topic (fresh consumer group), parsing, writing (optimistic
   direct COPY, latest_readings), dead-lettering nothing and committing
   offsets; rows/s from its first consumed record to its last commit, plus
-  per-batch write latency and record latency (first record of a batch
-  consumed -> offsets committed).
+  per-batch write latency (database: end of the streamed COPY, staging
+  fallback if any, latest_readings, COMMIT) and batch latency (first record
+  of a batch consumed -> its offsets committed).
 - ``sink_redelivery``: the same records consumed again by another group, so
   every batch conflicts and takes the staging path (every row a duplicate).
 
@@ -138,16 +139,19 @@ class TimedSink(sinkmod.Sink):
             self.first = time.monotonic()
         super()._add(messages)
 
-    def _flush(self) -> None:
-        started = self.batch.started
-        n = len(self.batch)
+    def _timed_finish(self, writer: sinkmod.Writer, rows: Any) -> sinkmod.WriteResult:
         t0 = time.monotonic()
-        super()._flush()
+        try:
+            return super()._timed_finish(writer, rows)
+        finally:
+            self.writes.append(time.monotonic() - t0)
+
+    def _complete(self, batch: sinkmod.Batch, result: sinkmod.WriteResult) -> None:
+        super()._complete(batch, result)
         now = time.monotonic()
-        self.writes.append(now - t0)
-        self.record_latency.append(now - started)
+        self.record_latency.append(now - batch.started)
         self.last_commit = now
-        self.committed += n
+        self.committed += len(batch)
 
 
 def run_sink(settings: Any, rows: int, policy: sinkmod.CommitPolicy) -> dict[str, Any]:

@@ -535,12 +535,16 @@ def test_a_second_sink_joining_and_the_first_leaving_loses_and_duplicates_nothin
     wait_until(lambda: count(fresh_db) >= 3000, timeout=120, what="some rows stored")
     second = start(sinks, fresh_db, topics, tmp_path, **small)  # partitions move
     produce(topics.processed, records[15000:])
-    wait_until(
-        lambda: second.metric("f2pipe_sink_records_consumed_total") > 0,
-        timeout=120,
-        what="the second sink taking partitions",
-    )
-    assert first.terminate() == 0  # the rest moves to the second sink
-    wait_until(lambda: count(fresh_db) == 30000, timeout=180, what="all rows")
+    try:
+        wait_until(
+            lambda: second.metric("f2pipe_sink_records_consumed_total") > 0,
+            timeout=120,
+            what="the second sink taking partitions",
+        )
+        assert first.terminate() == 0  # the rest moves to the second sink
+        wait_until(lambda: count(fresh_db) == 30000, timeout=180, what="all rows")
+    except (pytest.fail.Exception, AssertionError):
+        print(first.logs(), second.logs(), count(fresh_db), sep="\n")
+        raise
     assert stored(fresh_db) == expected_rows(records)
     assert second.terminate() == 0

@@ -43,6 +43,7 @@ import signal
 import struct
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -253,11 +254,11 @@ class Writer:
     broke during COMMIT, the outcome is unknown, which the idempotent retry absorbs).
     """
 
-    def __init__(self, dsn: str, *, direct_copy: bool = True) -> None:
+    def __init__(self, dsn: str, *, direct_copy: bool = True, announce: bool = True) -> None:
         self._dsn = dsn
         self._conn: psycopg.Connection[Any] | None = None
         self._direct_copy = direct_copy
-        self._connected_once = False
+        self._connected_once = not announce
         self._stream: ExitStack | None = None  # the open direct COPY of the current batch
         self._streamed = 0  # rows sent into it
         self._stream_failed = False
@@ -571,13 +572,28 @@ class Sink:
 
     :meth:`run` blocks until :meth:`stop` (or SIGTERM/SIGINT via :func:`main`),
     then writes the open batch, commits, and closes everything.
+
+    Two batches overlap: while one commits on a background thread (its own
+    connection), the next is consumed and streamed into a COPY on the other
+    connection. Everything that touches Kafka stays on the loop's thread, and
+    batches are settled (counted, dead-lettered, offsets committed) strictly
+    in order: a batch's offsets are committed only after its own database
+    commit and after every earlier batch's.
     """
 
     def __init__(self, settings: Settings, policy: CommitPolicy | None = None) -> None:
         self.settings = settings
         self.policy = policy or CommitPolicy.from_settings(settings)
         self.backoff = Backoff(cap_s=settings.sink_backoff_max_ms / 1000)
-        self.writer = Writer(settings.timeseries_dsn)
+        self._writers = (
+            Writer(settings.timeseries_dsn),
+            Writer(settings.timeseries_dsn, announce=False),
+        )
+        self.writer = self._writers[0]  # the open batch streams into this one
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink-commit")
+        # The batch committing in the background: (batch, its writer, its outcome).
+        self._inflight: tuple[Batch, Writer, Future[WriteResult]] | None = None
+        self._retrying: Batch | None = None  # a batch being retried through an outage
         self.consumer = Consumer(
             consumer_config(
                 settings,
@@ -625,6 +641,7 @@ class Sink:
             if len(self.batch):
                 log.info("stopping: writing the open batch", extra={"records": len(self.batch)})
                 self._flush()
+            self._settle()
         finally:
             self._close()
         return 0
@@ -640,7 +657,9 @@ class Sink:
                 self._sleep(next(delays))
 
     def _close(self) -> None:
-        self.writer.close()
+        self._committer.shutdown(wait=True)
+        for writer in self._writers:
+            writer.close()
         remaining = self.producer.flush(10)
         if remaining:
             log.error("dead letters not acknowledged at exit", extra={"records": remaining})
@@ -649,17 +668,23 @@ class Sink:
     # -- the loop --
 
     def _poll_once(self) -> None:
-        batch = self.batch
-        room = self.policy.max_rows - len(batch)
         # At most 0.5 s: the signal handler runs (and the stop flag is seen)
         # only between calls into librdkafka.
         timeout = 0.5
+        if self._inflight is not None:
+            if self._inflight[2].done():
+                self._settle()  # commit its offsets now, not when the next batch is full
+            else:
+                timeout = 0.02
+        batch = self.batch
+        room = self.policy.max_rows - len(batch)
         if len(batch):
             age = time.monotonic() - batch.started
             timeout = min(timeout, max(0.0, self.policy.max_age_s - age))
         messages = self.consumer.consume(num_messages=max(room, 1), timeout=timeout)
         if messages:
             self._add(messages)
+        batch = self.batch  # a rebalance callback inside consume() may have replaced it
         if len(batch) and (
             len(batch) >= self.policy.max_rows
             or time.monotonic() - batch.started >= self.policy.max_age_s
@@ -695,26 +720,53 @@ class Sink:
             self.writer.stream(batch.rows[first:])
 
     def _flush(self) -> None:
-        """Write the batch, dead-letter its rejects, commit its offsets; retry until done.
+        """Hand the open batch to the committer; first settle the one before it.
 
-        Returns with the batch empty, or (only when stopping during an outage)
-        without committing: the records are then re-read on the next start.
+        Blocks only while the previous batch is still committing (or, during
+        a database outage, until it is written). If stopping during an outage,
+        returns without committing: those records are re-read on the next start.
         """
         batch = self.batch
         BATCH_ROWS.observe(len(batch))
         BATCH_AGE.observe(time.monotonic() - batch.started)
-        result = WriteResult(0, [])
-        if batch.rows:
-            written = self._write_with_backpressure(batch)
-            if written is None:
-                return
-            result = written
-        self._complete(result)
+        if not self._settle():
+            return
+        self.batch = Batch()
+        if not batch.rows:  # nothing for the database (only unparseable records)
+            self._complete(batch, WriteResult(0, []))
+            return
+        writer = self.writer
+        self.writer = self._writers[1] if writer is self._writers[0] else self._writers[0]
+        future = self._committer.submit(self._timed_finish, writer, batch.rows)
+        self._inflight = (batch, writer, future)
 
-    def _complete(self, result: WriteResult) -> None:
+    def _timed_finish(self, writer: Writer, rows: Sequence[Row]) -> WriteResult:
+        started = time.monotonic()
+        result = writer.finish(rows)
+        WRITE_SECONDS.observe(time.monotonic() - started)
+        return result
+
+    def _settle(self) -> bool:
+        """Wait for the batch committing in the background, then complete it.
+
+        False only when stopping during a database outage (nothing committed).
+        """
+        if self._inflight is None:
+            return True
+        batch, writer, future = self._inflight
+        self._inflight = None
+        try:
+            result = future.result()
+        except DatabaseUnavailable as exc:
+            written = self._write_with_backpressure(batch, writer, exc)
+            if written is None:
+                return False
+            result = written
+        self._complete(batch, result)
+        return True
+
+    def _complete(self, batch: Batch, result: WriteResult) -> None:
         """After the database commit: count, dead-letter the rejects, commit offsets."""
-        # self.batch, not a saved reference: records added while paused belong to it.
-        batch = self.batch
         ROWS_WRITTEN.inc(result.inserted)
         DUPLICATES.inc(len(batch.rows) - len(result.rejected) - result.inserted)
         if result.fallback:
@@ -724,39 +776,47 @@ class Sink:
         if rejected:
             self._dead_letter(rejected)
         self._commit(batch.offsets)
-        self.batch = Batch()
 
-    def _write_with_backpressure(self, batch: Batch) -> WriteResult | None:
+    def _write_with_backpressure(
+        self, batch: Batch, writer: Writer, error: DatabaseUnavailable
+    ) -> WriteResult | None:
+        """Retry ``batch`` until it is written, consumption paused meanwhile.
+
+        None when stopping first (nothing committed). Runs on the loop's
+        thread, which keeps serving the consumer between attempts.
+        """
+        self._retrying = batch
         delays = self.backoff.delays()
-        while True:
-            started = time.monotonic()
-            try:
-                result = self.writer.finish(batch.rows)
-            except DatabaseUnavailable as exc:
+        try:
+            while True:
                 DB_RETRIES.inc()
                 if not self._in_backpressure:
                     log.warning(
                         "database unavailable: pausing consumption, keeping the batch",
-                        extra={"error": str(exc)[:300], "records": len(batch)},
+                        extra={"error": str(error)[:300], "records": len(batch)},
                     )
                     self._pause()
                 if self._stopping:
                     log.warning(
                         "stopping during a database outage: batch not written, offsets not"
                         " committed; it will be re-read on restart",
-                        extra={"records": len(self.batch)},
+                        extra={"records": len(batch) + len(self.batch)},
                     )
                     return None
                 self._wait_paused(next(delays))
-                batch = self.batch
-                if not batch.rows:
+                if not batch.rows:  # every partition of it was revoked meanwhile
                     return WriteResult(0, [])
-                continue
-            WRITE_SECONDS.observe(time.monotonic() - started)
-            if self._in_backpressure:
-                log.info("database available again: resuming consumption")
-                self._resume()
-            return result
+                try:
+                    result = self._timed_finish(writer, batch.rows)
+                except DatabaseUnavailable as exc:
+                    error = exc
+                    continue
+                if self._in_backpressure:
+                    log.info("database available again: resuming consumption")
+                    self._resume()
+                return result
+        finally:
+            self._retrying = None
 
     def _pause(self) -> None:
         self._in_backpressure = True
@@ -885,14 +945,18 @@ class Sink:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
-        if not self._in_backpressure and len(self.batch):
+        settled = self._settle_for_rebalance(gone)
+        if settled and not self._in_backpressure and self.batch.rows:
             # Hand over cleanly: write what we hold, so the next owner starts after it.
+            batch = self.batch
             try:
-                result = self.writer.finish(self.batch.rows)
+                result = self.writer.finish(batch.rows)
             except DatabaseUnavailable:
-                self.batch.drop_partitions(gone)
+                batch.drop_partitions(gone)
+                self.writer.abandon()
             else:
-                self._complete(result)
+                self.batch = Batch()
+                self._complete(batch, result)
         else:
             self.batch.drop_partitions(gone)
             self.writer.abandon()
@@ -901,9 +965,31 @@ class Sink:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
+        self._settle_for_rebalance(gone)
         self.batch.drop_partitions(gone)
         self.writer.abandon()
         log.warning("partitions lost", extra={"partitions": [tp.partition for tp in partitions]})
+
+    def _settle_for_rebalance(self, gone: set[tuple[str, int]]) -> bool:
+        """Finish the background batch inside a rebalance callback, without retrying.
+
+        On a database error the batch forgets the partitions in ``gone`` (their
+        next owner re-reads them) and stays queued for the normal retry.
+        Returns whether nothing is left in flight.
+        """
+        if self._retrying is not None:
+            self._retrying.drop_partitions(gone)
+        if self._inflight is None:
+            return True
+        batch, _writer, future = self._inflight
+        try:
+            result = future.result()  # the thread is done with the batch after this
+        except DatabaseUnavailable:
+            batch.drop_partitions(gone)
+            return False
+        self._inflight = None
+        self._complete(batch, result)
+        return True
 
     def _on_kafka_error(self, err: KafkaError) -> None:
         log.warning("kafka", extra={"error": str(err)})
