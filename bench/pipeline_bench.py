@@ -487,14 +487,14 @@ def main() -> int:
     bench = Bench(settings, workdir)
     try:
         log(f"starting the pipeline in {workdir}")
-        services.up(settings, STAGES, quiet=True)
-        # Every row's commit time, for the latency (needs a restart of PostgreSQL).
+        # Every row's commit time, for the latency: set before the stages connect, since
+        # it takes a restart of PostgreSQL.
+        stack.up(settings, ["postgres"])
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
         server = stack.Postgres(settings, stack.Paths(settings.state_dir))
         server.stop()
-        server.start()
-        server.wait_healthy()
+        services.up(settings, STAGES, quiet=True)
         bench.publish(2000, None, "warmup")
         bench.wait_drained()
 
