@@ -391,8 +391,7 @@ class Server(abc.ABC):
     def _wait_gone(self, pid: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._proc is not None and self._proc.pid == pid:
-                self._proc.poll()  # reap our own child so it does not linger as a zombie
+            reap()  # our own children must not linger as zombies
             if _start_time(pid) is None:
                 return True
             time.sleep(0.1)

@@ -24,6 +24,7 @@ import time
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -183,11 +184,12 @@ def _rss_mb(pid: int | None) -> float | None:
     if pid is None:
         return None
     try:
-        for line in open(f"/proc/{pid}/status"):  # noqa: SIM115 - tiny file, read once
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return None
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
     return None
 
 
