@@ -85,6 +85,23 @@ def cpu_seconds(pid: int | None) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def tree_cpu_seconds(pid: int | None) -> float:
+    """CPU of ``pid`` and its live children (PostgreSQL works in its backends)."""
+    if pid is None:
+        return 0.0
+    total = cpu_seconds(pid)
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / TICK
+    return total
+
+
 def peak_rss_mb(pid: int | None) -> float | None:
     if pid is None:
         return None
@@ -182,7 +199,7 @@ class Bench:
         count = int(rate * duration)
         log(f"{name}: {rate:.0f} frames/s for {duration:.0f} s ({count} messages)")
         pids = self.pids()
-        cpu0 = {n: cpu_seconds(p) for n, p in pids.items()}
+        cpu0 = {n: tree_cpu_seconds(p) for n, p in pids.items()}
         c0 = self.counters()
         rows0 = self.stored()
         since = datetime.now(UTC)
@@ -203,12 +220,10 @@ class Bench:
             stop.set()
             sampler.join()
         published_at = time.monotonic()
-        c1 = self.counters()
-        cpu1 = {n: cpu_seconds(p) for n, p in pids.items()}
-        t1 = time.monotonic()
         done = self.wait_drained()
+        c1 = self.counters()
+        cpu1 = {n: tree_cpu_seconds(p) for n, p in pids.items()}
         rows1 = self.stored()
-        elapsed = t1 - t0
         with psycopg.connect(self.dsn) as conn:
             window = conn.execute(
                 "SELECT extract(epoch FROM max(pg_xact_commit_timestamp(xmin)) - min(timestamp))"
@@ -217,6 +232,8 @@ class Bench:
             ).fetchone()
         # First publish (the earliest message timestamp) to the last row's commit.
         span = float(window[0]) if window and window[0] is not None else done - t0
+        # Counters and CPU were read after the drain: per second of the same span.
+        elapsed = span
         kept = summary["acknowledged"] / max(summary["elapsed_s"], 1e-6)
         third = max(1, len(lag_samples) // 3)
         early = sum(lag_samples[:third]) / third if lag_samples else 0
@@ -431,7 +448,7 @@ def versions(dsn: str) -> dict[str, str]:
         "kafka": stack.kafka_version(),
         "mosquitto": _first_line([mosquitto, "-h"]),
         "redis": _first_line(["redis-server", "--version"]),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": metadata.version("confluent-kafka"),
         "librdkafka": confluent_kafka.libversion()[0],
         "psycopg": psycopg.__version__,
     }
@@ -481,7 +498,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"| ceiling: binary COPY rows/s | {ceil['copy_rows_per_s']:,.0f} |",
         f"| ceiling: COPY + ON CONFLICT rows/s | {ceil['copy_upsert_rows_per_s']:,.0f} |",
         "",
-        "CPU share of the two cores during the sustained phase, and peak memory:",
+        "CPU share of the two cores during the sustained phase (PostgreSQL with its"
+        " backends), and peak memory (PostgreSQL: the postmaster):",
         "",
         "| process | CPU share | CPU us per frame | peak RSS MB |",
         "| --- | --- | --- | --- |",
