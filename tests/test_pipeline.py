@@ -471,3 +471,34 @@ def test_up_revives_a_killed_stage_and_status_sees_it(shared_pipeline: Settings)
     assert revived != pid
     health = {h.name: h for h in status.report(settings, interval=0.5).health}
     assert all(health[name].up for name in STAGES)
+
+
+def test_up_starts_certgen_and_the_live_demo_and_status_exits_zero(
+    shared_pipeline: Settings,
+) -> None:
+    settings = shared_pipeline
+    started = services.up(settings, ["certgen", "simulator"], quiet=True, servers=["mosquitto"])
+    assert started.services == ["certgen", "simulator"]
+
+    # The live simulator publishes the demo fleet; its readings land with names and units.
+    def several() -> list[tuple[Any, ...]] | None:
+        rows = status.latest_readings(settings) or []
+        return rows if len(rows) >= 4 else None
+
+    latest = wait_until(several, timeout=60, what="live demo readings in latest_readings_named")
+    devices = {device for _ts, device, _label, _value, _unit in latest}
+    assert "Living Room Env Sensor" in devices
+    assert all(unit for *_rest, unit in latest)
+
+    env = {**os.environ, **services.settings_env(settings)}
+    out = subprocess.run(
+        [sys.executable, "-m", "f2pipe.cli", "status", "--json", "--interval", "1"],
+        env=env,
+        capture_output=True,
+        check=False,
+        timeout=120,
+    )
+    report = json.loads(out.stdout)
+    assert out.returncode == 0, report["problems"]
+    assert {h["name"] for h in report["health"] if h["up"]} >= {*services.NAMES, "mosquitto"}
+    assert report["rates"]["mqtt_received"] > 0
