@@ -29,6 +29,7 @@ Contracts:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import time
@@ -337,8 +338,14 @@ def _run_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def _say(text: str) -> None:
+    """Print, unless the terminal is gone (closed window): stopping must go on regardless."""
+    with contextlib.suppress(OSError):
+        print(text, flush=True)
+
+
 def _run_foreground(args: argparse.Namespace) -> int:
-    """``up``, a live view until Ctrl-C (or SIGTERM), then stop what this call started."""
+    """``up``, a live view until Ctrl-C (or SIGTERM, SIGHUP), then stop what this call started."""
     from f2pipe.status import live
 
     settings = load_settings()
@@ -347,6 +354,7 @@ def _run_foreground(args: argparse.Namespace) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, terminate)
+    signal.signal(signal.SIGHUP, terminate)  # the terminal was closed
     started = Started()
     try:
         up(settings, started=started)
@@ -354,12 +362,13 @@ def _run_foreground(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        # A second Ctrl-C while stopping would leave processes behind: finish first.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        print("\nstopping what this run started ...")
+        # A second Ctrl-C, or the terminal closing, would leave processes behind: finish.
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        _say("\nstopping what this run started ...")
         began = time.monotonic()
-        down(settings, only=started)
-        print(f"stopped in {time.monotonic() - began:.1f} s")
+        stopped = down(settings, only=started, quiet=True)
+        _say(f"stopped {', '.join(stopped) or 'nothing'} in {time.monotonic() - began:.1f} s")
     return 0
 
 
