@@ -502,3 +502,4 @@ def test_up_starts_certgen_and_the_live_demo_and_status_exits_zero(
     assert out.returncode == 0, report["problems"]
     assert {h["name"] for h in report["health"] if h["up"]} >= {*services.NAMES, "mosquitto"}
     assert report["rates"]["mqtt_received"] > 0
+    assert report["alarms"] == []

@@ -9,8 +9,10 @@ AdminClient), and dead letters by stage and reason (from the services'
 counters). The live view adds the latest decoded readings with device names,
 labels and units (``latest_readings_named``).
 
-``f2pipe status`` exits 1 when a server or service is down or when a stage's
-lag grew at every one of its three samples, else 0. ``--json`` prints the same
+The processor's dead-letter alarm (too large a share of its input
+dead-lettered) is shown as an alarm, not as a failure: what devices send must
+not read as an outage. ``f2pipe status`` exits 1 when a server or service is
+down or when a stage's lag keeps growing (see :func:`growing`), else 0. ``--json`` prints the same
 report as one JSON object.
 """
 
@@ -156,6 +158,7 @@ class Snapshot:
     counters: dict[str, float]
     dead_letters: dict[str, float]  # "<stage>/<reason>" -> count since the service started
     lag: dict[str, int | None]
+    alarms: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -169,6 +172,8 @@ class Report:
     dead_letters: dict[str, float]
     interval_s: float
     problems: list[str] = field(default_factory=list)
+    # Shown, but no reason for a non-zero exit: bad input must not read as an outage.
+    alarms: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -255,12 +260,18 @@ class Observer:
                 found = dict(labels)
                 key = f"{stage or found.get('stage', name)}/{found.get('reason', '?')}"
                 dead[key] = dead.get(key, 0.0) + value
+        alarms = []
+        processor = scraped.get("processor")
+        if total(processor, "f2pipe_processor_dead_letter_alarm") > 0:
+            ratio = total(processor, "f2pipe_processor_dead_letter_ratio")
+            alarms.append(f"dead-letter ratio {ratio:.0%} is above the alarm threshold")
         return Snapshot(
             time.monotonic(),
             self.health() if with_health else [],
             counters,
             dead,
             self.lag(),
+            alarms,
         )
 
 
@@ -312,6 +323,7 @@ def report(settings: Settings, interval: float = 2.0) -> Report:
         dead_letters=last.dead_letters,
         interval_s=interval,
         problems=problems(last.health, trend),
+        alarms=last.alarms,
     )
 
 
@@ -365,6 +377,8 @@ def _tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
         parts.append(latest)
     if rep.problems:
         parts.append("[red]" + "; ".join(rep.problems) + "[/]")
+    if rep.alarms:
+        parts.append("[yellow]alarm: " + "; ".join(rep.alarms) + "[/]")
     return Group(*parts)
 
 
@@ -418,6 +432,7 @@ def live(settings: Settings, refresh: float = 2.0, readings_every: float = 5.0) 
                 dead_letters=current.dead_letters,
                 interval_s=current.taken - previous.taken,
                 problems=problems(current.health, trend),
+                alarms=current.alarms,
             )
             if view is not None:
                 view.update(_tables(rep, readings))
