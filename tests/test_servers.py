@@ -7,6 +7,7 @@ Settings come from the same ``F2PIPE_*`` variables the stack reads.
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 
@@ -37,13 +38,29 @@ def settings() -> Settings:
 def mqtt_connect(settings: Settings) -> Iterator[MqttConnect]:
     """Connects MQTT clients to the stack's Mosquitto and disconnects them afterwards.
 
-    The one place that knows how a client reaches the broker: plain loopback for
-    now; the mTLS listener only changes the TLS set-up here.
+    The one place that knows how a client reaches the broker: mutual TLS with
+    the identity's certificate from the stack's PKI (``svc-<name>`` from
+    ``pki/services``; ``f2-<mac>`` is issued into ``pki/devices`` when missing).
+    The broker makes the identity the client id.
     """
+    from f2pipe.broker import client_ssl_context, service_ssl_context
+    from f2pipe.certgen.local import issue_device_files
+
     clients: list[mqtt.Client] = []
 
-    def connect(client_id: str) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    def context(identity: str) -> ssl.SSLContext:
+        if identity.startswith("svc-"):
+            return service_ssl_context(settings, identity)
+        devices = settings.pki_dir / "devices"
+        cert, key = devices / f"{identity}.pem", devices / f"{identity}.key"
+        if not cert.is_file():
+            devices.mkdir(parents=True, exist_ok=True)
+            issue_device_files(settings, identity.removeprefix("f2-"), devices)
+        return client_ssl_context(settings.pki_dir / "ca.pem", cert, key)
+
+    def connect(identity: str) -> mqtt.Client:
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=identity)
+        client.tls_set_context(context(identity))
         connected = threading.Event()
 
         def on_connect(
@@ -115,17 +132,19 @@ def test_redis_round_trip(settings: Settings) -> None:
 
 
 def test_mqtt_publish_subscribe(mqtt_connect: MqttConnect) -> None:
-    topic = f"test/{unique('stack')}"
+    # A device publishes its telemetry; the connector's identity may read it (SPEC 6 ACL).
+    mac = "02f2" + unique("x")[-8:]
+    topic = f"tele/f2-{mac}/sensor-mode/J1/sensor-1"
     received: list[bytes] = []
     subscribed = threading.Event()
 
-    subscriber = mqtt_connect(unique("sub"))
+    subscriber = mqtt_connect("svc-connector")
     subscriber.on_message = lambda _c, _u, message: received.append(message.payload)
     subscriber.on_subscribe = lambda *_args: subscribed.set()
     subscriber.subscribe(topic, qos=1)
     assert subscribed.wait(10), "SUBACK not received"
 
-    publisher = mqtt_connect(unique("pub"))
+    publisher = mqtt_connect(f"f2-{mac}")
     publisher.publish(topic, b"hello mqtt", qos=1).wait_for_publish(10)
 
     wait_until(lambda: received, timeout=10, what=f"a message on {topic}")
