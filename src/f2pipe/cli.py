@@ -22,6 +22,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fleet": ("f2pipe.fleet", "import or export a fleet description (YAML)"),
     "certgen": ("f2pipe.certgen.cli", "certificate authority: init, serve the API, issue, revoke"),
     "decode": ("f2pipe.decode_cli", "decode one F2 message and print its readings or reason"),
+    "processor": ("f2pipe.processor", "decode raw frames into readings (stream processor)"),
+    "dlq": ("f2pipe.dlq", "list, show or replay dead letters"),
 }
 
 
