@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "connector": ("f2pipe.connector", "bridge device messages from MQTT into Kafka (raw-iot-data)"),
     "simulate": ("f2pipe.simulator", "simulate F2 controllers: live telemetry or a counted load"),
     "cmnd": ("f2pipe.cmnd", "send a command to a device (as svc-commander)"),
+    "processor": ("f2pipe.processor", "decode raw frames into readings (stream processor)"),
+    "dlq": ("f2pipe.dlq", "list, show or replay dead letters"),
 }
 
 

@@ -9,6 +9,7 @@ CLI can print one line naming the cause and the fix and exit non-zero::
     ├── MigrationError     the database schema could not be brought up to date
     ├── FleetError         a fleet file entry is invalid (names the line)
     ├── CertError          a certificate could not be issued, parsed or revoked
+    ├── MetadataUnavailable the metadata database cannot be reached (retry, never guess)
     └── DecodeError        a message cannot become readings; carries its dead-letter
                            reason (defined in f2pipe.decode, beside the decoder)
 
@@ -40,3 +41,10 @@ class FleetError(F2PipeError):
 
 class CertError(F2PipeError):
     """A certificate operation failed."""
+
+
+class MetadataUnavailable(F2PipeError):
+    """The metadata database could not answer; the caller pauses and retries.
+
+    Never a verdict on the message: a lookup that failed is not an unknown device.
+    """

@@ -55,16 +55,30 @@ class Settings(BaseSettings):
     processor_group: str = "f2pipe-processor"
     sink_group: str = "f2pipe-sink"
 
+    # Processor (SPEC sections 2 and 7).
+    processor_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    processor_poll_timeout_s: float = Field(default=0.2, gt=0, le=60)
+    # A replica killed without leaving holds its partitions this long (Kafka's 45 s
+    # default stalls them too long; 6 s is the broker's minimum).
+    processor_session_timeout_s: float = Field(default=10.0, ge=6, le=300)
+    processor_transactions: bool = False  # exactly once into processed-iot-data, at a cost
+    cache_ttl_s: int = Field(default=3600, ge=1)  # backstop only: changes invalidate at once
+    cache_size: int = Field(default=100_000, ge=1)  # controllers kept in process (LRU)
+    negative_cache_s: float = Field(default=5.0, ge=0, le=5.0)  # unknown MACs, at most 5 s
+    dlq_alarm_ratio: float = Field(default=0.5, gt=0, le=1)  # dead letters / consumed
+    dlq_alarm_window_s: float = Field(default=60.0, gt=0)
+    dlq_alarm_min_messages: int = Field(default=100, ge=1)
+
     certgen_host: str = "127.0.0.1"
     certgen_port: int = Field(default=8080, ge=1, le=65535)
     connector_port: int = Field(default=9101, ge=1, le=65535)
     processor_port: int = Field(default=9102, ge=1, le=65535)
     sink_port: int = Field(default=9103, ge=1, le=65535)
+    ops_host: str = "127.0.0.1"  # where /healthz, /readyz, /metrics listen
 
     # MQTT clients (connector, simulator). Plain MQTT is for a development broker only.
     mqtt_tls: bool = True
     mqtt_keepalive: int = Field(default=30, ge=5, le=3600)
-    ops_host: str = "127.0.0.1"  # where /healthz, /readyz, /metrics listen
 
     # Connector: its MQTT identity is its client id (the broker enforces it under mTLS).
     connector_client_id: str = "svc-connector"
