@@ -24,10 +24,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from prometheus_client import generate_latest
 
 from conftest import unique, wait_until
 from f2pipe import tls
-from f2pipe.connector import classify, topic_mac
+from f2pipe.connector import Connector, classify, topic_mac
 from f2pipe.reasons import Reason
 from f2pipe.settings import load_settings
 from f2pipe.simulator import Summary, demo_fleet, generated_fleet, run_load
@@ -79,6 +80,16 @@ def test_classify_precedence() -> None:
     assert classify(good, 10, 64) == (b"aabbccddee01", None)
     assert classify(good, 65, 64) == (b"aabbccddee01", Reason.PAYLOAD_TOO_LARGE)
     assert classify("tele/x/y/z/w", 65, 64) == (None, Reason.INVALID_TOPIC)
+
+
+def test_metrics_of_the_latest_connector_are_exported() -> None:
+    settings = load_settings(mqtt_tls=False)
+    Connector(settings, None)
+    second = Connector(settings, None)  # a second one in a process replaces the first
+    second.stats.received = 7
+    text = generate_latest().decode()
+    assert "f2pipe_connector_received_total 7.0" in text
+    assert 'f2pipe_connector_dead_letters_total{reason="invalid_topic"} 0.0' in text
 
 
 # --- fixtures ---

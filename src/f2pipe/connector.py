@@ -95,6 +95,18 @@ HOT_METRICS = {
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+_active_stats: list[Collector] = []
+
+
+def _register(stats: Collector) -> None:
+    """Export ``stats``, replacing an earlier connector's in this process (one per process
+    in production; tests may build several)."""
+    while _active_stats:
+        REGISTRY.unregister(_active_stats.pop())
+    REGISTRY.register(stats)
+    _active_stats.append(stats)
+
+
 class _HotMetrics(Collector):
     """Per-message counters as plain integers, exported when Prometheus scrapes.
 
@@ -443,7 +455,7 @@ class Connector:
         self._next_connect = 0.0
         self._ever_connected = False
         self.stats = _HotMetrics(lambda: len(self._pending))
-        REGISTRY.register(self.stats)
+        _register(self.stats)
 
         self.producer = Producer(
             producer_config(

@@ -48,8 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
-from f2pipe.broker import ensure_config as ensure_mosquitto_config
-from f2pipe.broker import raise_fd_limit
+from f2pipe.broker import ensure_config, raise_fd_limit
 from f2pipe.errors import ConfigError, StackError
 from f2pipe.settings import Settings, load_settings
 
@@ -861,8 +860,8 @@ class Mosquitto(Server):
 
     def prepare(self) -> None:
         self.home.mkdir(exist_ok=True)
-        self.config = ensure_mosquitto_config(self.settings)
-        # One descriptor per client connection; the child inherits the raised limit.
+        self.config = ensure_config(self.settings)
+        # Children inherit the limit: thousands of device connections need descriptors.
         raise_fd_limit(self.settings)
 
     def command(self) -> list[str]:
@@ -878,7 +877,7 @@ class Mosquitto(Server):
 
     def healthy(self) -> bool:
         # A TCP accept proves the listener is bound; an MQTT handshake would need a client
-        # certificate once the listener is mTLS.
+        # certificate, and any identity's CONNECT would take over that identity's session.
         if port_accepts(self.settings.mqtt_port):
             return True
         self.last_error = f"port {self.settings.mqtt_port} does not accept connections"
