@@ -102,6 +102,8 @@ WRITE_SECONDS = Histogram(
 FALLBACKS = Counter("f2pipe_sink_idempotent_fallbacks", "batches written via staging")
 # Records behind the head of each partition, after the last commit.
 LAG = Gauge("f2pipe_sink_consumer_lag", "records not yet committed", ["partition"])
+# Partitions of the processed topic this sink currently owns.
+ASSIGNED = Gauge("f2pipe_sink_assigned_partitions", "partitions assigned to this sink")
 # Failed write attempts because the database was unavailable.
 DB_RETRIES = Counter("f2pipe_sink_db_retries", "write attempts retried after a database error")
 
@@ -938,6 +940,7 @@ class Sink:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        ASSIGNED.set(len(self._assigned))
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
         if self._in_backpressure and partitions:
             consumer.pause(partitions)
@@ -945,6 +948,7 @@ class Sink:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
+        ASSIGNED.set(len(self._assigned))
         settled = self._settle_for_rebalance(gone)
         if settled and not self._in_backpressure and self.batch.rows:
             # Hand over cleanly: write what we hold, so the next owner starts after it.
@@ -965,6 +969,7 @@ class Sink:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
+        ASSIGNED.set(len(self._assigned))
         self._settle_for_rebalance(gone)
         self.batch.drop_partitions(gone)
         self.writer.abandon()
