@@ -8,6 +8,7 @@ Settings come from the same ``F2PIPE_*`` variables the stack reads.
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 
 import paho.mqtt.client as mqtt
@@ -20,6 +21,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from conftest import unique, wait_until
+from f2pipe.broker import client_ssl_context, service_ssl_context
+from f2pipe.certgen.ca import pki_paths
+from f2pipe.certgen.local import load_ca
 from f2pipe.kafka import admin_config, consumer_config, producer_config
 from f2pipe.settings import Settings, load_settings
 
@@ -34,16 +38,31 @@ def settings() -> Settings:
 
 
 @pytest.fixture
-def mqtt_connect(settings: Settings) -> Iterator[MqttConnect]:
-    """Connects MQTT clients to the stack's Mosquitto and disconnects them afterwards.
+def mqtt_connect(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MqttConnect]:
+    """Connects MQTT clients to the stack's Mosquitto over mutual TLS; disconnects them after.
 
-    The one place that knows how a client reaches the broker: plain loopback for
-    now; the mTLS listener only changes the TLS set-up here.
+    ``identity`` is a service name (``svc-commander``) whose certificate the stack
+    made, or a device MAC, for which a short-lived certificate is signed here by
+    the stack's CA (not recorded: the test device exists only for this test).
     """
     clients: list[mqtt.Client] = []
+    ca = load_ca(settings)
+    pki = pki_paths(settings)
 
-    def connect(client_id: str) -> mqtt.Client:
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id)
+    def connect(identity: str) -> mqtt.Client:
+        if identity.startswith("svc-"):
+            context = service_ssl_context(settings, identity)
+        else:
+            issued = ca.issue_device(identity, days=1)
+            folder = tmp_path_factory.mktemp("device")
+            cert, key = folder / "device.pem", folder / "device.key"
+            cert.write_text(issued.certificate_pem())
+            key.write_text(issued.private_key_pem() or "")
+            context = client_ssl_context(pki.ca_cert, cert, key)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=identity)
+        client.tls_set_context(context)
         connected = threading.Event()
 
         def on_connect(
@@ -115,18 +134,20 @@ def test_redis_round_trip(settings: Settings) -> None:
 
 
 def test_mqtt_publish_subscribe(mqtt_connect: MqttConnect) -> None:
-    topic = f"test/{unique('stack')}"
+    """An operator's command reaches its device over mTLS (and only through the ACL)."""
+    mac = uuid.uuid4().hex[:12]
+    topic = f"cmnd/f2-{mac}/access-control-mode/J1/strike-1"
     received: list[bytes] = []
     subscribed = threading.Event()
 
-    subscriber = mqtt_connect(unique("sub"))
-    subscriber.on_message = lambda _c, _u, message: received.append(message.payload)
-    subscriber.on_subscribe = lambda *_args: subscribed.set()
-    subscriber.subscribe(topic, qos=1)
+    device = mqtt_connect(mac)
+    device.on_message = lambda _c, _u, message: received.append(message.payload)
+    device.on_subscribe = lambda *_args: subscribed.set()
+    device.subscribe(f"cmnd/f2-{mac}/#", qos=1)
     assert subscribed.wait(10), "SUBACK not received"
 
-    publisher = mqtt_connect(unique("pub"))
-    publisher.publish(topic, b"hello mqtt", qos=1).wait_for_publish(10)
+    commander = mqtt_connect("svc-commander")
+    commander.publish(topic, b'{"power-flag": 1}', qos=1).wait_for_publish(10)
 
     wait_until(lambda: received, timeout=10, what=f"a message on {topic}")
-    assert received == [b"hello mqtt"]
+    assert received == [b'{"power-flag": 1}']

@@ -20,8 +20,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stack": ("f2pipe.stack", "install, start, stop or inspect the local servers"),
     "db": ("f2pipe.db", "migrate the database schema and seed the demo fleet"),
     "fleet": ("f2pipe.fleet", "import or export a fleet description (YAML)"),
+    "certgen": ("f2pipe.certgen.cli", "certificate authority: init, serve the API, issue, revoke"),
     "decode": ("f2pipe.decode_cli", "decode one F2 message and print its readings or reason"),
     "sink": ("f2pipe.sink", "write processed readings from Kafka into the time-series database"),
+    "connector": ("f2pipe.connector", "bridge device messages from MQTT into Kafka (raw-iot-data)"),
+    "simulate": ("f2pipe.simulator", "simulate F2 controllers: live telemetry or a counted load"),
+    "cmnd": ("f2pipe.cmnd", "send a command to a device (as svc-commander)"),
+    "processor": ("f2pipe.processor", "decode raw frames into readings (stream processor)"),
+    "dlq": ("f2pipe.dlq", "list, show or replay dead letters"),
 }
 
 

@@ -11,6 +11,7 @@ CLI can print one line naming the cause and the fix and exit non-zero::
     ├── CertError          a certificate could not be issued, parsed or revoked
     ├── DatabaseUnavailable the database cannot take a write now (down, restarting,
     │                      or failing in a way retrying may cure)
+    ├── MetadataUnavailable the metadata database cannot be reached (retry, never guess)
     └── DecodeError        a message cannot become readings; carries its dead-letter
                            reason (defined in f2pipe.decode, beside the decoder)
 
@@ -50,4 +51,11 @@ class DatabaseUnavailable(F2PipeError):
     The caller keeps what it was writing and retries later (back-pressure);
     nothing of the failed transaction was committed, or, if the connection
     broke during COMMIT, the outcome is unknown and the write must be idempotent.
+    """
+
+
+class MetadataUnavailable(F2PipeError):
+    """The metadata database could not answer; the caller pauses and retries.
+
+    Never a verdict on the message: a lookup that failed is not an unknown device.
     """

@@ -55,11 +55,64 @@ class Settings(BaseSettings):
     processor_group: str = "f2pipe-processor"
     sink_group: str = "f2pipe-sink"
 
+    # Processor (SPEC sections 2 and 7).
+    processor_batch_size: int = Field(default=5000, ge=1, le=1_000_000)
+    processor_poll_timeout_s: float = Field(default=0.2, gt=0, le=60)
+    # A replica killed without leaving holds its partitions this long (Kafka's 45 s
+    # default stalls them too long; 6 s is the broker's minimum).
+    processor_session_timeout_s: float = Field(default=10.0, ge=6, le=300)
+    processor_transactions: bool = False  # exactly once into processed-iot-data, at a cost
+    cache_ttl_s: int = Field(default=3600, ge=1)  # backstop only: changes invalidate at once
+    cache_size: int = Field(default=100_000, ge=1)  # controllers kept in process (LRU)
+    negative_cache_s: float = Field(default=5.0, ge=0, le=5.0)  # unknown MACs, at most 5 s
+    dlq_alarm_ratio: float = Field(default=0.5, gt=0, le=1)  # dead letters / consumed
+    dlq_alarm_window_s: float = Field(default=60.0, gt=0)
+    dlq_alarm_min_messages: int = Field(default=100, ge=1)
+
     certgen_host: str = "127.0.0.1"
     certgen_port: int = Field(default=8080, ge=1, le=65535)
     connector_port: int = Field(default=9101, ge=1, le=65535)
     processor_port: int = Field(default=9102, ge=1, le=65535)
     sink_port: int = Field(default=9103, ge=1, le=65535)
+    ops_host: str = "127.0.0.1"  # where /healthz, /readyz, /metrics listen
+
+    # MQTT clients (connector, simulator). Plain MQTT is for a development broker only.
+    mqtt_tls: bool = True
+    mqtt_keepalive: int = Field(default=30, ge=5, le=3600)
+
+    # Connector: its MQTT identity is its client id (the broker enforces it under mTLS).
+    connector_client_id: str = "svc-connector"
+    connector_identity: str = "svc-connector"  # certificate under <state>/pki/services/
+    connector_share_group: str = ""  # non-empty: subscribe through $share/<group>/
+    connector_session_expiry: int = Field(default=7 * 86400, ge=0, le=0xFFFFFFFF)
+    # MQTT v5 Receive Maximum: unacknowledged QoS 1 messages the broker may send us. It must
+    # cover Kafka's acknowledgement latency at full rate (rate x latency), and it bounds memory.
+    connector_receive_maximum: int = Field(default=10000, ge=1, le=65535)
+    connector_shutdown_timeout: float = Field(default=30.0, gt=0)
+    connector_linger_ms: int = Field(default=20, ge=0, le=1000)  # Kafka producer batching wait
+
+    # Certificates (section 6). The CA key may be encrypted with a passphrase from a
+    # secret; the file form keeps it out of the process environment.
+    ca_passphrase: SecretStr | None = None
+    ca_passphrase_file: Path | None = None
+    ca_days: int = Field(default=3650, ge=1, le=36500)
+    device_cert_days: int = Field(default=365, ge=1, le=3650)
+    service_cert_days: int = Field(default=730, ge=1, le=3650)
+    # The broker refuses every client once its CRL is past nextUpdate, so the CRL is
+    # long-lived and renewed by certgen (and `stack up`) when half of it has run out.
+    crl_days: int = Field(default=90, ge=2, le=3650)
+    # Extra DNS names or IP addresses for the broker's (and certgen's) server
+    # certificate, comma-separated; localhost and 127.0.0.1 are always included.
+    broker_names: str = ""
+    certgen_tls: bool = False
+    certgen_max_failures: int = Field(default=5, ge=1, le=1000)
+    certgen_failure_window: float = Field(default=60.0, gt=0, le=86400)
+
+    # Broker limits written into mosquitto.conf (see f2pipe.broker for the reasoning).
+    mqtt_max_connections: int = Field(default=10000, ge=1, le=1_000_000)
+    mqtt_max_queued_messages: int = Field(default=6_000_000, ge=1000)
+    mqtt_max_inflight_messages: int = Field(default=2000, ge=20, le=65535)
+    mqtt_autosave_interval: int = Field(default=60, ge=1, le=86400)
 
     # Sink batching: a batch is written when it holds this many rows or its first
     # record is this old, whichever comes first (defaults from bench/sink.json).
@@ -110,6 +163,14 @@ class Settings(BaseSettings):
     @property
     def pki_dir(self) -> Path:
         return self.state_dir / "pki"
+
+    @property
+    def mosquitto_dir(self) -> Path:
+        return self.state_dir / "mosquitto"
+
+    def extra_server_names(self) -> list[str]:
+        """``broker_names`` as a list, blanks dropped."""
+        return [name.strip() for name in self.broker_names.split(",") if name.strip()]
 
     @property
     def log_dir(self) -> Path:

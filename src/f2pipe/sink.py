@@ -60,6 +60,7 @@ from psycopg import errors as pgerrors
 from f2pipe.errors import DatabaseUnavailable
 from f2pipe.kafka import admin_config, consumer_config, producer_config
 from f2pipe.logs import setup_logging
+from f2pipe.metrics import DEAD_LETTERS
 from f2pipe.ops import OpsServer
 from f2pipe.reasons import Reason
 from f2pipe.settings import Settings, get_settings
@@ -76,10 +77,6 @@ ROWS_WRITTEN = Counter("f2pipe_sink_rows_written", "rows stored in decoded_data"
 DUPLICATES = Counter("f2pipe_sink_duplicates_ignored", "rows already stored, ignored")
 # Records not stored: unparseable, or refused by the database.
 REJECTED = Counter("f2pipe_sink_rejected_rows", "records that could not be stored", ["cause"])
-# Dead letters written by this stage, by reason (the same family every stage uses).
-DEAD_LETTERS = Counter(
-    "f2pipe_dead_letters", "records sent to the dead-letter topic", ["stage", "reason"]
-)
 # Rows per written batch.
 BATCH_ROWS = Histogram(
     "f2pipe_sink_batch_rows",
@@ -1031,7 +1028,7 @@ def _cmd_sink(args: argparse.Namespace) -> int:
     )
     sink = Sink(settings, policy)
     _install_signals(sink)
-    ops = OpsServer("0.0.0.0", settings.sink_port, sink.ready)  # noqa: S104 - probes come from outside
+    ops = OpsServer(settings.ops_host, settings.sink_port, sink.ready)
     log.info(
         "sink started",
         extra={

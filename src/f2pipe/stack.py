@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 from urllib.parse import unquote, urlsplit
 
+from f2pipe.broker import ensure_config, raise_fd_limit
 from f2pipe.errors import ConfigError, StackError
 from f2pipe.settings import Settings, load_settings
 
@@ -62,32 +63,6 @@ KAFKA_POM = _CHECKOUT / "deploy" / "kafka" / "pom.xml"
 DAY_MS = 24 * 3600 * 1000
 DATA_RETENTION_MS = 7 * DAY_MS
 DEAD_LETTER_RETENTION_MS = 30 * DAY_MS
-
-
-# --------------------------------------------------------------------------- Mosquitto config
-def _placeholder_mosquitto_config(settings: Settings) -> Path:
-    """PLACEHOLDER until ``f2pipe.broker`` lands: a plain, anonymous, loopback-only listener.
-
-    For tests only; the product listens with mTLS. Same contract as
-    ``f2pipe.broker.ensure_config``: write the configuration under the state
-    folder and return its path.
-    """
-    path = settings.state_dir / "mosquitto" / "mosquitto.conf"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "# Written by `f2pipe stack` - PLACEHOLDER plain listener (tests only, no TLS).\n"
-        f"listener {settings.mqtt_port} {LOOPBACK}\n"
-        "allow_anonymous true\n"
-        "persistence false\n"
-        "log_dest stderr\n"
-        "log_timestamp_format %Y-%m-%dT%H:%M:%S\n"
-    )
-    return path
-
-
-# PLACEHOLDER: when f2pipe.broker is on main, replace this line with
-# `from f2pipe.broker import ensure_config as ensure_mosquitto_config`.
-ensure_mosquitto_config = _placeholder_mosquitto_config
 
 
 # --------------------------------------------------------------------------- shared helpers
@@ -869,7 +844,9 @@ class Mosquitto(Server):
 
     def prepare(self) -> None:
         self.home.mkdir(exist_ok=True)
-        self.config = ensure_mosquitto_config(self.settings)
+        self.config = ensure_config(self.settings)
+        # Children inherit the limit: thousands of device connections need descriptors.
+        raise_fd_limit(self.settings)
 
     def command(self) -> list[str]:
         assert self.config is not None, "prepare() writes the configuration first"
@@ -884,7 +861,7 @@ class Mosquitto(Server):
 
     def healthy(self) -> bool:
         # A TCP accept proves the listener is bound; an MQTT handshake would need a client
-        # certificate once the listener is mTLS.
+        # certificate, and any identity's CONNECT would take over that identity's session.
         if port_accepts(self.settings.mqtt_port):
             return True
         self.last_error = f"port {self.settings.mqtt_port} does not accept connections"

@@ -1,0 +1,333 @@
+"""Connector throughput against its own ceilings, measured in one run.
+
+Three phases over the same private Mosquitto (mutual TLS, persistence, QoS 1)
+and the same publisher (the simulator's load mode, in this process):
+
+1. ``publisher``: the publisher alone (no subscriber): the load generator's ceiling.
+2. ``bare_subscriber``: ``f2pipe connector --bare``: the connector's own MQTT
+   client and receive path, acknowledging each message on receipt, no Kafka.
+3. ``connector``: ``f2pipe connector`` into Kafka (idempotent, acks=all); a
+   message counts once its PUBACK was sent, i.e. once Kafka acknowledged it.
+
+Each subscriber rate is messages / (time of the last PUBACK - publish start).
+CPU time per message is read from /proc for the broker and the connector and
+from getrusage for the publisher. Writes ``bench/connector.json``.
+
+Usage: ``.venv/bin/python bench/connector_bench.py [--count N] [--devices D]``
+(needs the dev Kafka at 127.0.0.1:9092 and ``mosquitto`` on PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from f2pipe.settings import load_settings  # noqa: E402
+from f2pipe.simulator import Sensor, generated_fleet, run_load  # noqa: E402
+from mqtt_kafka import ConnectorProcess, Mosquitto, TestPki, create_topics  # noqa: E402
+
+KAFKA = "127.0.0.1:9092"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """User + system CPU seconds of process ``pid``."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def dev_kafka_pid() -> int | None:
+    """The dev Kafka broker's pid (its CPU is part of the connector's cost), if found."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"kafka.Kafka" in cmdline and b"server.properties" in cmdline:
+            try:
+                if (entry / "cwd").resolve() == Path("/work/devstack"):
+                    return int(entry.name)
+            except OSError:
+                continue
+    return None
+
+
+def children_cpu() -> float:
+    """CPU seconds of the terminated, waited-for child processes (the publishers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _publisher_process(settings: Any, sensors: list[Sensor], count: int, out: Any) -> None:
+    summary = asyncio.run(run_load(settings, sensors, count, window=20000))
+    out.put((summary.elapsed, summary.acknowledged))
+
+
+def publish(
+    settings: Any, sensors: list[Sensor], count: int, processes: int
+) -> tuple[float, float, int]:
+    """Publish ``count`` messages from ``processes`` forked publishers (devices split between
+    them); return (elapsed s of the slowest, publisher CPU s of all, acknowledged)."""
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    cpu0 = children_cpu()
+    share = [count // processes + (1 if i < count % processes else 0) for i in range(processes)]
+    procs = [
+        ctx.Process(
+            target=_publisher_process, args=(settings, sensors[i::processes], share[i], out)
+        )
+        for i in range(processes)
+    ]
+    for proc in procs:
+        proc.start()
+    results = [out.get(timeout=600) for _ in procs]
+    for proc in procs:
+        proc.join()
+    elapsed = max(r[0] for r in results)
+    return elapsed, children_cpu() - cpu0, sum(r[1] for r in results)
+
+
+def phase_publisher(
+    settings: Any, sensors: list[Sensor], count: int, broker: Mosquitto, processes: int
+) -> dict[str, Any]:
+    assert broker.proc is not None
+    b0 = proc_cpu(broker.proc.pid)
+    elapsed, cpu, acked = publish(settings, sensors, count, processes)
+    return {
+        "messages": acked,
+        "elapsed_s": round(elapsed, 3),
+        "rate_per_s": round(acked / elapsed, 1),
+        "publisher_cpu_us_per_msg": round(cpu / acked * 1e6, 1),
+        "broker_cpu_us_per_msg": round((proc_cpu(broker.proc.pid) - b0) / acked * 1e6, 1),
+    }
+
+
+def phase_subscriber(
+    settings: Any,
+    sensors: list[Sensor],
+    count: int,
+    broker: Mosquitto,
+    env: dict[str, str],
+    bare: bool,
+    log: Path,
+    processes: int,
+) -> dict[str, Any]:
+    """Rate = messages acknowledged between the first and the last PUBACK the connector
+    sent, over that time (polled from its metrics every 20 ms)."""
+    assert broker.proc is not None
+    conn = ConnectorProcess(env, log=log, args=["--bare"] if bare else [])
+    conn.start()
+    assert conn.proc is not None
+    pid = conn.proc.pid
+    kafka_pid = dev_kafka_pid() if not bare else None
+    watch: dict[str, float] = {}
+
+    def watcher() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            acked = conn.metric("f2pipe_connector_acked_total")
+            now = time.perf_counter()
+            if acked > 0 and "t0" not in watch:
+                watch["t0"], watch["a0"] = now, acked
+            if acked >= count:
+                watch["t1"] = now
+                return
+            time.sleep(0.02)
+
+    try:
+        k0 = proc_cpu(kafka_pid) if kafka_pid else 0.0
+        c0, b0 = proc_cpu(pid), proc_cpu(broker.proc.pid)
+        thread = threading.Thread(target=watcher, daemon=True)
+        thread.start()
+        pub_elapsed, pub_cpu, acked = publish(settings, sensors, count, processes)
+        thread.join(600)
+        if "t1" not in watch:
+            raise RuntimeError("connector did not acknowledge every message in time")
+        c1, b1 = proc_cpu(pid), proc_cpu(broker.proc.pid)
+        k1 = proc_cpu(kafka_pid) if kafka_pid else 0.0
+        latency = _latency_summary(conn) if not bare else None
+    finally:
+        conn.terminate()
+    elapsed = watch["t1"] - watch["t0"]
+    result: dict[str, Any] = {
+        "messages": count,
+        "elapsed_s": round(elapsed, 3),
+        "rate_per_s": round((count - watch["a0"]) / elapsed, 1),
+        "publisher_elapsed_s": round(pub_elapsed, 3),
+        "subscriber_cpu_us_per_msg": round((c1 - c0) / count * 1e6, 1),
+        "broker_cpu_us_per_msg": round((b1 - b0) / count * 1e6, 1),
+        "publisher_cpu_us_per_msg": round(pub_cpu / acked * 1e6, 1),
+    }
+    if kafka_pid:
+        # Shared dev broker: includes whatever else used it meanwhile.
+        result["kafka_broker_cpu_us_per_msg"] = round((k1 - k0) / count * 1e6, 1)
+    if latency:
+        result["produce_latency"] = latency
+    return result
+
+
+def _latency_summary(conn: ConnectorProcess) -> dict[str, float]:
+    """Mean and bucket counts of the receive-to-Kafka-ack histogram."""
+    total = conn.metric("f2pipe_connector_produce_seconds_sum")
+    n = conn.metric("f2pipe_connector_produce_seconds_count")
+    return {"mean_ms": round(total / n * 1000, 2) if n else 0.0, "count": n}
+
+
+def versions() -> dict[str, str]:
+    import confluent_kafka
+
+    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {
+        "python": platform.python_version(),
+        "paho-mqtt": metadata.version("paho-mqtt"),
+        "confluent-kafka": confluent_kafka.version()[0],
+        "librdkafka": confluent_kafka.libversion()[0],
+        "mosquitto": mosq.strip(),
+    }
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--count", type=int, default=60000, help="messages per phase")
+    parser.add_argument("--devices", type=int, default=8, help="publishing connections")
+    parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three phases")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "connector.json")
+    args = parser.parse_args()
+
+    workdir = Path(tempfile.mkdtemp(prefix="f2pipe-bench-"))
+    workdir.chmod(0o755)
+    broker: Mosquitto | None = None
+    try:
+        pki = TestPki(workdir / "state")
+        sensors = generated_fleet(args.devices)
+        for sensor in sensors:
+            pki.device(sensor.mac)
+        broker = Mosquitto(workdir / "mosquitto", tls=pki.mosquitto_tls())
+        broker.start()
+        settings = load_settings(mqtt_tls=True, mqtt_port=broker.port, state_dir=pki.root)
+        identity = f"svc-connector-bench-{os.getpid()}"
+        pki.service(identity)
+        raw, dlq = f"bench-raw-{os.getpid()}-{int(time.time())}", f"bench-dlq-{os.getpid()}"
+        create_topics(KAFKA, raw, dlq, partitions=6)
+        env = {
+            "F2PIPE_MQTT_TLS": "true",
+            "F2PIPE_STATE_DIR": str(pki.root),
+            "F2PIPE_CONNECTOR_IDENTITY": identity,
+            "F2PIPE_CONNECTOR_CLIENT_ID": identity,
+            "F2PIPE_MQTT_PORT": str(broker.port),
+            "F2PIPE_KAFKA_BOOTSTRAP": KAFKA,
+            "F2PIPE_TOPIC_RAW": raw,
+            "F2PIPE_TOPIC_DEAD_LETTER": dlq,
+        }
+        load_before = list(os.getloadavg())
+        # Warm-up: TLS handshakes, broker allocations, page cache.
+        publish(settings, sensors, min(5000, args.count), args.publishers)
+        rounds: list[dict[str, Any]] = []
+        for n in range(args.rounds):
+            # Phases interleave round by round, so a burst of load from elsewhere on a
+            # shared machine hits all three alike rather than one of them.
+            round_: dict[str, Any] = {}
+            round_["publisher"] = phase_publisher(
+                settings, sensors, args.count, broker, args.publishers
+            )
+            for phase, bare in (("bare_subscriber", True), ("connector", False)):
+                # A new session per phase, so nothing of an earlier phase is redelivered.
+                name = f"{identity}-{n}-{phase}".replace("_", "-")
+                pki.service(name)
+                env_phase = {
+                    **env,
+                    "F2PIPE_CONNECTOR_IDENTITY": name,
+                    "F2PIPE_CONNECTOR_CLIENT_ID": name,
+                }
+                round_[phase] = phase_subscriber(
+                    settings,
+                    sensors,
+                    args.count,
+                    broker,
+                    env_phase,
+                    bare,
+                    workdir / f"{name}.log",
+                    args.publishers,
+                )
+            for phase, result in round_.items():
+                print(f"round {n + 1} {phase}: {result}", flush=True)
+            rounds.append(round_)
+
+        def median(phase: str) -> float:
+            return float(statistics.median(r[phase]["rate_per_s"] for r in rounds))
+
+        pub, bare, conn = median("publisher"), median("bare_subscriber"), median("connector")
+        results = {
+            "median_rate_per_s": {"publisher": pub, "bare_subscriber": bare, "connector": conn},
+            "best_rate_per_s": {
+                phase: max(r[phase]["rate_per_s"] for r in rounds)
+                for phase in ("publisher", "bare_subscriber", "connector")
+            },
+            "rounds": rounds,
+        }
+        report = {
+            "benchmark": "connector",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "setup": {
+                "mqtt": "mutual TLS 1.2+, QoS 1, MQTT 3.1.1 publisher, MQTT 5 subscriber",
+                "kafka": "acks=all, idempotent, 6 partitions, dev broker 127.0.0.1:9092",
+                "publishing_connections": args.devices,
+                "publisher_processes": args.publishers,
+                "messages_per_phase": args.count,
+                "receive_maximum": load_settings().connector_receive_maximum,
+            },
+            "load_average_before_after": [load_before, list(os.getloadavg())],
+            "results": results,
+            "ratios": {
+                # Medians over the rounds; per round too, since rounds share conditions.
+                "publisher_over_bare_subscriber": round(pub / bare, 2),
+                "connector_over_bare_subscriber": round(conn / bare, 3),
+                "connector_over_bare_subscriber_per_round": [
+                    round(r["connector"]["rate_per_s"] / r["bare_subscriber"]["rate_per_s"], 3)
+                    for r in rounds
+                ],
+            },
+            "versions": versions(),
+            "machine": machine(),
+        }
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        print(json.dumps(report["ratios"]))
+        return 0
+    finally:
+        if broker is not None:
+            broker.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

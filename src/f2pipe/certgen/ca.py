@@ -1,0 +1,643 @@
+"""The certificate authority: keys, certificates and the CRL (SPEC section 6).
+
+Everything here is synchronous and CPU-bound; callers on an event loop run it in
+a worker thread. Keys are generated with ``cryptography`` only (EC P-256,
+SHA-256 signatures). Private keys are written 0600 through a temporary file and
+an atomic rename, so a reader never sees half a key and a crash never leaves one
+readable by others.
+
+Layout under ``<state>/pki/`` (a contract with the broker, the connector and the
+simulator): ``ca.pem``, ``ca.key``, ``crl.pem``, ``broker.pem``/``broker.key``,
+``certgen.pem``/``certgen.key`` (HTTPS) and ``services/svc-<name>.pem``/``.key``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from f2pipe.errors import CertError
+from f2pipe.settings import Settings
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+Purpose = Literal["client", "server"]
+
+#: Service identities created by ``certgen init``: the connector reads device
+#: data, the commander sends commands, the monitor reads ``$SYS`` for status.
+SERVICE_NAMES: tuple[str, ...] = ("svc-connector", "svc-commander", "svc-monitor")
+
+_MAC_FORMS = (
+    re.compile(r"[0-9a-f]{12}"),
+    re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}"),
+    re.compile(r"(?:[0-9a-f]{2}-){5}[0-9a-f]{2}"),
+)
+_SERVICE_NAME = re.compile(r"svc-[a-z0-9][a-z0-9-]{0,30}")
+# Strong enough curves; secp256k1 is 256 bits but not a TLS signature curve.
+_EC_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
+_MIN_RSA_BITS = 2048
+# Re-issue a server or service certificate this long before it expires.
+_RENEW_BEFORE = dt.timedelta(days=30)
+# A certificate's notBefore is backdated a little so clients with a slightly slow
+# clock do not refuse a certificate issued a second ago.
+_BACKDATE = dt.timedelta(minutes=5)
+
+
+def normalize_mac(text: str) -> str:
+    """``aabbccddee01``, ``AA:BB:CC:DD:EE:01`` or ``aa-bb-...`` -> ``aabbccddee01``.
+
+    Raises ValueError for anything else (other separators, mixed separators,
+    wrong length, non-hex digits).
+    """
+    lowered = text.strip().lower()
+    if not any(form.fullmatch(lowered) for form in _MAC_FORMS):
+        raise ValueError(
+            f"not a MAC address: {text[:40]!r} (expected 12 hex digits, optionally "
+            "separated by ':' or '-' in pairs)"
+        )
+    return lowered.replace(":", "").replace("-", "")
+
+
+def device_common_name(mac: str) -> str:
+    """The MQTT identity of the controller with this (normalised) MAC."""
+    return f"f2-{mac}"
+
+
+def check_service_name(name: str) -> str:
+    """Return ``name`` if it is a valid service identity (``svc-<lowercase>``), else raise."""
+    if not _SERVICE_NAME.fullmatch(name):
+        raise CertError(f"service name must look like 'svc-connector', got {name!r}")
+    return name
+
+
+def serial_text(serial: int) -> str:
+    """The serial as the API and the database spell it: lowercase hex, no separators."""
+    return format(serial, "x")
+
+
+def parse_serial(text: str) -> int:
+    """Parse a serial in hex (``4f3a...``, ``4F:3A:...``, ``0x4f3a``); raise ValueError."""
+    cleaned = text.strip().lower().replace(":", "")
+    cleaned = cleaned.removeprefix("0x")
+    if not re.fullmatch(r"[0-9a-f]{1,40}", cleaned):
+        raise ValueError(f"not a certificate serial: {text[:60]!r} (expected up to 40 hex digits)")
+    return int(cleaned, 16)
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh EC P-256 private key."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def check_public_key(key: object) -> PublicKey:
+    """Return ``key`` if it is EC P-256/384/521 or RSA >= 2048 bits; raise ValueError."""
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if key.curve.name not in _EC_CURVES:
+            raise ValueError(f"EC curve {key.curve.name} is not accepted (use P-256 or stronger)")
+        return key
+    if isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < _MIN_RSA_BITS:
+            raise ValueError(f"RSA key of {key.key_size} bits is too weak (at least 2048)")
+        return key
+    raise ValueError(f"{type(key).__name__} keys are not accepted (use EC P-256 or RSA 2048+)")
+
+
+def parse_device_csr(pem: str, mac: str) -> PublicKey:
+    """Validate a device's CSR and return its public key.
+
+    The CSR must be PEM, correctly self-signed, have exactly one subject CN equal
+    to ``f2-<mac>``, and carry an acceptable key (:func:`check_public_key`).
+    Everything else in it (other subject fields, requested extensions) is ignored:
+    the certificate's contents are decided here, not by the requester.
+    Raises ValueError with the reason.
+    """
+    try:
+        csr = x509.load_pem_x509_csr(pem.encode())
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise ValueError("malformed CSR: expected one PEM 'CERTIFICATE REQUEST'") from exc
+    try:
+        valid = csr.is_signature_valid
+    except (ValueError, InvalidSignature, x509.UnsupportedGeneralNameType):
+        valid = False
+    if not valid:
+        raise ValueError("malformed CSR: its signature does not verify")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    wanted = device_common_name(mac)
+    if len(names) != 1 or names[0].value != wanted:
+        got = ", ".join(str(n.value) for n in names) or "none"
+        raise ValueError(f"CSR common name must be {wanted!r}, got {got!r}")
+    try:
+        key = csr.public_key()
+    except (ValueError, x509.UnsupportedGeneralNameType) as exc:
+        raise ValueError("CSR key type is not supported") from exc
+    return check_public_key(key)
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    """Where the PKI files live (``<state>/pki``)."""
+
+    root: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.root / "ca.key"
+
+    @property
+    def crl(self) -> Path:
+        return self.root / "crl.pem"
+
+    @property
+    def broker_cert(self) -> Path:
+        return self.root / "broker.pem"
+
+    @property
+    def broker_key(self) -> Path:
+        return self.root / "broker.key"
+
+    @property
+    def certgen_cert(self) -> Path:
+        return self.root / "certgen.pem"
+
+    @property
+    def certgen_key(self) -> Path:
+        return self.root / "certgen.key"
+
+    @property
+    def services(self) -> Path:
+        return self.root / "services"
+
+    def service_cert(self, name: str) -> Path:
+        return self.services / f"{check_service_name(name)}.pem"
+
+    def service_key(self, name: str) -> Path:
+        return self.services / f"{check_service_name(name)}.key"
+
+
+def pki_paths(settings: Settings) -> PkiPaths:
+    return PkiPaths(settings.pki_dir)
+
+
+def ca_passphrase(settings: Settings) -> bytes | None:
+    """The CA key's passphrase from ``F2PIPE_CA_PASSPHRASE`` or ``..._FILE``, or None."""
+    if settings.ca_passphrase is not None:
+        value = settings.ca_passphrase.get_secret_value()
+    elif settings.ca_passphrase_file is not None:
+        try:
+            value = settings.ca_passphrase_file.read_text().strip()
+        except OSError as exc:
+            raise CertError(
+                f"F2PIPE_CA_PASSPHRASE_FILE={str(settings.ca_passphrase_file)!r}: {exc.strerror}"
+            ) from None
+    else:
+        return None
+    if not value:
+        raise CertError("the CA passphrase is empty")
+    return value.encode()
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0600, atomically (temp file + rename)."""
+    _write(path, data, 0o600)
+
+
+def write_public(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` with mode 0644, atomically."""
+    _write(path, data, 0o644)
+
+
+def _write(path: Path, data: bytes, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        # mkstemp creates 0600 already; chmod makes public files readable before the rename.
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def key_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
+    """PKCS#8 PEM, encrypted when a passphrase is given."""
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    """Read one PEM certificate; raise CertError naming the file."""
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise CertError(f"cannot read certificate {path}: {exc}") from None
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class Issued:
+    """A certificate just signed, with its private key when it was generated here."""
+
+    certificate: x509.Certificate
+    private_key: PrivateKey | None
+
+    @property
+    def serial(self) -> str:
+        return serial_text(self.certificate.serial_number)
+
+    @property
+    def common_name(self) -> str:
+        return common_name(self.certificate)
+
+    def certificate_pem(self) -> str:
+        return cert_pem(self.certificate).decode()
+
+    def private_key_pem(self) -> str | None:
+        return None if self.private_key is None else key_pem(self.private_key).decode()
+
+
+def common_name(cert: x509.Certificate) -> str:
+    names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else ""
+
+
+class CertificateAuthority:
+    """A CA certificate with its private key; signs certificates and CRLs."""
+
+    def __init__(self, certificate: x509.Certificate, key: PrivateKey) -> None:
+        self.certificate = certificate
+        self.key = key
+
+    @classmethod
+    def create(cls, days: int, name: str = "f2pipe CA") -> CertificateAuthority:
+        """A new self-signed CA (EC P-256, SHA-256, path length 0), in memory."""
+        key = generate_key()
+        subject = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "f2pipe"),
+                x509.NameAttribute(NameOID.COMMON_NAME, name),
+            ]
+        )
+        now = _now()
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key)
+
+    @classmethod
+    def load(cls, paths: PkiPaths, passphrase: bytes | None) -> CertificateAuthority:
+        """Read ``ca.pem`` and ``ca.key``; raise CertError if missing, unreadable or mismatched."""
+        cert = load_cert(paths.ca_cert)
+        try:
+            key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), passphrase)
+        except OSError as exc:
+            raise CertError(f"cannot read CA key {paths.ca_key}: {exc.strerror}") from None
+        except TypeError:
+            raise CertError(
+                f"CA key {paths.ca_key} is encrypted: set F2PIPE_CA_PASSPHRASE(_FILE)"
+                if passphrase is None
+                else f"CA key {paths.ca_key} is not encrypted but a passphrase is set"
+            ) from None
+        except ValueError:
+            raise CertError(f"cannot decrypt or parse CA key {paths.ca_key}") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+            raise CertError(f"CA key {paths.ca_key} is not an EC or RSA key")
+        if key.public_key() != cert.public_key():
+            raise CertError(f"CA key {paths.ca_key} does not belong to {paths.ca_cert}")
+        return cls(cert, key)
+
+    def save(self, paths: PkiPaths, passphrase: bytes | None) -> None:
+        write_private(paths.ca_key, key_pem(self.key, passphrase))
+        write_public(paths.ca_cert, cert_pem(self.certificate))
+
+    def issued_by_me(self, cert: x509.Certificate) -> bool:
+        """True if ``cert`` carries a valid signature of this CA."""
+        try:
+            cert.verify_directly_issued_by(self.certificate)
+        except (ValueError, TypeError, InvalidSignature):
+            return False
+        return True
+
+    def sign(
+        self,
+        *,
+        common_name: str,
+        public_key: PublicKey,
+        days: float,
+        purpose: Purpose,
+        names: Iterable[str] = (),
+    ) -> x509.Certificate:
+        """Sign an end-entity certificate with a fresh random serial.
+
+        ``purpose`` decides the extended key usage: ``client`` gets clientAuth
+        only, ``server`` serverAuth only. ``names`` become subjectAltNames
+        (IP addresses where they parse as one, DNS names otherwise). The
+        validity never reaches past the CA's own.
+        """
+        now = _now()
+        not_after = min(now + dt.timedelta(days=days), self.certificate.not_valid_after_utc)
+        eku = (
+            ExtendedKeyUsageOID.CLIENT_AUTH
+            if purpose == "client"
+            else ExtendedKeyUsageOID.SERVER_AUTH
+        )
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(self.certificate.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _BACKDATE)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    content_commitment=False,
+                    # RSA key exchange needs it; harmless for EC keys.
+                    key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+        )
+        alt = [_general_name(name) for name in dict.fromkeys(names)]
+        if alt:
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        return builder.sign(self.key, hashes.SHA256())
+
+    def issue_device(
+        self, mac: str, public_key: PublicKey | None = None, days: float = 365
+    ) -> Issued:
+        """A device certificate for ``f2-<mac>`` (clientAuth only).
+
+        With ``public_key`` (from a CSR) no private key exists here; without it a
+        fresh P-256 key is generated and returned with the certificate.
+        """
+        key = None if public_key is not None else generate_key()
+        public = public_key if public_key is not None else key.public_key()  # type: ignore[union-attr]
+        cert = self.sign(
+            common_name=device_common_name(mac), public_key=public, days=days, purpose="client"
+        )
+        return Issued(cert, key)
+
+    def issue_client(self, common_name: str, days: float) -> Issued:
+        """A client certificate with a fresh key (services and short-lived identities)."""
+        key = generate_key()
+        cert = self.sign(
+            common_name=common_name, public_key=key.public_key(), days=days, purpose="client"
+        )
+        return Issued(cert, key)
+
+    def issue_server(self, common_name: str, names: Iterable[str], days: float) -> Issued:
+        """A server certificate (serverAuth) with a fresh key and the given SANs."""
+        key = generate_key()
+        cert = self.sign(
+            common_name=common_name,
+            public_key=key.public_key(),
+            days=days,
+            purpose="server",
+            names=names,
+        )
+        return Issued(cert, key)
+
+    def build_crl(
+        self, revoked: Iterable[tuple[int, dt.datetime]], days: int
+    ) -> x509.CertificateRevocationList:
+        """A CRL listing ``(serial, revoked_at)`` pairs, valid for ``days``."""
+        now = _now()
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(self.certificate.subject)
+            .last_update(now - _BACKDATE)
+            .next_update(now + dt.timedelta(days=days))
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                critical=False,
+            )
+            .add_extension(x509.CRLNumber(int(now.timestamp() * 1000)), critical=False)
+        )
+        for serial, when in sorted(dict(revoked).items()):
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder()
+                .serial_number(serial)
+                .revocation_date(when.astimezone(dt.UTC))
+                .build()
+            )
+        return builder.sign(self.key, hashes.SHA256())
+
+
+def _general_name(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def server_names(settings: Settings) -> list[str]:
+    """SANs for the broker and certgen: localhost, 127.0.0.1, ::1 and ``broker_names``."""
+    return list(dict.fromkeys(["localhost", "127.0.0.1", "::1", *settings.extra_server_names()]))
+
+
+def read_crl(path: Path) -> x509.CertificateRevocationList | None:
+    """The CRL at ``path``, or None if there is none yet."""
+    try:
+        return x509.load_pem_x509_crl(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise CertError(f"cannot read CRL {path}: {exc}") from None
+
+
+def crl_entries(crl: x509.CertificateRevocationList | None) -> dict[int, dt.datetime]:
+    if crl is None:
+        return {}
+    return {entry.serial_number: entry.revocation_date_utc for entry in crl}
+
+
+def write_crl(
+    ca: CertificateAuthority,
+    paths: PkiPaths,
+    revoked: Iterable[tuple[int, dt.datetime]],
+    days: int,
+) -> x509.CertificateRevocationList:
+    """Write a new CRL: every serial already in ``crl.pem`` plus ``revoked``.
+
+    The existing file's entries are kept so that no revocation is ever lost,
+    even if the database that records them is.
+    """
+    entries = crl_entries(read_crl(paths.crl))
+    for serial, when in revoked:
+        entries.setdefault(serial, when)
+    crl = ca.build_crl(entries.items(), days)
+    write_public(paths.crl, crl.public_bytes(serialization.Encoding.PEM))
+    return crl
+
+
+def _needs_server_cert(
+    ca: CertificateAuthority, cert_path: Path, key_path: Path, names: list[str]
+) -> bool:
+    if not (cert_path.is_file() and key_path.is_file()):
+        return True
+    cert = load_cert(cert_path)
+    if not ca.issued_by_me(cert) or cert.not_valid_after_utc - _now() < _RENEW_BEFORE:
+        return True
+    try:
+        have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return True
+    wanted = {_general_name(name) for name in names}
+    return not wanted <= set(have)
+
+
+def _needs_client_cert(ca: CertificateAuthority, cert_path: Path, key_path: Path) -> bool:
+    if not (cert_path.is_file() and key_path.is_file()):
+        return True
+    cert = load_cert(cert_path)
+    return not ca.issued_by_me(cert) or cert.not_valid_after_utc - _now() < _RENEW_BEFORE
+
+
+@dataclass
+class PkiReport:
+    """What :func:`ensure_pki` created (empty lists: everything was in place)."""
+
+    ca: CertificateAuthority
+    created: list[str]
+    issued: list[Issued]
+
+
+def ensure_pki(settings: Settings, services: Iterable[str] = SERVICE_NAMES) -> PkiReport:
+    """Create whatever is missing of the CA, CRL, broker/certgen and service certificates.
+
+    Idempotent: existing valid files are kept. A server or service certificate is
+    re-issued when missing, not signed by the current CA, within 30 days of
+    expiry, or (servers) missing one of the configured names. The CRL is renewed
+    once half of its validity has passed. Raises CertError on unreadable files
+    or a wrong passphrase.
+    """
+    paths = pki_paths(settings)
+    passphrase = ca_passphrase(settings)
+    created: list[str] = []
+    issued: list[Issued] = []
+    paths.root.mkdir(parents=True, exist_ok=True)
+    if paths.ca_cert.exists() or paths.ca_key.exists():
+        ca = CertificateAuthority.load(paths, passphrase)
+    else:
+        ca = CertificateAuthority.create(settings.ca_days)
+        ca.save(paths, passphrase)
+        created.append(str(paths.ca_cert))
+
+    crl = read_crl(paths.crl)
+    half_life = dt.timedelta(days=settings.crl_days / 2)
+    if (
+        crl is None
+        or not crl.is_signature_valid(ca.key.public_key())
+        or crl.next_update_utc is None
+        or crl.next_update_utc - _now() < half_life
+    ):
+        # Entries of a CRL signed by another CA mean nothing to this one.
+        if crl is not None and not crl.is_signature_valid(ca.key.public_key()):
+            paths.crl.unlink()
+        write_crl(ca, paths, [], settings.crl_days)
+        created.append(str(paths.crl))
+
+    names = server_names(settings)
+    for cn, cert_path, key_path in (
+        ("f2pipe broker", paths.broker_cert, paths.broker_key),
+        ("f2pipe certgen", paths.certgen_cert, paths.certgen_key),
+    ):
+        if _needs_server_cert(ca, cert_path, key_path, names):
+            server = ca.issue_server(cn, names, settings.service_cert_days)
+            assert server.private_key is not None
+            write_private(key_path, key_pem(server.private_key))
+            write_public(cert_path, cert_pem(server.certificate))
+            created.append(str(cert_path))
+            issued.append(server)
+
+    for name in services:
+        cert_path, key_path = paths.service_cert(name), paths.service_key(name)
+        if _needs_client_cert(ca, cert_path, key_path):
+            issued.append(issue_service_files(ca, paths, name, settings.service_cert_days))
+            created.append(str(cert_path))
+    return PkiReport(ca, created, issued)
+
+
+def issue_service_files(
+    ca: CertificateAuthority, paths: PkiPaths, name: str, days: float
+) -> Issued:
+    """Issue ``svc-<name>`` and write ``services/<name>.pem`` and ``.key`` (0600)."""
+    check_service_name(name)
+    result = ca.issue_client(name, days)
+    assert result.private_key is not None
+    paths.services.mkdir(parents=True, exist_ok=True)
+    write_private(paths.service_key(name), key_pem(result.private_key))
+    write_public(paths.service_cert(name), cert_pem(result.certificate))
+    return result

@@ -1,0 +1,78 @@
+"""The CA on disk: passphrases, idempotence, CRL renewal. Pure files, no servers."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from f2pipe.certgen.ca import (
+    CertificateAuthority,
+    ensure_pki,
+    parse_serial,
+    pki_paths,
+    serial_text,
+    write_crl,
+)
+from f2pipe.errors import CertError
+from f2pipe.settings import load_settings
+
+
+def test_passphrase_protects_the_ca_key(tmp_path: Path) -> None:
+    protected = load_settings(state_dir=tmp_path, ca_passphrase="correct horse")
+    ensure_pki(protected)
+    key = pki_paths(protected).ca_key.read_bytes()
+    assert b"ENCRYPTED PRIVATE KEY" in key
+    with pytest.raises(CertError, match="F2PIPE_CA_PASSPHRASE"):
+        ensure_pki(load_settings(state_dir=tmp_path))
+    with pytest.raises(CertError, match="cannot decrypt"):
+        ensure_pki(load_settings(state_dir=tmp_path, ca_passphrase="wrong"))
+    secret = tmp_path / "passphrase"
+    secret.write_text("correct horse\n")
+    assert ensure_pki(load_settings(state_dir=tmp_path, ca_passphrase_file=secret)).created == []
+
+
+def test_broker_names_reissue_the_server_certificate(tmp_path: Path) -> None:
+    ensure_pki(load_settings(state_dir=tmp_path))
+    report = ensure_pki(load_settings(state_dir=tmp_path, broker_names="mosquitto, 10.0.0.5"))
+    assert str(pki_paths(load_settings(state_dir=tmp_path)).broker_cert) in report.created
+    cert = x509.load_pem_x509_certificate((tmp_path / "pki" / "broker.pem").read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(san.get_values_for_type(x509.DNSName)) == {"localhost", "mosquitto"}
+    assert {str(ip) for ip in san.get_values_for_type(x509.IPAddress)} == {
+        "127.0.0.1",
+        "::1",
+        "10.0.0.5",
+    }
+
+
+def test_crl_is_renewed_at_half_life_and_keeps_its_entries(tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path, crl_days=10)
+    ensure_pki(settings)
+    paths = pki_paths(settings)
+    ca = CertificateAuthority.load(paths, None)
+    revoked_at = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    write_crl(ca, paths, [(12345, revoked_at)], days=4)  # less than half of 10 days left
+    report = ensure_pki(settings)
+    assert str(paths.crl) in report.created
+    crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=9)
+    entry = crl.get_revoked_certificate_by_serial_number(12345)
+    assert entry is not None
+    assert entry.revocation_date_utc == revoked_at
+
+
+def test_serials_are_unique_and_parse_in_openssl_form(tmp_path: Path) -> None:
+    ca = CertificateAuthority.create(days=1)
+    serials = {ca.issue_device("aabbccddee01", days=1).serial for _ in range(200)}
+    assert len(serials) == 200
+    serial = next(iter(serials))
+    colon = ":".join(serial.upper().zfill(40)[i : i + 2] for i in range(0, 40, 2))
+    assert serial_text(parse_serial(colon)) == serial
+    assert serial_text(parse_serial("0x" + serial)) == serial
+    for bad in ["", "xyz", "1" * 41]:
+        with pytest.raises(ValueError, match="not a certificate serial"):
+            parse_serial(bad)

@@ -1,0 +1,187 @@
+"""The processor's pure parts: the stage, the output format, the alarm, dead-letter headers."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import orjson
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from f2pipe.decode import DatapointSpec, TemplateSpec, compile_template
+from f2pipe.dlq import DeadLetter, DeadLetterError, parse_since
+from f2pipe.metadata import SKIPPED, Resolution, Resolved, controller_document
+from f2pipe.processor import (
+    DeadLetterAlarm,
+    Decoded,
+    Rejected,
+    Skipped,
+    Stage,
+    reading_key,
+    reading_value,
+)
+from f2pipe.reasons import Reason
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+ENV = compile_template(
+    TemplateSpec(
+        "modbus_crc",
+        (
+            DatapointSpec(11, "Temperature", "int16", 0, 2, decimals=2),
+            DatapointSpec(12, "Humidity", "uint16", 2, 2, decimals=2),
+            DatapointSpec(13, "CO2", "uint16", 4, 2),
+        ),
+    )
+)
+PAYLOAD = b'{"timestamp": "2024-07-15 14:30:25.5", "data": "01 03 06 09 F8 11 A0 01 9F C4 DE"}'
+MAC = "aabbccddee01"
+
+
+class FakeLookup:
+    def __init__(self, table: dict[tuple[str, int, str, int], Resolution]) -> None:
+        self.table = table
+        self.calls = 0
+
+    def __call__(self, mac: str, connector: int, kind: str, index: int) -> Resolution:
+        self.calls += 1
+        return self.table.get((mac, connector, kind, index), Reason.UNKNOWN_DEVICE)
+
+
+def _stage() -> tuple[Stage, FakeLookup]:
+    lookup = FakeLookup(
+        {
+            (MAC, 1, "sensor", 1): Resolved(5, ZoneInfo("Europe/Madrid"), ENV),
+            (MAC, 2, "sensor", 1): Reason.UNMAPPED_SENSOR,
+            (MAC, 3, "siren", 2): SKIPPED,
+        }
+    )
+    return Stage(lookup), lookup
+
+
+def test_a_wired_sensor_yields_every_datapoint_in_the_controller_time_zone() -> None:
+    stage, _ = _stage()
+    outcome = stage.handle(f"tele/f2-{MAC}/sensor-mode/J1/sensor-1".encode(), PAYLOAD, NOW)
+    assert isinstance(outcome, Decoded)
+    assert outcome.device_id == 5
+    ts = datetime(2024, 7, 15, 12, 30, 25, 500000, tzinfo=UTC)  # Madrid is UTC+2 in July
+    assert outcome.readings == [(11, ts, 25.52), (12, ts, 45.12), (13, ts, 415.0)]
+
+
+@pytest.mark.parametrize(
+    ("topic", "expected"),
+    [
+        (None, Rejected),
+        (b"\xff\xfe", Rejected),
+        (b"tele/f2-AABBCCDDEE01/sensor-mode/J1/sensor-1", Rejected),
+        (b"tele/f2-aabbccddee01/sensor-mode/J5/sensor-1", Rejected),
+    ],
+)
+def test_an_invalid_topic_wins_before_any_lookup(topic: bytes | None, expected: type) -> None:
+    stage, lookup = _stage()
+    outcome = stage.handle(topic, b"not json", NOW)
+    assert isinstance(outcome, expected)
+    assert isinstance(outcome, Rejected)
+    assert outcome.reason is Reason.INVALID_TOPIC
+    assert lookup.calls == 0
+
+
+def test_lookup_verdicts_come_before_payload_checks() -> None:
+    stage, _ = _stage()
+    unknown = stage.handle(b"tele/f2-ffffffffffff/sensor-mode/J1/sensor-1", b"[", NOW)
+    unmapped = stage.handle(f"tele/f2-{MAC}/sensor-mode/J2/sensor-1".encode(), b"[", NOW)
+    assert unknown == Rejected(Reason.UNKNOWN_DEVICE, "no device with MAC ffffffffffff")
+    assert isinstance(unmapped, Rejected)
+    assert unmapped.reason is Reason.UNMAPPED_SENSOR
+
+
+def test_status_without_device_readers_and_commands_are_skipped_not_dead_lettered() -> None:
+    stage, lookup = _stage()
+    assert stage.handle(f"stat/f2-{MAC}/alarm-mode/J3/siren-2".encode(), b"{}", NOW) == Skipped(
+        "siren"
+    )
+    reader = f"tele/f2-{MAC}/access-control-mode/J1/reader-1".encode()
+    assert stage.handle(reader, b'{"data": "x"}', NOW) == Skipped("reader")
+    command = f"cmnd/f2-{MAC}/access-control-mode/J1/reader-1/success".encode()
+    assert stage.handle(command, b"", NOW) == Skipped("command")
+    assert lookup.calls == 1  # readers and commands need no metadata
+
+
+def test_decode_failures_carry_the_decoder_reason() -> None:
+    stage, _ = _stage()
+    topic = f"tele/f2-{MAC}/sensor-mode/J1/sensor-1".encode()
+    bad_crc = PAYLOAD.replace(b"C4 DE", b"C4 DF")
+    outcome = stage.handle(topic, bad_crc, NOW)
+    assert isinstance(outcome, Rejected)
+    assert outcome.reason is Reason.CRC_MISMATCH
+    empty = stage.handle(topic, None, NOW)
+    assert isinstance(empty, Rejected)
+    assert empty.reason is Reason.INVALID_JSON
+
+
+@given(
+    st.integers(1, 2**31 - 1),
+    st.integers(1, 2**31 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.datetimes(
+        min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+    ),
+)
+def test_processed_values_are_spec_json_and_round_trip_exactly(
+    device: int, datapoint: int, value: float, ts: datetime
+) -> None:
+    raw = reading_value(device, (datapoint, ts, value))
+    decoded = orjson.loads(raw)
+    assert decoded == {
+        "v": 1,
+        "ts": decoded["ts"],
+        "device_id": device,
+        "datapoint_id": datapoint,
+        "value": value,
+    }
+    assert datetime.fromisoformat(decoded["ts"]) == ts
+    assert reading_key(device, datapoint) == f"{device}:{datapoint}".encode()
+    assert raw == reading_value(device, (datapoint, ts, value))  # deterministic for replay
+    assert not math.isnan(decoded["value"])
+
+
+def test_the_dead_letter_alarm_rises_and_falls_without_stopping_anything() -> None:
+    alarm = DeadLetterAlarm(ratio=0.5, window_s=10, min_messages=100)
+    assert alarm.observe(50, 50, now=0.0) is False  # too few messages to judge
+    assert alarm.observe(100, 80, now=1.0) is True
+    assert alarm.observe(1000, 0, now=20.0) is False  # the bad batches left the window
+
+
+def test_since_accepts_ages_and_iso_times() -> None:
+    assert parse_since("15m", now=1000.0) == 100_000
+    assert parse_since("2024-07-15T00:00:00Z") == 1_721_001_600_000
+    assert parse_since("2024-07-15 00:00:00") == 1_721_001_600_000
+    with pytest.raises(DeadLetterError):
+        parse_since("yesterday")
+
+
+def test_replay_keeps_original_headers_and_drops_dlq_ones() -> None:
+    letter = DeadLetter(
+        0,
+        7,
+        b"aabbccddee01",
+        b"{}",
+        [("mqtt.topic", b"t"), ("dlq.reason", b"unknown_device"), ("dlq.stage", b"processor")],
+    )
+    assert letter.original_headers() == [("mqtt.topic", b"t")]
+    assert (letter.stage, letter.reason, letter.ref) == ("processor", "unknown_device", "0/7")
+
+
+def test_controller_document_groups_wiring_and_templates() -> None:
+    rows = [
+        (1, "UTC", 1, 1, 5, 9, "modbus_crc", 11, "T", "int16", 0, 2, "ABCD", 2, "C", None),
+        (1, "UTC", 1, 1, 5, 9, "modbus_crc", 12, "H", "uint16", 2, 2, "ABCD", 2, "%", None),
+        (1, "UTC", 2, None, None, None, None, None, None, None, None, None, None, None, None, None),
+    ]
+    doc = controller_document(rows)
+    assert doc is not None
+    assert doc["pins"] == {"1:1": {"device_id": 5, "template": 9}}
+    assert [dp[0] for dp in doc["templates"]["9"]["datapoints"]] == [11, 12]
+    assert controller_document([]) is None
