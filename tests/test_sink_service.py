@@ -534,6 +534,14 @@ def test_a_second_sink_joining_and_the_first_leaving_loses_and_duplicates_nothin
     produce(topics.processed, records[:15000])
     wait_until(lambda: count(fresh_db) >= 3000, timeout=120, what="some rows stored")
     second = start(sinks, fresh_db, topics, tmp_path, **small)  # partitions move
+    wait_until(
+        lambda: (
+            second.metric("f2pipe_sink_assigned_partitions") > 0
+            and first.metric("f2pipe_sink_assigned_partitions") > 0
+        ),
+        timeout=120,
+        what="partitions shared by both sinks",
+    )
     produce(topics.processed, records[15000:])
     try:
         wait_until(

@@ -57,6 +57,7 @@ from f2pipe.errors import MetadataUnavailable
 from f2pipe.kafka import consumer_config, producer_config
 from f2pipe.logs import setup_logging
 from f2pipe.metadata import SKIPPED, TIERS, Resolution, Resolved, Resolver
+from f2pipe.metrics import DEAD_LETTERS
 from f2pipe.ops import OpsServer
 from f2pipe.reasons import Reason
 from f2pipe.settings import Settings, get_settings
@@ -72,9 +73,6 @@ Headers = list[tuple[str, str | bytes | None]]
 
 CONSUMED = Counter("f2pipe_processor_consumed", "raw records consumed")
 PRODUCED = Counter("f2pipe_processor_produced", "readings produced to the processed topic")
-DEAD_LETTERS = Counter(
-    "f2pipe_dead_letters", "records sent to the dead-letter topic", ["stage", "reason"]
-)
 SKIPPED_TOTAL = Counter(
     "f2pipe_processor_skipped", "records deliberately not decoded (no wired device, text)", ["kind"]
 )

@@ -60,6 +60,7 @@ from psycopg import errors as pgerrors
 from f2pipe.errors import DatabaseUnavailable
 from f2pipe.kafka import admin_config, consumer_config, producer_config
 from f2pipe.logs import setup_logging
+from f2pipe.metrics import DEAD_LETTERS
 from f2pipe.ops import OpsServer
 from f2pipe.reasons import Reason
 from f2pipe.settings import Settings, get_settings
@@ -76,10 +77,6 @@ ROWS_WRITTEN = Counter("f2pipe_sink_rows_written", "rows stored in decoded_data"
 DUPLICATES = Counter("f2pipe_sink_duplicates_ignored", "rows already stored, ignored")
 # Records not stored: unparseable, or refused by the database.
 REJECTED = Counter("f2pipe_sink_rejected_rows", "records that could not be stored", ["cause"])
-# Dead letters written by this stage, by reason (the same family every stage uses).
-DEAD_LETTERS = Counter(
-    "f2pipe_dead_letters", "records sent to the dead-letter topic", ["stage", "reason"]
-)
 # Rows per written batch.
 BATCH_ROWS = Histogram(
     "f2pipe_sink_batch_rows",
@@ -102,6 +99,8 @@ WRITE_SECONDS = Histogram(
 FALLBACKS = Counter("f2pipe_sink_idempotent_fallbacks", "batches written via staging")
 # Records behind the head of each partition, after the last commit.
 LAG = Gauge("f2pipe_sink_consumer_lag", "records not yet committed", ["partition"])
+# Partitions of the processed topic this sink currently owns.
+ASSIGNED = Gauge("f2pipe_sink_assigned_partitions", "partitions assigned to this sink")
 # Failed write attempts because the database was unavailable.
 DB_RETRIES = Counter("f2pipe_sink_db_retries", "write attempts retried after a database error")
 
@@ -938,6 +937,7 @@ class Sink:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
+        ASSIGNED.set(len(self._assigned))
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
         if self._in_backpressure and partitions:
             consumer.pause(partitions)
@@ -945,6 +945,7 @@ class Sink:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
+        ASSIGNED.set(len(self._assigned))
         settled = self._settle_for_rebalance(gone)
         if settled and not self._in_backpressure and self.batch.rows:
             # Hand over cleanly: write what we hold, so the next owner starts after it.
@@ -965,6 +966,7 @@ class Sink:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
+        ASSIGNED.set(len(self._assigned))
         self._settle_for_rebalance(gone)
         self.batch.drop_partitions(gone)
         self.writer.abandon()
@@ -1026,7 +1028,7 @@ def _cmd_sink(args: argparse.Namespace) -> int:
     )
     sink = Sink(settings, policy)
     _install_signals(sink)
-    ops = OpsServer("0.0.0.0", settings.sink_port, sink.ready)  # noqa: S104 - probes come from outside
+    ops = OpsServer(settings.ops_host, settings.sink_port, sink.ready)
     log.info(
         "sink started",
         extra={
