@@ -213,7 +213,12 @@ def failure_logs(settings: Settings) -> str:
     for name in (*services.NAMES, *stack.NAMES):
         path = logs / f"{name}.log"
         if path.is_file():
-            parts.append(f"--- {name}\n" + "\n".join(path.read_text().splitlines()[-15:]))
+            lines = path.read_text(errors="replace").splitlines()[-25:]
+            parts.append(f"--- {name}\n" + "\n".join(line[:300] for line in lines))
+    # Which stage stalled: each one's counters and the lag per consumer group.
+    with contextlib.suppress(Exception):
+        snapshot = status.Observer(settings).snapshot(with_health=False)
+        parts.append(f"--- counters {snapshot.counters}\n--- lag {snapshot.lag}")
     return "\n".join(parts)
 
 
@@ -399,11 +404,14 @@ def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
     def flowing(label: str, more: int = 20) -> None:
         """Wait until new rows land again: the stage (or server) is back in the chain."""
         base = row_count(dsn)
-        wait_until(
-            lambda: publisher.failure is not None or row_count(dsn) >= base + more,
-            timeout=120,
-            what=f"rows to flow again after {label}",
-        )
+        try:
+            wait_until(
+                lambda: publisher.failure is not None or row_count(dsn) >= base + more,
+                timeout=120,
+                what=f"rows to flow again after {label}",
+            )
+        except pytest.fail.Exception as exc:
+            pytest.fail(f"{exc}\n{failure_logs(settings)}")
         assert publisher.failure is None, publisher.failure
 
     flowing("start")
