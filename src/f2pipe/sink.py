@@ -846,7 +846,8 @@ class Sink:
         """Produce the dead letters and wait until Kafka acknowledged every one."""
         now = b"%d" % int(time.time() * 1000)
         for msg, detail, cause in rejected:
-            headers = list(msg.headers() or [])
+            # The record's own headers, minus any dlq.* of an earlier dead-lettering.
+            headers = [h for h in msg.headers() or [] if not h[0].startswith("dlq.")]
             headers += [
                 ("dlq.stage", b"sink"),
                 ("dlq.reason", Reason.SINK_REJECTED.value.encode()),
