@@ -521,7 +521,7 @@ LOW_LATENCY = CommitPolicy(max_rows=2000, max_age_s=0.1)
 
 @dataclass(frozen=True)
 class Backoff:
-    """Jittered exponential backoff ("full jitter"): attempt n waits U(0, min(cap, base*2^n))."""
+    """Jittered exponential backoff: attempt n waits U(c/2, c), c = min(cap, base * 2^n)."""
 
     base_s: float = 0.1
     cap_s: float = 5.0
