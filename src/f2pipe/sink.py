@@ -521,7 +521,7 @@ LOW_LATENCY = CommitPolicy(max_rows=2000, max_age_s=0.1)
 
 @dataclass(frozen=True)
 class Backoff:
-    """Jittered exponential backoff ("full jitter"): attempt n waits U(0, min(cap, base*2^n))."""
+    """Jittered exponential backoff: attempt n waits U(c/2, c), c = min(cap, base * 2^n)."""
 
     base_s: float = 0.1
     cap_s: float = 5.0
@@ -846,7 +846,8 @@ class Sink:
         """Produce the dead letters and wait until Kafka acknowledged every one."""
         now = b"%d" % int(time.time() * 1000)
         for msg, detail, cause in rejected:
-            headers = list(msg.headers() or [])
+            # The record's own headers, minus any dlq.* of an earlier dead-lettering.
+            headers = [h for h in msg.headers() or [] if not h[0].startswith("dlq.")]
             headers += [
                 ("dlq.stage", b"sink"),
                 ("dlq.reason", Reason.SINK_REJECTED.value.encode()),
