@@ -1,0 +1,416 @@
+"""Fleet files: validation by line (pure) and import/export against the real PostgreSQL."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+from psycopg import sql
+
+from conftest import unique
+from f2pipe import cli
+from f2pipe.db import create_database, migrate, seed_demo
+from f2pipe.errors import FleetError
+from f2pipe.fleet import export_fleet, import_fleet, normalize_mac, parse_fleet
+from f2pipe.settings import get_settings
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "fleet.example.yaml"
+
+SMALL = """\
+version: 1
+device_types:
+  - {name: Controller, is_controller: true}
+  - {name: Sensor, is_sensor: true}
+templates:
+  - name: Ctl
+    device_type: Controller
+    datapoints: []
+  - name: Thermo
+    device_type: Sensor
+    model: TH-1
+    datapoints:
+      - {label: Temperature, data_encoding: int16, byte_offset: 0, byte_length: 2, decimals: 1}
+      - {label: Door, data_encoding: bool, byte_offset: 2, byte_length: 1, json_field: door}
+controllers:
+  - name: Hall
+    mac: "AA:BB:CC:00:00:01"
+    template: Ctl
+    timezone: Europe/Berlin
+    serial_number: 0012345
+  - {name: Attic, mac: 001122334455, template: Ctl}
+sensors:
+  - {name: Hall Thermo, template: Thermo, serial_number: T-1}
+  - {name: Attic Thermo, template: Thermo}
+wiring:
+  - {controller: aa-bb-cc-00-00-01, connector: 1, pin: 1, sensor: Hall Thermo}
+  - {controller: "001122334455", connector: 4, pin: 6, sensor: Attic Thermo}
+"""
+
+
+def line_with(text: str, marker: str) -> int:
+    """1-based number of the only line of ``text`` containing ``marker``."""
+    found = [i for i, line in enumerate(text.splitlines(), 1) if marker in line]
+    assert len(found) == 1, (marker, found)
+    return found[0]
+
+
+def problem_of(text: str) -> str:
+    with pytest.raises(FleetError) as info:
+        parse_fleet(text, "fleet.yaml")
+    return str(info.value)
+
+
+# --- pure validation ----------------------------------------------------------------------
+
+
+def test_the_example_and_the_small_fleet_are_valid() -> None:
+    example = parse_fleet(EXAMPLE.read_text(encoding="utf-8"))
+    assert [c.mac for c in example.controllers] == [f"aabbccddee0{n}" for n in range(1, 5)]
+    small = parse_fleet(SMALL)
+    # Text fields stay text: YAML 1.1 would read these as octal numbers.
+    assert [c.mac for c in small.controllers] == ["aabbcc000001", "001122334455"]
+    assert small.controllers[0].serial_number == "0012345"
+    assert small.wiring[0].controller == "aabbcc000001"
+
+
+@pytest.mark.parametrize(
+    "text", ["aabbccddee01", "AA:BB:CC:DD:EE:01", "aa-bb-cc-dd-ee-01", " aabbccddee01 "]
+)
+def test_mac_forms(text: str) -> None:
+    assert normalize_mac(text) == "aabbccddee01"
+
+
+@pytest.mark.parametrize("text", ["aabbccddee0", "aa:bb:cc:dd:ee-01", "gg:bb:cc:dd:ee:01", ""])
+def test_bad_macs(text: str) -> None:
+    with pytest.raises(ValueError, match="not a MAC address"):
+        normalize_mac(text)
+
+
+# (old text, new text, marker of the line the error must name, words the message must hold)
+BAD_ENTRIES = [
+    ('mac: "AA:BB:CC:00:00:01"', "mac: aa:bb:cc:zz", "aa:bb:cc:zz", ["controllers[0].mac", "MAC"]),
+    (
+        "byte_offset: 0, byte_length: 2, decimals: 1",
+        "byte_offset: 0, byte_length: 4, decimals: 1",
+        "byte_length: 4",
+        ["templates[1].datapoints[0].byte_length", "int16 is 2 byte"],
+    ),
+    (
+        "data_encoding: int16",
+        "data_encoding: int24",
+        "int24",
+        ["templates[1].datapoints[0].data_encoding", "int24"],
+    ),
+    (
+        "    model: TH-1",
+        "    model: TH-1\n    colour: red",
+        "colour",
+        ["templates[1].colour", "unknown"],
+    ),
+    (
+        "connector: 4, pin: 6",
+        "connector: 4, pin: 7",
+        "pin: 7",
+        ["wiring[1].pin", "less than or equal"],
+    ),
+    ("decimals: 1}", "decimals: one}", "decimals: one", ["datapoints[0].decimals", "integer"]),
+    (
+        "sensor: Attic Thermo}",
+        "sensor: Cellar Thermo}",
+        "Cellar",
+        ["wiring[1].sensor", "no sensor"],
+    ),
+    (
+        "{name: Attic Thermo, template: Thermo}",
+        "{name: Hall Thermo, template: Thermo}",
+        "{name: Hall Thermo, template: Thermo}",
+        ["sensors[1]", "duplicate sensor name"],
+    ),
+    (
+        "{name: Attic, mac: 001122334455, template: Ctl}",
+        "{name: Attic, mac: 001122334455, template: Thermo}",
+        "mac: 001122334455, template: Thermo}",
+        ["controllers[1].template", "not a controller"],
+    ),
+    (
+        "    device_type: Sensor",
+        "    device_type: Sensors",
+        "device_type: Sensors",
+        ["templates[1].device_type", "unknown device type"],
+    ),
+    (
+        "  - {name: Attic, mac: 001122334455, template: Ctl}",
+        "  - {mac: 001122334455, template: Ctl}",
+        "{mac: 001122334455",
+        ["controllers[1].name", "required"],
+    ),
+    (
+        "connector: 1, pin: 1, sensor: Hall Thermo}",
+        "connector: 1, pin: 1, sensor: Hall Thermo, pin: 2}",
+        "pin: 2}",
+        ["duplicate key 'pin'"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "marker", "words"), BAD_ENTRIES)
+def test_a_bad_entry_names_its_line_and_field(
+    old: str, new: str, marker: str, words: list[str]
+) -> None:
+    assert old in SMALL
+    text = SMALL.replace(old, new, 1)
+    message = problem_of(text)
+    assert f"fleet.yaml:{line_with(text, marker)}:" in message
+    for word in words:
+        assert word in message
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = SMALL.replace("pin: 6", "pin: 9").replace("int16", "int17")
+    message = problem_of(text)
+    assert message.startswith("2 problems, nothing written")
+    assert f"fleet.yaml:{line_with(text, 'pin: 9')}:" in message
+    assert f"fleet.yaml:{line_with(text, 'int17')}:" in message
+
+
+def test_merge_keys_may_be_overridden() -> None:
+    text = SMALL.replace(
+        "  - {name: Hall Thermo, template: Thermo, serial_number: T-1}",
+        "  - &thermo {name: Hall Thermo, template: Thermo, serial_number: T-1}",
+    ).replace(
+        "  - {name: Attic Thermo, template: Thermo}",
+        "  - {<<: *thermo, name: Attic Thermo, serial_number: T-2}",
+    )
+    sensors = parse_fleet(text).sensors
+    assert [(s.name, s.template, s.serial_number) for s in sensors] == [
+        ("Hall Thermo", "Thermo", "T-1"),
+        ("Attic Thermo", "Thermo", "T-2"),
+    ]
+
+
+def test_broken_yaml_names_its_line() -> None:
+    text = SMALL.replace("  - {name: Attic Thermo, template: Thermo}", "  - {name: [Attic")
+    assert "not valid YAML" in problem_of(text)
+    assert problem_of("- just\n- a list\n").startswith("fleet.yaml:1: a fleet file is a mapping")
+
+
+# --- against the real PostgreSQL ----------------------------------------------------------
+
+
+@pytest.fixture
+def other_db() -> Iterator[str]:
+    """A second fresh, migrated database (for round trips)."""
+    name = unique("f2t")
+    admin = get_settings().metadata_dsn.rsplit("/", 1)[0] + "/postgres"
+    create_database(admin, name)
+    dsn = admin.rsplit("/", 1)[0] + "/" + name
+    migrate(dsn)
+    yield dsn
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def snapshot(dsn: str) -> dict[str, list[tuple[object, ...]]]:
+    """Every metadata row, ids included, and the change version: equal means nothing changed."""
+    tables = ["device_types", "device_templates", "devices", "connectors", "pins", "datapoints"]
+    with psycopg.connect(dsn) as conn:
+        rows = {
+            t: conn.execute(
+                sql.SQL("SELECT * FROM {} ORDER BY 1").format(sql.Identifier(t))
+            ).fetchall()
+            for t in tables
+        }
+        rows["version"] = conn.execute("SELECT version FROM metadata_version").fetchall()
+    return rows
+
+
+def wiring(dsn: str) -> list[tuple[str, int, int, str]]:
+    with psycopg.connect(dsn) as conn:
+        return conn.execute(  # type: ignore[return-value]
+            "SELECT ctl.mac_address, c.connector_number, p.position, d.name"
+            " FROM pins p JOIN connectors c USING (connector_id)"
+            " JOIN devices ctl ON ctl.device_id = c.controller_id"
+            " JOIN devices d ON d.device_id = p.device_id ORDER BY 1, 2, 3"
+        ).fetchall()
+
+
+def write(tmp_path: Path, text: str, name: str = "fleet.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.servers
+def test_import_registers_the_fleet_and_reimport_changes_nothing(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    path = write(tmp_path, SMALL)
+    first = import_fleet(fresh_db, path)
+    assert first.counts["controllers"] == {"created": 2}
+    assert first.counts["wiring"] == {"created": 2}
+    assert wiring(fresh_db) == [
+        ("001122334455", 4, 6, "Attic Thermo"),
+        ("aabbcc000001", 1, 1, "Hall Thermo"),
+    ]
+    with psycopg.connect(fresh_db) as conn:
+        hall = conn.execute(
+            "SELECT timezone, serial_number FROM devices WHERE mac_address = 'aabbcc000001'"
+        ).fetchone()
+        door = conn.execute(
+            "SELECT data_encoding, byte_length, json_field FROM datapoints WHERE label = 'Door'"
+        ).fetchone()
+    assert hall == ("Europe/Berlin", "0012345")
+    assert door == ("bool", 1, "door")
+
+    before = snapshot(fresh_db)
+    dry = import_fleet(
+        fresh_db, write(tmp_path, SMALL.replace("pin: 6", "pin: 5"), "dry.yaml"), dry_run=True
+    )
+    assert dry.counts == {"wiring": {"removed": 1, "created": 1}}
+    assert snapshot(fresh_db) == before  # a dry run counts and writes nothing
+    again = import_fleet(fresh_db, path)
+    assert again.total == 0
+    assert snapshot(fresh_db) == before  # not one row, not even the change version
+
+
+@pytest.mark.servers
+def test_a_changed_wiring_entry_rewires(fresh_db: str, tmp_path: Path) -> None:
+    import_fleet(fresh_db, write(tmp_path, SMALL))
+    swapped = SMALL.replace("pin: 1, sensor: Hall Thermo", "pin: 1, sensor: Attic Thermo").replace(
+        "pin: 6, sensor: Attic Thermo", "pin: 6, sensor: Hall Thermo"
+    )
+    # Swap the two sensors, then move one to another pin of the same connector.
+    changes = import_fleet(fresh_db, write(tmp_path, swapped))
+    assert changes.counts == {"wiring": {"rewired": 2}}
+    assert wiring(fresh_db) == [
+        ("001122334455", 4, 6, "Hall Thermo"),
+        ("aabbcc000001", 1, 1, "Attic Thermo"),
+    ]
+    moved = swapped.replace("connector: 4, pin: 6", "connector: 4, pin: 2")
+    changes = import_fleet(fresh_db, write(tmp_path, moved))
+    assert changes.counts == {"wiring": {"removed": 1, "created": 1}}
+    assert wiring(fresh_db) == [
+        ("001122334455", 4, 2, "Hall Thermo"),
+        ("aabbcc000001", 1, 1, "Attic Thermo"),
+    ]
+
+
+@pytest.mark.servers
+def test_a_template_lists_all_its_datapoints(fresh_db: str, tmp_path: Path) -> None:
+    import_fleet(fresh_db, write(tmp_path, SMALL))
+    door = next(line for line in SMALL.splitlines(keepends=True) if "label: Door" in line)
+    fewer = SMALL.replace(door, "").replace("decimals: 1}", "decimals: 2}")
+    changes = import_fleet(fresh_db, write(tmp_path, fewer))
+    assert changes.counts == {"datapoints": {"updated": 1, "deleted": 1}}
+    with psycopg.connect(fresh_db) as conn:
+        rows = conn.execute("SELECT label, decimals FROM datapoints ORDER BY 1").fetchall()
+    assert rows == [("Temperature", 2)]
+
+
+@pytest.mark.servers
+def test_round_trip_export_import_export(fresh_db: str, other_db: str, tmp_path: Path) -> None:
+    seed_demo(fresh_db, tmp_path)
+    import_fleet(fresh_db, write(tmp_path, SMALL))
+    exported = export_fleet(fresh_db)
+    import_fleet(other_db, write(tmp_path, exported, "exported.yaml"))
+    assert export_fleet(other_db) == exported
+    assert len(yaml.safe_load(exported)["wiring"]) == 6
+
+
+@pytest.mark.servers
+def test_the_example_is_the_demo_fleet(fresh_db: str, tmp_path: Path) -> None:
+    seed_demo(fresh_db, tmp_path)
+    assert yaml.safe_load(export_fleet(fresh_db)) == yaml.safe_load(EXAMPLE.read_text("utf-8"))
+    assert import_fleet(fresh_db, EXAMPLE).total == 0
+
+
+@pytest.mark.servers
+def test_claiming_codes_are_kept_set_and_exported_only_on_request(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    codes = seed_demo(fresh_db, tmp_path)
+    assert import_fleet(fresh_db, EXAMPLE).total == 0  # omitted: the stored codes stay
+    assert "claiming_code" not in export_fleet(fresh_db)
+    with_codes = yaml.safe_load(export_fleet(fresh_db, with_claiming_codes=True))
+    assert {c["mac"]: c["claiming_code"] for c in with_codes["controllers"]} == codes
+    text = EXAMPLE.read_text("utf-8").replace(
+        "mac: aabbccddee01, template", "mac: aabbccddee01, claiming_code: new-code, template"
+    )
+    assert import_fleet(fresh_db, write(tmp_path, text)).counts == {"controllers": {"updated": 1}}
+    with psycopg.connect(fresh_db) as conn:
+        row = conn.execute(
+            "SELECT claiming_code FROM devices WHERE mac_address = 'aabbccddee01'"
+        ).fetchone()
+    assert row == ("new-code",)
+
+
+@pytest.mark.servers
+def test_a_database_refusal_names_the_line_and_writes_nothing(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    seed_demo(fresh_db, tmp_path)
+    before = snapshot(fresh_db)
+    # Valid templates and a new controller come first; the bad time zone is last.
+    text = SMALL.replace(
+        "{name: Attic, mac: 001122334455, template: Ctl}",
+        "{name: Attic, mac: 001122334455, template: Ctl, timezone: Mars/Olympus}",
+    )
+    with pytest.raises(FleetError) as info:
+        import_fleet(fresh_db, write(tmp_path, text))
+    message = str(info.value)
+    assert f"fleet.yaml:{line_with(text, 'Mars/Olympus')}: controllers[1]:" in message
+    assert "database refused it" in message
+    assert "timezone" in message
+    assert snapshot(fresh_db) == before
+
+
+@pytest.mark.servers
+def test_an_ambiguous_sensor_name_in_the_database_is_refused(fresh_db: str, tmp_path: Path) -> None:
+    import_fleet(fresh_db, write(tmp_path, SMALL))
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute(
+            "INSERT INTO devices (name, device_template_id)"
+            " SELECT name, device_template_id FROM devices WHERE name = 'Attic Thermo'"
+        )
+    before = snapshot(fresh_db)
+    text = SMALL.replace("decimals: 1}", "decimals: 3}")  # a real change before the refusal
+    with pytest.raises(FleetError) as info:
+        import_fleet(fresh_db, write(tmp_path, text))
+    assert f"fleet.yaml:{line_with(text, '{name: Attic Thermo')}: sensors[1].name:" in str(
+        info.value
+    )
+    assert snapshot(fresh_db) == before
+    with pytest.raises(FleetError, match="both named 'Attic Thermo'"):
+        export_fleet(fresh_db)
+
+
+@pytest.mark.servers
+def test_the_cli_exits_non_zero_with_the_line(
+    fresh_db: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("F2PIPE_METADATA_DSN", fresh_db)
+    get_settings.cache_clear()
+    try:
+        bad = write(tmp_path, SMALL.replace("pin: 6", "pin: 0"), "bad.yaml")
+        assert cli.main(["fleet", "import", str(bad)]) == 1
+        err = capsys.readouterr().err
+        assert f"bad.yaml:{line_with(bad.read_text(), 'pin: 0')}: wiring[1].pin" in err
+        assert snapshot(fresh_db)["devices"] == []
+
+        assert cli.main(["fleet", "import", str(EXAMPLE)]) == 0
+        assert "controllers: 4 created" in capsys.readouterr().out
+        out = tmp_path / "out.yaml"
+        assert cli.main(["fleet", "export", str(out), "--with-claiming-codes"]) == 0
+        assert out.stat().st_mode & 0o777 == 0o600
+        assert cli.main(["fleet", "import", "--dry-run", str(out)]) == 0
+        assert "no changes" in capsys.readouterr().out
+    finally:
+        get_settings.cache_clear()
