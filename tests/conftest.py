@@ -42,21 +42,34 @@ def unique(prefix: str) -> str:
 
 
 @pytest.fixture
-def fresh_db() -> Iterator[str]:
-    """A new, fully migrated database for one test; its DSN. Dropped afterwards."""
+def new_db() -> Iterator[Callable[[], str]]:
+    """Makes new, fully migrated databases (DSNs) on demand; drops them all afterwards."""
     import psycopg
     from psycopg import sql
 
     from f2pipe.db import create_database, migrate
     from f2pipe.settings import get_settings
 
-    name = unique("f2t")
     admin = get_settings().metadata_dsn.rsplit("/", 1)[0] + "/postgres"
-    create_database(admin, name)
-    dsn = admin.rsplit("/", 1)[0] + "/" + name
-    migrate(dsn)
-    yield dsn
+    names: list[str] = []
+
+    def make() -> str:
+        name = unique("f2t")
+        create_database(admin, name)
+        names.append(name)
+        dsn = admin.rsplit("/", 1)[0] + "/" + name
+        migrate(dsn)
+        return dsn
+
+    yield make
     with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        for name in names:
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture
+def fresh_db(new_db: Callable[[], str]) -> str:
+    """A new, fully migrated database for one test; its DSN. Dropped afterwards."""
+    return new_db()

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from f2pipe.certgen.auth import FailureLimiter, admin_token
-from f2pipe.certgen.ca import normalize_mac, pki_paths
+from f2pipe.certgen.ca import pki_paths
 from f2pipe.settings import Settings, load_settings
+from f2pipe.topics import normalize_mac
 from pki_fixtures import (
     ADMIN_TOKEN,
     Certgen,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -10,12 +10,12 @@ import pytest
 import yaml
 from psycopg import sql
 
-from conftest import unique
 from f2pipe import cli
-from f2pipe.db import create_database, migrate, seed_demo
+from f2pipe.db import seed_demo
 from f2pipe.errors import FleetError
-from f2pipe.fleet import export_fleet, import_fleet, normalize_mac, parse_fleet
+from f2pipe.fleet import export_fleet, import_fleet, parse_fleet
 from f2pipe.settings import get_settings
+from f2pipe.topics import normalize_mac
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "fleet.example.yaml"
 
@@ -201,18 +201,9 @@ def test_broken_yaml_names_its_line() -> None:
 
 
 @pytest.fixture
-def other_db() -> Iterator[str]:
+def other_db(new_db: Callable[[], str]) -> str:
     """A second fresh, migrated database (for round trips)."""
-    name = unique("f2t")
-    admin = get_settings().metadata_dsn.rsplit("/", 1)[0] + "/postgres"
-    create_database(admin, name)
-    dsn = admin.rsplit("/", 1)[0] + "/" + name
-    migrate(dsn)
-    yield dsn
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    return new_db()
 
 
 def snapshot(dsn: str) -> dict[str, list[tuple[object, ...]]]:

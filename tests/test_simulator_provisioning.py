@@ -5,14 +5,17 @@ from __future__ import annotations
 import asyncio
 import stat
 
+import psycopg
 import pytest
 
 from f2pipe.errors import CertError
-from f2pipe.settings import Settings
+from f2pipe.settings import Settings, load_settings
 from f2pipe.simulator import (
     demo_fleet,
     device_cert_paths,
+    generated_fleet,
     provision_certificates,
+    provision_fleet,
     run_load,
 )
 from pki_fixtures import (
@@ -55,3 +58,25 @@ def test_unknown_device_is_refused_with_the_reason(settings: Settings, certgen: 
     settings = settings.model_copy(update={"certgen_url": certgen.url})
     with pytest.raises(CertError, match="404"):
         provision_certificates(settings, ["0000000000ff"])
+
+
+@pytest.mark.servers
+def test_provision_registers_the_generated_fleet_once(fresh_db: str) -> None:
+    settings = load_settings(metadata_dsn=fresh_db)
+    sensors = generated_fleet(3)
+    provision_fleet(settings, sensors)
+    with psycopg.connect(fresh_db) as conn:
+        version = conn.execute("SELECT version FROM metadata_version").fetchone()
+    provision_fleet(settings, sensors)  # a re-run changes nothing
+
+    with psycopg.connect(fresh_db) as conn:
+        wiring = conn.execute(
+            "SELECT ctl.mac_address, c.connector_number, p.position, t.name"
+            " FROM pins p JOIN connectors c USING (connector_id)"
+            " JOIN devices ctl ON ctl.device_id = c.controller_id"
+            " JOIN devices d ON d.device_id = p.device_id"
+            " JOIN device_templates t ON t.device_template_id = d.device_template_id"
+            " ORDER BY 1"
+        ).fetchall()
+        assert conn.execute("SELECT version FROM metadata_version").fetchone() == version
+    assert wiring == [(s.mac, 1, 1, "Environmental Sensor") for s in sensors]

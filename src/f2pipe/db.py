@@ -73,10 +73,20 @@ def migrate(dsn: str, settings: Settings | None = None) -> list[str]:
 
 
 def timescale_available(conn: psycopg.Connection[tuple[object, ...]]) -> bool:
+    """True when the TimescaleDB extension is installed and preloaded (it must be both)."""
     row = conn.execute(
-        "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
+        "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),"
+        " current_setting('shared_preload_libraries') LIKE '%%timescaledb%%'"
     ).fetchone()
-    return row is not None
+    if row is None or not row[0]:
+        return False
+    if not row[1]:
+        log.warning(
+            "TimescaleDB is installed but not in shared_preload_libraries;"
+            " add it there and restart PostgreSQL to get hypertables"
+        )
+        return False
+    return True
 
 
 def _timescale_step(conn: psycopg.Connection[tuple[object, ...]], settings: Settings) -> None:

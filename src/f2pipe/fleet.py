@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -53,45 +52,17 @@ import psycopg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from f2pipe.decode import BYTE_ORDERS, ENCODINGS
 from f2pipe.errors import FleetError
 from f2pipe.settings import get_settings
+from f2pipe.topics import normalize_mac
 
 FORMAT_VERSION: Literal[1] = 1
 
 Loc = tuple[str | int, ...]
 
-ENCODING_WIDTHS: dict[str, int] = {
-    "int8": 1,
-    "uint8": 1,
-    "int16": 2,
-    "uint16": 2,
-    "int32": 4,
-    "uint32": 4,
-    "int64": 8,
-    "uint64": 8,
-    "float32": 4,
-    "float64": 8,
-}
-ENCODINGS = (*ENCODING_WIDTHS, "bool")
-BYTE_ORDERS = ("ABCD", "DCBA", "BADC", "CDAB")
-_MAC_FORMS = (
-    re.compile(r"^[0-9a-f]{12}$"),
-    re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$"),
-    re.compile(r"^[0-9a-f]{2}(-[0-9a-f]{2}){5}$"),
-)
-
-
-def normalize_mac(text: str) -> str:
-    """``aabbccddee01`` from any accepted form (case-insensitive); ValueError otherwise."""
-    lowered = text.strip().lower()
-    if not any(form.match(lowered) for form in _MAC_FORMS):
-        raise ValueError(
-            f"{text!r} is not a MAC address"
-            " (expected aabbccddee01, aa:bb:cc:dd:ee:01 or aa-bb-cc-dd-ee-01)"
-        )
-    return lowered.replace(":", "").replace("-", "")
-
-
+# encoding -> width in bytes (bool's width is free, 1..8)
+ENCODING_WIDTHS: dict[str, int] = {name: width for name, (_, width) in ENCODINGS.items() if width}
 # --- the document model -------------------------------------------------------------
 
 

@@ -212,6 +212,57 @@ def generated_fleet(devices: int, prefix: str = "02f2") -> list[Sensor]:
     return [Sensor(f"{prefix}{i:0{width}x}", 1, 1, env) for i in range(1, devices + 1)]
 
 
+def provision_fleet(settings: Settings, sensors: Sequence[Sensor]) -> None:
+    """Register the simulated controllers and their wired sensors in the metadata.
+
+    Goes through ``f2pipe fleet import`` (one transaction, idempotent), so a
+    re-run changes nothing and the processor sees the fleet at once (metadata
+    notifications). Templates are the demo ones of SPEC section 3.
+    """
+    import tempfile
+
+    import yaml
+
+    from f2pipe.db import DEMO_TEMPLATES
+    from f2pipe.fleet import import_fleet
+
+    names = sorted({sensor.template.name for sensor in sensors})
+    document = {
+        "version": 1,
+        "device_types": [
+            {"name": "F2 Controller", "is_controller": True, "is_sensor": False},
+            {"name": "RS-485 Sensor", "is_controller": False, "is_sensor": True},
+        ],
+        "templates": [
+            {"name": "F2 Controller", "device_type": "F2 Controller", "model": "F2",
+             "datapoints": []},
+            *(
+                {"name": name, "device_type": "RS-485 Sensor", "model": name,
+                 "datapoints": [dataclasses.asdict(point) for point in DEMO_TEMPLATES[name]]}
+                for name in names
+            ),
+        ],
+        "controllers": [
+            {"name": f"Simulated F2 {mac}", "mac": mac, "template": "F2 Controller"}
+            for mac in dict.fromkeys(sensor.mac for sensor in sensors)
+        ],
+        "sensors": [
+            {"name": f"Simulated {s.template.name} {s.mac} J{s.connector}/{s.pin}",
+             "template": s.template.name}
+            for s in sensors
+        ],
+        "wiring": [
+            {"controller": s.mac, "connector": s.connector, "pin": s.pin,
+             "sensor": f"Simulated {s.template.name} {s.mac} J{s.connector}/{s.pin}"}
+            for s in sensors
+        ],
+    }  # fmt: skip
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", encoding="utf-8") as out:
+        yaml.safe_dump(document, out, allow_unicode=True, sort_keys=False)
+        out.flush()
+        import_fleet(settings.metadata_dsn, Path(out.name))
+
+
 # --- faults ---
 
 FAULTS = ("bad_crc", "bad_json", "unknown_mac", "duplicate", "clock_skew")
@@ -889,6 +940,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, help="random seed (reproducible values and faults)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     parser.add_argument(
+        "--provision",
+        action="store_true",
+        help="first register the simulated controllers and sensors in the metadata",
+    )
+    parser.add_argument(
         "--provision-certs",
         action="store_true",
         help="first obtain missing device certificates from certgen (CSR, admin token)",
@@ -905,6 +961,8 @@ def main(args: argparse.Namespace) -> int:
         print("--window must be between 1 and 65535", file=sys.stderr)
         return 2
     sensors = generated_fleet(args.devices) if args.devices else demo_fleet()
+    if args.provision:
+        provision_fleet(settings, sensors)
     if args.provision_certs:
         provision_certificates(settings, dict.fromkeys(s.mac for s in sensors))
     if args.count is None:

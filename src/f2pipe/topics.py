@@ -14,6 +14,7 @@ so the processor's hot path pays a dictionary lookup, not a parse.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 from typing import Final
 
@@ -27,6 +28,7 @@ __all__ = [
     "TYPES",
     "Topic",
     "format_topic",
+    "normalize_mac",
     "parse_topic",
 ]
 
@@ -122,3 +124,25 @@ def parse_topic(topic: str) -> Topic | None:
     if sub is not None and kind != "reader":
         return None
     return Topic(type_, mac, mode, number, kind, index, sub)
+
+
+_MAC_FORMS = (
+    re.compile(r"[0-9a-f]{12}"),
+    re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}"),
+    re.compile(r"(?:[0-9a-f]{2}-){5}[0-9a-f]{2}"),
+)
+
+
+def normalize_mac(text: str) -> str:
+    """``aabbccddee01``, ``AA:BB:CC:DD:EE:01`` or ``aa-bb-...`` -> ``aabbccddee01``.
+
+    Raises ValueError for anything else (other separators, mixed separators,
+    wrong length, non-hex digits).
+    """
+    lowered = text.strip().lower()
+    if not any(form.fullmatch(lowered) for form in _MAC_FORMS):
+        raise ValueError(
+            f"not a MAC address: {text[:40]!r} (expected 12 hex digits, optionally "
+            "separated by ':' or '-' in pairs)"
+        )
+    return lowered.replace(":", "").replace("-", "")

@@ -21,10 +21,10 @@ from f2pipe.certgen.ca import (
     PkiPaths,
     device_common_name,
     ensure_pki,
-    normalize_mac,
     pki_paths,
 )
 from f2pipe.certgen.store import CertificateStore
+from f2pipe.topics import normalize_mac
 
 __all__ = [
     "SERVICE_NAMES",

@@ -45,7 +45,6 @@ from f2pipe.certgen.ca import (
     ca_passphrase,
     cert_pem,
     device_common_name,
-    normalize_mac,
     parse_device_csr,
     parse_serial,
     pki_paths,
@@ -55,6 +54,7 @@ from f2pipe.certgen.local import record_local_certificates
 from f2pipe.certgen.store import CertificateStore, ClaimAlreadyUsed, DeviceRow
 from f2pipe.errors import CertError, ConfigError
 from f2pipe.settings import Settings
+from f2pipe.topics import normalize_mac
 
 log = logging.getLogger("f2pipe.certgen")
 

@@ -40,11 +40,6 @@ Purpose = Literal["client", "server"]
 #: data, the commander sends commands, the monitor reads ``$SYS`` for status.
 SERVICE_NAMES: tuple[str, ...] = ("svc-connector", "svc-commander", "svc-monitor")
 
-_MAC_FORMS = (
-    re.compile(r"[0-9a-f]{12}"),
-    re.compile(r"(?:[0-9a-f]{2}:){5}[0-9a-f]{2}"),
-    re.compile(r"(?:[0-9a-f]{2}-){5}[0-9a-f]{2}"),
-)
 _SERVICE_NAME = re.compile(r"svc-[a-z0-9][a-z0-9-]{0,30}")
 # Strong enough curves; secp256k1 is 256 bits but not a TLS signature curve.
 _EC_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
@@ -54,21 +49,6 @@ _RENEW_BEFORE = dt.timedelta(days=30)
 # A certificate's notBefore is backdated a little so clients with a slightly slow
 # clock do not refuse a certificate issued a second ago.
 _BACKDATE = dt.timedelta(minutes=5)
-
-
-def normalize_mac(text: str) -> str:
-    """``aabbccddee01``, ``AA:BB:CC:DD:EE:01`` or ``aa-bb-...`` -> ``aabbccddee01``.
-
-    Raises ValueError for anything else (other separators, mixed separators,
-    wrong length, non-hex digits).
-    """
-    lowered = text.strip().lower()
-    if not any(form.fullmatch(lowered) for form in _MAC_FORMS):
-        raise ValueError(
-            f"not a MAC address: {text[:40]!r} (expected 12 hex digits, optionally "
-            "separated by ':' or '-' in pairs)"
-        )
-    return lowered.replace(":", "").replace("-", "")
 
 
 def device_common_name(mac: str) -> str:

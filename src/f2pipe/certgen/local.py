@@ -19,7 +19,6 @@ from f2pipe.certgen.ca import (
     device_common_name,
     key_pem,
     load_cert,
-    normalize_mac,
     pki_paths,
     read_crl,
     write_private,
@@ -29,6 +28,7 @@ from f2pipe.certgen.revocation import refresh_crl
 from f2pipe.certgen.store import CertificateStore
 from f2pipe.errors import CertError
 from f2pipe.settings import Settings
+from f2pipe.topics import normalize_mac
 
 log = logging.getLogger(__name__)
 
