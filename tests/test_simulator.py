@@ -13,6 +13,7 @@ import pytest
 from conftest import VECTORS
 from f2pipe.connector import topic_mac
 from f2pipe.frames import crc16_modbus
+from f2pipe.mqttwire import decode_length, encode_length
 from f2pipe.simulator import (
     FAULTS,
     Datapoint,
@@ -139,3 +140,16 @@ def test_generated_fleet_has_distinct_valid_macs() -> None:
     macs = {s.mac for s in fleet}
     assert len(macs) == 3000
     assert all(topic_mac(s.topic) == s.mac.encode() for s in fleet)
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, 268_435_455])
+def test_mqtt_remaining_length_round_trips(n: int) -> None:
+    encoded = encode_length(n)
+    assert len(encoded) == 1 + (n > 127) + (n > 16_383) + (n > 2_097_151)
+    assert decode_length(encoded + b"tail", 0, len(encoded) + 4) == (n, len(encoded))
+    assert decode_length(encoded, 0, len(encoded) - 1)[0] == -1  # cut: wait for more
+
+
+def test_mqtt_remaining_length_refuses_five_bytes() -> None:
+    with pytest.raises(ValueError, match="malformed"):
+        decode_length(b"\xff\xff\xff\xff\x01", 0, 5)

@@ -63,6 +63,7 @@ from prometheus_client.registry import Collector
 from f2pipe import tls
 from f2pipe.kafka import producer_config
 from f2pipe.logs import setup_logging
+from f2pipe.mqttwire import decode_length
 from f2pipe.ops import OpsServer
 from f2pipe.reasons import Reason
 from f2pipe.settings import Settings, get_settings
@@ -255,22 +256,12 @@ class _LeanClient(mqtt.Client):
                 self.backlog = True
                 break
             command = buf[pos]
-            # Remaining length: up to four 7-bit groups, least significant first.
-            length, shift, i = 0, 0, pos + 1
-            while True:
-                if i >= end:
-                    length = -1
-                    break
-                byte = buf[i]
-                i += 1
-                length |= (byte & 0x7F) << shift
-                if not byte & 0x80:
-                    break
-                shift += 7
-                if shift > 21:
-                    self._rpos = end
-                    self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
-                    return False
+            try:
+                length, i = decode_length(buf, pos + 1, end)
+            except ValueError:
+                self._rpos = end
+                self._loop_rc_handle(MQTTErrorCode.MQTT_ERR_PROTOCOL)
+                return False
             if length < 0 or end - i < length:
                 break  # incomplete: wait for more bytes
             body_end = i + length
@@ -286,14 +277,7 @@ class _LeanClient(mqtt.Client):
                     mid = (buf[j] << 8) | buf[j + 1]
                     j += 2
                 # MQTT v5 property length (variable byte integer), then the properties.
-                plen, shift = 0, 0
-                while True:
-                    byte = buf[j]
-                    j += 1
-                    plen |= (byte & 0x7F) << shift
-                    if not byte & 0x80:
-                        break
-                    shift += 7
+                plen, j = decode_length(buf, j, body_end)
                 handler(
                     topic,
                     bytes(buf[j + plen : body_end]),

@@ -126,7 +126,13 @@ def _timescale_step(conn: psycopg.Connection[tuple[object, ...]], settings: Sett
             " if_not_exists => TRUE)",
             (settings.retention,),
         )
-        conn.execute("DROP VIEW IF EXISTS decoded_data_hourly")
+        is_aggregate = conn.execute(
+            "SELECT 1 FROM timescaledb_information.continuous_aggregates"
+            " WHERE view_name = 'decoded_data_hourly'"
+        ).fetchone()
+        if not is_aggregate:
+            # The plain stand-in from a run before the extension was there.
+            conn.execute("DROP VIEW IF EXISTS decoded_data_hourly")
     # A continuous aggregate cannot be created inside a transaction block.
     conn.execute(
         "CREATE MATERIALIZED VIEW IF NOT EXISTS decoded_data_hourly"

@@ -43,6 +43,7 @@ from typing import IO, Any
 from f2pipe import tls
 from f2pipe.frames import encode_modbus_response
 from f2pipe.logs import setup_logging
+from f2pipe.mqttwire import decode_length, encode_length
 from f2pipe.settings import Settings, get_settings
 
 log = logging.getLogger("f2pipe.simulator")
@@ -318,15 +319,6 @@ def make_message(
 # --- a lean MQTT 3.1.1 client ---
 
 
-def _encode_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _utf8(s: str) -> bytes:
     raw = s.encode()
     return struct.pack(">H", len(raw)) + raw
@@ -376,7 +368,7 @@ class LeanClient:
         flags = 0x02 if clean else 0x00
         body = _utf8("MQTT") + bytes((4, flags)) + struct.pack(">H", self.keepalive)
         body += _utf8(self.client_id)
-        writer.write(b"\x10" + _encode_length(len(body)) + body)
+        writer.write(b"\x10" + encode_length(len(body)) + body)
         head = await reader.readexactly(4)
         if head[0] != 0x20 or head[3] != 0:
             writer.close()
@@ -411,7 +403,7 @@ class LeanClient:
             fixed = 0x30
         out = self._out
         out.append(fixed)
-        out += _encode_length(len(header) + len(payload))
+        out += encode_length(len(header) + len(payload))
         out += header
         out += payload
 
@@ -439,17 +431,7 @@ class LeanClient:
                 buf = buf + chunk if buf else chunk
                 pos, end = 0, len(buf)
                 while end - pos >= 2:
-                    length, shift, i = 0, 0, pos + 1
-                    while True:
-                        if i >= end:
-                            length = -1
-                            break
-                        byte = buf[i]
-                        i += 1
-                        length |= (byte & 0x7F) << shift
-                        if not byte & 0x80:
-                            break
-                        shift += 7
+                    length, i = decode_length(buf, pos + 1, end)
                     if length < 0 or end - i < length:
                         break
                     kind = buf[pos] & 0xF0
@@ -486,7 +468,7 @@ class LeanClient:
         raw = topic_filter.encode()
         body = struct.pack(">H", self._mid()) + struct.pack(">H", len(raw)) + raw + bytes((qos,))
         self.flush()
-        self._writer.write(b"\x82" + _encode_length(len(body)) + body)
+        self._writer.write(b"\x82" + encode_length(len(body)) + body)
 
     async def _ping_loop(self) -> None:
         while not self.closed.is_set():
