@@ -145,3 +145,13 @@ def test_a_lost_connection_is_reported_as_unavailable_and_recovers(
         writer.write([row(1, 1, 1, 2.0)])
     assert writer.write([row(1, 1, 1, 2.0)]).inserted == 1  # reconnects
     assert len(stored(fresh_db)) == 2
+
+
+@pytest.mark.timeout(60)
+def test_a_batch_that_outgrew_its_stream_is_written_whole(fresh_db: str, writer: Writer) -> None:
+    # Rows added while the stream was held back (database backpressure) are not in
+    # the open COPY: finish must end that COPY before it rolls back and writes whole.
+    rows = [row(i, 4, 1, float(i)) for i in range(100)]
+    writer.stream(rows[:30])
+    assert writer.finish(rows).inserted == 100
+    assert stored(fresh_db) == {(T0 + timedelta(seconds=i), 4, 1, float(i)) for i in range(100)}

@@ -320,7 +320,9 @@ class Writer:
         failed, self._stream_failed = self._stream_failed, False
         if stream is None or failed or streamed != len(rows):
             if stream is not None:
-                self._rollback_quietly()
+                # End the COPY before rolling back: the open COPY holds the
+                # connection, and a rollback under it would wait forever.
+                self._discard(stream)
             return self.write(rows)
         conn = self.connection()
         try:
@@ -349,9 +351,15 @@ class Writer:
     def _abandon_stream(self) -> None:
         self._stream_failed = True
         stream, self._stream = self._stream, None
-        if stream is not None:
-            with contextlib.suppress(Exception):
-                stream.__exit__(RuntimeError, RuntimeError("abandoned"), None)
+        if stream is None:
+            self._rollback_quietly()
+        else:
+            self._discard(stream)
+
+    def _discard(self, stream: Any) -> None:
+        """Fail the open COPY (the server drops its rows), then roll the transaction back."""
+        with contextlib.suppress(Exception):
+            stream.__exit__(RuntimeError, RuntimeError("abandoned"), None)
         self._rollback_quietly()
 
     def _rollback_quietly(self) -> None:
