@@ -205,6 +205,58 @@ def reading_value(device_id: int, reading: Reading) -> bytes:
     )
 
 
+# repr() and orjson write a float the same way (shortest round-trip digits, ".0" on
+# integral values) except in exponent form, which repr() starts below 1e-4 and orjson
+# below 1e-5: inside this range the fast path is exact, outside it orjson writes.
+_REPR_MIN: Final = 1e-4
+_REPR_MAX: Final = 1e16
+_ENCODER_DEVICES_MAX: Final = 100_000
+
+
+class ReadingEncoder:
+    """Key and value of each processed record, byte for byte :func:`reading_key` and
+    :func:`reading_value`, at about two thirds of their cost.
+
+    Per reading, orjson would build and walk a dictionary; here the parts fixed by
+    ``(device_id, datapoint_id)`` are formatted once and cached, the timestamp is
+    written once per distinct ``datetime`` object (the readings of a frame share
+    one), and the value is ``repr()`` where that equals orjson's text. The cache
+    holds only what the ids determine, so metadata changes never make it stale.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+
+    def encode(
+        self, device_id: int, readings: list[Reading], out: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Append ``(key, value)`` of each reading of ``device_id`` to ``out``."""
+        parts = self._parts.get(device_id)
+        if parts is None:
+            if len(self._parts) >= _ENCODER_DEVICES_MAX:
+                self._parts.clear()
+            parts = self._parts[device_id] = {}
+        dumps = orjson.dumps
+        last_ts: datetime | None = None
+        ts_json = b""
+        for datapoint_id, ts, value in readings:
+            if ts is not last_ts:
+                ts_json, last_ts = dumps(ts), ts
+            part = parts.get(datapoint_id)
+            if part is None:
+                part = parts[datapoint_id] = (
+                    b"%d:%d" % (device_id, datapoint_id),
+                    b',"device_id":%d,"datapoint_id":%d,"value":' % (device_id, datapoint_id),
+                )
+            key, middle = part
+            if type(value) is float and (_REPR_MIN <= abs(value) < _REPR_MAX or value == 0.0):
+                out.append((key, b'{"v":1,"ts":%b%b%r}' % (ts_json, middle, value)))
+            else:
+                out.append((key, b'{"v":1,"ts":%b%b%b}' % (ts_json, middle, dumps(value))))
+
+
 # --- the runner ------------------------------------------------------------------------
 
 
@@ -261,6 +313,7 @@ class Processor:
         self.settings = settings
         self.resolver = resolver or Resolver(settings)
         self.stage = Stage(self.resolver.resolve)
+        self.encoder = ReadingEncoder()
         self._stop = threading.Event()
         self._paused = False
         self._hard_stop = False  # set by a second stop request: abandon waits for Kafka
@@ -454,7 +507,7 @@ class Processor:
     ) -> tuple[list[tuple[bytes, bytes]], list[tuple[Message, Rejected]], dict[str, int]]:
         now = datetime.now(UTC)
         handle = self.stage.handle
-        dumps = orjson.dumps
+        encode = self.encoder.encode
         outputs: list[tuple[bytes, bytes]] = []
         dead: list[tuple[Message, Rejected]] = []
         skipped: dict[str, int] = {}
@@ -468,22 +521,7 @@ class Processor:
                         break
             outcome = handle(topic, msg.value(), now)
             if type(outcome) is Decoded:
-                device_id = outcome.device_id
-                for datapoint_id, ts, value in outcome.readings:
-                    outputs.append(
-                        (
-                            b"%d:%d" % (device_id, datapoint_id),
-                            dumps(
-                                {
-                                    "v": 1,
-                                    "ts": ts,
-                                    "device_id": device_id,
-                                    "datapoint_id": datapoint_id,
-                                    "value": value,
-                                }
-                            ),
-                        )
-                    )
+                encode(outcome.device_id, outcome.readings, outputs)
             elif type(outcome) is Rejected:
                 dead.append((msg, outcome))
             else:
