@@ -153,7 +153,7 @@ _STAMPS = st.datetimes(
 )
 _VALUES = st.one_of(
     st.floats(allow_nan=False, allow_infinity=False),
-    st.floats(1e-6, 1e-3),  # where repr() and orjson switch to exponents
+    st.floats(1e-6, 1e-3),  # where float texts switch to exponents
     st.floats(1e15, 1e17),
     st.sampled_from([0.0, -0.0, 1e-4, -1e-4, 1e16, 9999999999999998.0, 5e-324]),
     st.integers(-(2**63), 2**63 - 1).map(float),

@@ -205,23 +205,19 @@ def reading_value(device_id: int, reading: Reading) -> bytes:
     )
 
 
-# repr() and orjson write a float the same way (shortest round-trip digits, ".0" on
-# integral values) except in exponent form, which repr() starts below 1e-4 and orjson
-# below 1e-5: inside this range the fast path is exact, outside it orjson writes.
-_REPR_MIN: Final = 1e-4
-_REPR_MAX: Final = 1e16
 _ENCODER_DEVICES_MAX: Final = 100_000
 
 
 class ReadingEncoder:
     """Key and value of each processed record, byte for byte :func:`reading_key` and
-    :func:`reading_value`, at about two thirds of their cost.
+    :func:`reading_value`, for about two thirds of the instructions.
 
-    Per reading, orjson would build and walk a dictionary; here the parts fixed by
-    ``(device_id, datapoint_id)`` are formatted once and cached, the timestamp is
-    written once per distinct ``datetime`` object (the readings of a frame share
-    one), and the value is ``repr()`` where that equals orjson's text. The cache
-    holds only what the ids determine, so metadata changes never make it stale.
+    :func:`reading_value` builds and walks a dictionary per reading; here the parts
+    fixed by ``(device_id, datapoint_id)`` are formatted once and cached, the
+    timestamp is written once per distinct ``datetime`` object (the readings of a
+    frame share one), and only the value is written per reading, by orjson (its
+    float text is the contract, and it is cheaper than ``repr()``). The cache holds
+    only what the ids determine, so metadata changes never make it stale.
     """
 
     __slots__ = ("_parts",)
@@ -251,10 +247,7 @@ class ReadingEncoder:
                     b',"device_id":%d,"datapoint_id":%d,"value":' % (device_id, datapoint_id),
                 )
             key, middle = part
-            if type(value) is float and (_REPR_MIN <= abs(value) < _REPR_MAX or value == 0.0):
-                out.append((key, b'{"v":1,"ts":%b%b%r}' % (ts_json, middle, value)))
-            else:
-                out.append((key, b'{"v":1,"ts":%b%b%b}' % (ts_json, middle, dumps(value))))
+            out.append((key, b'{"v":1,"ts":%b%b%b}' % (ts_json, middle, dumps(value))))
 
 
 # --- the runner ------------------------------------------------------------------------
