@@ -49,7 +49,7 @@ from f2pipe.decode import DecodeError
 from f2pipe.frames import crc16_modbus
 from f2pipe.kafka import producer_config
 from f2pipe.metadata import Resolved, Resolver
-from f2pipe.processor import Stage
+from f2pipe.processor import ReadingEncoder, Stage
 from f2pipe.settings import load_settings
 
 HERE = Path(__file__).resolve().parent
@@ -58,7 +58,6 @@ FRAMES = int(os.environ.get("F2PIPE_BENCH_FRAMES", "200000"))
 CONTROLLERS = 100
 TARGET_US = 25.0
 TICK = os.sysconf("SC_CLK_TCK")
-FORMATTED = b'{"v":1,"ts":%s,"device_id":%d,"datapoint_id":%d,"value":%r}'
 
 
 def frame_hex(seq: int) -> str:
@@ -297,23 +296,22 @@ def step_costs(
 
     out["stage_total"] = cost(once(stage_all), n)
 
-    def serialise() -> None:
+    encoder = ReadingEncoder()
+
+    def serialise() -> None:  # what the processor does: cached parts, ts once per frame
+        out: list[tuple[bytes, bytes]] = []
+        for readings in decoded:
+            encoder.encode(7, readings, out)
+
+    def serialise_orjson() -> None:  # the alternative it replaced: a dict per reading
         dumps = orjson.dumps
         for readings in decoded:
             for dp, ts, value in readings:
                 _ = b"%d:%d" % (7, dp)
                 dumps({"v": 1, "ts": ts, "device_id": 7, "datapoint_id": dp, "value": value})
 
-    def serialise_format() -> None:  # the alternative tried: bytes formatting, ts once
-        dumps = orjson.dumps
-        for readings in decoded:
-            ts_json = dumps(readings[0][1])
-            for dp, _, value in readings:
-                _ = b"%d:%d" % (7, dp)
-                _ = FORMATTED % (ts_json, 7, dp, float(value))
-
     out["serialise"] = cost(once(serialise), n)
-    out["serialise_bytes_format_alternative"] = cost(once(serialise_format), n)
+    out["serialise_orjson_dict_alternative"] = cost(once(serialise_orjson), n)
     values = [
         [
             (b"%d:%d" % (7, dp), orjson.dumps({"v": 1, "ts": ts, "device_id": 7,
@@ -447,8 +445,15 @@ def main() -> int:
             " remains is librdkafka's fetch and the per-record Message object.",
             "Kafka out: delivery reports only for errors (a Python callback per record costs"
             " kafka_out_with_per_record_callback - kafka_out).",
-            "Serialise: orjson per reading; formatting the bytes directly with the timestamp"
-            " text made once per frame measured no cheaper, so the clearer form stays.",
+            "Serialise: ReadingEncoder writes each value from a cached per-(device,"
+            " datapoint) key and JSON middle, the timestamp written once per frame and only"
+            " the value by orjson per reading (Hypothesis-checked byte for byte against a"
+            " dict per reading); under callgrind a three-datapoint frame takes 14.1k"
+            " instructions instead of 22.2k (repr() for the value: 18.8k).",
+            "Producer compression: lz4 costs about 0.6k instructions per record in"
+            " librdkafka's thread over none (callgrind, 30k records), about 2% of a"
+            " frame; kept, as it cuts the processed topic's bytes several-fold."
+            " linger.ms 50 instead of 5 measured no cheaper.",
             "Metrics are updated once per batch, not per record; gc.freeze() after start-up.",
             "Figures are the best of repeats on a shared 2-core box: see load_average_1m.",
         ],

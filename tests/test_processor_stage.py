@@ -17,6 +17,7 @@ from f2pipe.metadata import SKIPPED, Resolution, Resolved, controller_document
 from f2pipe.processor import (
     DeadLetterAlarm,
     Decoded,
+    ReadingEncoder,
     Rejected,
     Skipped,
     Stage,
@@ -145,6 +146,42 @@ def test_processed_values_are_spec_json_and_round_trip_exactly(
     assert reading_key(device, datapoint) == f"{device}:{datapoint}".encode()
     assert raw == reading_value(device, (datapoint, ts, value))  # deterministic for replay
     assert not math.isnan(decoded["value"])
+
+
+_STAMPS = st.datetimes(
+    min_value=datetime(2000, 1, 1), max_value=datetime(2100, 1, 1), timezones=st.just(UTC)
+)
+_VALUES = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.floats(1e-6, 1e-3),  # where float texts switch to exponents
+    st.floats(1e15, 1e17),
+    st.sampled_from([0.0, -0.0, 1e-4, -1e-4, 1e16, 9999999999999998.0, 5e-324]),
+    st.integers(-(2**63), 2**63 - 1).map(float),
+)
+
+
+@given(
+    st.integers(1, 2**31 - 1),
+    st.lists(
+        st.tuples(st.integers(1, 2**31 - 1), st.one_of(st.just(None), _STAMPS), _VALUES),
+        min_size=1,
+        max_size=5,
+    ),
+    _STAMPS,
+)
+def test_the_encoder_writes_exactly_what_orjson_writes(
+    device: int, rows: list[tuple[int, datetime | None, float]], frame_ts: datetime
+) -> None:
+    # None: the frame's shared timestamp object, as decoded sensor readings carry it
+    readings = [(dp, frame_ts if ts is None else ts, value) for dp, ts, value in rows]
+    encoder = ReadingEncoder()
+    for _ in range(2):  # cold, then from the cache
+        out: list[tuple[bytes, bytes]] = []
+        encoder.encode(device, readings, out)
+        assert out == [
+            (reading_key(device, reading[0]), reading_value(device, reading))
+            for reading in readings
+        ]
 
 
 def test_the_dead_letter_alarm_rises_and_falls_without_stopping_anything() -> None:

@@ -205,6 +205,51 @@ def reading_value(device_id: int, reading: Reading) -> bytes:
     )
 
 
+_ENCODER_DEVICES_MAX: Final = 100_000
+
+
+class ReadingEncoder:
+    """Key and value of each processed record, byte for byte :func:`reading_key` and
+    :func:`reading_value`, for about two thirds of the instructions.
+
+    :func:`reading_value` builds and walks a dictionary per reading; here the parts
+    fixed by ``(device_id, datapoint_id)`` are formatted once and cached, the
+    timestamp is written once per distinct ``datetime`` object (the readings of a
+    frame share one), and only the value is written per reading, by orjson (its
+    float text is the contract, and it is cheaper than ``repr()``). The cache holds
+    only what the ids determine, so metadata changes never make it stale.
+    """
+
+    __slots__ = ("_parts",)
+
+    def __init__(self) -> None:
+        self._parts: dict[int, dict[int, tuple[bytes, bytes]]] = {}
+
+    def encode(
+        self, device_id: int, readings: list[Reading], out: list[tuple[bytes, bytes]]
+    ) -> None:
+        """Append ``(key, value)`` of each reading of ``device_id`` to ``out``."""
+        parts = self._parts.get(device_id)
+        if parts is None:
+            if len(self._parts) >= _ENCODER_DEVICES_MAX:
+                self._parts.clear()
+            parts = self._parts[device_id] = {}
+        dumps = orjson.dumps
+        last_ts: datetime | None = None
+        ts_json = b""
+        for datapoint_id, ts, value in readings:
+            if ts is not last_ts:
+                ts_json, last_ts = dumps(ts), ts
+            part = parts.get(datapoint_id)
+            if part is None:
+                part = parts[datapoint_id] = (
+                    b"%d:%d" % (device_id, datapoint_id),
+                    b',"device_id":%d,"datapoint_id":%d,"value":' % (device_id, datapoint_id),
+                )
+            key, middle = part
+            out.append((key, b'{"v":1,"ts":%b%b%b}' % (ts_json, middle, dumps(value))))
+
+
 # --- the runner ------------------------------------------------------------------------
 
 
@@ -261,6 +306,7 @@ class Processor:
         self.settings = settings
         self.resolver = resolver or Resolver(settings)
         self.stage = Stage(self.resolver.resolve)
+        self.encoder = ReadingEncoder()
         self._stop = threading.Event()
         self._paused = False
         self._hard_stop = False  # set by a second stop request: abandon waits for Kafka
@@ -454,7 +500,7 @@ class Processor:
     ) -> tuple[list[tuple[bytes, bytes]], list[tuple[Message, Rejected]], dict[str, int]]:
         now = datetime.now(UTC)
         handle = self.stage.handle
-        dumps = orjson.dumps
+        encode = self.encoder.encode
         outputs: list[tuple[bytes, bytes]] = []
         dead: list[tuple[Message, Rejected]] = []
         skipped: dict[str, int] = {}
@@ -468,22 +514,7 @@ class Processor:
                         break
             outcome = handle(topic, msg.value(), now)
             if type(outcome) is Decoded:
-                device_id = outcome.device_id
-                for datapoint_id, ts, value in outcome.readings:
-                    outputs.append(
-                        (
-                            b"%d:%d" % (device_id, datapoint_id),
-                            dumps(
-                                {
-                                    "v": 1,
-                                    "ts": ts,
-                                    "device_id": device_id,
-                                    "datapoint_id": datapoint_id,
-                                    "value": value,
-                                }
-                            ),
-                        )
-                    )
+                encode(outcome.device_id, outcome.readings, outputs)
             elif type(outcome) is Rejected:
                 dead.append((msg, outcome))
             else:
