@@ -6,8 +6,6 @@ bytes; these models validate what crosses a boundary and document its shape.
 
 from __future__ import annotations
 
-from datetime import datetime
-
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 
@@ -50,12 +48,14 @@ class DatapointLookup(BaseModel):
 
 
 class CertificateRequest(BaseModel):
-    """Body of ``POST /v1/devices/{mac}/certificate`` (SPEC section 6)."""
+    """Body of ``POST /v1/devices/{mac}/certificate`` (SPEC section 6); both fields optional.
 
-    model_config = ConfigDict(extra="forbid")
+    No ``csr``: the key pair is generated server-side and returned once. No
+    ``claiming_code``: the caller must hold the admin token.
+    """
 
-    csr: str | None = Field(default=None, max_length=16384, description="PEM CSR; CN f2-<mac>")
-    claiming_code: str | None = Field(default=None, max_length=256)
+    csr: str | None = Field(default=None, description="PEM certificate signing request")
+    claiming_code: str | None = Field(default=None, description="the device's claiming code")
 
 
 class CertificateResponse(BaseModel):
@@ -64,8 +64,8 @@ class CertificateResponse(BaseModel):
     mac: str
     common_name: str
     serial: str
-    not_before: datetime
-    not_after: datetime
+    not_before: str = Field(description="ISO 8601, UTC")
+    not_after: str = Field(description="ISO 8601, UTC")
     certificate: str
     ca_certificate: str
     private_key: str | None

@@ -53,6 +53,7 @@ from f2pipe.certgen.ca import (
 from f2pipe.certgen.local import record_local_certificates
 from f2pipe.certgen.store import CertificateStore, ClaimAlreadyUsed, DeviceRow
 from f2pipe.errors import CertError, ConfigError
+from f2pipe.models import CertificateRequest, CertificateResponse
 from f2pipe.settings import Settings
 from f2pipe.topics import normalize_mac
 
@@ -152,22 +153,6 @@ def device_mac(mac: str) -> str:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, str(exc)) from None
 
 
-class IssueRequest(BaseModel):
-    csr: str | None = Field(default=None, description="PEM certificate signing request")
-    claiming_code: str | None = Field(default=None, description="the device's claiming code")
-
-
-class IssueResponse(BaseModel):
-    mac: str
-    common_name: str
-    serial: str
-    not_before: str
-    not_after: str
-    certificate: str
-    ca_certificate: str
-    private_key: str | None
-
-
 class RevokeRequest(BaseModel):
     reason: str = Field(default="unspecified", min_length=1, max_length=200)
 
@@ -194,7 +179,7 @@ async def authorize_issue(
     runtime: RuntimeDep,
     mac: Annotated[str, Depends(device_mac)],
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-    body: IssueRequest | None = None,
+    body: CertificateRequest | None = None,
 ) -> Grant:
     """Admin token, or the device's own unused claiming code (rate-limited failures).
 
@@ -204,7 +189,7 @@ async def authorize_issue(
     ``certgen_max_failures`` in the window, requests are refused with 429
     before the code is looked at.
     """
-    body = body or IssueRequest()
+    body = body or CertificateRequest()
     if credentials is not None or body.claiming_code is None:
         await require_admin(runtime, credentials)
         device = await run_in_threadpool(runtime.store.device, mac)
@@ -247,13 +232,13 @@ devices = APIRouter(prefix="/v1/devices", tags=["devices"])
 async def issue_device_certificate(
     grant: Annotated[Grant, Depends(authorize_issue)],
     runtime: RuntimeDep,
-    body: IssueRequest | None = None,
-) -> IssueResponse:
+    body: CertificateRequest | None = None,
+) -> CertificateResponse:
     """Issue ``f2-<mac>``'s certificate (see the module docstring for who may).
 
     No body (or ``{}``) means: generate the key here, admin token required.
     """
-    body = body or IssueRequest()
+    body = body or CertificateRequest()
     public_key: PublicKey | None = None
     if body.csr is not None:
         try:
@@ -287,7 +272,7 @@ async def issue_device_certificate(
             "csr": public_key is not None,
         },
     )
-    return IssueResponse(
+    return CertificateResponse(
         mac=grant.mac,
         common_name=device_common_name(grant.mac),
         serial=issued.serial,
