@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import struct
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
 import pytest
@@ -15,6 +15,7 @@ from f2pipe.sink import (
     CommitPolicy,
     encode_copy,
     newest_per_key,
+    parse_batch,
     parse_reading,
     row_timestamp,
 )
@@ -146,3 +147,92 @@ def test_backoff_grows_to_the_cap_with_jitter() -> None:
     assert 0.05 <= first[0] <= 0.1
     assert all(1.0 <= d <= 2.0 for d in first[6:])
     assert len(set(first)) > 1
+
+
+# Values the batch path must agree on with parse_reading: well-formed readings
+# (any offset, naive and odd timestamps, integer and extreme values, extra and
+# missing keys, wrong types), then the same bytes truncated or corrupted.
+_anything = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=40)
+)
+_field_values = {
+    "v": st.just(1) | _anything,
+    "ts": st.datetimes(
+        timezones=st.none()
+        | st.builds(timezone, st.timedeltas(timedelta(hours=-23), timedelta(hours=23)))
+    ).map(datetime.isoformat)
+    | st.just("2024-07-15T14:30:25.123456+00:00")
+    | _anything,
+    "device_id": st.integers(1, 2**31 - 1) | _anything,
+    "datapoint_id": st.integers(1, 2**31 - 1) | _anything,
+    "value": st.floats(allow_nan=False, allow_infinity=False) | _anything,
+}
+_record = st.fixed_dictionaries(
+    {},
+    optional={
+        **{k: s for k, s in _field_values.items()},
+        "extra": _anything,
+    },
+).map(orjson.dumps)
+_typical = st.fixed_dictionaries(_field_values).map(orjson.dumps)
+
+
+@st.composite
+def _hostile(draw: st.DrawFn) -> bytes | None:
+    raw = draw(_typical | _record)
+    how = draw(st.sampled_from(["keep", "keep", "cut", "flip", "none", "bytes", "array"]))
+    if how == "cut":
+        return raw[: draw(st.integers(0, len(raw)))]
+    if how == "flip":
+        i = draw(st.integers(0, len(raw) - 1))
+        return raw[:i] + bytes([draw(st.integers(0, 255))]) + raw[i + 1 :]
+    if how == "none":
+        return None
+    if how == "bytes":
+        return draw(st.binary(max_size=100))
+    if how == "array":
+        return b"[" + raw + b"]"
+    return raw
+
+
+@given(st.lists(_typical | _hostile(), max_size=8))
+def test_the_batch_path_agrees_with_the_record_path(values: list[bytes | None]) -> None:
+    expected = [parse_reading(v) for v in values]
+    rows = parse_batch(values)
+    if rows is not None:
+        # The same rows, bit for bit (-0.0 and 0.0 differ in COPY).
+        assert [struct.pack("!qiid", *r) for r in rows] == [
+            struct.pack("!qiid", *r) for r in expected if isinstance(r, tuple)
+        ]
+        assert len(rows) == len(values)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.datetimes(timezones=st.just(UTC)),
+            st.integers(1, 2**31 - 1),
+            st.integers(1, 2**31 - 1),
+            st.floats(allow_nan=False, allow_infinity=False),
+        ),
+        max_size=8,
+    )
+)
+def test_the_batch_path_takes_what_the_processor_writes(
+    readings: list[tuple[datetime, int, int, float]],
+) -> None:
+    values = [
+        orjson.dumps({"v": 1, "ts": ts, "device_id": d, "datapoint_id": p, "value": x})
+        for ts, d, p, x in readings
+    ]
+    assert parse_batch(values) == [parse_reading(v) for v in values]
+
+
+def test_the_batch_path_takes_the_processor_shape() -> None:
+    values = [value(ts=f"2024-07-15T14:30:{s:02d}.123456+00:00", value=s + 0.5) for s in range(60)]
+    assert parse_batch(values) == [parse_reading(v) for v in values]
+    assert parse_batch([]) == []
