@@ -39,7 +39,9 @@ from f2pipe.certgen.ca import (
 from f2pipe.db import create_database, migrate
 from f2pipe.settings import Settings, load_settings
 
-ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+# The stack's server (F2PIPE_METADATA_DSN), its maintenance database.
+SERVER_DSN = load_settings().metadata_dsn.rsplit("/", 1)[0]
+ADMIN_DSN = f"{SERVER_DSN}/postgres"
 ADMIN_TOKEN = "test-admin-token-0123456789"
 
 
@@ -58,7 +60,7 @@ def register_database() -> Iterator[str]:
     """
     name = unique("certgen")
     create_database(ADMIN_DSN, name)
-    dsn = f"postgresql://postgres@127.0.0.1:5432/{name}"
+    dsn = f"{SERVER_DSN}/{name}"
     try:
         migrate(dsn)
         with psycopg.connect(dsn, autocommit=True) as conn:

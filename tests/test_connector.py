@@ -43,7 +43,7 @@ from mqtt_kafka import (
     read_topic,
 )
 
-DEV_KAFKA = "127.0.0.1:9092"
+DEV_KAFKA = load_settings().kafka_bootstrap  # the stack's Kafka
 FLEET = 20  # generated controllers with device certificates
 broker_pki: dict[int, TestPki] = {}  # broker port -> the PKI its clients use
 

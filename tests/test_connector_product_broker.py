@@ -32,7 +32,7 @@ from mqtt_kafka import (
     read_topic,
 )
 
-DEV_KAFKA = "127.0.0.1:9092"
+DEV_KAFKA = load_settings().kafka_bootstrap  # the stack's Kafka
 
 
 @pytest.fixture(scope="module")
