@@ -42,6 +42,7 @@ from confluent_kafka.admin import AdminClient
 
 from conftest import unique, wait_until
 from f2pipe import services, stack, status
+from f2pipe.db import DEMO_WIRING
 from f2pipe.settings import Settings, get_settings, load_settings
 
 pytestmark = pytest.mark.servers
@@ -489,13 +490,14 @@ def test_up_starts_certgen_and_the_live_demo_and_status_exits_zero(
     assert started.services == ["certgen", "simulator"]
 
     # The live simulator publishes the demo fleet; its readings land with names and units.
-    def several() -> list[tuple[Any, ...]] | None:
-        rows = status.latest_readings(settings) or []
-        return rows if len(rows) >= 4 else None
+    demo_sensors = {name for name, *_wiring in DEMO_WIRING}
 
-    latest = wait_until(several, timeout=60, what="live demo readings in latest_readings_named")
-    devices = {device for _ts, device, _label, _value, _unit in latest}
-    assert "Living Room Env Sensor" in devices
+    def every_sensor() -> list[tuple[Any, ...]] | None:
+        rows = status.latest_readings(settings, limit=50) or []
+        devices = {device for _ts, device, _label, _value, _unit in rows}
+        return rows if demo_sensors <= devices else None
+
+    latest = wait_until(every_sensor, timeout=60, what="every demo sensor in latest_readings")
     assert all(unit for *_rest, unit in latest)
 
     env = {**os.environ, **services.settings_env(settings)}
