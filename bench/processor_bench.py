@@ -46,7 +46,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from f2pipe.db import create_database, migrate
 from f2pipe.decode import DecodeError
-from f2pipe.frames import crc16_modbus
+from f2pipe.frames import crc16_modbus, encode_modbus_response
 from f2pipe.kafka import producer_config
 from f2pipe.metadata import Resolved, Resolver
 from f2pipe.processor import ReadingEncoder, Stage
@@ -61,15 +61,10 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def frame_hex(seq: int) -> str:
-    body = bytes([1, 3, 6]) + b"".join(
+    data = b"".join(
         (v % 65536).to_bytes(2, "big") for v in (seq % 30000, (seq * 7) % 10000, seq % 5000)
     )
-    crc = 0xFFFF
-    for byte in body:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-    return (body + crc.to_bytes(2, "little")).hex(" ").upper()
+    return encode_modbus_response(1, 3, data).hex(" ").upper()
 
 
 def macs() -> list[str]:

@@ -18,6 +18,8 @@ import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+from f2pipe.frames import encode_modbus_response
+
 BOOTSTRAP = os.environ.get("F2PIPE_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 
@@ -278,15 +280,8 @@ class Fleet:
 
 def env_frame(temp_centi: int, hum_centi: int, co2: int, addr: int = 1) -> str:
     """A valid Environmental Sensor frame (3 registers) with its Modbus CRC, as hex pairs."""
-    body = bytes([addr, 3, 6]) + b"".join(
-        v.to_bytes(2, "big", signed=v < 0) for v in (temp_centi, hum_centi, co2)
-    )
-    crc = 0xFFFF
-    for byte in body:
-        crc ^= byte
-        for _ in range(8):
-            crc = (crc >> 1) ^ 0xA001 if crc & 1 else crc >> 1
-    return (body + crc.to_bytes(2, "little")).hex(" ").upper()
+    data = b"".join(v.to_bytes(2, "big", signed=v < 0) for v in (temp_centi, hum_centi, co2))
+    return encode_modbus_response(addr, 3, data).hex(" ").upper()
 
 
 ENV_DATAPOINTS = (
