@@ -215,6 +215,19 @@ def machine() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release()}
 
 
+def connector_env(pki: TestPki, mqtt_port: int, identity: str, kafka: str) -> dict[str, str]:
+    """Environment of a connector (or bare subscriber) under its own new service identity."""
+    pki.service(identity)
+    return {
+        "F2PIPE_MQTT_TLS": "true",
+        "F2PIPE_STATE_DIR": str(pki.root),
+        "F2PIPE_CONNECTOR_IDENTITY": identity,
+        "F2PIPE_CONNECTOR_CLIENT_ID": identity,
+        "F2PIPE_MQTT_PORT": str(mqtt_port),
+        "F2PIPE_KAFKA_BOOTSTRAP": kafka,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--count", type=int, default=60000, help="messages per phase")
@@ -235,20 +248,11 @@ def main() -> int:
         broker = Mosquitto(workdir / "mosquitto", tls=pki.mosquitto_tls())
         broker.start()
         settings = load_settings(mqtt_tls=True, mqtt_port=broker.port, state_dir=pki.root)
-        identity = f"svc-connector-bench-{os.getpid()}"
-        pki.service(identity)
         raw, dlq = f"bench-raw-{os.getpid()}-{int(time.time())}", f"bench-dlq-{os.getpid()}"
         create_topics(KAFKA, raw, dlq, partitions=6)
-        env = {
-            "F2PIPE_MQTT_TLS": "true",
-            "F2PIPE_STATE_DIR": str(pki.root),
-            "F2PIPE_CONNECTOR_IDENTITY": identity,
-            "F2PIPE_CONNECTOR_CLIENT_ID": identity,
-            "F2PIPE_MQTT_PORT": str(broker.port),
-            "F2PIPE_KAFKA_BOOTSTRAP": KAFKA,
-            "F2PIPE_TOPIC_RAW": raw,
-            "F2PIPE_TOPIC_DEAD_LETTER": dlq,
-        }
+        identity = f"svc-connector-bench-{os.getpid()}"
+        env = connector_env(pki, broker.port, identity, KAFKA)
+        env |= {"F2PIPE_TOPIC_RAW": raw, "F2PIPE_TOPIC_DEAD_LETTER": dlq}
         load_before = list(os.getloadavg())
         # Warm-up: TLS handshakes, broker allocations, page cache.
         publish(settings, sensors, min(5000, args.count), args.publishers)

@@ -385,16 +385,8 @@ def mqtt_ceiling(settings: Settings, workdir: Path, count: int) -> dict[str, Any
     try:
         local = load_settings(mqtt_tls=True, mqtt_port=broker.port, state_dir=pki.root)
         identity = f"svc-connector-ceiling-{os.getpid()}"
-        pki.service(identity)
-        env = {
-            "F2PIPE_MQTT_TLS": "true",
-            "F2PIPE_STATE_DIR": str(pki.root),
-            "F2PIPE_CONNECTOR_IDENTITY": identity,
-            "F2PIPE_CONNECTOR_CLIENT_ID": identity,
-            "F2PIPE_MQTT_PORT": str(broker.port),
-            "F2PIPE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "F2PIPE_CONNECTOR_PORT": str(free_ports(1)[0]),
-        }
+        env = cb.connector_env(pki, broker.port, identity, settings.kafka_bootstrap)
+        env["F2PIPE_CONNECTOR_PORT"] = str(free_ports(1)[0])
         cb.publish(local, sensors, min(5000, count), 2)  # warm-up
         result: dict[str, Any] = cb.phase_subscriber(
             local, sensors, count, broker, env, True, workdir / "bare.log", 2
