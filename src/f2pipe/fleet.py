@@ -52,8 +52,9 @@ import psycopg
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from f2pipe.decode import BYTE_ORDERS, ENCODINGS
+from f2pipe.decode import ENCODINGS
 from f2pipe.errors import FleetError
+from f2pipe.models import Datapoint
 from f2pipe.settings import get_settings
 from f2pipe.topics import normalize_mac
 
@@ -77,29 +78,8 @@ class DeviceTypeEntry(_Entry):
     is_sensor: bool = False
 
 
-class DatapointEntry(_Entry):
-    label: str = Field(min_length=1)
-    data_encoding: str
-    byte_offset: int = Field(ge=0)
-    byte_length: int = Field(gt=0)
-    byte_order: str = "ABCD"
-    decimals: int = Field(default=0, ge=0, le=12)
-    unit: str | None = None
-    json_field: str | None = None
-
-    @field_validator("data_encoding")
-    @classmethod
-    def _encoding(cls, value: str) -> str:
-        if value.lower() not in ENCODINGS:
-            raise ValueError(f"{value!r} is not one of {', '.join(ENCODINGS)}")
-        return value.lower()
-
-    @field_validator("byte_order")
-    @classmethod
-    def _order(cls, value: str) -> str:
-        if value.upper() not in BYTE_ORDERS:
-            raise ValueError(f"{value!r} is not one of {', '.join(BYTE_ORDERS)}")
-        return value.upper()
+class DatapointEntry(_Entry, Datapoint):
+    """A template's datapoint in a fleet file: the shared model, strict, nothing extra."""
 
 
 class TemplateEntry(_Entry):

@@ -6,7 +6,9 @@ bytes; these models validate what crosses a boundary and document its shape.
 
 from __future__ import annotations
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+
+from f2pipe.decode import BYTE_ORDERS, ENCODINGS
 
 
 class Reading(BaseModel):
@@ -31,13 +33,12 @@ class DeviceLookup(BaseModel):
     timezone: str = "UTC"
 
 
-class DatapointLookup(BaseModel):
-    """One datapoint of a sensor's template, as the decoder needs it (SPEC section 2)."""
+class Datapoint(BaseModel):
+    """One datapoint of a template, as SPEC section 2 decodes it (fleet files use this shape)."""
 
     model_config = ConfigDict(frozen=True)
 
-    datapoint_id: int
-    label: str
+    label: str = Field(min_length=1)
     data_encoding: str
     byte_offset: int = Field(ge=0)
     byte_length: int = Field(gt=0)
@@ -45,6 +46,26 @@ class DatapointLookup(BaseModel):
     decimals: int = Field(default=0, ge=0, le=12)
     unit: str | None = None
     json_field: str | None = None
+
+    @field_validator("data_encoding")
+    @classmethod
+    def _encoding(cls, value: str) -> str:
+        if value.lower() not in ENCODINGS:
+            raise ValueError(f"{value!r} is not one of {', '.join(ENCODINGS)}")
+        return value.lower()
+
+    @field_validator("byte_order")
+    @classmethod
+    def _order(cls, value: str) -> str:
+        if value.upper() not in BYTE_ORDERS:
+            raise ValueError(f"{value!r} is not one of {', '.join(BYTE_ORDERS)}")
+        return value.upper()
+
+
+class DatapointLookup(Datapoint):
+    """A stored datapoint: :class:`Datapoint` with its id, as the processor looks it up."""
+
+    datapoint_id: int
 
 
 class CertificateRequest(BaseModel):
