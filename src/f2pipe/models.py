@@ -1,4 +1,4 @@
-"""The shared data models, used at the service boundaries (HTTP bodies, Kafka values).
+"""The shared data models, used at the service boundaries (HTTP bodies, fleet files).
 
 Hot paths (the processor's decode loop, the sink's COPY) work on plain tuples and
 bytes; these models validate what crosses a boundary and document its shape.
@@ -6,31 +6,9 @@ bytes; these models validate what crosses a boundary and document its shape.
 
 from __future__ import annotations
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from f2pipe.decode import BYTE_ORDERS, ENCODINGS
-
-
-class Reading(BaseModel):
-    """One decoded reading: the value of ``processed-iot-data`` (SPEC section 4), version 1."""
-
-    model_config = ConfigDict(frozen=True)
-
-    v: int = Field(default=1, ge=1, le=1)
-    ts: AwareDatetime
-    device_id: int = Field(ge=1)
-    datapoint_id: int = Field(ge=1)
-    value: float
-
-
-class DeviceLookup(BaseModel):
-    """A controller found by MAC: what the processor caches per device."""
-
-    model_config = ConfigDict(frozen=True)
-
-    device_id: int
-    mac_address: str = Field(pattern=r"^[0-9a-f]{12}$")
-    timezone: str = "UTC"
 
 
 class Datapoint(BaseModel):
@@ -60,12 +38,6 @@ class Datapoint(BaseModel):
         if value.upper() not in BYTE_ORDERS:
             raise ValueError(f"{value!r} is not one of {', '.join(BYTE_ORDERS)}")
         return value.upper()
-
-
-class DatapointLookup(Datapoint):
-    """A stored datapoint: :class:`Datapoint` with its id, as the processor looks it up."""
-
-    datapoint_id: int
 
 
 class CertificateRequest(BaseModel):
