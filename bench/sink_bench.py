@@ -20,12 +20,28 @@ Writes ``bench/sink.json``. For each batch size:
 - ``sink_redelivery``: the same records consumed again by another group, so
   every batch conflicts and takes the staging path (every row a duplicate).
 
+Then, once:
+
+- ``cpu_us_per_record_cumulative``: CPU per record of the sink's main-thread
+  steps (Kafka consume, value accessor, parse, encode, latest_readings), each
+  step added to the previous ones.
+- ``gc_thresholds_ab``: the sink with the interpreter's default collector
+  thresholds and with :func:`f2pipe.sink.tune_gc`, back to back, twice.
+- ``light_load``: 1,000 records/s for 10 s, paced, latency per record from
+  its Kafka timestamp to its offset commit: batching by size or age only,
+  then with the caught-up flush.
+
+The process calls :func:`f2pipe.sink.tune_gc` first, as ``f2pipe sink`` does.
+Every figure is CPU time or wall time on a shared box: ``load_avg`` says how
+busy it was.
+
 Uses its own database and topic on the development servers and drops them after.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.metadata
 import json
 import os
@@ -133,6 +149,9 @@ class TimedSink(sinkmod.Sink):
         self.writes: list[float] = []
         self.record_latency: list[float] = []
         self.committed = 0
+        self.batch_rows: list[int] = []
+        # Per record: Kafka CreateTime (producer's clock, this machine) -> offsets committed.
+        self.end_to_end: list[float] = []
 
     def _add(self, messages: list[Any]) -> None:
         if self.first is None:
@@ -152,6 +171,12 @@ class TimedSink(sinkmod.Sink):
         self.record_latency.append(now - batch.started)
         self.last_commit = now
         self.committed += len(batch)
+        self.batch_rows.append(len(batch))
+        if self.measure_end_to_end:
+            wall_ms = time.time() * 1000
+            self.end_to_end += [(wall_ms - m.timestamp()[1]) / 1000 for m in batch.messages]
+
+    measure_end_to_end = False
 
 
 def run_sink(settings: Any, rows: int, policy: sinkmod.CommitPolicy) -> dict[str, Any]:
@@ -181,13 +206,129 @@ def run_sink(settings: Any, rows: int, policy: sinkmod.CommitPolicy) -> dict[str
     }
 
 
+def light_load(
+    settings: Any, rate: int, seconds: float, policy: sinkmod.CommitPolicy
+) -> dict[str, Any]:
+    """The sink under a steady light load: ``rate`` records/s for ``seconds``, paced.
+
+    Latency per record: its Kafka timestamp (set by the producer when it is
+    produced) to the commit of its offsets, which follows the database commit.
+    """
+    records = make_records(int(rate * seconds))
+    sink = TimedSink(settings, policy)
+    sink.measure_end_to_end = True
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    producer = Producer(producer_config(settings, **{"linger.ms": 0}))
+    deadline = time.monotonic() + 30
+    while not sink._assigned and time.monotonic() < deadline:  # joined the group
+        time.sleep(0.05)
+    cpu0 = time.process_time()
+    t0 = time.monotonic()
+    step = 10  # records per send, 100 sends/s at 1,000 records/s
+    for i in range(0, len(records), step):
+        for key, value in records[i : i + step]:
+            producer.produce(settings.topic_processed, value, key)
+        producer.poll(0)
+        pause = t0 + (i + step) / rate - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+    assert producer.flush(30) == 0
+    deadline = time.monotonic() + 60
+    while sink.committed < len(records) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    cpu = time.process_time() - cpu0
+    sink.stop()
+    thread.join(30)
+    assert sink.committed == len(records), (sink.committed, len(records))
+    lat = sorted(sink.end_to_end)
+    sizes = sorted(sink.batch_rows)
+    return {
+        "records_per_s": rate,
+        "seconds": seconds,
+        "batch_age_s": policy.max_age_s,
+        "flush_when_caught_up": policy.flush_when_caught_up,
+        "batches": len(sizes),
+        "batch_rows_p50": sizes[len(sizes) // 2],
+        "record_latency_ms_p50": round(lat[len(lat) // 2] * 1000, 1),
+        "record_latency_ms_p99": round(lat[int(len(lat) * 0.99)] * 1000, 1),
+        "record_latency_ms_max": round(lat[-1] * 1000, 1),
+        "cpu_us_per_record": round(cpu / len(records) * 1e6, 1),
+        "load_avg": os.getloadavg()[0],
+    }
+
+
+def consume_costs(settings: Any, topic: str, rows: int) -> dict[str, float]:
+    """CPU per record of the sink's steps on the main thread, each added to the last.
+
+    Consumes the topic (fresh group each time) in polls of 20,000 and does
+    the steps cumulatively; the first poll is not counted (it waits for the
+    group join and the first fetch).
+    """
+    from confluent_kafka import Consumer, Message
+
+    from f2pipe.kafka import consumer_config
+
+    def values(ms: list[Any]) -> Any:
+        return list(map(Message.value, ms))
+
+    def parse(ms: list[Any]) -> Any:
+        return sinkmod.parse_batch(values(ms))
+
+    def encode(ms: list[Any]) -> Any:
+        rows = parse(ms)
+        assert rows is not None
+        sinkmod.encode_rows(rows)
+        return rows
+
+    def latest(ms: list[Any]) -> Any:
+        sinkmod.newest_per_key(encode(ms))
+
+    steps = [
+        ("consume", lambda ms: None),
+        ("+ Message.value", values),
+        ("+ parse_batch (orjson, checks, timestamps)", parse),
+        ("+ encode_rows (binary COPY)", encode),
+        ("+ newest_per_key (latest_readings)", latest),
+    ]
+    out: dict[str, float] = {}
+    for name, work in steps * 2:  # twice; the lower figure is kept (less noise from others)
+        consumer = Consumer(
+            consumer_config(
+                settings,
+                f"f2bench-costs-{uuid.uuid4().hex[:8]}",
+                **{"queued.min.messages": 200_000, "queued.max.messages.kbytes": 131_072},
+            )
+        )
+        consumer.subscribe([topic])
+        got, counted, cpu0 = 0, 0, 0.0
+        while got < rows:
+            messages = consumer.consume(20_000, 0.5)
+            if not messages:
+                continue
+            if got:
+                work(messages)
+                counted += len(messages)
+            else:
+                cpu0 = time.process_time()
+            got += len(messages)
+        us = round((time.process_time() - cpu0) / counted * 1e6, 2)
+        out[name] = min(us, out.get(name, us))
+        consumer.close()
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=600_000)
     parser.add_argument("--batches", default="5000,20000,50000")
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--out", default=str(HERE / "sink.json"))
+    parser.add_argument("--light-rate", type=int, default=1000)
+    parser.add_argument("--light-seconds", type=float, default=10.0)
     args = parser.parse_args()
+    # As `f2pipe sink` does (records made below are frozen out of collections too).
+    sinkmod.tune_gc()
     sizes = [int(s) for s in args.batches.split(",")]
 
     base = load_settings()
@@ -202,9 +343,12 @@ def main() -> int:
         fut.result()
 
     report: dict[str, Any] = {}
+    topics_made = [topic]
     try:
         records = make_records(args.rows)
         produce_rate = produce(base, topic, records)
+        costs = consume_costs(base, topic, args.rows)
+        print(json.dumps({"cpu_us_per_record_cumulative": costs}), flush=True)
         parsed = [sinkmod.parse_reading(v) for _, v in records]
         rows = [r for r in parsed if isinstance(r, tuple)]
         assert len(rows) == args.rows
@@ -222,6 +366,9 @@ def main() -> int:
         sinkmod.encode_copy(rows)
         encode_us = (time.perf_counter() - t0) / args.rows * 1e6
 
+        # Freeze the benchmark's own data (records, rows) out of the collector,
+        # so the sink runs see the collector as the `f2pipe sink` process does.
+        sinkmod.tune_gc()
         table = []
         for size in sizes:
             encoded = [sinkmod.encode_copy(rows[i : i + size]) for i in range(0, len(rows), size)]
@@ -263,6 +410,55 @@ def main() -> int:
             table.append(row)
             print(json.dumps(row), flush=True)
 
+        # The collector's share: the sink at the default batch size with the
+        # interpreter's default thresholds, then tuned again, back to back.
+        gc_ab = {}
+        for mode in ("default", "tuned", "default", "tuned"):
+            if mode == "default":
+                gc.unfreeze()
+                gc.set_threshold(700, 10, 10)
+            else:
+                sinkmod.tune_gc()
+            with psycopg.connect(dsn) as conn:
+                conn.execute("TRUNCATE decoded_data, latest_readings")
+            run = run_sink(
+                load_settings(
+                    timeseries_dsn=dsn,
+                    metadata_dsn=dsn,
+                    topic_processed=topic,
+                    sink_group=f"f2bench-{tag}-gc-{mode}-{len(gc_ab)}",
+                ),
+                len(rows),
+                sinkmod.THROUGHPUT,
+            )
+            run["load_avg"] = os.getloadavg()[0]
+            gc_ab[f"{mode}_{len(gc_ab) // 2 + 1}"] = run
+            print(json.dumps({f"gc_{mode}": run}), flush=True)
+
+        light = []
+        # Size or age only (the sink before the caught-up flush), then with it.
+        for i, (age, eager) in enumerate(((0.5, False), (0.5, True), (0.1, True))):
+            # A topic of its own per run: the light load is measured from an empty topic.
+            light_topic = f"{topic}-light{i}"
+            topics_made.append(light_topic)
+            for fut in admin.create_topics([NewTopic(light_topic, args.partitions, 1)]).values():
+                fut.result()
+            with psycopg.connect(dsn) as conn:
+                conn.execute("TRUNCATE decoded_data, latest_readings")
+            light_run = light_load(
+                load_settings(
+                    timeseries_dsn=dsn,
+                    metadata_dsn=dsn,
+                    topic_processed=light_topic,
+                    sink_group=f"f2bench-{tag}-light{i}",
+                ),
+                args.light_rate,
+                args.light_seconds,
+                sinkmod.CommitPolicy(sinkmod.THROUGHPUT.max_rows, age, eager),
+            )
+            print(json.dumps(light_run), flush=True)
+            light.append(light_run)
+
         report = {
             "what": "processed-iot-data -> decoded_data, rows/s; ceilings on the same rows",
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -284,12 +480,15 @@ def main() -> int:
             "parse_us_per_record": round(parse_us, 3),
             "parse_batch_us_per_record": round(parse_batch_us, 3),
             "encode_us_per_row": round(encode_us, 3),
+            "cpu_us_per_record_cumulative": costs,
             "by_batch_size": table,
+            "gc_thresholds_ab": gc_ab,
+            "light_load": light,
         }
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.out}")
     finally:
-        for fut in admin.delete_topics([topic]).values():
+        for fut in admin.delete_topics(sorted(set(topics_made))).values():
             try:
                 fut.result()
             except Exception as exc:  # cleanup only: report and go on
