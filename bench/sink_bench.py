@@ -1,8 +1,9 @@
 """Sink throughput against two ceilings measured in the same run, on the same rows.
 
-    .venv/bin/python bench/sink_bench.py [--rows 600000] [--batches 5000,20000,50000]
+    .venv/bin/python bench/sink_bench.py [--rows 600000] [--batches 5000,20000,50000] [--repeat 2]
 
-Writes ``bench/sink.json``. For each batch size:
+Writes ``bench/sink.json``. For each batch size (the ceilings and the sink
+run ``--repeat`` times, interleaved, and the best of each is reported):
 
 - ``raw_copy``: the rows, already encoded, binary-COPYed straight into an
   empty ``decoded_data``, one transaction per batch (the database's intake
@@ -31,7 +32,8 @@ Then, once:
   its Kafka timestamp to its offset commit: batching by size or age only,
   then with the caught-up flush.
 
-The process calls :func:`f2pipe.sink.tune_gc` first, as ``f2pipe sink`` does.
+The process calls :func:`f2pipe.sink.tune_gc`, as ``f2pipe sink`` does, once
+its own data is built (which the freeze then keeps out of every collection).
 Every figure is CPU time or wall time on a shared box: ``load_avg`` says how
 busy it was.
 
@@ -324,11 +326,10 @@ def main() -> int:
     parser.add_argument("--batches", default="5000,20000,50000")
     parser.add_argument("--partitions", type=int, default=6)
     parser.add_argument("--out", default=str(HERE / "sink.json"))
+    parser.add_argument("--repeat", type=int, default=2, help="runs per measure; best kept")
     parser.add_argument("--light-rate", type=int, default=1000)
     parser.add_argument("--light-seconds", type=float, default=10.0)
     args = parser.parse_args()
-    # As `f2pipe sink` does (records made below are frozen out of collections too).
-    sinkmod.tune_gc()
     sizes = [int(s) for s in args.batches.split(",")]
 
     base = load_settings()
@@ -347,17 +348,18 @@ def main() -> int:
     try:
         records = make_records(args.rows)
         produce_rate = produce(base, topic, records)
-        costs = consume_costs(base, topic, args.rows)
-        print(json.dumps({"cpu_us_per_record_cumulative": costs}), flush=True)
         parsed = [sinkmod.parse_reading(v) for _, v in records]
         rows = [r for r in parsed if isinstance(r, tuple)]
         assert len(rows) == args.rows
+        values = [v for _, v in records]
+        # Freeze the benchmark's own data (records, rows) out of the collector,
+        # so what follows sees the collector as the `f2pipe sink` process does.
+        sinkmod.tune_gc()
 
         t0 = time.perf_counter()
         for _, v in records:
             sinkmod.parse_reading(v)
         parse_us = (time.perf_counter() - t0) / args.rows * 1e6
-        values = [v for _, v in records]
         t0 = time.perf_counter()
         for i in range(0, len(values), 2000):  # polls of 2000, as the sink sees them
             sinkmod.parse_batch(values[i : i + 2000])
@@ -365,27 +367,36 @@ def main() -> int:
         t0 = time.perf_counter()
         sinkmod.encode_copy(rows)
         encode_us = (time.perf_counter() - t0) / args.rows * 1e6
+        costs = consume_costs(base, topic, args.rows)
+        print(json.dumps({"cpu_us_per_record_cumulative": costs}), flush=True)
 
-        # Freeze the benchmark's own data (records, rows) out of the collector,
-        # so the sink runs see the collector as the `f2pipe sink` process does.
-        sinkmod.tune_gc()
         table = []
         for size in sizes:
             encoded = [sinkmod.encode_copy(rows[i : i + size]) for i in range(0, len(rows), size)]
-            raw = ceiling(dsn, encoded, len(rows), staging=False)
-            staged = ceiling(dsn, encoded, len(rows), staging=True)
-            settings = load_settings(
-                timeseries_dsn=dsn,
-                metadata_dsn=dsn,
-                topic_processed=topic,
-                sink_group=f"f2bench-{tag}-{size}",
-            )
             policy = sinkmod.CommitPolicy(size, 1.0)
-            result = run_sink(settings, len(rows), policy)
-            with psycopg.connect(dsn) as conn:
-                stored = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
-                assert stored is not None
-                assert stored[0] == len(rows), stored
+            # Each measure --repeat times, interleaved; the best of each is kept
+            # (on a shared box, the run least disturbed by other work).
+            raw = staged = 0.0
+            result: dict[str, Any] = {"rows_per_s": 0}
+            for attempt in range(args.repeat):
+                raw = max(raw, ceiling(dsn, encoded, len(rows), staging=False))
+                staged = max(staged, ceiling(dsn, encoded, len(rows), staging=True))
+                with psycopg.connect(dsn) as conn:
+                    conn.execute("TRUNCATE decoded_data, latest_readings")
+                settings = load_settings(
+                    timeseries_dsn=dsn,
+                    metadata_dsn=dsn,
+                    topic_processed=topic,
+                    sink_group=f"f2bench-{tag}-{size}-{attempt}",
+                )
+                attempt_result = run_sink(settings, len(rows), policy)
+                attempt_result["load_avg"] = os.getloadavg()[0]
+                if attempt_result["rows_per_s"] > result["rows_per_s"]:
+                    result = attempt_result
+                with psycopg.connect(dsn) as conn:
+                    stored = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
+                    assert stored is not None
+                    assert stored[0] == len(rows), stored
             redelivery = run_sink(
                 load_settings(
                     timeseries_dsn=dsn,
@@ -411,11 +422,13 @@ def main() -> int:
             print(json.dumps(row), flush=True)
 
         # The collector's share: the sink at the default batch size with the
-        # interpreter's default thresholds, then tuned again, back to back.
+        # interpreter's default thresholds, then tuned, back to back.
         gc_ab = {}
         for mode in ("default", "tuned", "default", "tuned"):
             if mode == "default":
-                gc.unfreeze()
+                # The interpreter's thresholds. The benchmark's data stays frozen, as
+                # a sink process has none of it; its startup heap stays frozen too,
+                # so this measures the thresholds' share alone.
                 gc.set_threshold(700, 10, 10)
             else:
                 sinkmod.tune_gc()
@@ -475,6 +488,7 @@ def main() -> int:
                 "librdkafka": __import__("confluent_kafka").libversion()[0],
             },
             "rows": args.rows,
+            "repeat_best_of": args.repeat,
             "partitions": args.partitions,
             "producer_rows_per_s": round(produce_rate),
             "parse_us_per_record": round(parse_us, 3),
