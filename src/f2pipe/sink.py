@@ -320,9 +320,13 @@ class Writer:
     def connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
             try:
-                self._conn = psycopg.connect(self._dsn, connect_timeout=5)
+                conn = psycopg.connect(self._dsn, connect_timeout=5)
+                # Per session, outside any batch (a batch's rollback would drop it).
+                conn.execute(_CREATE_LATEST_TABLE)
+                conn.commit()
             except psycopg.Error as exc:
                 raise DatabaseUnavailable(f"cannot connect: {exc}".strip()) from exc
+            self._conn = conn
             if not self._connected_once:
                 self._connected_once = True
                 self._describe_storage(self._conn)
@@ -508,19 +512,21 @@ class Writer:
     ) -> None:
         if not rows:
             return
-        # Keys sorted so concurrent writers lock latest_readings rows in one order.
-        newest = sorted(newest_per_key(rows).items())
-        devices = [key[0] for key, _ in newest]
-        datapoints = [key[1] for key, _ in newest]
-        stamps = [_PG_EPOCH + timedelta(microseconds=row[0]) for _, row in newest]
-        if stored_equals_batch:
-            # Every row of the batch was newly stored: its values are the stored ones.
-            values = [row[3] for _, row in newest]
-            conn.execute(_UPSERT_LATEST_FROM_BATCH, (devices, datapoints, stamps, values))
-        else:
-            # Some readings were stored before, maybe with other values: the first
-            # write wins in decoded_data, so take the values from there.
-            conn.execute(_UPSERT_LATEST_FROM_STORED, (devices, datapoints, stamps))
+        # The newest row per key goes in by binary COPY into a session table and
+        # is upserted from there: parameters as arrays cost about 1 µs of client
+        # CPU per batch row (psycopg dumps array elements in Python, plus a
+        # datetime per key), the COPY about 0.2 µs.
+        newest = newest_per_key(rows).values()
+        with conn.cursor() as cur:
+            with cur.copy(_COPY_LATEST) as copy:
+                copy.write(encode_copy(newest))
+            if stored_equals_batch:
+                # Every row of the batch was newly stored: its values are the stored ones.
+                cur.execute(_UPSERT_LATEST_FROM_BATCH)
+            else:
+                # Some readings were stored before, maybe with other values: the first
+                # write wins in decoded_data, so take the values from there.
+                cur.execute(_UPSERT_LATEST_FROM_STORED)
 
     @staticmethod
     def _describe_storage(conn: psycopg.Connection[Any]) -> None:
@@ -536,9 +542,20 @@ class Writer:
             )
 
 
+# The newest row per key of the batch being written; emptied by every commit.
+_CREATE_LATEST_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS sink_latest (timestamp timestamptz NOT NULL,"
+    " device_id int4 NOT NULL, datapoint_id int4 NOT NULL, value float8)"
+    " ON COMMIT DELETE ROWS"
+)
+_COPY_LATEST = (
+    "COPY sink_latest (timestamp, device_id, datapoint_id, value) FROM STDIN (FORMAT BINARY)"
+)
+# Rows upserted in key order, so concurrent writers lock latest_readings rows in one order.
 _UPSERT_LATEST_FROM_BATCH = (
     "INSERT INTO latest_readings AS l (device_id, datapoint_id, timestamp, value)"
-    " SELECT * FROM unnest(%b::int4[], %b::int4[], %b::timestamptz[], %b::float8[])"
+    " SELECT device_id, datapoint_id, timestamp, value FROM sink_latest"
+    " ORDER BY device_id, datapoint_id"
     " ON CONFLICT (device_id, datapoint_id) DO UPDATE"
     " SET timestamp = EXCLUDED.timestamp, value = EXCLUDED.value, updated_at = now()"
     " WHERE EXCLUDED.timestamp >= l.timestamp"  # never backwards in time
@@ -546,9 +563,9 @@ _UPSERT_LATEST_FROM_BATCH = (
 _UPSERT_LATEST_FROM_STORED = (
     "INSERT INTO latest_readings AS l (device_id, datapoint_id, timestamp, value)"
     " SELECT d.device_id, d.datapoint_id, d.timestamp, d.value"
-    " FROM unnest(%b::int4[], %b::int4[], %b::timestamptz[]) AS k(dev, dp, ts)"
-    " JOIN decoded_data d ON d.timestamp = k.ts AND d.device_id = k.dev"
-    " AND d.datapoint_id = k.dp"
+    " FROM sink_latest k JOIN decoded_data d ON d.timestamp = k.timestamp"
+    " AND d.device_id = k.device_id AND d.datapoint_id = k.datapoint_id"
+    " ORDER BY d.device_id, d.datapoint_id"
     " ON CONFLICT (device_id, datapoint_id) DO UPDATE"
     " SET timestamp = EXCLUDED.timestamp, value = EXCLUDED.value, updated_at = now()"
     " WHERE EXCLUDED.timestamp >= l.timestamp"  # never backwards in time
