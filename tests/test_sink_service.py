@@ -16,7 +16,7 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -504,6 +504,7 @@ def test_sigterm_writes_the_open_batch_and_commits_it(
         tmp_path,
         F2PIPE_SINK_BATCH_ROWS="100000",
         F2PIPE_SINK_BATCH_AGE_MS="600000",
+        F2PIPE_SINK_FLUSH_WHEN_CAUGHT_UP="false",
     )
     produce(topics.processed, records)
     wait_until(
@@ -523,6 +524,60 @@ def test_sigterm_writes_the_open_batch_and_commits_it(
     consumer.close()
     assert sum(max(tp.offset, 0) for tp in committed) == 500
     assert "stopping: writing the open batch" in sink.logs()
+
+
+def test_a_caught_up_sink_writes_without_waiting_for_the_batch_age(
+    fresh_db: str, topics: Topics, sinks: list[SinkProcess], tmp_path: Path
+) -> None:
+    # A batch age no test waits for: only the caught-up flush can write these.
+    sink = start(
+        sinks,
+        fresh_db,
+        topics,
+        tmp_path,
+        F2PIPE_SINK_BATCH_ROWS="100000",
+        F2PIPE_SINK_BATCH_AGE_MS="600000",
+    )
+    wait_until(
+        lambda: sink.metric("f2pipe_sink_assigned_partitions") == 3,
+        timeout=60,
+        what="partitions assigned",
+    )
+    written: list[tuple[bytes, bytes]] = []
+    for start_at in (0, 5, 10):  # three trickles, each committed on its own
+        trickle = readings(start_at, 5)
+        produce(topics.processed, trickle)
+        written += trickle
+        stored_now = _count_is(fresh_db, len(written))
+        wait_until(stored_now, timeout=30, what="trickle stored")
+    assert stored(fresh_db) == expected_rows(written)
+    wait_until(
+        lambda: (
+            sink.metric("f2pipe_sink_consumer_lag", 'partition="0"') == 0
+            and committed_total(topics) == 15
+        ),
+        timeout=30,
+        what="offsets committed",
+    )
+    assert sink.metric("f2pipe_sink_batch_rows_count") >= 3
+
+
+def _count_is(dsn: str, want: int) -> Callable[[], bool]:
+    return lambda: count(dsn) == want
+
+
+def committed_total(topics: Topics) -> int:
+    """Offsets committed by the sinks' group over the processed topic's partitions."""
+    consumer = Consumer(
+        {"bootstrap.servers": get_settings().kafka_bootstrap, "group.id": topics.group}
+    )
+    try:
+        committed = consumer.committed(
+            [TopicPartition(topics.processed, p) for p in range(3)], timeout=10
+        )
+    finally:
+        consumer.close()
+    return sum(max(tp.offset, 0) for tp in committed)
 
 
 def test_a_second_sink_joining_and_the_first_leaving_loses_and_duplicates_nothing(

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # record is this old, whichever comes first (defaults from bench/sink.json).
     sink_batch_rows: int = Field(default=20000, ge=1, le=1_000_000)
     sink_batch_age_ms: int = Field(default=500, ge=1, le=600_000)
+    # Also write a batch as soon as the sink has caught up with its input and no
+    # commit is in flight (low latency at light load; batches still grow under load).
+    sink_flush_when_caught_up: bool = True
     # Longest wait between two attempts to reach the database during an outage.
     sink_backoff_max_ms: int = Field(default=5000, ge=10, le=600_000)
 

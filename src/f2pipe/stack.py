@@ -404,6 +404,9 @@ class Postgres(Server):
     stop_signal = signal.SIGINT  # "fast" shutdown; SIGTERM would wait for clients to leave
     BIN = Path("/usr/lib/postgresql/15/bin")
     MAX_CONNECTIONS = 200
+    # The same in docker-compose.yml's postgres command (its timescaledb image sizes
+    # shared_buffers itself, with timescaledb-tune, at initdb). README "Sink performance".
+    SHARED_BUFFERS = "1GB"
 
     def __init__(self, settings: Settings, paths: Paths) -> None:
         super().__init__(settings, paths)
@@ -497,6 +500,9 @@ class Postgres(Server):
             # TCP only: a socket path under a deep state folder can exceed the 107-byte limit.
             "-c", "unix_socket_directories=",
             "-c", f"max_connections={self.MAX_CONNECTIONS}",
+            # The default 128MB fills with the sink's dirty pages in seconds, and the
+            # COPY backend then writes out every page it evicts itself.
+            "-c", f"shared_buffers={self.SHARED_BUFFERS}",
         ]  # fmt: skip
 
     def _connect(self, dbname: str) -> psycopg.Connection[tuple[Any, ...]]:
