@@ -33,14 +33,13 @@ import bisect
 import collections
 import functools
 import logging
-import random
 import select
 import signal
 import ssl
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -61,6 +60,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from f2pipe import tls
+from f2pipe.backoff import Backoff
 from f2pipe.kafka import producer_config
 from f2pipe.logs import setup_logging
 from f2pipe.mqttwire import decode_length
@@ -386,24 +386,6 @@ class _Pending:
     generation: int  # connection it arrived on; a PUBACK is only valid on that connection
     received: float
     done: bool = False
-
-
-@dataclass
-class Backoff:
-    """Jittered exponential backoff ("full jitter"): random delay in [0, min(cap, base*2^n)]."""
-
-    base: float = 0.25
-    cap: float = 30.0
-    attempts: int = 0
-    rng: random.Random = field(default_factory=random.Random)
-
-    def next_delay(self) -> float:
-        ceiling = min(self.cap, self.base * (2**self.attempts))
-        self.attempts = min(self.attempts + 1, 30)
-        return self.rng.uniform(ceiling / 4, ceiling)
-
-    def reset(self) -> None:
-        self.attempts = 0
 
 
 class Connector:
