@@ -44,7 +44,6 @@ from f2pipe.settings import load_settings  # noqa: E402
 from f2pipe.simulator import Sensor, generated_fleet, run_load  # noqa: E402
 from mqtt_kafka import ConnectorProcess, Mosquitto, TestPki, create_topics  # noqa: E402
 
-KAFKA = "127.0.0.1:9092"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -54,22 +53,41 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def dev_kafka_pid() -> int | None:
-    """The dev Kafka broker's pid (its CPU is part of the connector's cost), if found."""
+def kafka_pid(bootstrap: str) -> int | None:
+    """The pid of the Kafka broker listening on ``bootstrap``'s port (its CPU is part of the
+    connector's cost), if it runs on this machine."""
+    port = bootstrap.rsplit(":", 1)[1]
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"kafka.Kafka" not in args:
+                continue
+            props = (entry / "cwd").resolve() / args[args.index(b"kafka.Kafka") + 1].decode()
+            listeners = [
+                line for line in props.read_text().splitlines() if line.startswith("listeners=")
+            ]
+        except (OSError, IndexError):
+            continue
+        if any(f":{port}," in line + "," for line in listeners):
+            return int(entry.name)
+    return None
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid``, summed by thread name (librdkafka names its
+    threads ``rdk:...``)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
         except OSError:
             continue
-        if b"kafka.Kafka" in cmdline and b"server.properties" in cmdline:
-            try:
-                if (entry / "cwd").resolve() == Path("/work/devstack"):
-                    return int(entry.name)
-            except OSError:
-                continue
-    return None
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
 
 
 def children_cpu() -> float:
@@ -113,12 +131,17 @@ def phase_publisher(
     assert broker.proc is not None
     b0 = proc_cpu(broker.proc.pid)
     elapsed, cpu, acked = publish(settings, sensors, count, processes)
+    publisher = round(cpu / acked * 1e6, 1)
+    mosquitto = round((proc_cpu(broker.proc.pid) - b0) / acked * 1e6, 1)
     return {
         "messages": acked,
         "elapsed_s": round(elapsed, 3),
         "rate_per_s": round(acked / elapsed, 1),
-        "publisher_cpu_us_per_msg": round(cpu / acked * 1e6, 1),
-        "broker_cpu_us_per_msg": round((proc_cpu(broker.proc.pid) - b0) / acked * 1e6, 1),
+        "cpu_us_per_msg": {
+            "publisher": publisher,
+            "mosquitto": mosquitto,
+            "total": round(publisher + mosquitto, 1),
+        },
     }
 
 
@@ -131,15 +154,21 @@ def phase_subscriber(
     bare: bool,
     log: Path,
     processes: int,
+    kafka: str,
 ) -> dict[str, Any]:
     """Rate = messages acknowledged between the first and the last PUBACK the connector
-    sent, over that time (polled from its metrics every 20 ms)."""
+    sent, over that time (polled from its metrics every 20 ms).
+
+    CPU per message is reported for every process that handles the messages: the
+    publishers, Mosquitto, the connector (by thread: ``python`` is the loop thread,
+    ``rdk:*`` librdkafka's) and, for the connector, the Kafka broker.
+    """
     assert broker.proc is not None
     conn = ConnectorProcess(env, log=log, args=["--bare"] if bare else [])
     conn.start()
     assert conn.proc is not None
     pid = conn.proc.pid
-    kafka_pid = dev_kafka_pid() if not bare else None
+    broker_kafka = kafka_pid(kafka) if not bare else None
     watch: dict[str, float] = {}
 
     def watcher() -> None:
@@ -155,32 +184,45 @@ def phase_subscriber(
             time.sleep(0.02)
 
     try:
-        k0 = proc_cpu(kafka_pid) if kafka_pid else 0.0
-        c0, b0 = proc_cpu(pid), proc_cpu(broker.proc.pid)
+        k0 = proc_cpu(broker_kafka) if broker_kafka else 0.0
+        t0, b0 = thread_cpu(pid), proc_cpu(broker.proc.pid)
         thread = threading.Thread(target=watcher, daemon=True)
         thread.start()
         pub_elapsed, pub_cpu, acked = publish(settings, sensors, count, processes)
         thread.join(600)
         if "t1" not in watch:
             raise RuntimeError("connector did not acknowledge every message in time")
-        c1, b1 = proc_cpu(pid), proc_cpu(broker.proc.pid)
-        k1 = proc_cpu(kafka_pid) if kafka_pid else 0.0
+        t1, b1 = thread_cpu(pid), proc_cpu(broker.proc.pid)
+        k1 = proc_cpu(broker_kafka) if broker_kafka else 0.0
         latency = _latency_summary(conn) if not bare else None
     finally:
         conn.terminate()
     elapsed = watch["t1"] - watch["t0"]
+
+    def per_msg(seconds: float) -> float:
+        return round(seconds / count * 1e6, 1)
+
+    threads = {
+        name: per_msg(t1[name] - t0.get(name, 0.0))
+        for name in sorted(t1)
+        if t1[name] - t0.get(name, 0.0) > 0
+    }
+    subscriber = per_msg(sum(t1.values()) - sum(t0.values()))
+    cpu = {
+        "publisher": round(pub_cpu / acked * 1e6, 1),
+        "mosquitto": per_msg(b1 - b0),
+        "subscriber": subscriber,
+    }
+    if broker_kafka:
+        cpu["kafka_broker"] = per_msg(k1 - k0)
     result: dict[str, Any] = {
         "messages": count,
         "elapsed_s": round(elapsed, 3),
         "rate_per_s": round((count - watch["a0"]) / elapsed, 1),
         "publisher_elapsed_s": round(pub_elapsed, 3),
-        "subscriber_cpu_us_per_msg": round((c1 - c0) / count * 1e6, 1),
-        "broker_cpu_us_per_msg": round((b1 - b0) / count * 1e6, 1),
-        "publisher_cpu_us_per_msg": round(pub_cpu / acked * 1e6, 1),
+        "cpu_us_per_msg": {**cpu, "total": round(sum(cpu.values()), 1)},
+        "subscriber_cpu_us_per_msg_by_thread": threads,
     }
-    if kafka_pid:
-        # Shared dev broker: includes whatever else used it meanwhile.
-        result["kafka_broker_cpu_us_per_msg"] = round((k1 - k0) / count * 1e6, 1)
     if latency:
         result["produce_latency"] = latency
     return result
@@ -235,6 +277,9 @@ def main() -> int:
     parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three phases")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "connector.json")
+    parser.add_argument(
+        "--kafka", default="127.0.0.1:9092", help="Kafka bootstrap (default: the dev stack's)"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="f2pipe-bench-"))
@@ -249,9 +294,9 @@ def main() -> int:
         broker.start()
         settings = load_settings(mqtt_tls=True, mqtt_port=broker.port, state_dir=pki.root)
         raw, dlq = f"bench-raw-{os.getpid()}-{int(time.time())}", f"bench-dlq-{os.getpid()}"
-        create_topics(KAFKA, raw, dlq, partitions=6)
+        create_topics(args.kafka, raw, dlq, partitions=6)
         identity = f"svc-connector-bench-{os.getpid()}"
-        env = connector_env(pki, broker.port, identity, KAFKA)
+        env = connector_env(pki, broker.port, identity, args.kafka)
         env |= {"F2PIPE_TOPIC_RAW": raw, "F2PIPE_TOPIC_DEAD_LETTER": dlq}
         load_before = list(os.getloadavg())
         # Warm-up: TLS handshakes, broker allocations, page cache.
@@ -282,6 +327,7 @@ def main() -> int:
                     bare,
                     workdir / f"{name}.log",
                     args.publishers,
+                    args.kafka,
                 )
             for phase, result in round_.items():
                 print(f"round {n + 1} {phase}: {result}", flush=True)
@@ -304,7 +350,7 @@ def main() -> int:
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "setup": {
                 "mqtt": "mutual TLS 1.2+, QoS 1, MQTT 3.1.1 publisher, MQTT 5 subscriber",
-                "kafka": "acks=all, idempotent, 6 partitions, dev broker 127.0.0.1:9092",
+                "kafka": f"acks=all, idempotent, 6 partitions, broker {args.kafka}",
                 "publishing_connections": args.devices,
                 "publisher_processes": args.publishers,
                 "messages_per_phase": args.count,

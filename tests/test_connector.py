@@ -89,7 +89,10 @@ def test_metrics_of_the_latest_connector_are_exported() -> None:
     second.stats.received = 7
     text = generate_latest().decode()
     assert "f2pipe_connector_received_total 7.0" in text
-    assert 'f2pipe_connector_dead_letters_total{reason="invalid_topic"} 0.0' in text
+    # Dead letters in the family every stage shares, exported at 0 for alerting.
+    assert 'f2pipe_dead_letters_total{reason="invalid_topic",stage="connector"} 0.0' in text
+    assert 'f2pipe_dead_letters_total{reason="payload_too_large",stage="connector"} 0.0' in text
+    assert "f2pipe_connector_dead_letters" not in text
 
 
 # --- fixtures ---
@@ -256,7 +259,8 @@ def test_invalid_topic_and_oversized_payload_become_dead_letters(
     raws = read_topic(DEV_KAFKA, raw, 1)
     assert [r.value() for r in raws] == [b"fits"]
     wait_until(lambda: conn.metric("f2pipe_connector_acked_total") >= 3, what="acks")
-    assert conn.metric("f2pipe_connector_dead_letters_total") == 2
+    assert conn.metric("f2pipe_dead_letters_total") == 2
+    assert conn.metric("f2pipe_dead_letters_total", stage="connector", reason="invalid_topic") == 1
 
 
 @pytest.mark.servers
