@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from f2pipe.settings import load_settings  # noqa: E402
-from f2pipe.simulator import Sensor, generated_fleet, run_load  # noqa: E402
+from f2pipe.simulator import Sensor, generated_fleet, quiet_gc, run_load  # noqa: E402
 from mqtt_kafka import ConnectorProcess, Mosquitto, TestPki, create_topics  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -97,6 +97,7 @@ def children_cpu() -> float:
 
 
 def _publisher_process(settings: Any, sensors: list[Sensor], count: int, out: Any) -> None:
+    quiet_gc()  # as `f2pipe simulate` does
     summary = asyncio.run(run_load(settings, sensors, count, window=20000))
     out.put((summary.elapsed, summary.acknowledged))
 
@@ -228,6 +229,75 @@ def phase_subscriber(
     return result
 
 
+def where_the_time_goes(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """CPU per message of every process in each phase (medians over the rounds), and what
+    the connector costs beyond the bare subscriber.
+
+    On a CPU-bound machine each phase's rate is about cores / its total, so the
+    connector's ratio to the bare subscriber is the ratio of their totals, and the
+    difference is what the Kafka hand-off costs.
+    """
+
+    def med(phase: str, key: str) -> float:
+        values = [r[phase]["cpu_us_per_msg"].get(key) for r in rounds]
+        found = [v for v in values if v is not None]
+        return round(float(statistics.median(found)), 1) if found else 0.0
+
+    def thread(phase: str, prefix: str) -> float:
+        values = [
+            sum(v for k, v in r[phase]["subscriber_cpu_us_per_msg_by_thread"].items()
+                if k.startswith(prefix))
+            for r in rounds
+        ]  # fmt: skip
+        return round(float(statistics.median(values)), 1)
+
+    phases: dict[str, dict[str, float]] = {
+        "publisher_alone": {k: med("publisher", k) for k in ("publisher", "mosquitto", "total")},
+        "bare_subscriber": {
+            k: med("bare_subscriber", k) for k in ("publisher", "mosquitto", "subscriber", "total")
+        },
+        "connector": {
+            "publisher": med("connector", "publisher"),
+            "mosquitto": med("connector", "mosquitto"),
+            "connector_loop_thread": thread("connector", "python"),
+            "connector_librdkafka_threads": thread("connector", "rdk:"),
+            "kafka_broker": med("connector", "kafka_broker"),
+            "total": med("connector", "total"),
+        },
+    }
+    bare, conn = phases["bare_subscriber"], phases["connector"]
+    return {
+        "cpu_us_per_msg": phases,
+        "connector_beyond_bare_subscriber_us_per_msg": {
+            "loop_thread": round(conn["connector_loop_thread"] - bare["subscriber"], 1),
+            "librdkafka_threads": conn["connector_librdkafka_threads"],
+            "kafka_broker": conn["kafka_broker"],
+            "total": round(conn["total"] - bare["total"], 1),
+        },
+        "cpu_model_ratio": {
+            # cores / total per phase: what the rates' ratios tend to on a busy machine
+            "publisher_over_bare_subscriber": round(
+                bare["total"] / phases["publisher_alone"]["total"], 2
+            )
+            if phases["publisher_alone"]["total"]
+            else None,
+            "connector_over_bare_subscriber": round(bare["total"] / conn["total"], 3)
+            if conn["total"]
+            else None,
+        },
+        "notes": [
+            "Every process's CPU is read from /proc (the publishers from getrusage of the "
+            "forked children); the Kafka broker's includes whatever else used it meanwhile.",
+            "Connector loop thread: MQTT receive path (as the bare subscriber), then per "
+            "message a topic-cache lookup, a record and header list, and producer.produce; "
+            "per round of about linger_ms, one check of the producer's queue and one "
+            "write of all PUBACKs. No per-record delivery report (only failures report).",
+            "librdkafka threads: batching, lz4, the produce requests; Kafka broker: one "
+            "produce request per partition per round.",
+        ],
+    }
+
+
 def _latency_summary(conn: ConnectorProcess) -> dict[str, float]:
     """Mean and bucket counts of the receive-to-Kafka-ack histogram."""
     total = conn.metric("f2pipe_connector_produce_seconds_sum")
@@ -345,6 +415,7 @@ def main() -> int:
             },
             "rounds": rounds,
         }
+        settings_now = load_settings()
         report = {
             "benchmark": "connector",
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -354,7 +425,8 @@ def main() -> int:
                 "publishing_connections": args.devices,
                 "publisher_processes": args.publishers,
                 "messages_per_phase": args.count,
-                "receive_maximum": load_settings().connector_receive_maximum,
+                "receive_maximum": settings_now.connector_receive_maximum,
+                "linger_ms": settings_now.connector_linger_ms,
             },
             "load_average_before_after": [load_before, list(os.getloadavg())],
             "results": results,
@@ -367,6 +439,7 @@ def main() -> int:
                     for r in rounds
                 ],
             },
+            "where_the_time_goes": where_the_time_goes(rounds),
             "versions": versions(),
             "machine": machine(),
         }

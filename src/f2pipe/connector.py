@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import array
 import bisect
+import gc
 import logging
 import select
 import signal
@@ -473,6 +474,7 @@ class Connector:
         self._next_reads: list[tuple[float, int]] = []
         # The round with Kafka.
         self._round_size = 0
+        self._round_due = 0.0
         self._round_acks: list[int] = []
         self._round_reads: list[tuple[float, int]] = []
         self._retry: list[tuple[float, Record]] = []  # records of the round Kafka refused
@@ -689,6 +691,8 @@ class Connector:
         self._round_acks, self._next_acks = self._next_acks, []
         self._round_reads, self._next_reads = self._next_reads, []
         self._round_size = len(records)
+        # librdkafka holds a partial batch for linger.ms: no acknowledgement before then.
+        self._round_due = time.monotonic() + self.settings.connector_linger_ms / 1000
         produce = self.producer.produce
         for topic, value, key, headers in records:
             try:
@@ -805,8 +809,12 @@ class Connector:
             else:
                 want_read = [sock] if room > 0 else []
                 want_write = [sock] if client.pending_output() else []
-                # Short waits while records are with Kafka keep PUBACK latency low.
-                timeout = 0.001 if self._round_size or self._next else 0.1
+                # Once a round may be acknowledged, short waits keep PUBACK latency low;
+                # before that, waking up only to find it unacknowledged costs CPU.
+                if self._round_size:
+                    timeout = max(0.001, self._round_due - time.monotonic())
+                else:
+                    timeout = 0.001 if self._next else 0.1
                 try:
                     readable, _w, _x = select.select(want_read, want_write, [], timeout)
                 except (OSError, ValueError):
@@ -857,6 +865,20 @@ class Connector:
         return 0
 
 
+def quiet_gc() -> None:
+    """Keep the garbage collector out of the message path (call once, after start-up).
+
+    Every message allocates a few containers (a tuple per PUBLISH, a record and its
+    header list) that live until Kafka acknowledges their round, none of them in a
+    cycle; with the default thresholds the collector ran every few hundred messages
+    and walked thousands of pending records each time (about 3 us per message).
+    Objects alive now live as long as the process and leave the collector's view.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The connector's mTLS context, or None when plain MQTT is explicitly configured."""
     if not settings.mqtt_tls:
@@ -892,6 +914,7 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    quiet_gc()
     log.info(
         "connector starting",
         extra={

@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import random
@@ -1298,6 +1299,18 @@ async def run_live(
 # --- command line ---
 
 
+def quiet_gc() -> None:
+    """Keep the garbage collector out of the publish path (call once, after start-up).
+
+    A load run keeps up to its window of messages unacknowledged, none of them in
+    a cycle; with the default thresholds the collector walked them every few
+    hundred messages (about 2 us per message).
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, help="load mode: publish exactly this many messages")
     parser.add_argument("--rate", type=float, help="load mode: messages per second (default: max)")
@@ -1353,6 +1366,7 @@ def main(args: argparse.Namespace) -> int:
         provision_fleet(settings, sensors)
     if args.provision_certs:
         provision_certificates(settings, dict.fromkeys(s.mac for s in sensors))
+    quiet_gc()
     if args.count is None:
         stop = asyncio.Event()
 
