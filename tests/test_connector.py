@@ -28,7 +28,7 @@ from prometheus_client import generate_latest
 
 from conftest import unique, wait_until
 from f2pipe import tls
-from f2pipe.connector import Connector, classify, topic_mac
+from f2pipe.connector import Connector, classify, pubacks, topic_mac
 from f2pipe.reasons import Reason
 from f2pipe.settings import load_settings
 from f2pipe.simulator import Summary, demo_fleet, generated_fleet, run_load
@@ -80,6 +80,11 @@ def test_classify_precedence() -> None:
     assert classify(good, 10, 64) == (b"aabbccddee01", None)
     assert classify(good, 65, 64) == (b"aabbccddee01", Reason.PAYLOAD_TOO_LARGE)
     assert classify("tele/x/y/z/w", 65, 64) == (None, Reason.INVALID_TOPIC)
+
+
+def test_pubacks_are_built_in_order() -> None:
+    assert pubacks([1, 0x1234, 65535]) == bytes.fromhex("40020001 40021234 4002ffff")
+    assert pubacks([]) == b""
 
 
 def test_metrics_of_the_latest_connector_are_exported() -> None:
