@@ -1059,11 +1059,11 @@ async def run_load(
         written.clear()
 
     async def usable(client: LeanClient) -> None:
-        if not client.connected:
-            flush()
-            await client.usable.wait()
-            if client.closed.is_set():
-                raise MqttError(f"connection of {client.client_id} lost")
+        """Wait while ``client`` reconnects; raise MqttError if it gave up."""
+        flush()
+        await client.usable.wait()
+        if client.closed.is_set():
+            raise MqttError(f"connection of {client.client_id} lost")
 
     async def room(need: int) -> None:
         if win.room < need:
@@ -1091,7 +1091,8 @@ async def run_load(
             while summary.published < target:
                 sensor, fault = next(schedule)
                 client = clients[sensor.mac]
-                await usable(client)
+                if not client.connected:
+                    await usable(client)
                 message = make_message(sensor, rng, fault)
                 win.take()
                 client.publish(message)
@@ -1102,7 +1103,8 @@ async def run_load(
                     if fault == "duplicate" and summary.published < count:
                         # The same bytes again, as a device retrying after a lost PUBACK would.
                         await room(1)
-                        await usable(client)
+                        if not client.connected:
+                            await usable(client)
                         win.take()
                         client.publish(message)
                         written[client] = None
