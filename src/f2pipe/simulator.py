@@ -649,7 +649,7 @@ class LeanClient:
             await asyncio.sleep(backoff.next_delay())
             try:
                 await self._open()
-            except (OSError, MqttError) as exc:
+            except Exception as exc:  # whatever failed, the next attempt may succeed
                 if self.give_up is not None and loop.time() - lost_at > self.give_up:
                     log.warning(
                         "giving up reconnecting",
