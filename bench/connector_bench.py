@@ -1,7 +1,7 @@
 """Connector throughput against its own ceilings, measured in one run.
 
 Three phases over the same private Mosquitto (mutual TLS, persistence, QoS 1)
-and the same publisher (the simulator's load mode, in this process):
+and the same publisher (the simulator's load mode, in forked processes):
 
 1. ``publisher``: the publisher alone (no subscriber): the load generator's ceiling.
 2. ``bare_subscriber``: ``f2pipe connector --bare``: the connector's own MQTT
@@ -9,9 +9,11 @@ and the same publisher (the simulator's load mode, in this process):
 3. ``connector``: ``f2pipe connector`` into Kafka (idempotent, acks=all); a
    message counts once its PUBACK was sent, i.e. once Kafka acknowledged it.
 
-Each subscriber rate is messages / (time of the last PUBACK - publish start).
-CPU time per message is read from /proc for the broker and the connector and
-from getrusage for the publisher. Writes ``bench/connector.json``.
+Each subscriber rate is the growth of the connector's acknowledged counter between
+two of its samples inside the stream, over the time between them. CPU time per
+message is read from /proc for the broker, the connector (by thread) and the Kafka
+broker, and from getrusage for the publishers. Writes ``bench/connector.json``,
+including where the time goes: CPU per message of every process in each phase.
 
 Usage: ``.venv/bin/python bench/connector_bench.py [--count N] [--devices D]``
 (needs the dev Kafka at 127.0.0.1:9092 and ``mosquitto`` on PATH).
@@ -41,10 +43,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from f2pipe.settings import load_settings  # noqa: E402
-from f2pipe.simulator import Sensor, generated_fleet, run_load  # noqa: E402
+from f2pipe.simulator import Sensor, generated_fleet, quiet_gc, run_load  # noqa: E402
 from mqtt_kafka import ConnectorProcess, Mosquitto, TestPki, create_topics  # noqa: E402
 
-KAFKA = "127.0.0.1:9092"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -54,22 +55,41 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def dev_kafka_pid() -> int | None:
-    """The dev Kafka broker's pid (its CPU is part of the connector's cost), if found."""
+def kafka_pid(bootstrap: str) -> int | None:
+    """The pid of the Kafka broker listening on ``bootstrap``'s port (its CPU is part of the
+    connector's cost), if it runs on this machine."""
+    port = bootstrap.rsplit(":", 1)[1]
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            args = (entry / "cmdline").read_bytes().split(b"\0")
+            if b"kafka.Kafka" not in args:
+                continue
+            props = (entry / "cwd").resolve() / args[args.index(b"kafka.Kafka") + 1].decode()
+            listeners = [
+                line for line in props.read_text().splitlines() if line.startswith("listeners=")
+            ]
+        except (OSError, IndexError):
+            continue
+        if any(f":{port}," in line + "," for line in listeners):
+            return int(entry.name)
+    return None
+
+
+def thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of each thread of ``pid``, summed by thread name (librdkafka names its
+    threads ``rdk:...``)."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
         except OSError:
             continue
-        if b"kafka.Kafka" in cmdline and b"server.properties" in cmdline:
-            try:
-                if (entry / "cwd").resolve() == Path("/work/devstack"):
-                    return int(entry.name)
-            except OSError:
-                continue
-    return None
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / TICK
+    return out
 
 
 def children_cpu() -> float:
@@ -79,6 +99,7 @@ def children_cpu() -> float:
 
 
 def _publisher_process(settings: Any, sensors: list[Sensor], count: int, out: Any) -> None:
+    quiet_gc()  # as `f2pipe simulate` does
     summary = asyncio.run(run_load(settings, sensors, count, window=20000))
     out.put((summary.elapsed, summary.acknowledged))
 
@@ -113,12 +134,17 @@ def phase_publisher(
     assert broker.proc is not None
     b0 = proc_cpu(broker.proc.pid)
     elapsed, cpu, acked = publish(settings, sensors, count, processes)
+    publisher = round(cpu / acked * 1e6, 1)
+    mosquitto = round((proc_cpu(broker.proc.pid) - b0) / acked * 1e6, 1)
     return {
         "messages": acked,
         "elapsed_s": round(elapsed, 3),
         "rate_per_s": round(acked / elapsed, 1),
-        "publisher_cpu_us_per_msg": round(cpu / acked * 1e6, 1),
-        "broker_cpu_us_per_msg": round((proc_cpu(broker.proc.pid) - b0) / acked * 1e6, 1),
+        "cpu_us_per_msg": {
+            "publisher": publisher,
+            "mosquitto": mosquitto,
+            "total": round(publisher + mosquitto, 1),
+        },
     }
 
 
@@ -131,59 +157,151 @@ def phase_subscriber(
     bare: bool,
     log: Path,
     processes: int,
+    kafka: str,
 ) -> dict[str, Any]:
-    """Rate = messages acknowledged between the first and the last PUBACK the connector
-    sent, over that time (polled from its metrics every 20 ms)."""
+    """Rate = messages the connector acknowledged between two samples of its counter, over
+    the time between them: the first sample after acknowledgements began and the last one
+    before they were complete (both inside the stream, so the count at each is exact).
+
+    The counter is scraped every 100 ms: each scrape costs the connector CPU, and more
+    often would charge the slower phase more per message.
+
+    CPU per message is reported for every process that handles the messages: the
+    publishers, Mosquitto, the connector (by thread: ``python`` is the loop thread and
+    the metrics server, ``rdk:*`` librdkafka's) and, for the connector, the Kafka broker.
+    """
     assert broker.proc is not None
     conn = ConnectorProcess(env, log=log, args=["--bare"] if bare else [])
     conn.start()
     assert conn.proc is not None
     pid = conn.proc.pid
-    kafka_pid = dev_kafka_pid() if not bare else None
-    watch: dict[str, float] = {}
+    broker_kafka = kafka_pid(kafka) if not bare else None
+    samples: list[tuple[float, float]] = []
 
     def watcher() -> None:
         deadline = time.monotonic() + 600
         while time.monotonic() < deadline:
             acked = conn.metric("f2pipe_connector_acked_total")
-            now = time.perf_counter()
-            if acked > 0 and "t0" not in watch:
-                watch["t0"], watch["a0"] = now, acked
+            samples.append((time.perf_counter(), acked))
             if acked >= count:
-                watch["t1"] = now
                 return
-            time.sleep(0.02)
+            time.sleep(0.1)
 
     try:
-        k0 = proc_cpu(kafka_pid) if kafka_pid else 0.0
-        c0, b0 = proc_cpu(pid), proc_cpu(broker.proc.pid)
+        k0 = proc_cpu(broker_kafka) if broker_kafka else 0.0
+        t0, b0 = thread_cpu(pid), proc_cpu(broker.proc.pid)
         thread = threading.Thread(target=watcher, daemon=True)
         thread.start()
         pub_elapsed, pub_cpu, acked = publish(settings, sensors, count, processes)
         thread.join(600)
-        if "t1" not in watch:
+        if not samples or samples[-1][1] < count:
             raise RuntimeError("connector did not acknowledge every message in time")
-        c1, b1 = proc_cpu(pid), proc_cpu(broker.proc.pid)
-        k1 = proc_cpu(kafka_pid) if kafka_pid else 0.0
+        t1, b1 = thread_cpu(pid), proc_cpu(broker.proc.pid)
+        k1 = proc_cpu(broker_kafka) if broker_kafka else 0.0
         latency = _latency_summary(conn) if not bare else None
     finally:
         conn.terminate()
-    elapsed = watch["t1"] - watch["t0"]
+    inside = [(t, a) for t, a in samples if 0 < a < count]
+    if len(inside) < 2:
+        raise RuntimeError("too few samples inside the stream: use more messages")
+    (t_first, a_first), (t_last, a_last) = inside[0], inside[-1]
+
+    def per_msg(seconds: float) -> float:
+        return round(seconds / count * 1e6, 1)
+
+    threads = {
+        name: per_msg(t1[name] - t0.get(name, 0.0))
+        for name in sorted(t1)
+        if t1[name] - t0.get(name, 0.0) > 0
+    }
+    subscriber = per_msg(sum(t1.values()) - sum(t0.values()))
+    cpu = {
+        "publisher": round(pub_cpu / acked * 1e6, 1),
+        "mosquitto": per_msg(b1 - b0),
+        "subscriber": subscriber,
+    }
+    if broker_kafka:
+        cpu["kafka_broker"] = per_msg(k1 - k0)
     result: dict[str, Any] = {
         "messages": count,
-        "elapsed_s": round(elapsed, 3),
-        "rate_per_s": round((count - watch["a0"]) / elapsed, 1),
+        "rate_per_s": round((a_last - a_first) / (t_last - t_first), 1),
+        "rate_measured_over": {"messages": a_last - a_first, "seconds": round(t_last - t_first, 3)},
         "publisher_elapsed_s": round(pub_elapsed, 3),
-        "subscriber_cpu_us_per_msg": round((c1 - c0) / count * 1e6, 1),
-        "broker_cpu_us_per_msg": round((b1 - b0) / count * 1e6, 1),
-        "publisher_cpu_us_per_msg": round(pub_cpu / acked * 1e6, 1),
+        "cpu_us_per_msg": {**cpu, "total": round(sum(cpu.values()), 1)},
+        "subscriber_cpu_us_per_msg_by_thread": threads,
     }
-    if kafka_pid:
-        # Shared dev broker: includes whatever else used it meanwhile.
-        result["kafka_broker_cpu_us_per_msg"] = round((k1 - k0) / count * 1e6, 1)
     if latency:
         result["produce_latency"] = latency
     return result
+
+
+def where_the_time_goes(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """CPU per message of every process in each phase (medians over the rounds), and what
+    the connector costs beyond the bare subscriber.
+
+    On a CPU-bound machine each phase's rate is about cores / its total, so the
+    connector's ratio to the bare subscriber is the ratio of their totals, and the
+    difference is what the Kafka hand-off costs.
+    """
+
+    def med(phase: str, key: str) -> float:
+        values = [r[phase]["cpu_us_per_msg"].get(key) for r in rounds]
+        found = [v for v in values if v is not None]
+        return round(float(statistics.median(found)), 1) if found else 0.0
+
+    def thread(phase: str, prefix: str) -> float:
+        values = [
+            sum(v for k, v in r[phase]["subscriber_cpu_us_per_msg_by_thread"].items()
+                if k.startswith(prefix))
+            for r in rounds
+        ]  # fmt: skip
+        return round(float(statistics.median(values)), 1)
+
+    phases: dict[str, dict[str, float]] = {
+        "publisher_alone": {k: med("publisher", k) for k in ("publisher", "mosquitto", "total")},
+        "bare_subscriber": {
+            k: med("bare_subscriber", k) for k in ("publisher", "mosquitto", "subscriber", "total")
+        },
+        "connector": {
+            "publisher": med("connector", "publisher"),
+            "mosquitto": med("connector", "mosquitto"),
+            "connector_loop_thread": thread("connector", "python"),
+            "connector_librdkafka_threads": thread("connector", "rdk:"),
+            "kafka_broker": med("connector", "kafka_broker"),
+            "total": med("connector", "total"),
+        },
+    }
+    bare, conn = phases["bare_subscriber"], phases["connector"]
+    return {
+        "cpu_us_per_msg": phases,
+        "connector_beyond_bare_subscriber_us_per_msg": {
+            "loop_thread": round(conn["connector_loop_thread"] - bare["subscriber"], 1),
+            "librdkafka_threads": conn["connector_librdkafka_threads"],
+            "kafka_broker": conn["kafka_broker"],
+            "total": round(conn["total"] - bare["total"], 1),
+        },
+        "cpu_model_ratio": {
+            # cores / total per phase: what the rates' ratios tend to on a busy machine
+            "publisher_over_bare_subscriber": round(
+                bare["total"] / phases["publisher_alone"]["total"], 2
+            )
+            if phases["publisher_alone"]["total"]
+            else None,
+            "connector_over_bare_subscriber": round(bare["total"] / conn["total"], 3)
+            if conn["total"]
+            else None,
+        },
+        "notes": [
+            "Every process's CPU is read from /proc (the publishers from getrusage of the "
+            "forked children); the Kafka broker's includes whatever else used it meanwhile.",
+            "Connector loop thread: MQTT receive path (as the bare subscriber), then per "
+            "message a topic-cache lookup, a record and header list, and producer.produce; "
+            "per round of about linger_ms, one check of the producer's queue and one "
+            "write of all PUBACKs. No per-record delivery report (only failures report).",
+            "librdkafka threads: batching, lz4, the produce requests; Kafka broker: one "
+            "produce request per partition per round.",
+        ],
+    }
 
 
 def _latency_summary(conn: ConnectorProcess) -> dict[str, float]:
@@ -235,6 +353,9 @@ def main() -> int:
     parser.add_argument("--publishers", type=int, default=2, help="publisher processes")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the three phases")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "connector.json")
+    parser.add_argument(
+        "--kafka", default="127.0.0.1:9092", help="Kafka bootstrap (default: the dev stack's)"
+    )
     args = parser.parse_args()
 
     workdir = Path(tempfile.mkdtemp(prefix="f2pipe-bench-"))
@@ -249,9 +370,9 @@ def main() -> int:
         broker.start()
         settings = load_settings(mqtt_tls=True, mqtt_port=broker.port, state_dir=pki.root)
         raw, dlq = f"bench-raw-{os.getpid()}-{int(time.time())}", f"bench-dlq-{os.getpid()}"
-        create_topics(KAFKA, raw, dlq, partitions=6)
+        create_topics(args.kafka, raw, dlq, partitions=6)
         identity = f"svc-connector-bench-{os.getpid()}"
-        env = connector_env(pki, broker.port, identity, KAFKA)
+        env = connector_env(pki, broker.port, identity, args.kafka)
         env |= {"F2PIPE_TOPIC_RAW": raw, "F2PIPE_TOPIC_DEAD_LETTER": dlq}
         load_before = list(os.getloadavg())
         # Warm-up: TLS handshakes, broker allocations, page cache.
@@ -282,6 +403,7 @@ def main() -> int:
                     bare,
                     workdir / f"{name}.log",
                     args.publishers,
+                    args.kafka,
                 )
             for phase, result in round_.items():
                 print(f"round {n + 1} {phase}: {result}", flush=True)
@@ -299,16 +421,18 @@ def main() -> int:
             },
             "rounds": rounds,
         }
+        settings_now = load_settings()
         report = {
             "benchmark": "connector",
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "setup": {
                 "mqtt": "mutual TLS 1.2+, QoS 1, MQTT 3.1.1 publisher, MQTT 5 subscriber",
-                "kafka": "acks=all, idempotent, 6 partitions, dev broker 127.0.0.1:9092",
+                "kafka": f"acks=all, idempotent, 6 partitions, broker {args.kafka}",
                 "publishing_connections": args.devices,
                 "publisher_processes": args.publishers,
                 "messages_per_phase": args.count,
-                "receive_maximum": load_settings().connector_receive_maximum,
+                "receive_maximum": settings_now.connector_receive_maximum,
+                "linger_ms": settings_now.connector_linger_ms,
             },
             "load_average_before_after": [load_before, list(os.getloadavg())],
             "results": results,
@@ -321,6 +445,7 @@ def main() -> int:
                     for r in rounds
                 ],
             },
+            "where_the_time_goes": where_the_time_goes(rounds),
             "versions": versions(),
             "machine": machine(),
         }

@@ -274,36 +274,22 @@ class Bench:
         log(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'cpu_s'})}")
         return result
 
-    def publish_unbuffered(self, count: int, rate: float, name: str) -> None:
-        """Load mode in this process, each message written to its socket as it is made.
-
-        The simulator's publisher gathers messages and writes them in bulk (up to
-        256 at a time per connection), which is right for throughput but at a low
-        fixed rate holds a message for seconds after its timestamp was taken. For
-        the latency the ledger's timestamp must be the publish time.
-        """
+    def publish_paced(self, count: int, rate: float, name: str) -> None:
+        """Load mode in this process at a fixed rate: the simulator stamps each message
+        when it writes it, so the ledger's timestamp is the publish time the latency
+        is measured from."""
         import asyncio
 
         from f2pipe import simulator
 
-        original = simulator.LeanClient.publish
-
-        def publish_now(client: Any, message: Any, qos: int = 1) -> None:
-            original(client, message, qos)
-            client.flush()
-
         ledger = self.workdir / f"ledger-{name}.jsonl"
         self.ledgers.append(ledger)
-        simulator.LeanClient.publish = publish_now  # type: ignore[method-assign]
-        try:
-            with ledger.open("w") as out:
-                summary = asyncio.run(
-                    simulator.run_load(
-                        self.settings, simulator.demo_fleet(), count, rate=rate, ledger=out
-                    )
+        with ledger.open("w") as out:
+            summary = asyncio.run(
+                simulator.run_load(
+                    self.settings, simulator.demo_fleet(), count, rate=rate, ledger=out
                 )
-        finally:
-            simulator.LeanClient.publish = original  # type: ignore[method-assign]
+            )
         if summary.acknowledged != count:
             raise RuntimeError(f"latency phase: {summary.as_dict()}")
 
@@ -311,7 +297,7 @@ class Bench:
         count = max(100, int(rate * duration))
         log(f"latency: {rate:.0f} frames/s for {duration:.0f} s")
         since = datetime.now(UTC)
-        self.publish_unbuffered(count, rate, "latency")
+        self.publish_paced(count, rate, "latency")
         self.wait_drained()
         with psycopg.connect(self.dsn) as conn:
             row = conn.execute(

@@ -235,13 +235,16 @@ class ConnectorProcess:
         except OSError:
             return 0, ""
 
-    def metric(self, name: str) -> float:
-        """Sum of the samples of ``name`` (0 when absent or unreachable)."""
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of the samples of ``name`` carrying ``labels`` (0 when absent or unreachable)."""
         _code, text = self._get("/metrics")
+        wanted = [f'{key}="{value}"' for key, value in labels.items()]
         total = 0.0
         for line in text.splitlines():
             if line.startswith(name) and (line[len(name)] in " {"):
-                total += float(line.rsplit(" ", 1)[1])
+                head = line.rsplit(" ", 1)[0]
+                if all(label in head for label in wanted):
+                    total += float(line.rsplit(" ", 1)[1])
         return total
 
     def kill(self) -> None:

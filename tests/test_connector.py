@@ -28,7 +28,7 @@ from prometheus_client import generate_latest
 
 from conftest import unique, wait_until
 from f2pipe import tls
-from f2pipe.connector import Connector, classify, topic_mac
+from f2pipe.connector import Connector, classify, pubacks, topic_mac
 from f2pipe.reasons import Reason
 from f2pipe.settings import load_settings
 from f2pipe.simulator import Summary, demo_fleet, generated_fleet, run_load
@@ -82,6 +82,11 @@ def test_classify_precedence() -> None:
     assert classify("tele/x/y/z/w", 65, 64) == (None, Reason.INVALID_TOPIC)
 
 
+def test_pubacks_are_built_in_order() -> None:
+    assert pubacks([1, 0x1234, 65535]) == bytes.fromhex("40020001 40021234 4002ffff")
+    assert pubacks([]) == b""
+
+
 def test_metrics_of_the_latest_connector_are_exported() -> None:
     settings = load_settings(mqtt_tls=False)
     Connector(settings, None)
@@ -89,7 +94,10 @@ def test_metrics_of_the_latest_connector_are_exported() -> None:
     second.stats.received = 7
     text = generate_latest().decode()
     assert "f2pipe_connector_received_total 7.0" in text
-    assert 'f2pipe_connector_dead_letters_total{reason="invalid_topic"} 0.0' in text
+    # Dead letters in the family every stage shares, exported at 0 for alerting.
+    assert 'f2pipe_dead_letters_total{reason="invalid_topic",stage="connector"} 0.0' in text
+    assert 'f2pipe_dead_letters_total{reason="payload_too_large",stage="connector"} 0.0' in text
+    assert "f2pipe_connector_dead_letters" not in text
 
 
 # --- fixtures ---
@@ -256,7 +264,8 @@ def test_invalid_topic_and_oversized_payload_become_dead_letters(
     raws = read_topic(DEV_KAFKA, raw, 1)
     assert [r.value() for r in raws] == [b"fits"]
     wait_until(lambda: conn.metric("f2pipe_connector_acked_total") >= 3, what="acks")
-    assert conn.metric("f2pipe_connector_dead_letters_total") == 2
+    assert conn.metric("f2pipe_dead_letters_total") == 2
+    assert conn.metric("f2pipe_dead_letters_total", stage="connector", reason="invalid_topic") == 1
 
 
 @pytest.mark.servers

@@ -50,12 +50,10 @@ STAGE_INPUT = {"processor": "frames_consumed", "sink": "sink_consumed"}
 # Lag that rises at every sample is "growing" once it is this large, or at any size
 # while the stage consumes nothing: at a few records a second it rises by chance.
 LAG_FLOOR = 1000
-# Dead-letter counters: (service, family, fixed stage or "" to read the `stage` label).
-DEAD_LETTERS = (
-    ("connector", "f2pipe_connector_dead_letters", "connector"),
-    ("processor", "f2pipe_dead_letters", ""),
-    ("sink", "f2pipe_dead_letters", ""),
-)
+# Services counting dead letters, all in the shared family (f2pipe.metrics.DEAD_LETTERS):
+# f2pipe_dead_letters_total{stage, reason}.
+DEAD_LETTERS = ("connector", "processor", "sink")
+DEAD_LETTER_FAMILY = "f2pipe_dead_letters"
 LAG_SAMPLES = 3
 
 
@@ -250,7 +248,8 @@ class Observer:
             label: total(scraped.get(name), family) for label, (name, family) in THROUGHPUT.items()
         }
         dead: dict[str, float] = {}
-        for name, family, stage in DEAD_LETTERS:
+        family = DEAD_LETTER_FAMILY
+        for name in DEAD_LETTERS:
             samples = scraped.get(name)
             if not samples:
                 continue
@@ -258,7 +257,7 @@ class Observer:
                 if sample not in (family, f"{family}_total") or not value:
                     continue
                 found = dict(labels)
-                key = f"{stage or found.get('stage', name)}/{found.get('reason', '?')}"
+                key = f"{found.get('stage', name)}/{found.get('reason', '?')}"
                 dead[key] = dead.get(key, 0.0) + value
         alarms = []
         processor = scraped.get("processor")
