@@ -274,30 +274,15 @@ class Bench:
         log(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'cpu_s'})}")
         return result
 
-    def publish_paced(self, count: int, rate: float, name: str) -> None:
-        """Load mode in this process at a fixed rate: the simulator stamps each message
-        when it writes it, so the ledger's timestamp is the publish time the latency
-        is measured from."""
-        import asyncio
-
-        from f2pipe import simulator
-
-        ledger = self.workdir / f"ledger-{name}.jsonl"
-        self.ledgers.append(ledger)
-        with ledger.open("w") as out:
-            summary = asyncio.run(
-                simulator.run_load(
-                    self.settings, simulator.demo_fleet(), count, rate=rate, ledger=out
-                )
-            )
-        if summary.acknowledged != count:
-            raise RuntimeError(f"latency phase: {summary.as_dict()}")
-
     def latency(self, rate: float, duration: float) -> dict[str, Any]:
         count = max(100, int(rate * duration))
         log(f"latency: {rate:.0f} frames/s for {duration:.0f} s")
         since = datetime.now(UTC)
-        self.publish_paced(count, rate, "latency")
+        # The simulator stamps each message when it writes it: the ledger's timestamp is
+        # the publish time the latency is measured from.
+        summary = self.publish(count, rate, "latency")
+        if summary["acknowledged"] != count:
+            raise RuntimeError(f"latency phase: {summary}")
         self.wait_drained()
         with psycopg.connect(self.dsn) as conn:
             row = conn.execute(
