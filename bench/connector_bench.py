@@ -42,8 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+from f2pipe.gctune import quiet_gc  # noqa: E402
 from f2pipe.settings import load_settings  # noqa: E402
-from f2pipe.simulator import Sensor, generated_fleet, quiet_gc, run_load  # noqa: E402
+from f2pipe.simulator import Sensor, generated_fleet, run_load  # noqa: E402
 from mqtt_kafka import ConnectorProcess, Mosquitto, TestPki, create_topics  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -99,7 +100,7 @@ def children_cpu() -> float:
 
 
 def _publisher_process(settings: Any, sensors: list[Sensor], count: int, out: Any) -> None:
-    quiet_gc()  # as `f2pipe simulate` does
+    quiet_gc(50_000)  # as `f2pipe simulate` does
     summary = asyncio.run(run_load(settings, sensors, count, window=20000))
     out.put((summary.elapsed, summary.acknowledged))
 

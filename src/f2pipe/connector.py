@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import array
 import bisect
-import gc
 import logging
 import select
 import signal
@@ -67,6 +66,7 @@ from prometheus_client.registry import Collector
 
 from f2pipe import tls
 from f2pipe.backoff import Backoff
+from f2pipe.gctune import quiet_gc
 from f2pipe.kafka import producer_config
 from f2pipe.logs import setup_logging
 from f2pipe.metrics import DEAD_LETTERS
@@ -865,20 +865,6 @@ class Connector:
         return 0
 
 
-def quiet_gc() -> None:
-    """Keep the garbage collector out of the message path (call once, after start-up).
-
-    Every message allocates a few containers (a tuple per PUBLISH, a record and its
-    header list) that live until Kafka acknowledges their round, none of them in a
-    cycle; with the default thresholds the collector ran every few hundred messages
-    and walked thousands of pending records each time (about 3 us per message).
-    Objects alive now live as long as the process and leave the collector's view.
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-
-
 def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
     """The connector's mTLS context, or None when plain MQTT is explicitly configured."""
     if not settings.mqtt_tls:
@@ -914,7 +900,8 @@ def main(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    quiet_gc()
+    # A round of pending records lives until Kafka acknowledges it.
+    quiet_gc(50_000)
     log.info(
         "connector starting",
         extra={

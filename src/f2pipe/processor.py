@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -54,6 +53,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from f2pipe.decode import DecodeError
 from f2pipe.errors import MetadataUnavailable
+from f2pipe.gctune import quiet_gc
 from f2pipe.kafka import consumer_config, producer_config
 from f2pipe.logs import setup_logging
 from f2pipe.metadata import SKIPPED, TIERS, Resolution, Resolved, Resolver
@@ -696,12 +696,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
             os._exit(130)  # second Ctrl-C: leave now, uncommitted input is consumed again
         processor.stop()
 
-    # Everything alive now lives as long as the process: keep it out of every
-    # collection, and collect the young generation less often (a batch allocates tens
-    # of thousands of short-lived containers).
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(20_000, 20, 20)
+    # A batch allocates tens of thousands of short-lived containers.
+    quiet_gc(20_000)
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     ops = OpsServer(settings.ops_host, settings.processor_port, processor.ready)

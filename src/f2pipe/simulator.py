@@ -34,7 +34,6 @@ import asyncio
 import contextlib
 import dataclasses
 import functools
-import gc
 import json
 import logging
 import random
@@ -51,6 +50,7 @@ from typing import IO, Any, cast
 from f2pipe import tls
 from f2pipe.backoff import Backoff
 from f2pipe.frames import crc16_modbus, encode_modbus_response
+from f2pipe.gctune import quiet_gc
 from f2pipe.logs import setup_logging
 from f2pipe.mqttwire import decode_length, encode_length
 from f2pipe.settings import Settings, get_settings
@@ -1301,18 +1301,6 @@ async def run_live(
 # --- command line ---
 
 
-def quiet_gc() -> None:
-    """Keep the garbage collector out of the publish path (call once, after start-up).
-
-    A load run keeps up to its window of messages unacknowledged, none of them in
-    a cycle; with the default thresholds the collector walked them every few
-    hundred messages (about 2 us per message).
-    """
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(50_000, 20, 20)
-
-
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, help="load mode: publish exactly this many messages")
     parser.add_argument("--rate", type=float, help="load mode: messages per second (default: max)")
@@ -1368,7 +1356,8 @@ def main(args: argparse.Namespace) -> int:
         provision_fleet(settings, sensors)
     if args.provision_certs:
         provision_certificates(settings, dict.fromkeys(s.mac for s in sensors))
-    quiet_gc()
+    # Up to the window of messages waits for its PUBACK.
+    quiet_gc(50_000)
     if args.count is None:
         stop = asyncio.Event()
 

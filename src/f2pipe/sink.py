@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import logging
 import math
 import operator
@@ -60,6 +59,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from psycopg import errors as pgerrors
 
 from f2pipe.errors import DatabaseUnavailable
+from f2pipe.gctune import quiet_gc
 from f2pipe.kafka import admin_config, consumer_config, producer_config
 from f2pipe.logs import setup_logging
 from f2pipe.metrics import DEAD_LETTERS
@@ -1149,25 +1149,14 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def tune_gc() -> None:
-    """Make the cyclic garbage collector cheap for the sink's allocation pattern.
+    """The collector's settings for the sink, process-wide (see :mod:`f2pipe.gctune`).
 
-    Process-wide, so it is called by the ``f2pipe sink`` command (and the
-    benchmark), not by :class:`Sink` itself. Every poll allocates tens of
-    thousands of containers (a dict per record value, row tuples, and the
-    Kafka messages a batch keeps until its commit). With the default
-    thresholds (700, 10, 10) the collector runs mid-poll, visits every live
-    record of the open batch several times on its way to the oldest
-    generation, and re-walks the whole heap in full collections: a profile
-    of the sink showed about 30 % of its CPU time in the collector. None of
-    those objects form reference cycles (reference counting frees them), so
-    the young generation is collected every 100,000 net allocations (most
-    temporaries of a poll are gone by then) and the objects that exist at
-    startup (modules, classes) are frozen out of every collection.
-    Cycles, which still occur rarely (exceptions, library internals), are
-    collected as before, only later.
+    Called by ``f2pipe sink`` and the benchmark, not by :class:`Sink`. Every
+    poll allocates tens of thousands of containers and the open batch keeps
+    its Kafka messages until the commit, so generation 0 is collected only
+    every 100,000 net allocations, by when most temporaries of a poll are gone.
     """
-    gc.freeze()
-    gc.set_threshold(100_000, 50, 100)
+    quiet_gc(100_000, 50, 100)
 
 
 def _cmd_sink(args: argparse.Namespace) -> int:
