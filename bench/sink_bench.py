@@ -289,7 +289,7 @@ def consume_costs(settings: Any, topic: str, rows: int) -> dict[str, float]:
     steps = [
         ("consume", lambda ms: None),
         ("+ Message.value", values),
-        ("+ parse_batch (orjson, checks, timestamps)", parse),
+        ("+ parse_batch (msgspec, timestamps)", parse),
         ("+ encode_rows (binary COPY)", encode),
         ("+ newest_per_key (latest_readings)", latest),
     ]

@@ -245,3 +245,99 @@ def test_the_batch_path_takes_the_processor_shape() -> None:
     values = [value(ts=f"2024-07-15T14:30:{s:02d}.123456+00:00", value=s + 0.5) for s in range(60)]
     assert parse_batch(values) == [parse_reading(v) for v in values]
     assert parse_batch([]) == []
+
+
+def _agree(values: list[bytes | None]) -> list[tuple[int, int, int, float]] | None:
+    """parse_batch(values), after checking it equals the record path bit for bit."""
+    rows = parse_batch(values)
+    if rows is not None:
+        expected = [parse_reading(v) for v in values]
+        assert all(isinstance(r, tuple) for r in expected)
+        assert [struct.pack("!qiid", *r) for r in rows] == [
+            struct.pack("!qiid", *r) for r in expected if isinstance(r, tuple)
+        ]
+    return rows
+
+
+_OK = b'{"v":1,"ts":"2026-01-01T00:00:00.123000+00:00","device_id":5,"datapoint_id":6,"value":1.5'
+
+
+# Inputs where the batch decoder (msgspec) and the record path (orjson) could
+# part ways. Each must come out of the batch path either as the record path's
+# rows or as None (the record path then gives the reason).
+@pytest.mark.parametrize(
+    ("raw", "fast"),
+    [
+        # orjson refuses these, and msgspec would skip them unchecked in an unknown key.
+        (_OK + b',"x":"\xff"}', False),
+        (_OK + b',"\xff":1}', False),
+        (_OK + b',"x":1e400}', False),
+        (_OK + b',"x":1' + b"0" * 400 + b"}", False),
+        # extra keys are valid (SPEC: ignored), but take the record path
+        (_OK + b',"x":[1,{"y":null}]}', False),
+        # duplicate keys: the last one wins in both
+        (_OK + b',"value":2.5,"device_id":7}', True),
+        (_OK + b',"device_id":"x"}', False),
+        (_OK.replace(b'"device_id":5', b'"device_id":"x"') + b',"device_id":5}', False),
+        # booleans and integral floats are not ints
+        (_OK.replace(b'"v":1', b'"v":true') + b"}", False),
+        (_OK.replace(b'"v":1', b'"v":1.0') + b"}", False),
+        (_OK.replace(b'"device_id":5', b'"device_id":true') + b"}", False),
+        (_OK.replace(b'"device_id":5', b'"device_id":5.0') + b"}", False),
+        (_OK.replace(b'"device_id":5', b'"device_id":5e0') + b"}", False),
+        (_OK.replace(b'"device_id":5', b'"device_id":-0') + b"}", False),
+        (_OK.replace(b'"device_id":5', b'"device_id":2147483648') + b"}", False),
+        (_OK.replace(b'"device_id":5', b'"device_id":' + b"9" * 30) + b"}", False),
+        (_OK.replace(b'"value":1.5', b'"value":true') + b"}", False),
+        # integer values of every size: converted to the nearest double by both
+        (_OK.replace(b"1.5", b"18446744073709551615") + b"}", True),
+        (_OK.replace(b"1.5", b"-9223372036854775809") + b"}", True),
+        (_OK.replace(b"1.5", b"9007199254740993") + b"}", True),
+        (_OK.replace(b"1.5", b"1" + b"0" * 300) + b"}", True),
+        (_OK.replace(b"1.5", b"1" + b"0" * 400) + b"}", False),
+        (_OK.replace(b"1.5", b"-0") + b"}", True),
+        (_OK.replace(b"1.5", b"-0.0") + b"}", True),
+        (_OK.replace(b"1.5", b"1e400") + b"}", False),
+        (_OK.replace(b"1.5", b"4.9e-324") + b"}", True),
+        (_OK.replace(b"1.5", b"1e-400") + b"}", True),
+        (_OK.replace(b"1.5", b"NaN") + b"}", False),
+        # strings: escapes, invalid UTF-8 and lone surrogates in ts
+        (_OK.replace(b'"value"', b'"valu\\u0065"') + b"}", True),
+        (_OK.replace(b"+00:00", b"\\u002b00:00") + b"}", True),
+        (_OK.replace(b'+00:00"', b'+00:00\xff"') + b"}", False),
+        (_OK.replace(b'+00:00"', b'+00:00\\ud800"') + b"}", False),
+        (_OK.replace(b"2026-01-01T", b"2026-01-01 ") + b"}", True),
+        (_OK.replace(b"+00:00", b"") + b"}", False),
+        # framing
+        (b"\xef\xbb\xbf" + _OK + b"}", False),
+        (b" \n\t\r" + _OK + b"} \n\t\r", True),
+        (_OK + b"}\x00", False),
+        (_OK + b"},", False),
+        (b"[" + _OK + b"}]", False),
+    ],
+)
+def test_the_batch_path_agrees_where_the_decoders_differ(raw: bytes, fast: bool) -> None:
+    rows = _agree([raw])
+    assert (rows is not None) is fast
+
+
+_number_text = (
+    st.integers().map(str)
+    | st.floats(allow_nan=False, allow_infinity=False).map(repr)
+    | st.from_regex(r"\A-?(0|[1-9][0-9]{0,400})(\.[0-9]{1,30})?([eE][+-]?[0-9]{1,4})?\Z")
+).map(str.encode)
+_fragment = st.sampled_from(
+    [b'"\xff"', b'"\\ud800"', b'"\\udc00\\ud800"', b"1e400", b"-1e999", b"NaN", b"[" * 1100]
+) | st.binary(max_size=12)
+
+
+@no_deadline
+@given(_number_text, st.none() | _fragment | _number_text)
+def test_the_batch_path_agrees_on_number_text_and_extra_keys(
+    number: bytes, extra: bytes | None
+) -> None:
+    raw = _OK.replace(b"1.5", number)
+    raw += b"}" if extra is None else b',"x":' + extra + b"}"
+    rows = _agree([raw])
+    if extra is None and isinstance(parse_reading(raw), tuple):
+        assert rows is not None  # every valid reading of the processor's shape is taken whole
