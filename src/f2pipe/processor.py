@@ -484,9 +484,20 @@ class Processor:
             log.warning("metadata database unreachable while idle", extra={"error": str(exc)})
 
     def _poll(self, timeout: float) -> list[Message]:
-        msgs = self.consumer.consume(
-            num_messages=self.settings.processor_batch_size, timeout=timeout
-        )
+        """The next batch: up to ``processor_batch_size`` records, waiting at most
+        ``timeout`` seconds for the first one and never for the rest.
+
+        consume(n, timeout) alone waits until n records are there or the timeout
+        passes, so at light load every record would sit out the whole timeout.
+        Under load the client's prefetched queue fills a batch at once.
+        """
+        consume = self.consumer.consume
+        size = self.settings.processor_batch_size
+        msgs = consume(num_messages=size, timeout=0)
+        if not msgs:
+            msgs = consume(num_messages=1, timeout=timeout)
+            if msgs and size > 1:
+                msgs += consume(num_messages=size - 1, timeout=0)
         good = []
         for msg in msgs:
             err = msg.error()
