@@ -71,6 +71,21 @@ def test_a_wired_sensor_yields_every_datapoint_in_the_controller_time_zone() -> 
     assert outcome.readings == [(11, ts, 25.52), (12, ts, 45.12), (13, ts, 415.0)]
 
 
+def test_the_stage_remembers_a_wired_route_until_told_to_forget() -> None:
+    stage, lookup = _stage()
+    topic = f"tele/f2-{MAC}/sensor-mode/J1/sensor-1".encode()
+    assert isinstance(stage.handle(topic, PAYLOAD, NOW), Decoded)
+    assert isinstance(stage.handle(topic, PAYLOAD, NOW), Decoded)
+    assert (lookup.calls, stage.route_hits) == (1, 1)
+    lookup.table[(MAC, 1, "sensor", 1)] = Reason.UNMAPPED_SENSOR  # rewired elsewhere
+    stage.forget_routes()  # what the runner does when the metadata version moves
+    outcome = stage.handle(topic, PAYLOAD, NOW)
+    assert isinstance(outcome, Rejected)
+    assert outcome.reason is Reason.UNMAPPED_SENSOR
+    assert stage.handle(topic, PAYLOAD, NOW) == outcome  # verdicts are never remembered
+    assert lookup.calls == 3
+
+
 @pytest.mark.parametrize(
     ("topic", "expected"),
     [
