@@ -466,6 +466,30 @@ def test_wall_clock_times_convert_like_zoneinfo(
     assert instant.tzinfo is UTC
 
 
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2024-07-15 14:Z\x00:25",  # fromisoformat stops reading at "Z\0": 14:00
+        "2024-07-15 14:30:Z\x00.1",
+        "2024-07-15 14:30:25.",  # a point without digits
+        "2024-07-15 14:30:25.1234567",  # seven digits
+        "2024-07-15 14:30:25,123",
+        "2024-W29-1T14:30:25",  # an ISO week date of the same length
+    ],
+)
+def test_texts_fromisoformat_takes_are_still_invalid(text: str) -> None:
+    for zone in (UTC_ZONE, ZoneInfo("Europe/Madrid")):
+        assert reference_instant(text, zone) is Reason.INVALID_TIMESTAMP
+        assert _parsed(text, zone) is Reason.INVALID_TIMESTAMP
+
+
+@given(st.integers(0, 6), st.sampled_from([" ", "T"]), st.sampled_from(ZONES))
+def test_every_fraction_length_takes_the_same_value(digits: int, sep: str, zone_name: str) -> None:
+    text = f"2024-07-15{sep}14:30:25" + ("." + "123456"[:digits] if digits else "")
+    zone = ZoneInfo(zone_name)
+    assert _parsed(text, zone) == reference_instant(text, zone)
+
+
 def test_range_edges() -> None:
     zone = UTC_ZONE
     assert _parsed("2000-01-01 00:00:00", zone) == datetime(2000, 1, 1, tzinfo=UTC)

@@ -71,6 +71,21 @@ def test_a_wired_sensor_yields_every_datapoint_in_the_controller_time_zone() -> 
     assert outcome.readings == [(11, ts, 25.52), (12, ts, 45.12), (13, ts, 415.0)]
 
 
+def test_the_stage_remembers_a_wired_route_until_told_to_forget() -> None:
+    stage, lookup = _stage()
+    topic = f"tele/f2-{MAC}/sensor-mode/J1/sensor-1".encode()
+    assert isinstance(stage.handle(topic, PAYLOAD, NOW), Decoded)
+    assert isinstance(stage.handle(topic, PAYLOAD, NOW), Decoded)
+    assert (lookup.calls, stage.route_hits) == (1, 1)
+    lookup.table[(MAC, 1, "sensor", 1)] = Reason.UNMAPPED_SENSOR  # rewired elsewhere
+    stage.forget_routes()  # what the runner does when the metadata version moves
+    outcome = stage.handle(topic, PAYLOAD, NOW)
+    assert isinstance(outcome, Rejected)
+    assert outcome.reason is Reason.UNMAPPED_SENSOR
+    assert stage.handle(topic, PAYLOAD, NOW) == outcome  # verdicts are never remembered
+    assert lookup.calls == 3
+
+
 @pytest.mark.parametrize(
     ("topic", "expected"),
     [
@@ -162,26 +177,46 @@ _VALUES = st.one_of(
 
 @given(
     st.integers(1, 2**31 - 1),
-    st.lists(
-        st.tuples(st.integers(1, 2**31 - 1), st.one_of(st.just(None), _STAMPS), _VALUES),
-        min_size=1,
-        max_size=5,
-    ),
+    st.lists(st.tuples(st.integers(1, 2**31 - 1), _VALUES), min_size=1, max_size=5),
     _STAMPS,
 )
 def test_the_encoder_writes_exactly_what_orjson_writes(
-    device: int, rows: list[tuple[int, datetime | None, float]], frame_ts: datetime
+    device: int, rows: list[tuple[int, float]], stamp: datetime
 ) -> None:
-    # None: the frame's shared timestamp object, as decoded sensor readings carry it
-    readings = [(dp, frame_ts if ts is None else ts, value) for dp, ts, value in rows]
+    ids = tuple(dp for dp, _ in rows)
+    values = tuple(value for _, value in rows)
     encoder = ReadingEncoder()
-    for _ in range(2):  # cold, then from the cache
+    for datapoint_ids in (ids, ids, tuple(ids)[::-1][::-1]):  # cold, cached, an equal tuple
         out: list[tuple[bytes, bytes]] = []
-        encoder.encode(device, readings, out)
+        encoder.encode_values(device, datapoint_ids, stamp, values, out)
         assert out == [
-            (reading_key(device, reading[0]), reading_value(device, reading))
-            for reading in readings
+            (reading_key(device, dp), reading_value(device, (dp, stamp, value)))
+            for dp, value in rows
         ]
+
+
+def test_the_encoder_follows_a_template_change_of_the_same_device() -> None:
+    encoder = ReadingEncoder()
+    stamp = datetime(2024, 7, 15, 12, 30, tzinfo=UTC)
+    first: list[tuple[bytes, bytes]] = []
+    encoder.encode_values(5, (11, 12), stamp, (1.0, 2.0), first)
+    second: list[tuple[bytes, bytes]] = []
+    encoder.encode_values(5, (13,), stamp, (3.0,), second)
+    assert [key for key, _ in first + second] == [b"5:11", b"5:12", b"5:13"]
+    assert orjson.loads(second[0][1])["datapoint_id"] == 13
+
+
+def test_emit_hands_over_values_in_datapoint_order_and_handle_agrees() -> None:
+    stage, _ = _stage()
+    topic = f"tele/f2-{MAC}/sensor-mode/J1/sensor-1".encode()
+    out: list[tuple[bytes, bytes]] = []
+    assert stage.emit(topic, PAYLOAD, NOW, ReadingEncoder().encode_values, out) is None
+    decoded = stage.handle(topic, PAYLOAD, NOW)
+    assert isinstance(decoded, Decoded)
+    assert out == [(reading_key(5, r[0]), reading_value(5, r)) for r in decoded.readings]
+    rejected = stage.emit(topic, b"[", NOW, ReadingEncoder().encode_values, out)
+    assert isinstance(rejected, Rejected)
+    assert len(out) == 3  # a dead letter adds no output
 
 
 def test_the_dead_letter_alarm_rises_and_falls_without_stopping_anything() -> None:

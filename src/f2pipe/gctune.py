@@ -15,7 +15,11 @@ import gc
 
 
 def quiet_gc(young: int, middle: int = 20, old: int = 20) -> None:
-    """Freeze what is alive now and collect generation 0 every ``young`` allocations.
+    """Freeze what is alive now; collect generation 0 after ``young`` net allocations.
+
+    The threshold counts allocations minus deallocations, so it is reached only
+    when containers really accumulate (a batch in progress counts, its freed
+    temporaries do not).
 
     Call once, after start-up: the objects alive then (modules, classes,
     clients) live as long as the process and leave every collection. Cycles,
