@@ -367,7 +367,15 @@ def mqtt_ceiling(settings: Settings, workdir: Path, count: int) -> dict[str, Any
         env["F2PIPE_CONNECTOR_PORT"] = str(free_ports(1)[0])
         cb.publish(local, sensors, min(5000, count), 2)  # warm-up
         result: dict[str, Any] = cb.phase_subscriber(
-            local, sensors, count, broker, env, True, workdir / "bare.log", 2
+            local,
+            sensors,
+            count,
+            broker,
+            env,
+            True,
+            workdir / "bare.log",
+            2,
+            settings.kafka_bootstrap,
         )
     finally:
         broker.stop()
