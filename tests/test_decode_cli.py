@@ -163,3 +163,14 @@ def test_builtin_templates_are_the_seeded_demo_fleet() -> None:
             (d.label, d.data_encoding, d.byte_offset, d.byte_length, d.decimals, d.unit)
             for d in spec.datapoints
         ] == seeded
+
+
+def test_bench_passes_its_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    from f2pipe import benchmark, cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(benchmark, "_run", lambda args: seen.append(args.rest) or 0)
+    assert cli.main(["bench", "--rate", "12000", "--tries", "4"]) == 0
+    assert seen == [["--rate", "12000", "--tries", "4"]]
+    with pytest.raises(SystemExit):
+        cli.main(["status", "--no-such-option"])

@@ -54,7 +54,13 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(args_in)
-    args = parser.parse_args(args_in)
+    args, extra = parser.parse_known_args(args_in)
+    if hasattr(args, "rest"):
+        # A command that passes its arguments through (``bench``) gets them as typed:
+        # argparse.REMAINDER alone would leave out options before its first word.
+        args.rest = args_in[args_in.index(args.command) + 1 :]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     func = getattr(args, "func", None)
     if func is None:
         parser.parse_args([*args_in, "--help"])
