@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from confluent_kafka import Consumer, Message
+
 from f2pipe.settings import Settings
 
 
@@ -53,3 +55,18 @@ def admin_config(settings: Settings, **extra: Any) -> dict[str, Any]:
     config: dict[str, Any] = {"bootstrap.servers": settings.kafka_bootstrap}
     config.update(extra)
     return config
+
+
+def consume_available(consumer: Consumer, size: int, timeout: float) -> list[Message]:
+    """Up to ``size`` records, waiting at most ``timeout`` s for the first and never for the rest.
+
+    ``consume(size, timeout)`` alone waits until ``size`` records are there or the
+    timeout passes, so at light load every record would sit out the whole timeout;
+    under load the client's prefetched queue fills the batch at once.
+    """
+    msgs: list[Message] = consumer.consume(num_messages=size, timeout=0)
+    if not msgs and timeout > 0:
+        msgs = consumer.consume(num_messages=1, timeout=timeout)
+        if msgs and size > 1:
+            msgs += consumer.consume(num_messages=size - 1, timeout=0)
+    return msgs

@@ -55,7 +55,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from f2pipe.decode import DecodeError
 from f2pipe.errors import MetadataUnavailable
 from f2pipe.gctune import quiet_gc
-from f2pipe.kafka import consumer_config, producer_config
+from f2pipe.kafka import consume_available, consumer_config, producer_config
 from f2pipe.logs import setup_logging
 from f2pipe.metadata import SKIPPED, TIERS, Resolution, Resolved, Resolver
 from f2pipe.metrics import DEAD_LETTERS
@@ -517,19 +517,8 @@ class Processor:
 
     def _poll(self, timeout: float) -> list[Message]:
         """The next batch: up to ``processor_batch_size`` records, waiting at most
-        ``timeout`` seconds for the first one and never for the rest.
-
-        consume(n, timeout) alone waits until n records are there or the timeout
-        passes, so at light load every record would sit out the whole timeout.
-        Under load the client's prefetched queue fills a batch at once.
-        """
-        consume = self.consumer.consume
-        size = self.settings.processor_batch_size
-        msgs = consume(num_messages=size, timeout=0)
-        if not msgs:
-            msgs = consume(num_messages=1, timeout=timeout)
-            if msgs and size > 1:
-                msgs += consume(num_messages=size - 1, timeout=0)
+        ``timeout`` seconds for the first one and never for the rest."""
+        msgs = consume_available(self.consumer, self.settings.processor_batch_size, timeout)
         good = []
         for msg in msgs:
             err = msg.error()

@@ -61,7 +61,7 @@ from psycopg import errors as pgerrors
 
 from f2pipe.errors import DatabaseUnavailable
 from f2pipe.gctune import quiet_gc
-from f2pipe.kafka import admin_config, consumer_config, producer_config
+from f2pipe.kafka import admin_config, consume_available, consumer_config, producer_config
 from f2pipe.logs import setup_logging
 from f2pipe.metrics import DEAD_LETTERS
 from f2pipe.ops import OpsServer
@@ -799,7 +799,7 @@ class Sink:
             # Nothing committing: wake on the first record rather than after
             # the timeout (consume() waits for all ``room`` records or the
             # timeout), then take whatever else is already queued.
-            messages = self._consume_available(room, 0.0 if len(batch) else timeout)
+            messages = consume_available(self.consumer, room, 0.0 if len(batch) else timeout)
         else:
             messages = self.consumer.consume(num_messages=room, timeout=timeout)
         if messages:
@@ -811,17 +811,6 @@ class Sink:
             or (eager and len(messages) < room and self._inflight is None)
         ):
             self._flush()
-
-    def _consume_available(self, room: int, timeout: float) -> list[Message]:
-        """Up to ``room`` records: wait up to ``timeout`` for one, then take only what is queued."""
-        if timeout > 0:
-            first = self.consumer.poll(timeout)
-            if first is None:
-                return []
-            if room == 1:
-                return [first]
-            return [first, *self.consumer.consume(num_messages=room - 1, timeout=0)]
-        return self.consumer.consume(num_messages=room, timeout=0)
 
     def _add(self, messages: list[Message]) -> None:
         # Per-record Python statements dominate the sink's CPU time, so the
