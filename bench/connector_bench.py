@@ -45,7 +45,13 @@ sys.path.insert(0, str(REPO / "tests"))
 from f2pipe.gctune import quiet_gc  # noqa: E402
 from f2pipe.settings import load_settings  # noqa: E402
 from f2pipe.simulator import Sensor, generated_fleet, run_load  # noqa: E402
-from mqtt_kafka import ConnectorProcess, Mosquitto, TestPki, create_topics  # noqa: E402
+from mqtt_kafka import (  # noqa: E402
+    ConnectorProcess,
+    Mosquitto,
+    TestPki,
+    connector_env,
+    create_topics,
+)
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -332,19 +338,6 @@ def machine() -> dict[str, Any]:
             model = line.split(":", 1)[1].strip()
             break
     return {"cpus": os.cpu_count(), "cpu_model": model, "kernel": platform.release()}
-
-
-def connector_env(pki: TestPki, mqtt_port: int, identity: str, kafka: str) -> dict[str, str]:
-    """Environment of a connector (or bare subscriber) under its own new service identity."""
-    pki.service(identity)
-    return {
-        "F2PIPE_MQTT_TLS": "true",
-        "F2PIPE_STATE_DIR": str(pki.root),
-        "F2PIPE_CONNECTOR_IDENTITY": identity,
-        "F2PIPE_CONNECTOR_CLIENT_ID": identity,
-        "F2PIPE_MQTT_PORT": str(mqtt_port),
-        "F2PIPE_KAFKA_BOOTSTRAP": kafka,
-    }
 
 
 def main() -> int:

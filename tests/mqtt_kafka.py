@@ -368,6 +368,20 @@ class TestPki:
         )
 
 
+def connector_env(pki: TestPki, mqtt_port: int, identity: str, kafka: str) -> dict[str, str]:
+    """Environment of a connector (or bare subscriber) under its own new service identity."""
+    pki.service(identity)
+    return {
+        "F2PIPE_MQTT_TLS": "true",
+        "F2PIPE_STATE_DIR": str(pki.root),
+        "F2PIPE_CONNECTOR_IDENTITY": identity,
+        "F2PIPE_CONNECTOR_CLIENT_ID": identity,
+        "F2PIPE_MQTT_HOST": "127.0.0.1",
+        "F2PIPE_MQTT_PORT": str(mqtt_port),
+        "F2PIPE_KAFKA_BOOTSTRAP": kafka,
+    }
+
+
 def assert_all_delivered(ledger: list[dict[str, Any]], records: list[Any]) -> int:
     """Every ledger message is in ``records`` exactly as published; return the duplicates."""
     seen: collections.Counter[tuple[str, bytes]] = collections.Counter()

@@ -42,6 +42,7 @@ from mqtt_kafka import (
     ledger_entries,
     read_topic,
 )
+from mqtt_kafka import connector_env as shared_connector_env
 
 DEV_KAFKA = load_settings().kafka_bootstrap  # the stack's Kafka
 FLEET = 20  # generated controllers with device certificates
@@ -136,21 +137,10 @@ def connector_env(
     broker: Mosquitto, raw: str, dlq: str, bootstrap: str = DEV_KAFKA, **extra: str
 ) -> dict[str, str]:
     """Environment of one connector: its own service certificate, the test topics."""
-    pki = broker_pki[broker.port]
-    identity = unique("svc-connector")
-    pki.service(identity)
-    return {
-        "F2PIPE_MQTT_TLS": "true",
-        "F2PIPE_STATE_DIR": str(pki.root),
-        "F2PIPE_CONNECTOR_IDENTITY": identity,
-        "F2PIPE_CONNECTOR_CLIENT_ID": identity,
-        "F2PIPE_MQTT_HOST": "127.0.0.1",
-        "F2PIPE_MQTT_PORT": str(broker.port),
-        "F2PIPE_KAFKA_BOOTSTRAP": bootstrap,
-        "F2PIPE_TOPIC_RAW": raw,
-        "F2PIPE_TOPIC_DEAD_LETTER": dlq,
-        **extra,
-    }
+    env = shared_connector_env(
+        broker_pki[broker.port], broker.port, unique("svc-connector"), bootstrap
+    )
+    return {**env, "F2PIPE_TOPIC_RAW": raw, "F2PIPE_TOPIC_DEAD_LETTER": dlq, **extra}
 
 
 @pytest.fixture
