@@ -18,8 +18,10 @@ import pytest
 
 T = TypeVar("T")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-VECTORS = SHARED / "vectors" / "frames.jsonl"
+# The decoding vectors (SPEC sections 1, 2 and 7 in examples): the repository's own copy,
+# and the shared original it must equal whenever a checkout has it beside it.
+VECTORS = Path(__file__).resolve().parent / "data" / "frames.jsonl"
+SHARED_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "frames.jsonl"
 
 
 def wait_until(

@@ -10,8 +10,9 @@ import subprocess
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 import psycopg
@@ -69,20 +70,25 @@ class Publisher:
         self.topic = topic
         self.producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 1})
 
-    def send(self, mqtt_topic: str, payload: bytes, mac: str | None = None) -> None:
+    def send(
+        self,
+        mqtt_topic: str,
+        payload: bytes,
+        mac: str | None = None,
+        ingest: datetime | Literal["now"] | None = "now",
+    ) -> None:
+        """One raw record; ``ingest`` is its ``ingest.ts`` (None: no such header)."""
         parts = mqtt_topic.split("/")
         key = (mac or (parts[1][3:] if len(parts) > 1 else "")).encode()
-        self.producer.produce(
-            self.topic,
-            payload,
-            key,
-            headers=[
-                ("mqtt.topic", mqtt_topic.encode()),
-                ("mqtt.qos", b"1"),
-                ("mqtt.retain", b"0"),
-                ("ingest.ts", b"%d" % int(time.time() * 1000)),
-            ],
-        )
+        headers = [
+            ("mqtt.topic", mqtt_topic.encode()),
+            ("mqtt.qos", b"1"),
+            ("mqtt.retain", b"0"),
+        ]
+        if ingest is not None:
+            ms = time.time() * 1000 if ingest == "now" else ingest.timestamp() * 1000
+            headers.append(("ingest.ts", b"%d" % ms))
+        self.producer.produce(self.topic, payload, key, headers=headers)
 
     def flush(self) -> None:
         assert self.producer.flush(30) == 0

@@ -461,9 +461,77 @@ def test_wall_clock_times_convert_like_zoneinfo(
         moment = moment.replace(microsecond=0)
     text = moment.isoformat(sep=separator, timespec="microseconds" if fraction else "seconds")
     instant = _parsed(text, zone)
-    assert instant == moment.replace(tzinfo=zone).astimezone(UTC)
+    first = moment.replace(tzinfo=zone)
+    assert instant == first.astimezone(UTC)
     assert isinstance(instant, datetime)
     assert instant.tzinfo is UTC
+    # With an ingest time after both passes, a repeated hour takes its second pass
+    # (fold=1 with the smaller offset); any other time is unchanged.
+    second = moment.replace(tzinfo=zone, fold=1)
+    repeated = second.utcoffset() < first.utcoffset()  # type: ignore[operator]
+    late = parse_timestamp(text, zone, NOW, NOW)
+    assert late == (second if repeated else first).astimezone(UTC)
+
+
+def _repeated_hours(zone: ZoneInfo, years: range) -> list[datetime]:
+    """Wall-clock times (on the quarter hour) that ``zone`` shows twice, in ``years``."""
+    found = []
+    day = datetime(years.start, 1, 1)
+    while day.year < years.stop:
+        noon, next_noon = (
+            day.replace(hour=12, tzinfo=zone),
+            (day + timedelta(1)).replace(hour=12, tzinfo=zone),
+        )
+        if next_noon.utcoffset() < noon.utcoffset():  # type: ignore[operator]
+            wall = day + timedelta(hours=12)
+            while wall < day + timedelta(hours=36):
+                first, second = wall.replace(tzinfo=zone), wall.replace(tzinfo=zone, fold=1)
+                if second.utcoffset() < first.utcoffset():  # type: ignore[operator]
+                    found.append(wall)
+                wall += timedelta(minutes=15)
+        day += timedelta(1)
+    return found
+
+
+REPEATED = [
+    (name, wall) for name in ZONES for wall in _repeated_hours(ZoneInfo(name), range(2001, 2030))
+]
+
+
+@NO_DEADLINE
+@given(st.sampled_from(REPEATED), st.integers(0, 899), st.integers(-3 * 3600, 3 * 3600))
+def test_an_ambiguous_time_takes_its_latest_instant_not_after_the_ingest_time(
+    repeated: tuple[str, datetime], seconds: int, ingest_shift: int
+) -> None:
+    zone_name, wall = repeated
+    zone = ZoneInfo(zone_name)
+    moment = wall + timedelta(seconds=seconds)
+    earlier = moment.replace(tzinfo=zone).astimezone(UTC)
+    later = moment.replace(tzinfo=zone, fold=1).astimezone(UTC)
+    ingest = later + timedelta(seconds=ingest_shift)
+    text = moment.isoformat(sep=" ")
+    assert parse_timestamp(text, zone, NOW, ingest) == (later if later <= ingest else earlier)
+    assert parse_timestamp(text, zone, NOW) == earlier  # no ingest time: the first pass
+
+
+@pytest.mark.parametrize("zone_name", ["Europe/Madrid", "America/New_York", "Australia/Sydney"])
+def test_only_the_repeated_hour_is_ambiguous(zone_name: str) -> None:
+    zone = ZoneInfo(zone_name)
+    template = compile_template(
+        TemplateSpec("none", (DatapointSpec(1, "T", "uint8", 0, 1),))
+    )  # fmt: skip
+    flagged = []
+    moment = datetime(2024, 1, 1)
+    while moment < datetime(2025, 1, 1):
+        payload = orjson.dumps({"timestamp": moment.isoformat(sep=" "), "data": "01 03 01 07"})
+        if template.decode_values("sensor", payload, zone, NOW)[2]:
+            flagged.append(moment)
+        moment += timedelta(minutes=30)
+    # One repeated hour a year: its two half-hour marks, whose fold=1 offset is smaller.
+    assert len(flagged) == 2
+    for wall in flagged:
+        first, second = wall.replace(tzinfo=zone), wall.replace(tzinfo=zone, fold=1)
+        assert second.utcoffset() < first.utcoffset()  # type: ignore[operator]
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import subprocess
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import psycopg
@@ -52,6 +53,14 @@ def _metrics(port: int) -> str:
         return resp.read().decode()
 
 
+def _counter(metrics: str, name: str) -> float:
+    """The value of an unlabelled sample in a Prometheus text page (0 when absent)."""
+    for line in metrics.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def _readings(reader: TopicReader) -> set[tuple[int, int, str, float]]:
     return {
         (v["device_id"], v["datapoint_id"], v["ts"], v["value"])
@@ -80,11 +89,19 @@ def test_every_shared_vector_yields_its_readings_or_its_dead_letter(
         fleet.wire(mac, connector, index, sensor)
         ids = fleet.datapoint_ids(template)
         expected[mac] = {"sensor": sensor, "ids": ids, **vector["expect"], "name": vector["name"]}
+        # A vector's ingest time, or none: the receive time would resolve an ambiguous
+        # local time differently from the vector (SPEC section 2).
+        ingest = datetime.fromisoformat(vector["ingest_ts"]) if "ingest_ts" in vector else None
         publisher.send(
             f"{vector['topic_type']}/f2-{mac}/{vector['topic_tail']}",
             vector["payload"].encode(),
+            ingest=ingest,
         )
     publisher.flush()
+    # Every reading decoded from an ambiguous local time is counted.
+    ambiguous = sum(
+        len(v["expect"].get("readings", [])) for v in vectors if "dst_ambiguous" in v["name"]
+    )
 
     n_readings = sum(len(e.get("readings", [])) for e in expected.values())  # type: ignore[arg-type]
     n_dead = sum(1 for e in expected.values() if "dead_letter" in e)
@@ -93,7 +110,14 @@ def test_every_shared_vector_yields_its_readings_or_its_dead_letter(
     try:
         wait_until(lambda: len(out.poll()) >= n_readings, 60, what="all readings")
         wait_until(lambda: len(dead.poll()) >= n_dead, 30, what="all dead letters")
-        metrics = _metrics(proc.port)
+
+        def counted() -> str | None:
+            page = _metrics(proc.port)
+            return (
+                page if _counter(page, "f2pipe_ambiguous_timestamps_total") == ambiguous else None
+            )
+
+        metrics = wait_until(counted, 10, what="the ambiguous-time counter")
     finally:
         proc.stop()
 

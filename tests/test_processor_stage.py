@@ -71,6 +71,26 @@ def test_a_wired_sensor_yields_every_datapoint_in_the_controller_time_zone() -> 
     assert outcome.readings == [(11, ts, 25.52), (12, ts, 45.12), (13, ts, 415.0)]
 
 
+def test_the_ingest_header_places_the_second_pass_of_a_repeated_hour() -> None:
+    stage, _ = _stage()
+    topic = f"tele/f2-{MAC}/sensor-mode/J1/sensor-1".encode()
+    repeated = PAYLOAD.replace(b"2024-07-15 14:30:25.5", b"2024-10-27 02:30:00")
+    first, second = (datetime(2024, 10, 27, h, 30, tzinfo=UTC) for h in (0, 1))
+    ms = {at: b"%d" % (at.timestamp() * 1000 + 900) for at in (first, second)}
+    outcomes = [
+        stage.handle(topic, repeated, NOW, ms[first]),
+        stage.handle(topic, repeated, NOW, ms[second]),
+        stage.handle(topic, repeated, NOW),  # no ingest time: the first pass
+        stage.handle(topic, repeated, NOW, b"not a number"),
+    ]
+    assert [o.readings[0][1] for o in outcomes if isinstance(o, Decoded)] == [
+        first, second, first, first
+    ]  # fmt: skip
+    assert stage.ambiguous_readings == 4 * 3
+    stage.handle(topic, PAYLOAD, NOW, ms[first])
+    assert stage.ambiguous_readings == 4 * 3  # July is not ambiguous
+
+
 def test_the_stage_remembers_a_wired_route_until_told_to_forget() -> None:
     stage, lookup = _stage()
     topic = f"tele/f2-{MAC}/sensor-mode/J1/sensor-1".encode()

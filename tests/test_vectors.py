@@ -10,7 +10,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from conftest import VECTORS
+from conftest import SHARED_VECTORS, VECTORS
 from f2pipe.decode import DecodeError, compile_template, template_from_mapping
 from f2pipe.topics import parse_topic
 
@@ -31,6 +31,13 @@ def test_the_vectors_are_there() -> None:
     assert any("dead_letter" in case["expect"] for case in CASES)
 
 
+@pytest.mark.skipif(not SHARED_VECTORS.exists(), reason="no shared/ beside this checkout")
+def test_the_copy_equals_the_shared_vectors() -> None:
+    # A difference means the contract moved: copy the shared file over tests/data/frames.jsonl
+    # and make the new cases pass.
+    assert VECTORS.read_bytes() == SHARED_VECTORS.read_bytes(), f"{VECTORS} != {SHARED_VECTORS}"
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])
 def test_vector(case: dict[str, Any]) -> None:
     topic = parse_topic(f"{case['topic_type']}/f2-aabbccddee01/{case['topic_tail']}")
@@ -39,12 +46,13 @@ def test_vector(case: dict[str, Any]) -> None:
     template = compile_template(spec)
     expect = case["expect"]
     payload = case["payload"].encode()
+    ingest = datetime.fromisoformat(case["ingest_ts"]) if "ingest_ts" in case else None
     if "dead_letter" in expect:
         with pytest.raises(DecodeError) as caught:
-            template.decode(topic.kind, payload, ZoneInfo(case["timezone"]), NOW)
+            template.decode(topic.kind, payload, ZoneInfo(case["timezone"]), NOW, ingest)
         assert caught.value.reason == expect["dead_letter"], caught.value.detail
         return
-    readings = template.decode(topic.kind, payload, ZoneInfo(case["timezone"]), NOW)
+    readings = template.decode(topic.kind, payload, ZoneInfo(case["timezone"]), NOW, ingest)
     labels = {dp.datapoint_id: dp.label for dp in spec.datapoints}
     assert [labels[dp_id] for dp_id, _, _ in readings] == [r["label"] for r in expect["readings"]]
     for (_, ts, value), wanted in zip(readings, expect["readings"], strict=True):

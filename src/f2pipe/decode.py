@@ -27,6 +27,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
+from functools import lru_cache
 from itertools import pairwise, repeat
 from operator import itemgetter
 from typing import Any, Final
@@ -75,6 +76,7 @@ _EARLIEST: Final = datetime(2000, 1, 1, tzinfo=UTC)
 # How far ahead of the processor's clock a device clock may run.
 _AHEAD: Final = timedelta(hours=24)
 _UTC_ZONE: Final = ZoneInfo("UTC")
+_SECOND: Final = timedelta(seconds=1)
 _MISSING: Final[Any] = object()
 # The strict timestamp grammar of SPEC section 1; the hand-written fast path in
 # parse_timestamp covers the forms devices actually send.
@@ -267,16 +269,59 @@ def _strict_wall_clock(text: str) -> datetime | None:
         return None
 
 
-def parse_timestamp(value: object, tz: tzinfo, now: datetime) -> datetime:
+@lru_cache(maxsize=4096)
+def _repeated_walls(tz: tzinfo, year: int) -> tuple[tuple[datetime, datetime, timedelta], ...]:
+    """The wall-clock spans ``[start, end)`` that ``tz`` shows twice (clocks going back)
+    and overlapping ``year``, each with how far apart its two passes are.
+
+    Walls are labelled UTC, as :func:`_parse_timestamp` holds them. Found by sampling
+    the offset every six hours and bisecting each change to the second (tzdata
+    transitions fall on whole seconds, never two within six hours); a pure function of
+    its arguments, so caching it changes no result.
+    """
+    spans = []
+    step = timedelta(hours=6)
+    at = datetime(year - 1, 12, 31, tzinfo=UTC)
+    end = datetime(year + 1, 1, 2, tzinfo=UTC)
+    before = at.astimezone(tz).utcoffset()
+    while at < end:
+        after = (at + step).astimezone(tz).utcoffset()
+        if after != before and before is not None and after is not None:
+            low, high = at, at + step  # offset `before` at low, `after` at high
+            while high - low > _SECOND:
+                middle = (low + (high - low) // 2).replace(microsecond=0)
+                if middle.astimezone(tz).utcoffset() == before:
+                    low = middle
+                else:
+                    high = middle
+            if after < before:
+                spans.append((high + after, high + before, before - after))
+        at, before = at + step, after
+    return tuple(spans)
+
+
+def parse_timestamp(
+    value: object, tz: tzinfo, now: datetime, ingest: datetime | None = None
+) -> datetime:
     """The device timestamp ``value`` as an aware UTC datetime.
 
-    Without an offset the wall clock is read in ``tz`` with ``fold=0`` (the
-    first of two ambiguous times; a time in a gap keeps the offset before it);
-    with an offset the offset wins. Raises :class:`DecodeError` with
-    ``invalid_timestamp`` (not the grammar, or not a real date and time) or
-    ``timestamp_out_of_range`` (before 2000-01-01 UTC, or more than 24 h after
-    ``now``, which must be aware).
+    Without an offset the wall clock is read in ``tz`` (SPEC section 2): a time
+    in a gap keeps the offset before it (``fold=0``); an ambiguous time (the
+    hour repeated when clocks go back) takes the later of its two instants when
+    that is not after ``ingest`` (the record's aware ingest time), else the
+    earlier, which is also the answer without ``ingest``. With an offset the
+    offset wins. Raises :class:`DecodeError` with ``invalid_timestamp`` (not
+    the grammar, or not a real date and time) or ``timestamp_out_of_range``
+    (before 2000-01-01 UTC, or more than 24 h after ``now``, which must be
+    aware).
     """
+    return _parse_timestamp(value, tz, now, ingest)[0]
+
+
+def _parse_timestamp(
+    value: object, tz: tzinfo, now: datetime, ingest: datetime | None
+) -> tuple[datetime, bool]:
+    """:func:`parse_timestamp`, and whether the wall clock was ambiguous in ``tz``."""
     # The forms devices send (no offset; no fraction, or one to six digits) skip the
     # regular expression: once the length and the separators at 4, 7, 10, 13, 16 (and
     # 19) are in place, fromisoformat checks every digit itself and, given an explicit
@@ -308,13 +353,22 @@ def parse_timestamp(value: object, tz: tzinfo, now: datetime) -> datetime:
                 wall, tz = parsed.astimezone(UTC), UTC
             else:
                 wall = parsed.replace(tzinfo=UTC)
+        ambiguous = False
         if tz is _UTC_ZONE or tz is UTC:
             stamp = wall
         else:
-            # utcoffset() reads the wall-clock fields and fold (0): the same rule as
-            # replace(tzinfo=tz).astimezone(UTC) at a third of the cost.
+            # utcoffset() reads the wall-clock fields and fold: the same rule as
+            # replace(tzinfo=tz).astimezone(UTC) at a third of the cost. fold=0 is the
+            # first pass of a repeated hour; a smaller offset at fold=1 is the second
+            # pass (in a gap fold=1 gives the larger one, the offset after it).
             offset = tz.utcoffset(wall)
             stamp = wall if offset is None else wall - offset
+            for start, end, repeat_by in _repeated_walls(tz, wall.year):
+                if start <= wall < end:  # fold=0 took the first pass; the second is later
+                    ambiguous = True
+                    later = stamp + repeat_by
+                    if ingest is not None and later <= ingest:
+                        stamp = later
     except OverflowError:  # an offset pushed year 1 or 9999 off the calendar
         raise DecodeError(
             Reason.TIMESTAMP_OUT_OF_RANGE, f"timestamp {value!r} is outside 2000..now+24h"
@@ -325,7 +379,7 @@ def parse_timestamp(value: object, tz: tzinfo, now: datetime) -> datetime:
             Reason.TIMESTAMP_OUT_OF_RANGE,
             f"timestamp {value!r} ({stamp.isoformat()}) is outside 2000..now+24h",
         )
-    return stamp
+    return stamp, ambiguous
 
 
 _JSON_KINDS: Final = {
@@ -374,25 +428,38 @@ class CompiledTemplate:
             self._read, self.source = _build_reader(points)
 
     def decode(
-        self, kind: str, payload: bytes | str, tz: tzinfo, now: datetime
+        self,
+        kind: str,
+        payload: bytes | str,
+        tz: tzinfo,
+        now: datetime,
+        ingest: datetime | None = None,
     ) -> list[tuple[int, datetime, float]]:
         """All readings of one message: ``(datapoint_id, UTC timestamp, value)`` per datapoint.
 
         ``kind`` is the topic's component kind: ``'sensor'`` decodes the frame in
         ``data``; the status kinds read each datapoint's ``json_field``. Readers
         are not readings and raise ``ValueError``, as does any other kind.
-        ``tz`` is the controller's zone, ``now`` the processor's aware clock.
-        Raises :class:`DecodeError` with the first reason of SPEC section 7 that
-        applies; any payload bytes raise nothing else.
+        ``tz`` is the controller's zone, ``now`` the processor's aware clock,
+        ``ingest`` the record's aware ingest time if known (it places an
+        ambiguous local time: :func:`parse_timestamp`). Raises :class:`DecodeError`
+        with the first reason of SPEC section 7 that applies; any payload bytes
+        raise nothing else.
         """
-        stamp, values = self.decode_values(kind, payload, tz, now)
+        stamp, values, _ = self.decode_values(kind, payload, tz, now, ingest)
         return list(zip(self.datapoint_ids, repeat(stamp), values))
 
     def decode_values(
-        self, kind: str, payload: bytes | str, tz: tzinfo, now: datetime
-    ) -> tuple[datetime, tuple[float, ...]]:
-        """:meth:`decode` without a tuple per reading: the message's UTC timestamp and
-        its values, one per datapoint in :attr:`datapoint_ids` order.
+        self,
+        kind: str,
+        payload: bytes | str,
+        tz: tzinfo,
+        now: datetime,
+        ingest: datetime | None = None,
+    ) -> tuple[datetime, tuple[float, ...], bool]:
+        """:meth:`decode` without a tuple per reading: the message's UTC timestamp, its
+        values, one per datapoint in :attr:`datapoint_ids` order, and whether the
+        timestamp was an ambiguous local time (SPEC section 2 counts those).
 
         Same arguments, checks and exceptions as :meth:`decode`.
         """
@@ -408,14 +475,14 @@ class CompiledTemplate:
         if type(obj) is not dict:
             raise DecodeError(Reason.INVALID_JSON, f"a JSON {_json_kind(obj)}, not an object")
         if not sensor:
-            return self._decode_status(obj, tz, now)
+            return self._decode_status(obj, tz, now, ingest)
 
         timestamp = obj.get("timestamp", _MISSING)
         data = obj.get("data", _MISSING)
         if timestamp is _MISSING or data is _MISSING:
             name = "timestamp" if timestamp is _MISSING else "data"
             raise DecodeError(Reason.MISSING_FIELD, f"no {name!r} field")
-        stamp = parse_timestamp(timestamp, tz, now)
+        stamp, ambiguous = _parse_timestamp(timestamp, tz, now, ingest)
         if type(data) is not str:
             raise DecodeError(
                 Reason.INVALID_HEX, f"data is a JSON {_json_kind(data)}, not a string"
@@ -440,7 +507,7 @@ class CompiledTemplate:
         if available < self._need:
             self._raise_decode_error(available)
         values: tuple[float, ...] = self._read(frame)
-        return stamp, values
+        return stamp, values, ambiguous
 
     def _raise_decode_error(self, available: int) -> None:
         """Raise ``decode_error`` for a template fault, else for the first datapoint
@@ -456,15 +523,15 @@ class CompiledTemplate:
                 )
 
     def _decode_status(
-        self, obj: dict[str, Any], tz: tzinfo, now: datetime
-    ) -> tuple[datetime, tuple[float, ...]]:
+        self, obj: dict[str, Any], tz: tzinfo, now: datetime, ingest: datetime | None
+    ) -> tuple[datetime, tuple[float, ...], bool]:
         timestamp = obj.get("timestamp", _MISSING)
         if timestamp is _MISSING:
             raise DecodeError(Reason.MISSING_FIELD, "no 'timestamp' field")
         for _dp_id, field, _label in self._fields:
             if field is not None and field not in obj:
                 raise DecodeError(Reason.MISSING_FIELD, f"no {field!r} field")
-        stamp = parse_timestamp(timestamp, tz, now)
+        stamp, ambiguous = _parse_timestamp(timestamp, tz, now, ingest)
         values: list[float] = []
         non_finite: str | None = None
         for _dp_id, field, label in self._fields:
@@ -487,7 +554,7 @@ class CompiledTemplate:
             values.append(value)
         if non_finite is not None:
             raise DecodeError(Reason.NON_FINITE_VALUE, non_finite)
-        return stamp, tuple(values)
+        return stamp, tuple(values), ambiguous
 
 
 def compile_template(spec: TemplateSpec) -> CompiledTemplate:

@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from itertools import repeat
 from types import FrameType
 from typing import Any, Final, TypeVar, cast
+from zoneinfo import ZoneInfo
 
 import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
@@ -67,6 +68,8 @@ from f2pipe.topics import Topic, parse_topic
 log = logging.getLogger(__name__)
 
 TOPIC_HEADER: Final = "mqtt.topic"
+INGEST_HEADER: Final = "ingest.ts"
+_UTC_ZONE: Final = ZoneInfo("UTC")
 
 Headers = list[tuple[str, str | bytes | None]]
 
@@ -98,6 +101,10 @@ DLQ_ALARM = Gauge("f2pipe_processor_dead_letter_alarm", "1 while the dead-letter
 ASSIGNED = Gauge("f2pipe_processor_assigned_partitions", "raw-topic partitions this replica owns")
 PAUSED = Gauge("f2pipe_processor_paused", "1 while waiting for the metadata database")
 METADATA_VERSION = Gauge("f2pipe_processor_metadata_version", "metadata version in use")
+AMBIGUOUS = Counter(
+    "f2pipe_ambiguous_timestamps",
+    "readings decoded from an ambiguous local time (clocks went back)",
+)
 
 # --- the pure stage ---------------------------------------------------------------------
 
@@ -161,6 +168,8 @@ class Stage:
         self._routes: dict[bytes | None, tuple[str, Resolved]] = {}
         self.route_hits = 0
         """Messages whose lookup the stage answered itself (a process-cache hit)."""
+        self.ambiguous_readings = 0
+        """Readings decoded from an ambiguous local time (SPEC section 2)."""
 
     def clear(self) -> None:
         self._topics.clear()
@@ -172,10 +181,21 @@ class Stage:
         and before handling records published after that change."""
         self._routes.clear()
 
-    def handle(self, topic_header: bytes | None, payload: bytes | None, now: datetime) -> Outcome:
-        """The outcome of one record, its readings as :class:`Decoded`."""
+    def handle(
+        self,
+        topic_header: bytes | None,
+        payload: bytes | None,
+        now: datetime,
+        ingest_header: bytes | None = None,
+    ) -> Outcome:
+        """The outcome of one record, its readings as :class:`Decoded`.
+
+        ``ingest_header`` is the record's ``ingest.ts`` (epoch milliseconds as
+        text): it places an ambiguous local time (SPEC section 2); without it, or
+        when it is not a number, such a time takes its earlier instant.
+        """
         out: list[Decoded] = []
-        verdict = self.emit(topic_header, payload, now, _as_decoded, out)
+        verdict = self.emit(topic_header, payload, now, _as_decoded, out, ingest_header)
         return out[0] if verdict is None else verdict
 
     def emit(
@@ -185,6 +205,7 @@ class Stage:
         now: datetime,
         encode: Emit[T],
         out: list[T],
+        ingest_header: bytes | None = None,
     ) -> Rejected | Skipped | None:
         """:meth:`handle` for the hot path: a decoded message goes to ``encode`` (with
         ``out``) as its values, with no object per reading, and None is returned;
@@ -200,10 +221,15 @@ class Stage:
             self.route_hits += 1
         kind, resolved = route
         template = resolved.template
+        tz = resolved.tz
+        # Only a zone with repeated hours needs the ingest time; UTC devices skip the parse.
+        ingest = None if ingest_header is None or tz is _UTC_ZONE else _ingest_time(ingest_header)
         try:
-            stamp, values = template.decode_values(kind, payload or b"", resolved.tz, now)
+            stamp, values, ambiguous = template.decode_values(kind, payload or b"", tz, now, ingest)
         except DecodeError as exc:
             return Rejected(exc.reason, exc.detail)
+        if ambiguous:
+            self.ambiguous_readings += len(values)
         encode(resolved.device_id, template.datapoint_ids, stamp, values, out)
         return None
 
@@ -259,6 +285,14 @@ def _as_decoded(
     out: list[Decoded],
 ) -> None:
     out.append(Decoded(device_id, list(zip(datapoint_ids, repeat(stamp), values))))
+
+
+def _ingest_time(header: bytes) -> datetime | None:
+    """The aware UTC time of an ``ingest.ts`` header (epoch ms), None if it is not one."""
+    try:
+        return datetime.fromtimestamp(int(header) / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _lookup_detail(reason: Reason, topic: Topic) -> str:
@@ -438,6 +472,7 @@ class Processor:
         self._pending: dict[tuple[str, int], int] = {}  # offsets produced, not yet committed
         self._routes_version = -1  # metadata version the stage's remembered lookups are of
         self._route_hits = 0  # stage.route_hits already exported
+        self._ambiguous = 0  # stage.ambiguous_readings already exported
 
     # --- control ---
 
@@ -605,16 +640,22 @@ class Processor:
         dead: list[tuple[Message, Rejected]] = []
         skipped: dict[str, int] = {}
         topic: bytes | None
+        ingest: bytes | None
         # No typing.cast() in this loop: at run time it is a Python call per use.
         for msg in batch:
             # Consumed headers are a list of (str, bytes | None) pairs, never a dict.
             headers: Headers | None = msg.headers()  # type: ignore[assignment]
-            # The connector writes mqtt.topic first; look further only when it is not.
+            # The connector writes mqtt.topic first and ingest.ts fourth; look further
+            # only when they are not there.
             if headers and (first := headers[0])[0] == TOPIC_HEADER:
                 topic = first[1]  # type: ignore[assignment]
             else:
-                topic = _topic_header(headers)
-            verdict = emit(topic, msg.value(), now, encode, outputs)
+                topic = _header(headers, TOPIC_HEADER)
+            if headers and len(headers) > 3 and (fourth := headers[3])[0] == INGEST_HEADER:
+                ingest = fourth[1]  # type: ignore[assignment]
+            else:
+                ingest = _header(headers, INGEST_HEADER)
+            verdict = emit(topic, msg.value(), now, encode, outputs, ingest)
             if verdict is not None:
                 if isinstance(verdict, Rejected):
                     dead.append((msg, verdict))
@@ -720,6 +761,10 @@ class Processor:
         if route_hits != self._route_hits:  # lookups the stage remembered: process tier
             CACHE_HITS.labels("process").inc(route_hits - self._route_hits)
             self._route_hits = route_hits
+        ambiguous = self.stage.ambiguous_readings
+        if ambiguous != self._ambiguous:
+            AMBIGUOUS.inc(ambiguous - self._ambiguous)
+            self._ambiguous = ambiguous
         hits, misses = self.resolver.hits, self.resolver.misses
         for tier in TIERS:
             if hits[tier] != self._last_hits[tier]:
@@ -761,10 +806,10 @@ class Processor:
             log.info("processor stopped")
 
 
-def _topic_header(headers: Headers | None) -> bytes | None:
-    """The first ``mqtt.topic`` header's value, or None (absent, or not bytes)."""
+def _header(headers: Headers | None, wanted: str) -> bytes | None:
+    """The first ``wanted`` header's value, or None (absent, or not bytes)."""
     for name, raw in headers or ():
-        if name == TOPIC_HEADER:
+        if name == wanted:
             return raw if isinstance(raw, bytes) else None
     return None
 
