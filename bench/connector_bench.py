@@ -42,9 +42,9 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from f2pipe.gctune import quiet_gc  # noqa: E402
+from f2pipe.runtime.gctune import quiet_gc  # noqa: E402
 from f2pipe.settings import load_settings  # noqa: E402
-from f2pipe.simulator import Sensor, generated_fleet, run_load  # noqa: E402
+from f2pipe.tools.simulator import Sensor, generated_fleet, run_load  # noqa: E402
 from mqtt_kafka import (  # noqa: E402
     ConnectorProcess,
     Mosquitto,

@@ -15,15 +15,15 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from f2pipe.decode import (
+from f2pipe.core.decode import (
     DatapointSpec,
     DecodeError,
     TemplateSpec,
     compile_template,
     parse_timestamp,
 )
-from f2pipe.frames import crc16_modbus, crc16_modbus_reference, encode_modbus_response
-from f2pipe.topics import parse_topic
+from f2pipe.core.frames import crc16_modbus, crc16_modbus_reference, encode_modbus_response
+from f2pipe.core.topics import parse_topic
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 UTC_ZONE = ZoneInfo("UTC")

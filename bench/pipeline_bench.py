@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import psycopg  # noqa: E402
 
-from f2pipe import services, stack, status  # noqa: E402
+from f2pipe.operations import services, stack, status  # noqa: E402
 from f2pipe.settings import Settings, load_settings  # noqa: E402
 
 STAGES = ("connector", "processor", "sink")
@@ -351,7 +351,7 @@ def mqtt_ceiling(settings: Settings, workdir: Path, count: int) -> dict[str, Any
     """The connector's bare MQTT receive path (acknowledge on receipt), by connector_bench."""
     import connector_bench as cb
 
-    from f2pipe.simulator import generated_fleet
+    from f2pipe.tools.simulator import generated_fleet
     from mqtt_kafka import Mosquitto, TestPki
 
     pki = TestPki(workdir / "ceiling-state")
@@ -386,8 +386,8 @@ def copy_ceilings(settings: Settings, rows: int) -> dict[str, float]:
     """Binary COPY into decoded_data, and COPY + INSERT ... ON CONFLICT, by sink_bench."""
     import sink_bench as sb
 
-    from f2pipe import sink as sinkmod
-    from f2pipe.db import create_database, migrate
+    from f2pipe.metadata.database import create_database, migrate
+    from f2pipe.sink import runner as sinkmod
 
     admin = settings.metadata_dsn.rsplit("/", 1)[0] + "/postgres"
     create_database(admin, "f2bench_ceiling")

@@ -44,12 +44,12 @@ import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from f2pipe.db import create_database, migrate
-from f2pipe.decode import DecodeError
-from f2pipe.frames import crc16_modbus, encode_modbus_response
-from f2pipe.kafka import producer_config
-from f2pipe.metadata import Resolved, Resolver
-from f2pipe.processor import ReadingEncoder, Stage
+from f2pipe.core.decode import DecodeError
+from f2pipe.core.frames import crc16_modbus, encode_modbus_response
+from f2pipe.metadata.database import create_database, migrate
+from f2pipe.metadata.resolver import Resolved, Resolver
+from f2pipe.processor.runner import ReadingEncoder, Stage
+from f2pipe.runtime.kafka import producer_config
 from f2pipe.settings import load_settings
 
 HERE = Path(__file__).resolve().parent

@@ -11,7 +11,7 @@ run ``--repeat`` times, interleaved, and the best of each is reported):
 - ``staging_idempotent``: the same encoded rows COPYed into a temporary
   staging table and moved with ``INSERT ... ON CONFLICT DO NOTHING``, one
   transaction per batch (the ceiling of the classic idempotent scheme).
-- ``sink``: the real :class:`f2pipe.sink.Sink` consuming the same records
+- ``sink``: the real :class:`f2pipe.sink.runner.Sink` consuming the same records
   from a Kafka topic (fresh consumer group), parsing, writing (optimistic
   direct COPY, latest_readings), dead-lettering nothing and committing
   offsets; rows/s from its first consumed record to its last commit, plus
@@ -27,12 +27,12 @@ Then, once:
   steps (Kafka consume, value accessor, parse, encode, latest_readings), each
   step added to the previous ones.
 - ``gc_thresholds_ab``: the sink with the interpreter's default collector
-  thresholds and with :func:`f2pipe.sink.tune_gc`, back to back, twice.
+  thresholds and with :func:`f2pipe.sink.runner.tune_gc`, back to back, twice.
 - ``light_load``: 1,000 records/s for 10 s, paced, latency per record from
   its Kafka timestamp to its offset commit: batching by size or age only,
   then with the caught-up flush.
 
-The process calls :func:`f2pipe.sink.tune_gc`, as ``f2pipe sink`` does, once
+The process calls :func:`f2pipe.sink.runner.tune_gc`, as ``f2pipe sink`` does, once
 its own data is built (which the freeze then keeps out of every collection).
 Every figure is CPU time or wall time on a shared box: ``load_avg`` says how
 busy it was.
@@ -62,10 +62,10 @@ import psycopg
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from f2pipe import sink as sinkmod
-from f2pipe.db import create_database, migrate
-from f2pipe.kafka import admin_config, producer_config
+from f2pipe.metadata.database import create_database, migrate
+from f2pipe.runtime.kafka import admin_config, producer_config
 from f2pipe.settings import load_settings
+from f2pipe.sink import runner as sinkmod
 
 HERE = Path(__file__).resolve().parent
 
@@ -269,7 +269,7 @@ def consume_costs(settings: Any, topic: str, rows: int) -> dict[str, float]:
     """
     from confluent_kafka import Consumer, Message
 
-    from f2pipe.kafka import consumer_config
+    from f2pipe.runtime.kafka import consumer_config
 
     def values(ms: list[Any]) -> Any:
         return list(map(Message.value, ms))

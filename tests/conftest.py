@@ -49,7 +49,7 @@ def new_db() -> Iterator[Callable[[], str]]:
     import psycopg
     from psycopg import sql
 
-    from f2pipe.db import create_database, migrate
+    from f2pipe.metadata.database import create_database, migrate
     from f2pipe.settings import get_settings
 
     admin = get_settings().metadata_dsn.rsplit("/", 1)[0] + "/postgres"

@@ -19,7 +19,7 @@ import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from f2pipe.frames import encode_modbus_response
+from f2pipe.core.frames import encode_modbus_response
 
 BOOTSTRAP = os.environ.get("F2PIPE_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"

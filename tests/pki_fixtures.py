@@ -25,9 +25,10 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from conftest import unique, wait_until
-from f2pipe.broker import client_ssl_context, ensure_config, pid_path
-from f2pipe.certgen import api
-from f2pipe.certgen.ca import (
+from f2pipe.metadata.database import create_database, migrate
+from f2pipe.operations.broker import client_ssl_context, ensure_config, pid_path
+from f2pipe.pki import api
+from f2pipe.pki.ca import (
     CertificateAuthority,
     cert_pem,
     generate_key,
@@ -36,7 +37,6 @@ from f2pipe.certgen.ca import (
     write_private,
     write_public,
 )
-from f2pipe.db import create_database, migrate
 from f2pipe.settings import Settings, load_settings
 
 # The stack's server (F2PIPE_METADATA_DSN), its maintenance database.

@@ -1,5 +1,5 @@
 """The secured broker: a dedicated Mosquitto running exactly the configuration
-``f2pipe.broker.ensure_config`` writes, probed with real MQTT clients.
+``f2pipe.operations.broker.ensure_config`` writes, probed with real MQTT clients.
 
 Each test asserts what a subscriber actually receives or what the connection
 returns. "Nothing arrives" is shown without sleeping: the same publisher sends
@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from conftest import wait_until
-from f2pipe.broker import acl_path, conf_path, ensure_config
-from f2pipe.certgen.ca import CertificateAuthority, key_pem
+from f2pipe.operations.broker import acl_path, conf_path, ensure_config
+from f2pipe.pki.ca import CertificateAuthority, key_pem
 from f2pipe.settings import Settings
 from pki_fixtures import (
     ADMIN_TOKEN,
@@ -288,8 +288,8 @@ def test_rotating_the_connector_certificate_keeps_its_queued_messages(
 ) -> None:
     from cryptography import x509
 
-    from f2pipe.certgen.ca import issue_service_files, pki_paths
-    from f2pipe.certgen.local import load_ca
+    from f2pipe.pki.ca import issue_service_files, pki_paths
+    from f2pipe.pki.local import load_ca
 
     # certgen is running before the rotation: it has entered the service
     # certificates into its register.
@@ -361,9 +361,9 @@ def test_a_revocation_while_the_connector_is_offline_loses_none_of_its_messages(
 def test_extra_connector_identities_get_the_connectors_rights(
     settings: Settings, broker: Broker, tmp_path: Path
 ) -> None:
-    from f2pipe.certgen.ca import issue_service_files, pki_paths
-    from f2pipe.certgen.local import load_ca
-    from f2pipe.certgen.revocation import reload_and_refresh
+    from f2pipe.pki.ca import issue_service_files, pki_paths
+    from f2pipe.pki.local import load_ca
+    from f2pipe.pki.revocation import reload_and_refresh
 
     issue_service_files(load_ca(settings), pki_paths(settings), "svc-connector-2", 30)
     ensure_config(settings)

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from f2pipe.certgen.auth import FailureLimiter, admin_token
-from f2pipe.certgen.ca import pki_paths
+from f2pipe.core.topics import normalize_mac
+from f2pipe.pki.auth import FailureLimiter, admin_token
+from f2pipe.pki.ca import pki_paths
 from f2pipe.settings import Settings, load_settings
-from f2pipe.topics import normalize_mac
 from pki_fixtures import (
     ADMIN_TOKEN,
     Certgen,
@@ -349,7 +349,7 @@ def test_refusals_are_logged_with_the_caller_and_no_secret(
 ) -> None:
     add_device(settings.metadata_dsn, MAC, CODE)
     secret_guess = "guess-" + "z" * 20
-    with caplog.at_level(logging.INFO, logger="f2pipe.certgen"):
+    with caplog.at_level(logging.INFO, logger="f2pipe.pki"):
         post(certgen, MAC, {"claiming_code": secret_guess})
         post(certgen, MAC, {}, {"Authorization": "Bearer wrong-token-xyz"})
         post(certgen, MAC, {"claiming_code": CODE})

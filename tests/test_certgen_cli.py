@@ -18,8 +18,8 @@ import uvicorn
 from cryptography import x509
 
 from conftest import wait_until
-from f2pipe.certgen import api
-from f2pipe.certgen.ca import ensure_pki, pki_paths
+from f2pipe.pki import api
+from f2pipe.pki.ca import ensure_pki, pki_paths
 from f2pipe.settings import Settings
 from pki_fixtures import (
     add_device,

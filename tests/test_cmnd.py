@@ -12,9 +12,9 @@ import threading
 import pytest
 
 from conftest import wait_until
-from f2pipe.cmnd import CommandError, build_command
 from f2pipe.settings import Settings
-from f2pipe.simulator import command_response, demo_fleet, run_live
+from f2pipe.tools.cmnd import CommandError, build_command
+from f2pipe.tools.simulator import command_response, demo_fleet, run_live
 from pki_fixtures import (
     Broker,
     broker,

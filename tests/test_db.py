@@ -7,7 +7,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from f2pipe.db import DEMO_WIRING, migrate, seed_demo
+from f2pipe.metadata.database import DEMO_WIRING, migrate, seed_demo
 
 pytestmark = pytest.mark.servers
 

@@ -10,16 +10,16 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from f2pipe.decode import (
+from f2pipe.core.decode import (
     DatapointSpec,
     DecodeError,
     TemplateSpec,
     compile_template,
     template_from_mapping,
 )
+from f2pipe.core.frames import encode_modbus_response
+from f2pipe.core.reasons import Reason
 from f2pipe.errors import F2PipeError
-from f2pipe.frames import encode_modbus_response
-from f2pipe.reasons import Reason
 
 NOW = datetime(2030, 6, 1, tzinfo=UTC)
 ZONE = ZoneInfo("UTC")

@@ -149,8 +149,8 @@ def test_a_bad_template_file_names_the_datapoint(
 
 def test_builtin_templates_are_the_seeded_demo_fleet() -> None:
     # The CLI keeps its own copy so that it does not import the database stack.
-    from f2pipe.db import DEMO_TEMPLATES
-    from f2pipe.decode_cli import BUILTIN_TEMPLATES
+    from f2pipe.metadata.database import DEMO_TEMPLATES
+    from f2pipe.tools.decode import BUILTIN_TEMPLATES
 
     assert set(BUILTIN_TEMPLATES) == set(DEMO_TEMPLATES)
     for name, spec in BUILTIN_TEMPLATES.items():
@@ -166,7 +166,8 @@ def test_builtin_templates_are_the_seeded_demo_fleet() -> None:
 
 
 def test_bench_passes_its_options_through(monkeypatch: pytest.MonkeyPatch) -> None:
-    from f2pipe import benchmark, cli
+    from f2pipe import cli
+    from f2pipe.tools import bench as benchmark
 
     seen: list[list[str]] = []
     monkeypatch.setattr(benchmark, "_run", lambda args: seen.append(args.rest) or 0)

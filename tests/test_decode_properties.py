@@ -19,7 +19,7 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from f2pipe.decode import (
+from f2pipe.core.decode import (
     CompiledTemplate,
     DatapointSpec,
     DecodeError,
@@ -27,8 +27,8 @@ from f2pipe.decode import (
     compile_template,
     parse_timestamp,
 )
-from f2pipe.frames import crc16_modbus_reference
-from f2pipe.reasons import PRECEDENCE, Reason
+from f2pipe.core.frames import crc16_modbus_reference
+from f2pipe.core.reasons import PRECEDENCE, Reason
 
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)
 UTC_ZONE = ZoneInfo("UTC")

@@ -549,7 +549,7 @@ def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Pa
 def test_the_dashboard_sql_runs_on_the_real_schema(fresh_db: str, tmp_path: Path) -> None:
     import psycopg
 
-    from f2pipe.db import seed_demo
+    from f2pipe.metadata.database import seed_demo
 
     seed_demo(fresh_db, tmp_path)
     dashboard = json.loads((ROOT / "deploy/grafana/dashboards/f2pipe.json").read_text("utf-8"))

@@ -11,11 +11,11 @@ import yaml
 from psycopg import sql
 
 from f2pipe import cli
-from f2pipe.db import seed_demo
+from f2pipe.core.topics import normalize_mac
 from f2pipe.errors import FleetError
-from f2pipe.fleet import export_fleet, import_fleet, parse_fleet
+from f2pipe.metadata.database import seed_demo
+from f2pipe.metadata.fleet import export_fleet, import_fleet, parse_fleet
 from f2pipe.settings import get_settings
-from f2pipe.topics import normalize_mac
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "fleet.example.yaml"
 

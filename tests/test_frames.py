@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from f2pipe.frames import (
+from f2pipe.core.frames import (
     FrameError,
     check_modbus_frame,
     crc16_modbus,
@@ -14,7 +14,7 @@ from f2pipe.frames import (
     encode_modbus_response,
     modbus_data,
 )
-from f2pipe.reasons import Reason
+from f2pipe.core.reasons import Reason
 
 # The machines this runs on are shared: time per example is not a property under test.
 NO_DEADLINE = settings(deadline=None)

@@ -1,7 +1,7 @@
 """End to end through the whole pipeline (SPEC section 7).
 
 The services run as separate processes, exactly as ``f2pipe up`` starts them
-(:mod:`f2pipe.services`), configured only through ``F2PIPE_*`` variables. The
+(:mod:`f2pipe.operations.services`), configured only through ``F2PIPE_*`` variables. The
 simulator publishes over mutual TLS and writes a ledger of every message the
 broker acknowledged; the ledger is the ground truth the table is compared to.
 
@@ -41,8 +41,8 @@ from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from conftest import unique, wait_until
-from f2pipe import services, stack, status
-from f2pipe.db import DEMO_WIRING
+from f2pipe.metadata.database import DEMO_WIRING
+from f2pipe.operations import services, stack, status
 from f2pipe.settings import Settings, get_settings, load_settings
 
 pytestmark = pytest.mark.servers

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from f2pipe.certgen.ca import (
+from f2pipe.errors import CertError
+from f2pipe.pki.ca import (
     CertificateAuthority,
     ensure_pki,
     parse_serial,
@@ -16,7 +17,6 @@ from f2pipe.certgen.ca import (
     serial_text,
     write_crl,
 )
-from f2pipe.errors import CertError
 from f2pipe.settings import load_settings
 
 

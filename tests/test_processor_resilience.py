@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import unique, wait_until
-from f2pipe.db import migrate
+from f2pipe.metadata.database import migrate
 from pipeline_helpers import (
     ENV_DATAPOINTS,
     Fleet,

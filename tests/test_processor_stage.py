@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from f2pipe.decode import DatapointSpec, TemplateSpec, compile_template
-from f2pipe.dlq import DeadLetter, DeadLetterError, parse_since
-from f2pipe.metadata import SKIPPED, Resolution, Resolved, controller_document
-from f2pipe.processor import (
+from f2pipe.core.decode import DatapointSpec, TemplateSpec, compile_template
+from f2pipe.core.reasons import Reason
+from f2pipe.metadata.resolver import SKIPPED, Resolution, Resolved, controller_document
+from f2pipe.processor.runner import (
     DeadLetterAlarm,
     Decoded,
     ReadingEncoder,
@@ -24,7 +24,7 @@ from f2pipe.processor import (
     reading_key,
     reading_value,
 )
-from f2pipe.reasons import Reason
+from f2pipe.tools.dlq import DeadLetter, DeadLetterError, parse_since
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
 ENV = compile_template(

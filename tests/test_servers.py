@@ -21,10 +21,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from conftest import unique, wait_until
-from f2pipe.broker import client_ssl_context, service_ssl_context
-from f2pipe.certgen.ca import pki_paths
-from f2pipe.certgen.local import load_ca
-from f2pipe.kafka import admin_config, consumer_config, producer_config
+from f2pipe.operations.broker import client_ssl_context, service_ssl_context
+from f2pipe.pki.ca import pki_paths
+from f2pipe.pki.local import load_ca
+from f2pipe.runtime.kafka import admin_config, consumer_config, producer_config
 from f2pipe.settings import Settings, load_settings
 
 pytestmark = pytest.mark.servers

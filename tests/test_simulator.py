@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 from conftest import VECTORS
-from f2pipe.connector import topic_mac
-from f2pipe.frames import crc16_modbus
-from f2pipe.mqttwire import decode_length, encode_length
-from f2pipe.simulator import (
+from f2pipe.connector.runner import topic_mac
+from f2pipe.core.frames import crc16_modbus
+from f2pipe.runtime.mqttwire import decode_length, encode_length
+from f2pipe.tools.simulator import (
     FAULTS,
     Datapoint,
     demo_fleet,

@@ -10,7 +10,7 @@ import pytest
 
 from f2pipe.errors import CertError
 from f2pipe.settings import Settings, load_settings
-from f2pipe.simulator import (
+from f2pipe.tools.simulator import (
     demo_fleet,
     device_cert_paths,
     generated_fleet,

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from f2pipe.sink import (
+from f2pipe.sink.runner import (
     Backoff,
     CommitPolicy,
     encode_copy,

@@ -28,8 +28,8 @@ from confluent_kafka import Consumer, ConsumerGroupTopicPartitions, Producer, To
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from conftest import unique, wait_until
-from f2pipe.db import migrate
-from f2pipe.kafka import admin_config, producer_config
+from f2pipe.metadata.database import migrate
+from f2pipe.runtime.kafka import admin_config, producer_config
 from f2pipe.settings import get_settings
 
 pytestmark = pytest.mark.servers

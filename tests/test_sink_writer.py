@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 import psycopg
 import pytest
 
-from f2pipe.db import seed_demo
-from f2pipe.sink import Row, Writer
+from f2pipe.metadata.database import seed_demo
+from f2pipe.sink.runner import Row, Writer
 
 pytestmark = pytest.mark.servers
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from f2pipe.operations.stack import Paths, PidFile, down, port_in_use
 from f2pipe.settings import load_settings
-from f2pipe.stack import Paths, PidFile, down, port_in_use
 
 
 def _free_ports(count: int) -> list[int]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from f2pipe import services, status
+from f2pipe.operations import services, status
 from f2pipe.settings import Settings, load_settings
 
 

@@ -16,8 +16,8 @@ import pytest
 from psycopg import sql
 
 from conftest import unique
-from f2pipe.db import create_database, migrate
-from f2pipe.sink import Row, Writer
+from f2pipe.metadata.database import create_database, migrate
+from f2pipe.sink.runner import Row, Writer
 
 ADMIN = os.environ.get("F2PIPE_TIMESCALE_ADMIN_DSN", "")
 pytestmark = [

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from f2pipe.topics import (
+from f2pipe.core.topics import (
     INDEXED_KINDS,
     MODES,
     PLURAL_KINDS,

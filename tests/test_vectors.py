@@ -11,8 +11,8 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from conftest import SHARED_VECTORS, VECTORS
-from f2pipe.decode import DecodeError, compile_template, template_from_mapping
-from f2pipe.topics import parse_topic
+from f2pipe.core.decode import DecodeError, compile_template, template_from_mapping
+from f2pipe.core.topics import parse_topic
 
 # The vectors' far-future cases are relative to a processor clock in 2024-2098.
 NOW = datetime(2030, 6, 1, 12, 0, tzinfo=UTC)

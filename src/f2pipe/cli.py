@@ -17,22 +17,37 @@ from f2pipe.errors import F2PipeError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("f2pipe.services:configure_up", "start the whole pipeline in the background"),
-    "down": ("f2pipe.services:configure_down", "stop what `f2pipe up` started"),
-    "run": ("f2pipe.services:configure_run", "the whole pipeline in the foreground, live view"),
-    "status": ("f2pipe.status", "each service up or down, throughput, lag, dead letters"),
-    "bench": ("f2pipe.benchmark", "benchmark the whole pipeline on this machine"),
-    "stack": ("f2pipe.stack", "install, start, stop or inspect the local servers"),
-    "db": ("f2pipe.db", "migrate the database schema and seed the demo fleet"),
-    "fleet": ("f2pipe.fleet", "import or export a fleet description (YAML)"),
-    "certgen": ("f2pipe.certgen.cli", "certificate authority: init, serve the API, issue, revoke"),
-    "decode": ("f2pipe.decode_cli", "decode one F2 message and print its readings or reason"),
-    "connector": ("f2pipe.connector", "bridge device messages from MQTT into Kafka (raw-iot-data)"),
-    "simulate": ("f2pipe.simulator", "simulate F2 controllers: live telemetry or a counted load"),
-    "processor": ("f2pipe.processor", "decode raw frames into readings (stream processor)"),
-    "dlq": ("f2pipe.dlq", "list, show or replay dead letters"),
-    "sink": ("f2pipe.sink", "write processed readings from Kafka into the time-series database"),
-    "cmnd": ("f2pipe.cmnd", "send a command to a device (as svc-commander)"),
+    "up": ("f2pipe.operations.services:configure_up", "start the whole pipeline in the background"),
+    "down": ("f2pipe.operations.services:configure_down", "stop what `f2pipe up` started"),
+    "run": (
+        "f2pipe.operations.services:configure_run",
+        "the whole pipeline in the foreground, live view",
+    ),
+    "status": (
+        "f2pipe.operations.status",
+        "each service up or down, throughput, lag, dead letters",
+    ),
+    "bench": ("f2pipe.tools.bench", "benchmark the whole pipeline on this machine"),
+    "stack": ("f2pipe.operations.stack", "install, start, stop or inspect the local servers"),
+    "db": ("f2pipe.metadata.database", "migrate the database schema and seed the demo fleet"),
+    "fleet": ("f2pipe.metadata.fleet", "import or export a fleet description (YAML)"),
+    "certgen": ("f2pipe.pki.cli", "certificate authority: init, serve the API, issue, revoke"),
+    "decode": ("f2pipe.tools.decode", "decode one F2 message and print its readings or reason"),
+    "connector": (
+        "f2pipe.connector.runner",
+        "bridge device messages from MQTT into Kafka (raw-iot-data)",
+    ),
+    "simulate": (
+        "f2pipe.tools.simulator",
+        "simulate F2 controllers: live telemetry or a counted load",
+    ),
+    "processor": ("f2pipe.processor.runner", "decode raw frames into readings (stream processor)"),
+    "dlq": ("f2pipe.tools.dlq", "list, show or replay dead letters"),
+    "sink": (
+        "f2pipe.sink.runner",
+        "write processed readings from Kafka into the time-series database",
+    ),
+    "cmnd": ("f2pipe.tools.cmnd", "send a command to a device (as svc-commander)"),
 }
 
 

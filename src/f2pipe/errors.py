@@ -13,7 +13,7 @@ CLI can print one line naming the cause and the fix and exit non-zero::
     ├── DatabaseUnavailable the database cannot take a write now (down, restarting,
     │                      or failing in a way retrying may cure)
     └── DecodeError        a message cannot become readings; carries its dead-letter
-                           reason (defined in f2pipe.decode, beside the decoder)
+                           reason (defined in f2pipe.core.decode, beside the decoder)
 
 Library exceptions (psycopg, confluent_kafka, paho) are translated into these at
 the boundary where a user-facing decision is made; inside the hot paths they are

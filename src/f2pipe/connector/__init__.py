@@ -1,0 +1,1 @@
+"""The MQTT -> Kafka connector stage (``f2pipe connector``): see :mod:`.runner`."""

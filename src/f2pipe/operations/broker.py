@@ -1,0 +1,221 @@
+"""The Mosquitto configuration and ACL f2pipe runs the broker with (SPEC section 6).
+
+:func:`ensure_config` creates the PKI if it is missing and writes
+``<state>/mosquitto/mosquitto.conf`` and ``acl``; the stack starts
+``mosquitto -c <that file>``. There is exactly one listener: TLS 1.2+ with a
+client certificate required, the certificate's CN as the MQTT username and
+client id, the CA's CRL checked at every connect. No anonymous or plaintext
+listener exists.
+
+Sizing (all overridable through settings):
+
+- ``max_queued_messages`` 6,000,000 per session: the connector's persistent
+  session must survive a connector outage of five minutes at 20,000 msg/s
+  (20,000 x 300 s) without Mosquitto silently dropping the overflow; at
+  roughly 250 bytes per queued sensor message that is at most ~1.5 GB of
+  broker memory, reached only during such an outage.
+- ``max_inflight_messages`` 2,000: the connector sends PUBACK only once Kafka
+  acknowledged the record, so each message stays in flight for the Kafka round
+  trip; 2,000 covers 100 ms of acknowledgement latency at 20,000 msg/s (the
+  Mosquitto default of 20 would cap the connector at 20 / latency msg/s).
+- ``max_connections`` 10,000 on the listener; the broker needs one file
+  descriptor per connection, so the stack raises ``RLIMIT_NOFILE`` before
+  starting it (:func:`raise_fd_limit`).
+- ``autosave_interval`` 60 s: queued messages live in memory and reach disk at
+  this interval (and on a graceful shutdown), so a SIGKILL of the broker can
+  lose at most this window; a graceful restart loses nothing.
+- ``max_packet_size`` 256 KiB: larger packets are refused and the sender
+  disconnected.
+"""
+
+from __future__ import annotations
+
+import getpass
+import resource
+import ssl
+from pathlib import Path
+
+from f2pipe.pki.ca import PkiPaths, ensure_pki, pki_paths
+from f2pipe.settings import Settings
+
+MAX_PACKET_BYTES = 256 * 1024
+# Descriptors the broker needs beyond one per connection (persistence, logs, listeners).
+_FD_HEADROOM = 1024
+
+#: Service identities and the topics they may use; devices get the %u patterns.
+SERVICE_ACL: dict[str, tuple[str, ...]] = {
+    "svc-connector": ("topic read stat/#", "topic read tele/#"),
+    "svc-commander": ("topic write cmnd/#",),
+    "svc-monitor": ("topic read $SYS/#",),
+}
+
+
+def conf_path(settings: Settings) -> Path:
+    return settings.mosquitto_dir / "mosquitto.conf"
+
+
+def acl_path(settings: Settings) -> Path:
+    return settings.mosquitto_dir / "acl"
+
+
+def pid_path(settings: Settings) -> Path:
+    """Where the broker writes its pid (certgen sends SIGHUP there after a revocation)."""
+    return settings.mosquitto_dir / "mosquitto.pid"
+
+
+def render_acl(connectors: list[str] | None = None) -> str:
+    """The ACL file: devices reach only their own topics, services only theirs.
+
+    Pattern rules apply to every user; ``%u`` is the certificate CN, so a
+    device ``f2-<mac>`` gets exactly ``stat/f2-<mac>/#`` and
+    ``tele/f2-<mac>/#`` (write) and ``cmnd/f2-<mac>/#`` (read). A service
+    identity matches the same patterns only for topics named after itself
+    (``tele/svc-connector/...``), which no device reads and the pipeline treats
+    as an invalid topic. ``connectors`` adds identities with the connector's
+    rights (``svc-connector-2``...): several connectors sharing the load need
+    one identity each, since the identity is the client id.
+    """
+    lines = [
+        "# Written by f2pipe (f2pipe.operations.broker); changes are overwritten.",
+        "# Devices: the certificate CN f2-<mac> is the username (%u).",
+        "pattern write stat/%u/#",
+        "pattern write tele/%u/#",
+        "pattern read cmnd/%u/#",
+        "",
+    ]
+    users = dict(SERVICE_ACL)
+    for name in connectors or []:
+        users.setdefault(name, SERVICE_ACL["svc-connector"])
+    for user, rules in users.items():
+        lines.append(f"user {user}")
+        lines.extend(rules)
+        lines.append("")
+    return "\n".join(lines)
+
+
+def connector_identities(settings: Settings) -> list[str]:
+    """Connector identities with a certificate in ``<state>/pki/services`` (svc-connector*)."""
+    services = pki_paths(settings).services
+    if not services.is_dir():
+        return []
+    return sorted(
+        path.stem
+        for path in services.glob("svc-connector*.pem")
+        if path.with_suffix(".key").is_file()
+    )
+
+
+def render_conf(settings: Settings, pki: PkiPaths) -> str:
+    """The broker configuration for ``settings`` (pure; see the module docstring)."""
+    mdir = settings.mosquitto_dir
+    user = getpass.getuser()
+    return "\n".join(
+        [
+            "# Written by f2pipe (operations.broker.ensure_config); changes are overwritten.",
+            # The broker must keep reading the 0600 keys and the CRL after dropping
+            # privileges (the CRL is re-read on SIGHUP), so it runs as their owner.
+            f"user {user}",
+            f"pid_file {mdir / 'mosquitto.pid'}",
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"acl_file {acl_path(settings)}",
+            "persistence true",
+            f"persistence_location {mdir / 'data'}/",
+            f"autosave_interval {settings.mqtt_autosave_interval}",
+            f"max_queued_messages {settings.mqtt_max_queued_messages}",
+            "max_queued_bytes 0",
+            f"max_inflight_messages {settings.mqtt_max_inflight_messages}",
+            f"max_packet_size {MAX_PACKET_BYTES}",
+            # `f2pipe status` reads $SYS/broker/clients/connected as svc-monitor.
+            "sys_interval 5",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp_format %Y-%m-%dT%H:%M:%S",
+            "",
+            f"listener {settings.mqtt_port} {settings.mqtt_host}",
+            f"max_connections {settings.mqtt_max_connections}",
+            f"cafile {pki.ca_cert}",
+            f"certfile {pki.broker_cert}",
+            f"keyfile {pki.broker_key}",
+            f"crlfile {pki.crl}",
+            "tls_version tlsv1.2",
+            "require_certificate true",
+            "use_identity_as_username true",
+            # The certificate identity is the client id, so no client can take over
+            # another's session by choosing its client id. A listener option: before
+            # the first `listener` line it would create a default plaintext listener.
+            "use_username_as_clientid true",
+            "",
+        ]
+    )
+
+
+def ensure_config(settings: Settings) -> Path:
+    """Create the PKI if missing and write the broker's config and ACL; return the conf path.
+
+    Idempotent: existing keys and certificates are kept (see
+    :func:`f2pipe.pki.ca.ensure_pki`); the two files are rewritten only when
+    their content changes. Raises CertError if the PKI cannot be read.
+    """
+    ensure_pki(settings)
+    pki = pki_paths(settings)
+    mdir = settings.mosquitto_dir
+    (mdir / "data").mkdir(parents=True, exist_ok=True)
+    _write_if_changed(acl_path(settings), render_acl(connector_identities(settings)))
+    conf = conf_path(settings)
+    _write_if_changed(conf, render_conf(settings, pki))
+    return conf
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    try:
+        if path.read_text() == text:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def fd_limit_needed(settings: Settings) -> int:
+    """File descriptors the broker needs for ``mqtt_max_connections`` clients."""
+    return settings.mqtt_max_connections + _FD_HEADROOM
+
+
+def raise_fd_limit(settings: Settings) -> int:
+    """Raise this process's soft ``RLIMIT_NOFILE`` (children inherit it); return the new value.
+
+    Call before starting the broker. The soft limit goes up to what the
+    broker needs, capped by the hard limit (only root can raise that: on a host
+    set ``LimitNOFILE=`` or ``ulimit -Hn``; in compose, ``ulimits: nofile``).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = fd_limit_needed(settings)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
+
+
+def client_ssl_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """A TLS 1.2+ client context that trusts only ``ca_file`` and presents the given identity.
+
+    Hostname checking stays on: the broker's certificate names localhost,
+    127.0.0.1 and ``F2PIPE_BROKER_NAMES``.
+    """
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(cert_file), str(key_file))
+    return context
+
+
+def service_ssl_context(settings: Settings, name: str) -> ssl.SSLContext:
+    """The client context of service identity ``name`` (e.g. ``svc-connector``)."""
+    pki = pki_paths(settings)
+    return client_ssl_context(pki.ca_cert, pki.service_cert(name), pki.service_key(name))

@@ -1,0 +1,460 @@
+"""``f2pipe status`` and the live view of ``f2pipe run``: the pipeline at a glance.
+
+What is shown (SPEC section 8): each server and service up or down (servers
+by their stack probe, services by ``/healthz`` and ``/readyz``), throughput
+(rates from two ``/metrics`` scrapes ``interval`` seconds apart), consumer lag
+per stage (committed offsets of ``settings.processor_group`` and
+``settings.sink_group`` against the high watermarks, read with the Kafka
+AdminClient), and dead letters by stage and reason (from the services'
+counters). The live view adds the latest decoded readings with device names,
+labels and units (``latest_readings_named``).
+
+The processor's dead-letter alarm (too large a share of its input
+dead-lettered) is shown as an alarm, not as a failure: what devices send must
+not read as an outage. ``f2pipe status`` exits 1 when a server or service is
+down or when a stage's lag keeps growing (see :func:`growing`), else 0. ``--json`` prints the same
+report as one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import time
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from f2pipe.operations import services as svc
+from f2pipe.operations import stack
+from f2pipe.operations.stack import Paths
+from f2pipe.settings import Settings, load_settings
+
+# Counters turned into rates: label in the report -> (service, metric family).
+THROUGHPUT = {
+    "mqtt_received": ("connector", "f2pipe_connector_received"),
+    "kafka_acked": ("connector", "f2pipe_connector_acked"),
+    "frames_consumed": ("processor", "f2pipe_processor_consumed"),
+    "readings_produced": ("processor", "f2pipe_processor_produced"),
+    "sink_consumed": ("sink", "f2pipe_sink_records_consumed"),
+    "readings_landed": ("sink", "f2pipe_sink_rows_written"),
+}
+# The counter that shows a stage is consuming at all (for the lag verdict).
+STAGE_INPUT = {"processor": "frames_consumed", "sink": "sink_consumed"}
+# Lag that rises at every sample is "growing" once it is this large, or at any size
+# while the stage consumes nothing: at a few records a second it rises by chance.
+LAG_FLOOR = 1000
+# Services counting dead letters, all in the shared family (f2pipe.runtime.metrics.DEAD_LETTERS):
+# f2pipe_dead_letters_total{stage, reason}.
+DEAD_LETTERS = ("connector", "processor", "sink")
+DEAD_LETTER_FAMILY = "f2pipe_dead_letters"
+LAG_SAMPLES = 3
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(url: str, timeout: float = 2.0) -> Samples | None:
+    """Every sample of a Prometheus text endpoint, keyed by (name, sorted labels); None if down."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http only
+            text = response.read().decode()
+    except OSError:
+        return None
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
+    return samples
+
+
+def total(samples: Samples | None, family: str, **labels: str) -> float:
+    """Sum of a counter family's samples (``_total`` or bare) matching ``labels``."""
+    if not samples:
+        return 0.0
+    names = {family, f"{family}_total"}
+    return sum(
+        value
+        for (name, found), value in samples.items()
+        if name in names and all((k, v) in found for k, v in labels.items())
+    )
+
+
+def by_label(samples: Samples | None, family: str, label: str) -> dict[str, float]:
+    """A counter family summed per value of ``label``."""
+    out: dict[str, float] = {}
+    if not samples:
+        return out
+    names = {family, f"{family}_total"}
+    for (name, found), value in samples.items():
+        if name in names:
+            key = dict(found).get(label, "")
+            out[key] = out.get(key, 0.0) + value
+    return out
+
+
+def consumer_lag(admin: Any, group: str, topic: str, timeout: float = 5.0) -> int | None:
+    """Records of ``topic`` not yet committed by ``group``; None when Kafka cannot say."""
+    from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
+    from confluent_kafka.admin import OffsetSpec  # type: ignore[attr-defined]
+
+    try:
+        metadata = admin.list_topics(topic, timeout=timeout)
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None:
+            return None
+        parts = [TopicPartition(topic, p) for p in info.partitions]
+        committed_future = admin.list_consumer_group_offsets(
+            [ConsumerGroupTopicPartitions(group, parts)], request_timeout=timeout
+        )[group]
+        committed = {
+            tp.partition: tp.offset
+            for tp in committed_future.result(timeout=timeout).topic_partitions
+        }
+        ends: dict[str, dict[int, int]] = {}
+        for kind, spec in (
+            ("high", OffsetSpec.latest()),  # type: ignore[no-untyped-call]
+            ("low", OffsetSpec.earliest()),  # type: ignore[no-untyped-call]
+        ):
+            futures = admin.list_offsets({tp: spec for tp in parts}, request_timeout=timeout)
+            ends[kind] = {
+                tp.partition: f.result(timeout=timeout).offset for tp, f in futures.items()
+            }
+    except Exception:  # Kafka down or restarting: "unknown", never a crash of the report
+        return None
+    lag = 0
+    for partition, high in ends["high"].items():
+        done = committed.get(partition, -1)
+        start = done if done >= 0 else ends["low"].get(partition, 0)
+        lag += max(0, high - start)
+    return lag
+
+
+@dataclass
+class Health:
+    name: str
+    kind: str  # "server" or "service"
+    up: bool
+    ready: bool | None = None
+    pid: int | None = None
+    rss_mb: float | None = None
+    detail: str = ""
+
+
+@dataclass
+class Snapshot:
+    """One look at the pipeline: health, the raw counters and the lag per stage."""
+
+    taken: float
+    health: list[Health]
+    counters: dict[str, float]
+    dead_letters: dict[str, float]  # "<stage>/<reason>" -> count since the service started
+    lag: dict[str, int | None]
+    alarms: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """Two snapshots folded into rates and a lag trend; what ``status`` prints."""
+
+    health: list[Health]
+    rates: dict[str, float]
+    lag: dict[str, int | None]
+    lag_growing: dict[str, bool]
+    dead_letters: dict[str, float]
+    interval_s: float
+    problems: list[str] = field(default_factory=list)
+    # Shown, but no reason for a non-zero exit: bad input must not read as an outage.
+    alarms: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["ok"] = self.ok
+        return out
+
+
+def _rss_mb(pid: int | None) -> float | None:
+    if pid is None:
+        return None
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+class Observer:
+    """Takes snapshots of one pipeline (one Kafka admin client, reused)."""
+
+    def __init__(self, settings: Settings) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        from f2pipe.runtime.kafka import admin_config
+
+        self.settings = settings
+        paths = Paths(settings.state_dir)
+        self.servers = [cls(settings, paths) for cls in stack.SERVERS]
+        self.services = svc.services(settings)
+        # log_level 2: a stopped broker would otherwise print every refused connection.
+        self.admin = AdminClient(admin_config(settings, log_level=2))
+
+    def health(self) -> list[Health]:
+        out = []
+        for server in self.servers:
+            pid = server.pid()
+            up = server.healthy()
+            if pid is None and up:
+                detail = "up (not started by this state folder)"
+            else:
+                detail = "" if up else server.last_error
+            out.append(Health(server.name, "server", up, None, pid, _rss_mb(pid), detail))
+        for service in self.services:
+            pid = service.pid()
+            up = service.healthy()
+            ready = service.ready() if up else False
+            detail = "" if up else service.last_error
+            if up and not ready:
+                detail = "/readyz: not ready"
+            out.append(Health(service.name, "service", up, ready, pid, _rss_mb(pid), detail))
+        return out
+
+    def lag(self) -> dict[str, int | None]:
+        s = self.settings
+        return {
+            "processor": consumer_lag(self.admin, s.processor_group, s.topic_raw),
+            "sink": consumer_lag(self.admin, s.sink_group, s.topic_processed),
+        }
+
+    def snapshot(self, with_health: bool = True) -> Snapshot:
+        scraped = {
+            service.name: scrape(service.url("/metrics"))
+            for service in self.services
+            if service.port() is not None and service.name != "certgen"
+        }
+        counters = {
+            label: total(scraped.get(name), family) for label, (name, family) in THROUGHPUT.items()
+        }
+        dead: dict[str, float] = {}
+        family = DEAD_LETTER_FAMILY
+        for name in DEAD_LETTERS:
+            samples = scraped.get(name)
+            if not samples:
+                continue
+            for (sample, labels), value in samples.items():
+                if sample not in (family, f"{family}_total") or not value:
+                    continue
+                found = dict(labels)
+                key = f"{found.get('stage', name)}/{found.get('reason', '?')}"
+                dead[key] = dead.get(key, 0.0) + value
+        alarms = []
+        processor = scraped.get("processor")
+        if total(processor, "f2pipe_processor_dead_letter_alarm") > 0:
+            ratio = total(processor, "f2pipe_processor_dead_letter_ratio")
+            alarms.append(f"dead-letter ratio {ratio:.0%} is above the alarm threshold")
+        return Snapshot(
+            time.monotonic(),
+            self.health() if with_health else [],
+            counters,
+            dead,
+            self.lag(),
+            alarms,
+        )
+
+
+def rates(before: Snapshot, after: Snapshot) -> dict[str, float]:
+    """Per-second rates of each counter; a restarted service (counter reset) reads 0."""
+    span = max(after.taken - before.taken, 1e-6)
+    return {
+        key: max(0.0, after.counters[key] - before.counters.get(key, 0.0)) / span
+        for key in after.counters
+    }
+
+
+def growing(history: Iterable[dict[str, int | None]], rates: dict[str, float]) -> dict[str, bool]:
+    """Per stage: its lag rose at every sample and is either large or not being consumed."""
+    samples = list(history)
+    out: dict[str, bool] = {}
+    for stage, counter in STAGE_INPUT.items():
+        values = [s.get(stage) for s in samples]
+        known = [v for v in values if v is not None]
+        rising = len(known) == len(values) >= 2 and all(b > a for a, b in itertools.pairwise(known))
+        out[stage] = rising and (known[-1] >= LAG_FLOOR or rates.get(counter, 0.0) == 0.0)
+    return out
+
+
+def problems(health: list[Health], lag_growing: dict[str, bool]) -> list[str]:
+    found = [f"{h.name} is down ({h.detail})" for h in health if not h.up]
+    found += [f"{stage} lag keeps growing" for stage, grows in lag_growing.items() if grows]
+    return found
+
+
+def report(settings: Settings, interval: float = 2.0) -> Report:
+    """Scrape, wait ``interval`` s (sampling the lag on the way), scrape again; fold."""
+    observer = Observer(settings)
+    first = observer.snapshot(with_health=False)
+    lags = [first.lag]
+    for _ in range(LAG_SAMPLES - 2):
+        time.sleep(interval / (LAG_SAMPLES - 1))
+        lags.append(observer.lag())
+    time.sleep(interval / (LAG_SAMPLES - 1))
+    last = observer.snapshot()
+    lags.append(last.lag)
+    per_s = rates(first, last)
+    trend = growing(lags, per_s)
+    return Report(
+        health=last.health,
+        rates=per_s,
+        lag=last.lag,
+        lag_growing=trend,
+        dead_letters=last.dead_letters,
+        interval_s=interval,
+        problems=problems(last.health, trend),
+        alarms=last.alarms,
+    )
+
+
+# --------------------------------------------------------------------------- rendering
+def _tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
+    from rich.columns import Columns
+    from rich.console import Group
+    from rich.table import Table
+
+    health = Table(title="services and servers", title_justify="left", expand=False)
+    for column in ("name", "state", "pid", "rss MB", "detail"):
+        health.add_column(column)
+    for h in rep.health:
+        state = "[green]up[/]" if h.up else "[red]down[/]"
+        if h.up and h.ready is False:
+            state = "[yellow]up, not ready[/]"
+        rss = "" if h.rss_mb is None else f"{h.rss_mb:.0f}"
+        health.add_row(h.name, state, str(h.pid or ""), rss, h.detail)
+
+    flow = Table(title=f"throughput (per s, over {rep.interval_s:.0f} s)", title_justify="left")
+    flow.add_column("counter")
+    flow.add_column("rate", justify="right")
+    for key, value in rep.rates.items():
+        flow.add_row(key.replace("_", " "), f"{value:,.1f}")
+
+    lag = Table(title="consumer lag (records)", title_justify="left")
+    lag.add_column("stage")
+    lag.add_column("lag", justify="right")
+    lag.add_column("trend")
+    for stage, behind in rep.lag.items():
+        trend = "[red]growing[/]" if rep.lag_growing.get(stage) else ""
+        lag.add_row(stage, "?" if behind is None else f"{behind:,}", trend)
+
+    dead = Table(title="dead letters by reason (since start)", title_justify="left")
+    dead.add_column("stage/reason")
+    dead.add_column("count", justify="right")
+    for key, value in sorted(rep.dead_letters.items()):
+        dead.add_row(key, f"{value:,.0f}")
+    if not rep.dead_letters:
+        dead.add_row("none", "0")
+
+    # Side by side where the terminal is wide enough, so the view fits one screen.
+    parts: list[Any] = [Columns([health, flow]), Columns([lag, dead])]
+    if readings is not None:
+        latest = Table(title="latest readings", title_justify="left")
+        for column in ("time (UTC)", "device", "datapoint", "value", "unit"):
+            latest.add_column(column, justify="right" if column == "value" else "left")
+        for ts, device, label, value, unit in readings:
+            shown = "" if value is None else f"{value:g}"
+            latest.add_row(f"{ts:%H:%M:%S.%f}"[:-3], device or "?", label or "?", shown, unit or "")
+        parts.append(latest)
+    if rep.problems:
+        parts.append("[red]" + "; ".join(rep.problems) + "[/]")
+    if rep.alarms:
+        parts.append("[yellow]alarm: " + "; ".join(rep.alarms) + "[/]")
+    return Group(*parts)
+
+
+def latest_readings(settings: Settings, limit: int = 10) -> list[tuple[Any, ...]] | None:
+    """The newest value per datapoint with names, labels and units; None if unreachable."""
+    import psycopg
+
+    try:
+        with psycopg.connect(settings.timeseries_dsn, connect_timeout=2) as conn:
+            rows = conn.execute(
+                "SELECT timestamp AT TIME ZONE 'UTC', device_name, datapoint_label, value, unit"
+                " FROM latest_readings_named ORDER BY timestamp DESC LIMIT %s",
+                (limit,),
+            ).fetchall()
+    except psycopg.Error:
+        return None
+    return [tuple(row) for row in rows]
+
+
+def live(settings: Settings, refresh: float = 2.0, readings_every: float = 5.0) -> None:
+    """Redraw the picture every ``refresh`` s until KeyboardInterrupt.
+
+    On a terminal the view is redrawn in place; otherwise (a pipe, a log file)
+    each picture is printed after the previous one.
+    """
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    observer = Observer(settings)
+    previous = observer.snapshot()
+    lags = [previous.lag]
+    readings = latest_readings(settings)
+    readings_at = time.monotonic()
+    with contextlib.ExitStack() as stack_:
+        view = stack_.enter_context(Live(console=console)) if console.is_terminal else None
+        while True:
+            time.sleep(refresh)
+            current = observer.snapshot()
+            lags = [*lags, current.lag][-LAG_SAMPLES:]
+            per_s = rates(previous, current)
+            trend = growing(lags, per_s)
+            if time.monotonic() - readings_at >= readings_every:
+                readings = latest_readings(settings) or readings
+                readings_at = time.monotonic()
+            rep = Report(
+                health=current.health,
+                rates=per_s,
+                lag=current.lag,
+                lag_growing=trend,
+                dead_letters=current.dead_letters,
+                interval_s=current.taken - previous.taken,
+                problems=problems(current.health, trend),
+                alarms=current.alarms,
+            )
+            if view is not None:
+                view.update(_tables(rep, readings))
+            else:
+                console.print(_tables(rep, readings))
+            previous = current
+
+
+def _run(args: argparse.Namespace) -> int:
+    rep = report(load_settings(), args.interval)
+    if args.json:
+        print(json.dumps(rep.as_dict(), indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(_tables(rep))
+    return 0 if rep.ok else 1
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--interval", type=float, default=2.0,
+        help="seconds between the two scrapes that give the rates (default 2)",
+    )  # fmt: skip
+    parser.set_defaults(func=_run)

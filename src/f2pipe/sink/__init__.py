@@ -1,0 +1,1 @@
+"""The Kafka -> database sink stage (``f2pipe sink``): see :mod:`.runner`."""

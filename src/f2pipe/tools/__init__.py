@@ -1,0 +1,2 @@
+"""Commands for people: ``decode``, ``dlq``, ``cmnd``, ``bench`` and the device
+simulator (``simulate``)."""

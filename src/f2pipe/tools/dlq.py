@@ -1,0 +1,268 @@
+"""Dead-letter tools (``f2pipe dlq list | show | replay``), SPEC sections 4 and 7.
+
+The dead-letter topic is read with *assigned* partitions from their low to
+their high watermark as of the start of the command, so a listing ends, and no
+consumer group state is created or committed (listing twice shows the same).
+
+Replay sends each selected dead letter back to its stage's input, with its
+original key, value and headers (the ``dlq.*`` headers dropped):
+
+- ``dlq.stage=processor`` -> the raw topic; the processor decodes it again,
+- ``dlq.stage=sink`` -> the processed topic,
+- ``dlq.stage=connector`` -> listed, never replayed (there is no raw record).
+
+Replaying twice is harmless: decoding is deterministic (same record, same
+metadata -> the same readings, keys and values), and the sink's primary key
+keeps the first row of every reading. A replayed record that fails again
+becomes a new dead letter with a new ``dlq.source``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+
+from f2pipe.core.reasons import Reason
+from f2pipe.errors import F2PipeError
+from f2pipe.runtime.kafka import producer_config
+from f2pipe.settings import Settings, get_settings
+
+REPLAYABLE = {"processor", "sink"}
+
+
+class DeadLetterError(F2PipeError):
+    """The dead-letter topic could not be read, or a replay could not be delivered."""
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One record of the dead-letter topic."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: list[tuple[str, bytes]]
+
+    def header(self, name: str) -> str:
+        for key, value in self.headers:
+            if key == name:
+                return value.decode("utf-8", "replace")
+        return ""
+
+    @property
+    def stage(self) -> str:
+        return self.header("dlq.stage")
+
+    @property
+    def reason(self) -> str:
+        return self.header("dlq.reason")
+
+    @property
+    def ts_ms(self) -> int:
+        text = self.header("dlq.ts")
+        return int(text) if text.isdigit() else 0
+
+    @property
+    def ref(self) -> str:
+        """How ``dlq show`` names it: ``<partition>/<offset>``."""
+        return f"{self.partition}/{self.offset}"
+
+    def original_headers(self) -> list[tuple[str, bytes]]:
+        return [(k, v) for k, v in self.headers if not k.startswith("dlq.")]
+
+
+def parse_since(text: str, now: float | None = None) -> int:
+    """``--since`` as epoch milliseconds: an ISO-8601 time (UTC when no offset) or an
+    age such as ``30s``, ``15m``, ``2h``, ``7d``. Raises DeadLetterError."""
+    now = time.time() if now is None else now
+    match = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if match:
+        seconds = int(match.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400}[match.group(2)]
+        return int((now - seconds) * 1000)
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise DeadLetterError(
+            f"--since {text!r}: expected an ISO-8601 time or an age like 15m, 2h, 7d"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return int(moment.timestamp() * 1000)
+
+
+def read_dead_letters(settings: Settings, timeout: float = 10.0) -> Iterator[DeadLetter]:
+    """Every dead letter present when called, partition by partition, in offset order."""
+    topic = settings.topic_dead_letter
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": "f2pipe-dlq-reader",  # required by the client; never joined or committed
+            "enable.auto.commit": False,
+            "enable.partition.eof": False,
+        }
+    )
+    try:
+        try:
+            meta = consumer.list_topics(topic, timeout=timeout)
+        except KafkaException as exc:
+            raise DeadLetterError(f"cannot reach Kafka: {exc}") from exc
+        info = meta.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            return
+        ends: dict[int, int] = {}
+        starts: list[TopicPartition] = []
+        for partition in sorted(info.partitions):
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=timeout
+            )
+            if high > low:
+                ends[partition] = high
+                starts.append(TopicPartition(topic, partition, low))
+        if not starts:
+            return
+        consumer.assign(starts)
+        deadline = time.monotonic() + max(timeout, 30.0)
+        while ends:
+            msgs = consumer.consume(num_messages=1000, timeout=1.0)
+            if not msgs and time.monotonic() > deadline:
+                raise DeadLetterError(f"timed out reading {topic}")
+            for msg in msgs:
+                if msg.error() is not None:
+                    continue
+                partition, offset = msg.partition() or 0, msg.offset() or 0
+                if partition not in ends or offset >= ends[partition]:
+                    continue
+                raw = msg.headers() or []
+                pairs = list(raw.items()) if isinstance(raw, dict) else raw
+                headers = [(k, v if isinstance(v, bytes) else (v or "").encode()) for k, v in pairs]
+                yield DeadLetter(partition, offset, msg.key(), msg.value(), headers)
+                if offset + 1 >= ends[partition]:
+                    del ends[partition]
+                    consumer.pause([TopicPartition(topic, partition)])
+            deadline = time.monotonic() + max(timeout, 30.0) if msgs else deadline
+    finally:
+        consumer.close()
+
+
+def select(
+    letters: Iterator[DeadLetter], reason: str | None, since_ms: int | None
+) -> Iterator[DeadLetter]:
+    for letter in letters:
+        if reason is not None and letter.reason != reason:
+            continue
+        if since_ms is not None and letter.ts_ms < since_ms:
+            continue
+        yield letter
+
+
+def replay(settings: Settings, letters: Iterator[DeadLetter]) -> dict[str, int]:
+    """Send the replayable ``letters`` back to their stage's input; count per outcome.
+
+    Returns ``{"processor": n, "sink": n, "skipped": n}``. Blocks until Kafka
+    acknowledged every replayed record; raises DeadLetterError otherwise.
+    """
+    target = {"processor": settings.topic_raw, "sink": settings.topic_processed}
+    counts = {"processor": 0, "sink": 0, "skipped": 0}
+    failures: list[str] = []
+
+    def on_delivery(err: object, msg: object) -> None:
+        if err is not None:
+            failures.append(str(err))
+
+    producer = Producer(producer_config(settings, on_delivery=on_delivery))
+    for letter in letters:
+        if letter.stage not in REPLAYABLE:
+            counts["skipped"] += 1
+            continue
+        producer.produce(
+            target[letter.stage],
+            letter.value,
+            letter.key,
+            headers=list(letter.original_headers()),
+        )
+        counts[letter.stage] += 1
+        producer.poll(0)
+    remaining = producer.flush(60)
+    if remaining or failures:
+        raise DeadLetterError(f"{remaining} replayed record(s) not acknowledged; {failures[:3]}")
+    return counts
+
+
+# --- CLI ----------------------------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    reasons = [r.value for r in Reason]
+    for name, text, func in (
+        ("list", "one line per dead letter (oldest first per partition)", _cmd_list),
+        ("replay", "send dead letters back to their stage's input", _cmd_replay),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("--reason", choices=reasons, help="only dead letters with this reason")
+        p.add_argument("--since", help="only dead letters since: ISO-8601 time or age (15m, 2h)")
+        p.set_defaults(func=func)
+    show = sub.add_parser("show", help="print one dead letter in full (headers and value)")
+    show.add_argument("ref", help="<partition>/<offset>, as `dlq list` prints it")
+    show.set_defaults(func=_cmd_show)
+
+
+def _selected(args: argparse.Namespace, settings: Settings) -> Iterator[DeadLetter]:
+    since = parse_since(args.since) if args.since else None
+    return select(read_dead_letters(settings), args.reason, since)
+
+
+def _text(data: bytes | None, limit: int = 120) -> str:
+    if data is None:
+        return "-"
+    text = data.decode("utf-8", "backslashreplace")
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    count = 0
+    for letter in _selected(args, settings):
+        count += 1
+        moment = datetime.fromtimestamp(letter.ts_ms / 1000, UTC).isoformat(timespec="seconds")
+        print(
+            f"{letter.ref}\t{moment}\t{letter.stage}\t{letter.reason}\t"
+            f"{letter.header('mqtt.topic') or _text(letter.key)}\t{letter.header('dlq.detail')}"
+        )
+    print(f"{count} dead letter(s) in {settings.topic_dead_letter}", file=sys.stderr)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    partition, _, offset = args.ref.partition("/")
+    if not (partition.isdigit() and offset.isdigit()):
+        raise DeadLetterError(f"expected <partition>/<offset>, got {args.ref!r}")
+    for letter in read_dead_letters(settings):
+        if letter.partition == int(partition) and letter.offset == int(offset):
+            print(f"ref: {letter.ref}")
+            print(f"key: {_text(letter.key, 10_000)}")
+            for name, value in letter.headers:
+                print(f"header {name}: {_text(value, 10_000)}")
+            print(f"value: {_text(letter.value, 1_000_000)}")
+            return 0
+    raise DeadLetterError(f"no dead letter {args.ref} in {settings.topic_dead_letter}")
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    counts = replay(settings, _selected(args, settings))
+    print(
+        f"replayed {counts['processor']} to {settings.topic_raw},"
+        f" {counts['sink']} to {settings.topic_processed};"
+        f" {counts['skipped']} not replayable (connector)"
+    )
+    return 0
