@@ -13,16 +13,14 @@ from hypothesis import strategies as st
 
 from f2pipe.core.decode import DatapointSpec, TemplateSpec, compile_template
 from f2pipe.core.reasons import Reason
+from f2pipe.core.records import ReadingEncoder, reading_key, reading_value
 from f2pipe.metadata.resolver import SKIPPED, Resolution, Resolved, controller_document
 from f2pipe.processor.runner import (
     DeadLetterAlarm,
     Decoded,
-    ReadingEncoder,
     Rejected,
     Skipped,
     Stage,
-    reading_key,
-    reading_value,
 )
 from f2pipe.tools.dlq import DeadLetter, DeadLetterError, parse_since
 

@@ -49,12 +49,12 @@ from types import FrameType
 from typing import Any, Final, TypeVar, cast
 from zoneinfo import ZoneInfo
 
-import orjson
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 from prometheus_client import Counter, Gauge, Histogram
 
 from f2pipe.core.decode import DecodeError
 from f2pipe.core.reasons import Reason
+from f2pipe.core.records import INGEST_HEADER, TOPIC_HEADER, Reading, ReadingEncoder
 from f2pipe.core.topics import Topic, parse_topic
 from f2pipe.errors import MetadataUnavailable
 from f2pipe.metadata.resolver import SKIPPED, TIERS, Resolution, Resolved, Resolver
@@ -67,8 +67,6 @@ from f2pipe.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-TOPIC_HEADER: Final = "mqtt.topic"
-INGEST_HEADER: Final = "ingest.ts"
 _UTC_ZONE: Final = ZoneInfo("UTC")
 
 Headers = list[tuple[str, str | bytes | None]]
@@ -107,8 +105,6 @@ AMBIGUOUS = Counter(
 )
 
 # --- the pure stage ---------------------------------------------------------------------
-
-Reading = tuple[int, datetime, float]  # (datapoint_id, aware UTC timestamp, value)
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs ~0.5 µs per message
@@ -299,83 +295,6 @@ def _lookup_detail(reason: Reason, topic: Topic) -> str:
     if reason is Reason.UNKNOWN_DEVICE:
         return f"no device with MAC {topic.mac}"
     return f"nothing wired to J{topic.connector} {topic.kind}-{topic.index} of {topic.mac}"
-
-
-def reading_key(device_id: int, datapoint_id: int) -> bytes:
-    """Key of a processed record (SPEC section 4): ``<device_id>:<datapoint_id>``."""
-    return b"%d:%d" % (device_id, datapoint_id)
-
-
-def reading_value(device_id: int, reading: Reading) -> bytes:
-    """Value of a processed record (SPEC section 4), JSON version 1; deterministic.
-
-    ``ts`` is orjson's RFC 3339 text of the aware UTC timestamp (``+00:00``).
-    """
-    datapoint_id, ts, value = reading
-    return orjson.dumps(
-        {"v": 1, "ts": ts, "device_id": device_id, "datapoint_id": datapoint_id, "value": value}
-    )
-
-
-_ENCODER_DEVICES_MAX: Final = 100_000
-
-
-class ReadingEncoder:
-    """Key and value of each processed record, byte for byte :func:`reading_key` and
-    :func:`reading_value`, for a fraction of the instructions.
-
-    :func:`reading_value` builds and walks a dictionary per reading; here each
-    ``(device_id, datapoint_id)`` has its key and a value template with both ids
-    written in, formatted once and cached; per message the timestamp is written
-    once, and per reading only the value, by orjson (its float text is the
-    contract, and it is cheaper than ``repr()``). The cache holds only what the
-    ids determine, so metadata changes never make it stale.
-    """
-
-    __slots__ = ("_devices",)
-
-    def __init__(self) -> None:
-        # device_id -> (datapoint ids, ((key, value template), ...) in the same order)
-        self._devices: dict[int, tuple[tuple[int, ...], tuple[tuple[bytes, bytes], ...]]] = {}
-
-    def encode_values(
-        self,
-        device_id: int,
-        datapoint_ids: tuple[int, ...],
-        stamp: datetime,
-        values: tuple[float, ...],
-        out: list[tuple[bytes, bytes]],
-    ) -> None:
-        """Append ``(key, value)`` of each reading of one message to ``out``: the
-        reading of ``datapoint_ids[i]`` at ``stamp`` (aware UTC) is ``values[i]``."""
-        entry = self._devices.get(device_id)
-        # `is` first: the ids of one compiled template are one tuple, held by the entry.
-        if entry is None or (entry[0] is not datapoint_ids and entry[0] != datapoint_ids):
-            entry = self._remember(device_id, datapoint_ids)
-        dumps = orjson.dumps
-        ts_json = dumps(stamp)
-        append = out.append
-        parts = entry[1]
-        # enumerate, not zip(strict=True): the keyword alone costs a dictionary per call
-        for i, value in enumerate(values):
-            key, template = parts[i]
-            append((key, template % (ts_json, dumps(value))))
-
-    def _remember(
-        self, device_id: int, datapoint_ids: tuple[int, ...]
-    ) -> tuple[tuple[int, ...], tuple[tuple[bytes, bytes], ...]]:
-        if len(self._devices) >= _ENCODER_DEVICES_MAX:
-            self._devices.clear()
-        parts = tuple(
-            (
-                reading_key(device_id, dp),
-                # ids are integers, so the only % directives left are the two %b
-                b'{"v":1,"ts":%%b,"device_id":%d,"datapoint_id":%d,"value":%%b}' % (device_id, dp),
-            )
-            for dp in datapoint_ids
-        )
-        entry = self._devices[device_id] = (datapoint_ids, parts)
-        return entry
 
 
 # --- the runner ------------------------------------------------------------------------
