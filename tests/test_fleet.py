@@ -14,7 +14,7 @@ from f2pipe import cli
 from f2pipe.core.topics import normalize_mac
 from f2pipe.errors import FleetError
 from f2pipe.metadata.database import seed_demo
-from f2pipe.metadata.fleet import export_fleet, import_fleet, parse_fleet
+from f2pipe.metadata.fleet import apply_fleet, export_fleet, import_fleet, parse_fleet
 from f2pipe.settings import get_settings
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "fleet.example.yaml"
@@ -267,6 +267,28 @@ def test_import_registers_the_fleet_and_reimport_changes_nothing(
     again = import_fleet(fresh_db, path)
     assert again.total == 0
     assert snapshot(fresh_db) == before  # not one row, not even the change version
+
+
+@pytest.mark.servers
+def test_a_parsed_fleet_applies_like_its_file(fresh_db: str, tmp_path: Path) -> None:
+    fleet = parse_fleet(SMALL)
+    dry = apply_fleet(fresh_db, fleet, dry_run=True)
+    assert snapshot(fresh_db)["devices"] == []
+    assert apply_fleet(fresh_db, fleet).counts == dry.counts
+    before = snapshot(fresh_db)
+    assert apply_fleet(fresh_db, fleet).total == 0
+    assert import_fleet(fresh_db, write(tmp_path, SMALL)).total == 0
+    assert snapshot(fresh_db) == before
+
+    dangling = fleet.model_copy(update={"sensors": fleet.sensors[:1]})
+    with pytest.raises(FleetError, match=r"<fleet>: wiring\[1\]\.sensor: no sensor"):
+        apply_fleet(fresh_db, dangling)
+    bad_zone = fleet.model_copy(
+        update={"controllers": [fleet.controllers[0].model_copy(update={"timezone": "Mars/X"})]}
+    )
+    with pytest.raises(FleetError, match=r"<fleet>: controllers\[0\]: database refused it"):
+        apply_fleet(fresh_db, bad_zone.model_copy(update={"wiring": fleet.wiring[:1]}))
+    assert snapshot(fresh_db) == before
 
 
 @pytest.mark.servers

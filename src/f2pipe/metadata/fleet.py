@@ -43,7 +43,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -249,16 +249,17 @@ def _loc_text(loc: Loc) -> str:
 class Problem:
     """One thing wrong with a fleet file: where (line, field path) and what."""
 
-    line: int
+    line: int | None  # None for a document that never was text (a Fleet built in code)
     loc: Loc
     message: str
 
     def render(self, source: str) -> str:
-        return f"{source}:{self.line}: {_loc_text(self.loc)}: {self.message}"
+        where = source if self.line is None else f"{source}:{self.line}"
+        return f"{where}: {_loc_text(self.loc)}: {self.message}"
 
 
 def _fail(source: str, problems: Sequence[Problem]) -> FleetError:
-    ordered = sorted(problems, key=lambda p: p.line)
+    ordered = sorted(problems, key=lambda p: p.line or 0)
     noun = "problem" if len(ordered) == 1 else "problems"
     lines = [p.render(source) for p in ordered]
     return FleetError(f"{len(ordered)} {noun}, nothing written:\n  " + "\n  ".join(lines))
@@ -434,6 +435,29 @@ def import_fleet(dsn: str, path: Path, dry_run: bool = False) -> Changes:
     except OSError as exc:
         raise FleetError(f"cannot read {source}: {exc.strerror}") from None
     document, fleet = _load(text, source)
+    return _write(dsn, fleet, dry_run, source, lambda loc: line_of(document, loc))
+
+
+def apply_fleet(dsn: str, fleet: Fleet, dry_run: bool = False) -> Changes:
+    """Make the database match an already-parsed fleet document, as :func:`import_fleet` does.
+
+    The same guarantees: the references are checked before anything is written,
+    the writes run in one transaction under the importers' advisory lock, only
+    rows that differ are written (so applying the same fleet twice changes
+    nothing), and ``dry_run`` counts the changes and rolls them back. Raises
+    FleetError naming the entry (``controllers[0].name: ...``) on a problem.
+    """
+    source = "<fleet>"
+    problems = [Problem(None, loc, message) for loc, message in check_references(fleet)]
+    if problems:
+        raise _fail(source, problems)
+    return _write(dsn, fleet, dry_run, source, lambda loc: None)
+
+
+def _write(
+    dsn: str, fleet: Fleet, dry_run: bool, source: str, line: Callable[[Loc], int | None]
+) -> Changes:
+    """Write a checked fleet in one locked transaction; a refusal names ``source`` and line."""
     try:
         with psycopg.connect(dsn) as conn:
             try:
@@ -443,8 +467,7 @@ def import_fleet(dsn: str, path: Path, dry_run: bool = False) -> Changes:
                     if dry_run:
                         raise psycopg.Rollback(tx)
             except _Refused as exc:
-                problem = Problem(line_of(document, exc.loc), exc.loc, exc.message)
-                raise _fail(source, [problem]) from None
+                raise _fail(source, [Problem(line(exc.loc), exc.loc, exc.message)]) from None
     except psycopg.OperationalError as exc:
         raise FleetError(f"cannot reach the metadata database: {exc}".strip()) from None
     return changes
