@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from f2pipe.core.deadletter import Rejected
 from f2pipe.core.frames import (
-    FrameError,
     check_modbus_frame,
     crc16_modbus,
     crc16_modbus_reference,
@@ -51,13 +51,13 @@ def test_encoded_frames_pass(address: int, function: int, data: bytes) -> None:
 @pytest.mark.parametrize("size", [0, 1, 2, 3, 4])
 def test_fewer_than_five_bytes_is_bad_frame(size: int) -> None:
     error = check_modbus_frame(bytes.fromhex("01 83 02 C0 F1")[:size])
-    assert isinstance(error, FrameError)
+    assert isinstance(error, Rejected)
     assert error.reason is Reason.BAD_FRAME
 
 
 def test_exception_response_names_its_code() -> None:
     error = check_modbus_frame(bytes.fromhex("01 83 02 C0 F1"))
-    assert error == FrameError(
+    assert error == Rejected(
         Reason.MODBUS_EXCEPTION, "exception code 2 (illegal data address) for function 3"
     )
 

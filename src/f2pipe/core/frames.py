@@ -14,17 +14,16 @@ reference the tests check it against.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Final
 
 from fastcrc import crc16 as _fastcrc16
 
+from f2pipe.core.deadletter import Rejected
 from f2pipe.core.reasons import Reason
 
 __all__ = [
     "DATA_START",
     "EXCEPTION_NAMES",
-    "FrameError",
     "check_modbus_frame",
     "crc16_modbus",
     "crc16_modbus_reference",
@@ -75,20 +74,12 @@ def crc16_modbus_reference(data: bytes) -> int:
     return crc
 
 
-@dataclass(frozen=True, slots=True)
-class FrameError:
-    """Why a frame was rejected: one of SPEC section 7's reasons and a human detail."""
-
-    reason: Reason
-    detail: str
-
-
 def _crc_detail(frame: bytes) -> str:
     sent = frame[-2] | (frame[-1] << 8)
     return f"frame CRC 0x{sent:04X}, computed 0x{crc16_modbus(frame[:-2]):04X}"
 
 
-def check_modbus_frame(frame: bytes) -> FrameError | None:
+def check_modbus_frame(frame: bytes) -> Rejected | None:
     """Validate ``frame`` as a Modbus RTU response; ``None`` when it is good.
 
     The checks run in SPEC section 2's order and the first failure decides:
@@ -100,31 +91,31 @@ def check_modbus_frame(frame: bytes) -> FrameError | None:
     """
     size = len(frame)
     if size < _OVERHEAD:
-        return FrameError(Reason.BAD_FRAME, f"frame of {size} bytes, at least 5 needed")
+        return Rejected(Reason.BAD_FRAME, f"frame of {size} bytes, at least 5 needed")
     # The CRC of a whole frame, its CRC included (low byte first), is zero exactly
     # when the CRC is right: one call and no slicing on the good path.
     crc_ok = crc16_modbus(frame) == 0
     func = frame[1]
     if func & 0x80:
         if not crc_ok:
-            return FrameError(Reason.CRC_MISMATCH, _crc_detail(frame))
+            return Rejected(Reason.CRC_MISMATCH, _crc_detail(frame))
         code = frame[2]
         name = EXCEPTION_NAMES.get(code, "unknown")
-        return FrameError(
+        return Rejected(
             Reason.MODBUS_EXCEPTION,
             f"exception code {code} ({name}) for function {func & 0x7F}",
         )
     if frame[2] != size - _OVERHEAD:
-        return FrameError(
+        return Rejected(
             Reason.BAD_FRAME,
             f"byte count {frame[2]} but {size - _OVERHEAD} data bytes in a {size}-byte frame",
         )
     if not crc_ok:
-        return FrameError(Reason.CRC_MISMATCH, _crc_detail(frame))
+        return Rejected(Reason.CRC_MISMATCH, _crc_detail(frame))
     return None
 
 
-def modbus_data(frame: bytes) -> bytes | FrameError:
+def modbus_data(frame: bytes) -> bytes | Rejected:
     """The data bytes of a valid Modbus RTU response, or why it is not one."""
     error = check_modbus_frame(frame)
     if error is not None:

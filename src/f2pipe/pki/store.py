@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from psycopg import Connection
 from psycopg_pool import ConnectionPool
 
+from f2pipe.errors import CertError
 from f2pipe.pki.ca import Issued, common_name, serial_text
 
 
@@ -36,7 +37,7 @@ class Revocation:
     newly: bool
 
 
-class ClaimAlreadyUsed(Exception):
+class ClaimAlreadyUsed(CertError):
     """The claiming code was consumed by a concurrent request first."""
 
 
