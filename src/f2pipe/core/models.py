@@ -8,13 +8,19 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from f2pipe.core.decode import BYTE_ORDERS, ENCODINGS
+from f2pipe.core.decode import BYTE_ORDERS, ENCODINGS, DatapointSpec
 
 
 class Datapoint(BaseModel):
-    """One datapoint of a template, as SPEC section 2 decodes it (fleet files use this shape)."""
+    """One datapoint of a template, as SPEC section 2 decodes it: the one validated shape.
 
-    model_config = ConfigDict(frozen=True)
+    Fleet documents (and so the demo fleet) hold these. Strict and closed, because
+    a datapoint is configuration: "2" for a number, or a misspelt key, is a mistake
+    worth naming. The decoder works on :class:`~f2pipe.core.decode.DatapointSpec`,
+    which adds the database id; :meth:`spec` is the conversion.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     label: str = Field(min_length=1)
     data_encoding: str
@@ -38,6 +44,20 @@ class Datapoint(BaseModel):
         if value.upper() not in BYTE_ORDERS:
             raise ValueError(f"{value!r} is not one of {', '.join(BYTE_ORDERS)}")
         return value.upper()
+
+    def spec(self, datapoint_id: int) -> DatapointSpec:
+        """This datapoint as the decoder compiles it, under the metadata's ``datapoint_id``."""
+        return DatapointSpec(
+            datapoint_id,
+            self.label,
+            self.data_encoding,
+            self.byte_offset,
+            self.byte_length,
+            self.byte_order,
+            self.decimals,
+            self.unit,
+            self.json_field,
+        )
 
 
 class CertificateRequest(BaseModel):
