@@ -1,0 +1,62 @@
+"""Fleet descriptions: ``f2pipe fleet import FILE.yaml`` and ``f2pipe fleet export [FILE]``.
+
+A fleet file is YAML with one version key and five lists::
+
+    version: 1
+    device_types:   [{name, is_controller, is_sensor}]
+    templates:      [{name, device_type, model, description, frame_check,
+                      datapoints: [{label, data_encoding, byte_offset, byte_length,
+                                    byte_order, decimals, unit, json_field}]}]
+    controllers:    [{name, mac, template, timezone, serial_number, claiming_code}]
+    sensors:        [{name, template, serial_number}]
+    wiring:         [{controller: <mac>, connector: 1..4, pin: 1..6, sensor: <name>}]
+
+Identity on re-import (what an entry updates rather than creates):
+
+- device types and templates by ``name`` (both unique in the schema);
+- datapoints by ``(template, label)``;
+- controllers by MAC (``aabbccddee01``, ``aa:bb:cc:dd:ee:01`` and ``aa-bb-...`` are
+  the same controller);
+- sensors by ``name`` among the devices that have no MAC. Sensor names must
+  therefore be unique in the file, and an import refuses a name that more than
+  one MAC-less device in the database already carries. Renaming a sensor in the
+  file registers a new device (the old one keeps its id and its readings).
+
+What the file names, it states completely: a template's datapoints are exactly
+those listed (others of that template are deleted), and the wiring of every
+controller in the file is exactly the file's wiring (pins it does not list are
+removed; a changed entry rewires the pin). Whatever the file does not name
+(other templates, controllers, sensors) is left as it is; nothing is deleted
+except datapoints and pins as just said. A controller's ``claiming_code`` is set
+when given and left unchanged when omitted.
+
+Guarantees: the whole file is validated before anything is written (every
+error names the file's line and the field); the import runs in one
+transaction, so a database refusal leaves nothing half-written; only rows that
+actually differ are written, so re-importing the same file changes nothing
+(and wakes no processor cache). Export omits claiming codes unless asked,
+because they are credentials.
+
+The modules, by job: :mod:`.document` (the models and the reference checks),
+:mod:`.yamlload` (YAML with lines, and where each problem is), :mod:`.importer`
+(one locked transaction, only differing rows), :mod:`.exporter`, :mod:`.cli` (``configure``
+is re-exported here because ``f2pipe fleet`` names this package).
+"""
+
+from f2pipe.metadata.fleet.cli import configure
+from f2pipe.metadata.fleet.document import Fleet, check_references
+from f2pipe.metadata.fleet.exporter import export_fleet
+from f2pipe.metadata.fleet.importer import Changes, apply_fleet, import_fleet, write_fleet
+from f2pipe.metadata.fleet.yamlload import parse_fleet
+
+__all__ = [
+    "Changes",
+    "Fleet",
+    "apply_fleet",
+    "check_references",
+    "configure",
+    "export_fleet",
+    "import_fleet",
+    "parse_fleet",
+    "write_fleet",
+]

@@ -1,0 +1,161 @@
+"""The fleet document: its pydantic models and the checks across entries.
+
+A :class:`Fleet` that validates is field-valid; :func:`check_references` finds
+what only the whole document can show (duplicates, dangling names). A template's
+datapoints are the one shared :class:`f2pipe.core.models.Datapoint`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from f2pipe.core.decode import ENCODINGS
+from f2pipe.core.models import Datapoint
+from f2pipe.core.topics import normalize_mac
+
+FORMAT_VERSION: Literal[1] = 1
+
+Loc = tuple[str | int, ...]
+
+# encoding -> width in bytes (bool's width is free, 1..8)
+ENCODING_WIDTHS: dict[str, int] = {name: width for name, (_, width) in ENCODINGS.items() if width}
+
+
+class _Entry(BaseModel):
+    # strict: a fleet file is configuration; "2" for a number is a mistake worth naming.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class DeviceTypeEntry(_Entry):
+    name: str = Field(min_length=1)
+    is_controller: bool = False
+    is_sensor: bool = False
+
+
+class TemplateEntry(_Entry):
+    name: str = Field(min_length=1)
+    device_type: str = Field(min_length=1)
+    model: str | None = None
+    description: str | None = None
+    frame_check: Literal["modbus_crc", "none"] = "modbus_crc"
+    datapoints: list[Datapoint] = Field(default_factory=list)
+
+
+class ControllerEntry(_Entry):
+    name: str = Field(min_length=1)
+    mac: str
+    template: str = Field(min_length=1)
+    # Checked by the database against pg_timezone_names, the authority the processor uses.
+    timezone: str = Field(default="UTC", min_length=1)
+    serial_number: str | None = None
+    claiming_code: str | None = Field(default=None, min_length=1)
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str) -> str:
+        return normalize_mac(value)
+
+
+class SensorEntry(_Entry):
+    name: str = Field(min_length=1)
+    template: str = Field(min_length=1)
+    serial_number: str | None = None
+
+
+class WiringEntry(_Entry):
+    controller: str
+    connector: int = Field(ge=1, le=4)
+    pin: int = Field(ge=1, le=6)
+    sensor: str = Field(min_length=1)
+
+    @field_validator("controller")
+    @classmethod
+    def _mac(cls, value: str) -> str:
+        return normalize_mac(value)
+
+
+class Fleet(_Entry):
+    """A whole fleet file, field-valid; :func:`check_references` checks the cross-references."""
+
+    version: Literal[1] = FORMAT_VERSION
+    device_types: list[DeviceTypeEntry] = Field(default_factory=list)
+    templates: list[TemplateEntry] = Field(default_factory=list)
+    controllers: list[ControllerEntry] = Field(default_factory=list)
+    sensors: list[SensorEntry] = Field(default_factory=list)
+    wiring: list[WiringEntry] = Field(default_factory=list)
+
+
+def check_references(fleet: Fleet) -> list[tuple[Loc, str]]:
+    """Cross-entry problems of a field-valid fleet: duplicates and dangling names."""
+    problems: list[tuple[Loc, str]] = []
+
+    def unique(kind: str, keys: Iterable[object], what: str) -> None:
+        seen: dict[object, int] = {}
+        for i, key in enumerate(keys):
+            if key in seen:
+                problems.append(((kind, i), f"duplicate {what} {key!r} (also entry {seen[key]})"))
+            else:
+                seen[key] = i
+
+    types = {t.name: t for t in fleet.device_types}
+    templates = {t.name: t for t in fleet.templates}
+    unique("device_types", (t.name for t in fleet.device_types), "device type name")
+    unique("templates", (t.name for t in fleet.templates), "template name")
+    unique("controllers", (c.mac for c in fleet.controllers), "controller MAC")
+    unique("sensors", (s.name for s in fleet.sensors), "sensor name")
+    unique("wiring", ((w.controller, w.connector, w.pin) for w in fleet.wiring), "position")
+    unique("wiring", (w.sensor for w in fleet.wiring), "wiring of sensor")
+
+    for i, tpl in enumerate(fleet.templates):
+        if tpl.device_type not in types:
+            problems.append(
+                (("templates", i, "device_type"), f"unknown device type {tpl.device_type!r}")
+            )
+        labels: dict[str, int] = {}
+        for j, dp in enumerate(tpl.datapoints):
+            loc: Loc = ("templates", i, "datapoints", j)
+            if dp.label in labels:
+                problems.append(((*loc, "label"), f"duplicate label {dp.label!r} in this template"))
+            labels.setdefault(dp.label, j)
+            width = ENCODING_WIDTHS.get(dp.data_encoding)
+            if width is not None and dp.byte_length != width:
+                problems.append(
+                    (
+                        (*loc, "byte_length"),
+                        f"{dp.data_encoding} is {width} byte(s), not {dp.byte_length}",
+                    )
+                )
+            if dp.data_encoding == "bool" and dp.byte_length > 8:
+                problems.append(((*loc, "byte_length"), "bool is 1 to 8 bytes"))
+
+    def template_ref(kind: str, i: int, name: str, role: Literal["controller", "sensor"]) -> None:
+        tpl = templates.get(name)
+        if tpl is None:
+            problems.append(((kind, i, "template"), f"unknown template {name!r}"))
+            return
+        dtype = types.get(tpl.device_type)
+        if dtype is not None and not getattr(dtype, f"is_{role}"):
+            problems.append(
+                (
+                    (kind, i, "template"),
+                    f"template {name!r} is not a {role} (device type {dtype.name!r})",
+                )
+            )
+
+    for i, ctl in enumerate(fleet.controllers):
+        template_ref("controllers", i, ctl.template, "controller")
+    for i, sensor in enumerate(fleet.sensors):
+        template_ref("sensors", i, sensor.template, "sensor")
+    macs = {c.mac for c in fleet.controllers}
+    sensors = {s.name for s in fleet.sensors}
+    for i, wire in enumerate(fleet.wiring):
+        if wire.controller not in macs:
+            problems.append(
+                (("wiring", i, "controller"), f"no controller {wire.controller} in this file")
+            )
+        if wire.sensor not in sensors:
+            problems.append((("wiring", i, "sensor"), f"no sensor {wire.sensor!r} in this file"))
+    return problems

@@ -1,0 +1,454 @@
+"""Make the metadata match a fleet document: one transaction, only the rows that differ.
+
+Every writer of fleet documents (``f2pipe fleet import``, ``f2pipe db
+seed-demo``, the simulator's provisioning) goes through here. An import takes a
+transaction-level advisory lock first, so concurrent imports each plan their
+changes from a fresh read; each statement runs in a savepoint, so a database
+refusal names the one entry that caused it and the whole import rolls back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from f2pipe.errors import FleetError
+from f2pipe.metadata.fleet.document import Fleet, Loc, TemplateEntry, check_references
+from f2pipe.metadata.fleet.yamlload import Problem, line_of, load_document, problems_error
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+_LOCK_KEY = 0xF2_F1_EE  # serialises concurrent imports: each plans its changes from a fresh read
+
+
+@dataclass
+class Changes:
+    """What an import wrote, counted per kind: ``{"templates": {"created": 1}, ...}``."""
+
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def add(self, kind: str, action: str) -> None:
+        per_kind = self.counts.setdefault(kind, {})
+        per_kind[action] = per_kind.get(action, 0) + 1
+
+    @property
+    def total(self) -> int:
+        return sum(sum(a.values()) for a in self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no changes: the database already matches the file"
+        parts = []
+        for kind, actions in self.counts.items():
+            done = ", ".join(f"{n} {action}" for action, n in actions.items())
+            parts.append(f"{kind}: {done}")
+        return "; ".join(parts)
+
+
+class _Refused(FleetError):
+    """A database refusal during the import, tied to the entry that caused it.
+
+    Never escapes: :func:`_write` turns it into a FleetError naming the line.
+    """
+
+    def __init__(self, loc: Loc, message: str) -> None:
+        super().__init__(message)
+        self.loc = loc
+        self.message = message
+
+
+def import_fleet(dsn: str, path: Path, dry_run: bool = False) -> Changes:
+    """Validate ``path`` and make the database match it in one transaction.
+
+    Raises FleetError (every message names the file's line and the field) when the
+    file is invalid or the database refuses an entry; then nothing is written.
+    With ``dry_run`` the changes are counted and rolled back.
+    """
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise FleetError(f"cannot read {source}: {exc.strerror}") from None
+    document, fleet = load_document(text, source)
+    return _in_transaction(
+        dsn, dry_run, lambda conn: _write(conn, fleet, source, lambda loc: line_of(document, loc))
+    )
+
+
+def apply_fleet(dsn: str, fleet: Fleet, dry_run: bool = False) -> Changes:
+    """Make the database match an already-parsed fleet document, as :func:`import_fleet` does.
+
+    The same guarantees: the references are checked before anything is written,
+    the writes run in one transaction under the importers' advisory lock, only
+    rows that differ are written (so applying the same fleet twice changes
+    nothing), and ``dry_run`` counts the changes and rolls them back. Raises
+    FleetError naming the entry (``controllers[0].name: ...``) on a problem.
+    """
+    _check(fleet)
+    return _in_transaction(dsn, dry_run, lambda conn: _write(conn, fleet, _SOURCE, _no_line))
+
+
+def write_fleet(conn: Conn, fleet: Fleet) -> Changes:
+    """What :func:`apply_fleet` does, inside the caller's open transaction on ``conn``.
+
+    For a caller that reads and writes in one transaction: it calls
+    :func:`hold_import_lock` before its reads, then this. A FleetError leaves the
+    transaction to the caller, who lets it roll back.
+    """
+    _check(fleet)
+    return _write(conn, fleet, _SOURCE, _no_line)
+
+
+def hold_import_lock(conn: Conn) -> None:
+    """Wait for, then hold until the transaction ends, the lock every fleet writer takes."""
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+
+
+_SOURCE = "<fleet>"  # how problems name a document that never was a file
+
+
+def _no_line(loc: Loc) -> int | None:
+    return None
+
+
+def _check(fleet: Fleet) -> None:
+    problems = [Problem(None, loc, message) for loc, message in check_references(fleet)]
+    if problems:
+        raise problems_error(_SOURCE, problems)
+
+
+def _in_transaction(dsn: str, dry_run: bool, write: Callable[[Conn], Changes]) -> Changes:
+    try:
+        with psycopg.connect(dsn) as conn, conn.transaction() as tx:
+            changes = write(conn)
+            if dry_run:
+                raise psycopg.Rollback(tx)
+    except psycopg.OperationalError as exc:
+        raise FleetError(f"cannot reach the metadata database: {exc}".strip()) from None
+    return changes
+
+
+def _write(conn: Conn, fleet: Fleet, source: str, line: Callable[[Loc], int | None]) -> Changes:
+    """Write a checked fleet under the lock; a refusal names ``source``, line and entry."""
+    hold_import_lock(conn)
+    try:
+        return _apply(conn, fleet)
+    except _Refused as exc:
+        raise problems_error(source, [Problem(line(exc.loc), exc.loc, exc.message)]) from None
+
+
+def _refusal(exc: psycopg.Error) -> str:
+    diag = exc.diag
+    what = diag.message_primary or str(exc)
+    if diag.constraint_name:
+        what += f" (constraint {diag.constraint_name})"
+    return f"database refused it: {what}"
+
+
+def _run(conn: Conn, loc: Loc, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """Run one statement for the entry at ``loc``; a refusal becomes _Refused naming it."""
+    try:
+        with conn.transaction():  # a savepoint, so the refusal names this entry alone
+            cur = conn.execute(query.encode(), params)
+            return cur.fetchall() if cur.description else []
+    except psycopg.errors.IntegrityError as exc:
+        raise _Refused(loc, _refusal(exc)) from None
+    except psycopg.errors.DataError as exc:
+        raise _Refused(loc, _refusal(exc)) from None
+
+
+def _apply(conn: Conn, fleet: Fleet) -> Changes:
+    changes = Changes()
+    type_ids = _apply_types(conn, fleet, changes)
+    template_ids = _apply_templates(conn, fleet, type_ids, changes)
+    controller_ids = _apply_controllers(conn, fleet, template_ids, changes)
+    sensor_ids = _apply_sensors(conn, fleet, template_ids, changes)
+    _apply_wiring(conn, fleet, controller_ids, sensor_ids, changes)
+    return changes
+
+
+def _apply_types(conn: Conn, fleet: Fleet, changes: Changes) -> dict[str, int]:
+    current = {
+        row[0]: (row[1], row[2], row[3])
+        for row in conn.execute(
+            "SELECT name, device_type_id, is_controller, is_sensor FROM device_types"
+        )
+    }
+    ids: dict[str, int] = {name: v[0] for name, v in current.items()}
+    for i, entry in enumerate(fleet.device_types):
+        loc: Loc = ("device_types", i)
+        have = current.get(entry.name)
+        if have is None:
+            rows = _run(
+                conn,
+                loc,
+                "INSERT INTO device_types (name, is_controller, is_sensor) VALUES (%s, %s, %s)"
+                " RETURNING device_type_id",
+                (entry.name, entry.is_controller, entry.is_sensor),
+            )
+            ids[entry.name] = rows[0][0]
+            changes.add("device types", "created")
+        elif have[1:] != (entry.is_controller, entry.is_sensor):
+            _run(
+                conn,
+                loc,
+                "UPDATE device_types SET is_controller = %s, is_sensor = %s"
+                " WHERE device_type_id = %s",
+                (entry.is_controller, entry.is_sensor, have[0]),
+            )
+            changes.add("device types", "updated")
+    return ids
+
+
+def _apply_templates(
+    conn: Conn, fleet: Fleet, type_ids: dict[str, int], changes: Changes
+) -> dict[str, int]:
+    current = {
+        row[0]: row[1:]
+        for row in conn.execute(
+            "SELECT name, device_template_id, model, description, device_type_id, frame_check"
+            " FROM device_templates"
+        )
+    }
+    ids: dict[str, int] = {name: v[0] for name, v in current.items()}
+    for i, entry in enumerate(fleet.templates):
+        loc: Loc = ("templates", i)
+        wanted = (entry.model, entry.description, type_ids[entry.device_type], entry.frame_check)
+        have = current.get(entry.name)
+        if have is None:
+            rows = _run(
+                conn,
+                loc,
+                "INSERT INTO device_templates"
+                " (name, model, description, device_type_id, frame_check)"
+                " VALUES (%s, %s, %s, %s, %s) RETURNING device_template_id",
+                (entry.name, *wanted),
+            )
+            ids[entry.name] = rows[0][0]
+            changes.add("templates", "created")
+        elif tuple(have[1:]) != wanted:
+            _run(
+                conn,
+                loc,
+                "UPDATE device_templates SET model = %s, description = %s, device_type_id = %s,"
+                " frame_check = %s WHERE device_template_id = %s",
+                (*wanted, have[0]),
+            )
+            changes.add("templates", "updated")
+        _apply_datapoints(conn, loc, entry, ids[entry.name], changes)
+    return ids
+
+
+def _apply_datapoints(
+    conn: Conn, loc: Loc, entry: TemplateEntry, template_id: int, changes: Changes
+) -> None:
+    current = {
+        row[0]: row[1:]
+        for row in conn.execute(
+            "SELECT label, datapoint_id, data_encoding, byte_offset, byte_length, byte_order,"
+            " decimals, unit, json_field FROM datapoints WHERE device_template_id = %s",
+            (template_id,),
+        )
+    }
+    for j, dp in enumerate(entry.datapoints):
+        dp_loc: Loc = (*loc, "datapoints", j)
+        wanted = (
+            dp.data_encoding,
+            dp.byte_offset,
+            dp.byte_length,
+            dp.byte_order,
+            dp.decimals,
+            dp.unit,
+            dp.json_field,
+        )
+        have = current.get(dp.label)
+        if have is None:
+            _run(
+                conn,
+                dp_loc,
+                "INSERT INTO datapoints (device_template_id, label, data_encoding, byte_offset,"
+                " byte_length, byte_order, decimals, unit, json_field)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (template_id, dp.label, *wanted),
+            )
+            changes.add("datapoints", "created")
+        elif (str(have[1]).lower(), *have[2:]) != wanted:
+            _run(
+                conn,
+                dp_loc,
+                "UPDATE datapoints SET data_encoding = %s, byte_offset = %s, byte_length = %s,"
+                " byte_order = %s, decimals = %s, unit = %s, json_field = %s"
+                " WHERE datapoint_id = %s",
+                (*wanted, have[0]),
+            )
+            changes.add("datapoints", "updated")
+    gone = [
+        have[0]
+        for label, have in current.items()
+        if label not in {d.label for d in entry.datapoints}
+    ]
+    if gone:
+        _run(conn, loc, "DELETE FROM datapoints WHERE datapoint_id = ANY(%s)", (gone,))
+        for _ in gone:
+            changes.add("datapoints", "deleted")
+
+
+def _apply_controllers(
+    conn: Conn, fleet: Fleet, template_ids: dict[str, int], changes: Changes
+) -> dict[str, int]:
+    macs = [c.mac for c in fleet.controllers]
+    current = {
+        row[0]: row[1:]
+        for row in conn.execute(
+            "SELECT mac_address, device_id, name, device_template_id, timezone, serial_number,"
+            " claiming_code FROM devices WHERE mac_address = ANY(%s)",
+            (macs,),
+        )
+    }
+    ids: dict[str, int] = {}
+    for i, entry in enumerate(fleet.controllers):
+        loc: Loc = ("controllers", i)
+        have = current.get(entry.mac)
+        wanted = (entry.name, template_ids[entry.template], entry.timezone, entry.serial_number)
+        if have is None:
+            rows = _run(
+                conn,
+                loc,
+                "INSERT INTO devices (name, device_template_id, timezone, serial_number,"
+                " claiming_code, mac_address) VALUES (%s, %s, %s, %s, %s, %s) RETURNING device_id",
+                (*wanted, entry.claiming_code, entry.mac),
+            )
+            ids[entry.mac] = rows[0][0]
+            changes.add("controllers", "created")
+            continue
+        ids[entry.mac] = have[0]
+        code = have[5] if entry.claiming_code is None else entry.claiming_code
+        if (*have[1:5], have[5]) != (*wanted, code):
+            _run(
+                conn,
+                loc,
+                "UPDATE devices SET name = %s, device_template_id = %s, timezone = %s,"
+                " serial_number = %s, claiming_code = %s WHERE device_id = %s",
+                (*wanted, code, have[0]),
+            )
+            changes.add("controllers", "updated")
+    return ids
+
+
+def _apply_sensors(
+    conn: Conn, fleet: Fleet, template_ids: dict[str, int], changes: Changes
+) -> dict[str, int]:
+    names = [s.name for s in fleet.sensors]
+    current: dict[str, list[tuple[Any, ...]]] = {}
+    for row in conn.execute(
+        "SELECT name, device_id, device_template_id, serial_number FROM devices"
+        " WHERE mac_address IS NULL AND name = ANY(%s) ORDER BY device_id",
+        (names,),
+    ):
+        current.setdefault(row[0], []).append(row[1:])
+    ids: dict[str, int] = {}
+    for i, entry in enumerate(fleet.sensors):
+        loc: Loc = ("sensors", i)
+        matches = current.get(entry.name, [])
+        wanted = (template_ids[entry.template], entry.serial_number)
+        if len(matches) > 1:
+            listed = ", ".join(str(m[0]) for m in matches)
+            raise _Refused(
+                (*loc, "name"),
+                f"{len(matches)} sensors in the database are named {entry.name!r}"
+                f" (device ids {listed}); rename them so the name says which one is meant",
+            )
+        if not matches:
+            rows = _run(
+                conn,
+                loc,
+                "INSERT INTO devices (name, device_template_id, serial_number) VALUES (%s, %s, %s)"
+                " RETURNING device_id",
+                (entry.name, *wanted),
+            )
+            ids[entry.name] = rows[0][0]
+            changes.add("sensors", "created")
+            continue
+        have = matches[0]
+        ids[entry.name] = have[0]
+        if tuple(have[1:]) != wanted:
+            _run(
+                conn,
+                loc,
+                "UPDATE devices SET device_template_id = %s, serial_number = %s"
+                " WHERE device_id = %s",
+                (*wanted, have[0]),
+            )
+            changes.add("sensors", "updated")
+    return ids
+
+
+def _apply_wiring(
+    conn: Conn,
+    fleet: Fleet,
+    controller_ids: dict[str, int],
+    sensor_ids: dict[str, int],
+    changes: Changes,
+) -> None:
+    for ctl_index, ctl in enumerate(fleet.controllers):
+        controller_id = controller_ids[ctl.mac]
+        connectors = {
+            row[0]: row[1]
+            for row in conn.execute(
+                "SELECT connector_number, connector_id FROM connectors WHERE controller_id = %s",
+                (controller_id,),
+            )
+        }
+        current = {
+            (row[0], row[1]): (row[2], row[3])
+            for row in conn.execute(
+                "SELECT c.connector_number, p.position, p.pin_id, p.device_id"
+                " FROM pins p JOIN connectors c USING (connector_id) WHERE c.controller_id = %s",
+                (controller_id,),
+            )
+        }
+        wanted = {
+            (w.connector, w.pin): (i, sensor_ids[w.sensor])
+            for i, w in enumerate(fleet.wiring)
+            if w.controller == ctl.mac
+        }
+        # Removals first, so a sensor moved between pins never sits on two at once.
+        gone = [pin_id for key, (pin_id, _) in current.items() if key not in wanted]
+        if gone:
+            _run(
+                conn, ("controllers", ctl_index), "DELETE FROM pins WHERE pin_id = ANY(%s)", (gone,)
+            )
+            for _ in gone:
+                changes.add("wiring", "removed")
+        for (number, position), (i, device_id) in sorted(wanted.items()):
+            loc: Loc = ("wiring", i)
+            have = current.get((number, position))
+            if have is not None:
+                if have[1] != device_id:
+                    _run(
+                        conn,
+                        loc,
+                        "UPDATE pins SET device_id = %s WHERE pin_id = %s",
+                        (device_id, have[0]),
+                    )
+                    changes.add("wiring", "rewired")
+                continue
+            if number not in connectors:
+                rows = _run(
+                    conn,
+                    loc,
+                    "INSERT INTO connectors (controller_id, connector_number) VALUES (%s, %s)"
+                    " RETURNING connector_id",
+                    (controller_id, number),
+                )
+                connectors[number] = rows[0][0]
+            _run(
+                conn,
+                loc,
+                "INSERT INTO pins (connector_id, position, device_id) VALUES (%s, %s, %s)",
+                (connectors[number], position, device_id),
+            )
+            changes.add("wiring", "created")
