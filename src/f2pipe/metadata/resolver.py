@@ -44,7 +44,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Any, Final, LiteralString
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -56,6 +55,7 @@ import redis
 from f2pipe.core.decode import CompiledTemplate, DatapointSpec, TemplateSpec, compile_template
 from f2pipe.core.reasons import Reason
 from f2pipe.errors import MetadataUnavailable
+from f2pipe.metadata.lookup import SKIPPED, Resolution, Resolved
 from f2pipe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,29 +69,6 @@ STATUS_KINDS: Final = frozenset(
     {"strike", "door-sensors", "reader", "exit-buttons", "siren", "motion-sensor"}
 )
 
-
-class _Skipped:
-    """Verdict for a component that is deliberately not decoded (counted, not dead-lettered)."""
-
-    __slots__ = ()
-
-    def __repr__(self) -> str:
-        return "SKIPPED"
-
-
-SKIPPED: Final = _Skipped()
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    """Everything needed to decode one message of a wired component."""
-
-    device_id: int
-    tz: ZoneInfo
-    template: CompiledTemplate
-
-
-Resolution = Resolved | Reason | _Skipped
 
 _CONTROLLER_SQL: Final = """
 SELECT ctl.device_id, ctl.timezone, c.connector_number, p.position, s.device_id,
