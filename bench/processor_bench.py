@@ -48,8 +48,9 @@ from f2pipe.core.decode import DecodeError
 from f2pipe.core.frames import crc16_modbus, encode_modbus_response
 from f2pipe.core.records import ReadingEncoder
 from f2pipe.metadata.database import create_database, migrate
-from f2pipe.metadata.resolver import Resolved, Resolver
-from f2pipe.processor.runner import Stage
+from f2pipe.metadata.lookup import Resolved
+from f2pipe.metadata.resolver import Resolver
+from f2pipe.processor.stage import Stage
 from f2pipe.runtime.kafka import producer_config
 from f2pipe.settings import load_settings
 

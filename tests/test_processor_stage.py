@@ -11,17 +11,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from f2pipe.core.deadletter import Rejected
 from f2pipe.core.decode import DatapointSpec, TemplateSpec, compile_template
 from f2pipe.core.reasons import Reason
 from f2pipe.core.records import ReadingEncoder, reading_key, reading_value
-from f2pipe.metadata.resolver import SKIPPED, Resolution, Resolved, controller_document
-from f2pipe.processor.runner import (
-    DeadLetterAlarm,
-    Decoded,
-    Rejected,
-    Skipped,
-    Stage,
-)
+from f2pipe.metadata.lookup import SKIPPED, Resolution, Resolved
+from f2pipe.metadata.resolver import controller_document
+from f2pipe.processor.alarm import DeadLetterAlarm
+from f2pipe.processor.stage import Decoded, Skipped, Stage
 from f2pipe.tools.dlq import DeadLetter, DeadLetterError, parse_since
 
 NOW = datetime(2030, 1, 1, tzinfo=UTC)
