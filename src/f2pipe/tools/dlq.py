@@ -29,9 +29,10 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
+from f2pipe.core import deadletter
 from f2pipe.core.reasons import Reason
 from f2pipe.errors import F2PipeError
-from f2pipe.runtime.kafka import producer_config
+from f2pipe.runtime.kafka import produce, producer_config
 from f2pipe.settings import Settings, get_settings
 
 REPLAYABLE = {"processor", "sink"}
@@ -75,8 +76,9 @@ class DeadLetter:
         """How ``dlq show`` names it: ``<partition>/<offset>``."""
         return f"{self.partition}/{self.offset}"
 
-    def original_headers(self) -> list[tuple[str, bytes]]:
-        return [(k, v) for k, v in self.headers if not k.startswith("dlq.")]
+    def original_headers(self) -> deadletter.Headers:
+        """The headers the record had before it was dead-lettered (no ``dlq.*`` ones)."""
+        return deadletter.original_headers(self.headers)
 
 
 def parse_since(text: str, now: float | None = None) -> int:
@@ -182,12 +184,7 @@ def replay(settings: Settings, letters: Iterator[DeadLetter]) -> dict[str, int]:
         if letter.stage not in REPLAYABLE:
             counts["skipped"] += 1
             continue
-        producer.produce(
-            target[letter.stage],
-            letter.value,
-            letter.key,
-            headers=list(letter.original_headers()),
-        )
+        produce(producer, target[letter.stage], letter.value, letter.key, letter.original_headers())
         counts[letter.stage] += 1
         producer.poll(0)
     remaining = producer.flush(60)
