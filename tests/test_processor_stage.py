@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
 
@@ -238,7 +240,19 @@ def test_the_dead_letter_alarm_rises_and_falls_without_stopping_anything() -> No
     alarm = DeadLetterAlarm(ratio=0.5, window_s=10, min_messages=100)
     assert alarm.observe(50, 50, now=0.0) is False  # too few messages to judge
     assert alarm.observe(100, 80, now=1.0) is True
+    assert (alarm.active, alarm.current) == (True, 130 / 150)
     assert alarm.observe(1000, 0, now=20.0) is False  # the bad batches left the window
+    assert (alarm.active, alarm.current) == (False, 0.0)
+
+
+def test_the_stage_and_the_alarm_load_no_client_library() -> None:
+    # They are tested with plain asserts and run in any process; the runner owns the I/O.
+    probe = "import sys, f2pipe.processor.stage, f2pipe.processor.alarm; print(*sys.modules)"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+    ).stdout.split()
+    clients = {"confluent_kafka", "psycopg", "psycopg_pool", "redis", "prometheus_client"}
+    assert not {name.split(".")[0] for name in loaded} & clients
 
 
 def test_since_accepts_ages_and_iso_times() -> None:
