@@ -26,7 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from conftest import unique, wait_until
 from f2pipe.metadata.database import create_database, migrate
-from f2pipe.operations.broker import client_ssl_context, ensure_config, pid_path
+from f2pipe.operations.stack.mosquitto import ensure_config, pid_path
 from f2pipe.pki import api
 from f2pipe.pki.ca import (
     CertificateAuthority,
@@ -37,6 +37,7 @@ from f2pipe.pki.ca import (
     write_private,
     write_public,
 )
+from f2pipe.runtime.tls import client_context
 from f2pipe.settings import Settings, load_settings
 
 # The stack's server (F2PIPE_METADATA_DSN), its maintenance database.
@@ -230,7 +231,7 @@ def make_client(
     if tls:
         assert identity is not None
         if identity.cert.exists():
-            context = client_ssl_context(identity.ca, identity.cert, identity.key)
+            context = client_context(identity.ca, identity.cert, identity.key)
         else:  # no client certificate at all
             import ssl
 

@@ -1,5 +1,5 @@
 """The secured broker: a dedicated Mosquitto running exactly the configuration
-``f2pipe.operations.broker.ensure_config`` writes, probed with real MQTT clients.
+``f2pipe.operations.stack.mosquitto.ensure_config`` writes, probed with real MQTT clients.
 
 Each test asserts what a subscriber actually receives or what the connection
 returns. "Nothing arrives" is shown without sleeping: the same publisher sends
@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from conftest import wait_until
-from f2pipe.operations.broker import acl_path, conf_path, ensure_config
+from f2pipe.operations.stack.mosquitto import acl_path, conf_path, ensure_config
 from f2pipe.pki.ca import CertificateAuthority, key_pem
 from f2pipe.settings import Settings
 from pki_fixtures import (

@@ -1,8 +1,9 @@
 """The connector and simulator against the product's own broker configuration.
 
-The broker here is configured by :func:`f2pipe.operations.broker.ensure_config` exactly as
-the stack runs it (mTLS only, CN as username and client id, the ACL, the CRL),
-on a free port with its own state folder. Device certificates come from the
+The broker here is configured by
+:func:`f2pipe.operations.stack.mosquitto.ensure_config` exactly as the stack
+runs it (mTLS only, CN as username and client id, the ACL, the CRL), on a free
+port with its own state folder. Device certificates come from the
 product CA.
 """
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import unique, wait_until
-from f2pipe.operations.broker import ensure_config
+from f2pipe.operations.stack.mosquitto import ensure_config
 from f2pipe.pki.ca import cert_pem, key_pem, write_private, write_public
 from f2pipe.pki.local import load_ca
 from f2pipe.settings import Settings, load_settings

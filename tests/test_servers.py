@@ -21,10 +21,10 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from conftest import unique, wait_until
-from f2pipe.operations.broker import client_ssl_context, service_ssl_context
 from f2pipe.pki.ca import pki_paths
 from f2pipe.pki.local import load_ca
 from f2pipe.runtime.kafka import admin_config, consumer_config, producer_config
+from f2pipe.runtime.tls import client_context, service_context
 from f2pipe.settings import Settings, load_settings
 
 pytestmark = pytest.mark.servers
@@ -53,14 +53,14 @@ def mqtt_connect(
 
     def connect(identity: str) -> mqtt.Client:
         if identity.startswith("svc-"):
-            context = service_ssl_context(settings, identity)
+            context = service_context(settings.pki_dir, identity)
         else:
             issued = ca.issue_device(identity, days=1)
             folder = tmp_path_factory.mktemp("device")
             cert, key = folder / "device.pem", folder / "device.key"
             cert.write_text(issued.certificate_pem())
             key.write_text(issued.private_key_pem() or "")
-            context = client_ssl_context(pki.ca_cert, cert, key)
+            context = client_context(pki.ca_cert, cert, key)
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=identity)
         client.tls_set_context(context)
         connected = threading.Event()

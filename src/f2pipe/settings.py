@@ -110,7 +110,7 @@ class Settings(BaseSettings):
     certgen_max_failures: int = Field(default=5, ge=1, le=1000)
     certgen_failure_window: float = Field(default=60.0, gt=0, le=86400)
 
-    # Broker limits written into mosquitto.conf (see f2pipe.operations.broker for the reasoning).
+    # Broker limits written into mosquitto.conf (the reasoning: f2pipe.operations.stack.mosquitto).
     mqtt_max_connections: int = Field(default=10000, ge=1, le=1_000_000)
     mqtt_max_queued_messages: int = Field(default=6_000_000, ge=1000)
     mqtt_max_inflight_messages: int = Field(default=2000, ge=20, le=65535)

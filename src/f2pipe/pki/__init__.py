@@ -8,9 +8,10 @@
 - :mod:`f2pipe.pki.cli`: ``f2pipe certgen init | serve | issue-service |
   issue-device | revoke``.
 
-Only the certificate primitives are imported here (``f2pipe.operations.broker`` builds on
-them); the HTTP app, revocation and the CA-host helpers are imported from their
-modules, so a tool that needs a certificate does not load FastAPI or paho.
+Only the certificate primitives are imported here (the broker configuration in
+``f2pipe.operations.stack.mosquitto`` builds on them); the HTTP app, revocation
+and the CA-host helpers are imported from their modules, so a tool that needs a
+certificate does not load FastAPI or paho.
 """
 
 from f2pipe.core.topics import normalize_mac

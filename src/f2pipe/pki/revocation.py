@@ -44,7 +44,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from f2pipe.operations.broker import client_ssl_context, connector_identities, pid_path
+from f2pipe.errors import ConfigError
+from f2pipe.operations.stack.mosquitto import connector_identities, pid_path
 from f2pipe.pki.ca import (
     CertificateAuthority,
     crl_entries,
@@ -55,6 +56,7 @@ from f2pipe.pki.ca import (
     write_private,
 )
 from f2pipe.pki.store import CertificateStore
+from f2pipe.runtime.tls import client_context
 from f2pipe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -109,10 +111,10 @@ def refresh_service_sessions(settings: Settings) -> None:
     paths = pki_paths(settings)
     for name in connector_identities(settings):
         try:
-            context = client_ssl_context(
+            context = client_context(
                 paths.ca_cert, paths.service_cert(name), paths.service_key(name)
             )
-        except (OSError, ValueError) as exc:
+        except (ConfigError, OSError, ValueError) as exc:
             log.warning(
                 "cannot refresh service session", extra={"identity": name, "error": str(exc)}
             )
@@ -191,7 +193,7 @@ def close_session(
             cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
             write_private(key_file, key_pem(issued.private_key))
             write_private(cert_file, issued.certificate_pem().encode())
-            context = client_ssl_context(paths.ca_cert, cert_file, key_file)
+            context = client_context(paths.ca_cert, cert_file, key_file)
         return _take_over(settings, context, common_name)
     finally:
         # Listed in the CRL file now; the broker picks it up at the next reload. No

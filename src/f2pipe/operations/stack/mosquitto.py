@@ -1,11 +1,13 @@
-"""The Mosquitto configuration and ACL f2pipe runs the broker with (SPEC section 6).
+"""Mosquitto 2, the MQTT broker: the server, its configuration and its ACL (SPEC section 6).
 
 :func:`ensure_config` creates the PKI if it is missing and writes
 ``<state>/mosquitto/mosquitto.conf`` and ``acl``; the stack starts
 ``mosquitto -c <that file>``. There is exactly one listener: TLS 1.2+ with a
 client certificate required, the certificate's CN as the MQTT username and
 client id, the CA's CRL checked at every connect. No anonymous or plaintext
-listener exists.
+listener exists. :class:`Mosquitto` also writes the broker's pid to
+``<state>/mosquitto/mosquitto.pid`` (:func:`pid_path`), where the certificate
+authority sends SIGHUP to reload the CRL after a revocation.
 
 Sizing (all overridable through settings):
 
@@ -32,9 +34,11 @@ from __future__ import annotations
 
 import getpass
 import resource
-import ssl
 from pathlib import Path
 
+from f2pipe.operations.stack.install import Program
+from f2pipe.operations.stack.server import Server
+from f2pipe.operations.stack.supervise import Paths, port_accepts
 from f2pipe.pki.ca import PkiPaths, ensure_pki, pki_paths
 from f2pipe.settings import Settings
 
@@ -76,7 +80,7 @@ def render_acl(connectors: list[str] | None = None) -> str:
     one identity each, since the identity is the client id.
     """
     lines = [
-        "# Written by f2pipe (f2pipe.operations.broker); changes are overwritten.",
+        "# Written by f2pipe (f2pipe.operations.stack.mosquitto); changes are overwritten.",
         "# Devices: the certificate CN f2-<mac> is the username (%u).",
         "pattern write stat/%u/#",
         "pattern write tele/%u/#",
@@ -111,7 +115,7 @@ def render_conf(settings: Settings, pki: PkiPaths) -> str:
     user = getpass.getuser()
     return "\n".join(
         [
-            "# Written by f2pipe (operations.broker.ensure_config); changes are overwritten.",
+            "# Written by f2pipe (f2pipe.operations.stack.mosquitto); changes are overwritten.",
             # The broker must keep reading the 0600 keys and the CRL after dropping
             # privileges (the CRL is re-read on SIGHUP), so it runs as their owner.
             f"user {user}",
@@ -203,19 +207,46 @@ def raise_fd_limit(settings: Settings) -> int:
     return soft
 
 
-def client_ssl_context(ca_file: Path, cert_file: Path, key_file: Path) -> ssl.SSLContext:
-    """A TLS 1.2+ client context that trusts only ``ca_file`` and presents the given identity.
+class Mosquitto(Server):
+    """Mosquitto 2 from the Debian package, with the configuration f2pipe writes."""
 
-    Hostname checking stays on: the broker's certificate names localhost,
-    127.0.0.1 and ``F2PIPE_BROKER_NAMES``.
-    """
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca_file))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(str(cert_file), str(key_file))
-    return context
+    name = "mosquitto"
+    start_timeout = 30.0
 
+    def __init__(self, settings: Settings, paths: Paths) -> None:
+        super().__init__(settings, paths)
+        self.home = paths.state / "mosquitto"
+        # The contract with the certificate authority, which sends SIGHUP to reload the CRL.
+        self.broker_pidfile = self.home / "mosquitto.pid"
+        self.config: Path | None = None
 
-def service_ssl_context(settings: Settings, name: str) -> ssl.SSLContext:
-    """The client context of service identity ``name`` (e.g. ``svc-connector``)."""
-    pki = pki_paths(settings)
-    return client_ssl_context(pki.ca_cert, pki.service_cert(name), pki.service_key(name))
+    def ports(self) -> dict[int, str]:
+        return {self.settings.mqtt_port: "F2PIPE_MQTT_PORT"}
+
+    def programs(self) -> list[Program]:
+        return [Program("mosquitto", "mosquitto"), Program("mosquitto_pub", "mosquitto-clients")]
+
+    def prepare(self) -> None:
+        self.home.mkdir(exist_ok=True)
+        self.config = ensure_config(self.settings)
+        # Children inherit the limit: thousands of device connections need descriptors.
+        raise_fd_limit(self.settings)
+
+    def command(self) -> list[str]:
+        assert self.config is not None, "prepare() writes the configuration first"
+        mosquitto = Program("mosquitto", "mosquitto").find() or "mosquitto"
+        return [mosquitto, "-c", str(self.config)]
+
+    def on_started(self, pid: int) -> None:
+        self.broker_pidfile.write_text(f"{pid}\n")
+
+    def on_stopped(self) -> None:
+        self.broker_pidfile.unlink(missing_ok=True)
+
+    def healthy(self) -> bool:
+        # A TCP accept proves the listener is bound; an MQTT handshake would need a client
+        # certificate, and any identity's CONNECT would take over that identity's session.
+        if port_accepts(self.settings.mqtt_port):
+            return True
+        self.last_error = f"port {self.settings.mqtt_port} does not accept connections"
+        return False

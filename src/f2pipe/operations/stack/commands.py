@@ -1,0 +1,213 @@
+"""``f2pipe stack up|down|status``: the four servers together, all or nothing.
+
+See the package docstring for the contracts; each server is described in its
+own module and supervised through :mod:`.supervise`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from f2pipe.errors import ConfigError, StackError
+from f2pipe.operations.stack.install import ensure_programs
+from f2pipe.operations.stack.kafka import Kafka
+from f2pipe.operations.stack.mosquitto import Mosquitto
+from f2pipe.operations.stack.postgres import Postgres
+from f2pipe.operations.stack.redis import Redis
+from f2pipe.operations.stack.server import Server
+from f2pipe.operations.stack.supervise import LOOPBACK, Paths, locked
+from f2pipe.settings import Settings, load_settings
+
+_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+SERVERS: tuple[type[Server], ...] = (Postgres, Redis, Kafka, Mosquitto)
+NAMES = tuple(cls.name for cls in SERVERS)
+
+
+def _check_settings(settings: Settings) -> None:
+    """The stack serves loopback only, on distinct ports; say which variable is wrong."""
+    hosts = {
+        "F2PIPE_METADATA_DSN": urlsplit(settings.metadata_dsn).hostname or LOOPBACK,
+        "F2PIPE_REDIS_URL": urlsplit(settings.redis_url).hostname or LOOPBACK,
+        "F2PIPE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap.split(",")[0].rpartition(":")[0],
+        "F2PIPE_MQTT_HOST": settings.mqtt_host,
+    }
+    for variable, host in hosts.items():
+        if host.strip("[]") not in _LOOPBACK_NAMES:
+            raise ConfigError(
+                f"{variable} points at {host}; `f2pipe stack` runs servers on {LOOPBACK} only"
+            )
+    if urlsplit(settings.redis_url).scheme != "redis":
+        raise ConfigError("F2PIPE_REDIS_URL must be redis://127.0.0.1:PORT/DB for the local stack")
+    ports = {
+        "F2PIPE_METADATA_DSN": settings.pg_port(),
+        "F2PIPE_REDIS_URL": settings.redis_port(),
+        "F2PIPE_KAFKA_BOOTSTRAP": settings.kafka_port(),
+        "F2PIPE_KAFKA_CONTROLLER_PORT": settings.kafka_controller_port,
+        "F2PIPE_MQTT_PORT": settings.mqtt_port,
+    }
+    seen: dict[int, str] = {}
+    for variable, port in ports.items():
+        if port in seen:
+            raise ConfigError(f"{variable} and {seen[port]} both use port {port}; change one")
+        seen[port] = variable
+
+
+def _servers(settings: Settings, names: Sequence[str]) -> list[Server]:
+    paths = Paths(settings.state_dir)
+    chosen = set(names) or set(NAMES)
+    return [cls(settings, paths) for cls in SERVERS if cls.name in chosen]
+
+
+def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None) -> list[str]:
+    """Start every chosen server that is not running and wait until all are healthy.
+
+    Returns the names this call started (also written to ``record``, one per
+    line). On any failure, stops those it started and raises.
+    """
+    _check_settings(settings)
+    servers = _servers(settings, names)
+    paths = Paths(settings.state_dir)
+    with locked(paths):
+        todo = [server for server in servers if server.pid() is None]
+        for server in todo:
+            server.check_ports()
+        ensure_programs([p for s in todo for p in s.programs()], paths, settings.stack_install)
+        started: list[Server] = []
+        try:
+            started = _launch(todo)
+            for server in servers:
+                server.wait_healthy()
+                server.after_healthy()
+        except BaseException:
+            for server in reversed(started):
+                server.stop()
+            raise
+        if record is not None:
+            record.write_text("".join(f"{s.name}\n" for s in started))
+        for server in servers:
+            verb = "started" if server in started else "running"
+            print(f"{server.name:<10} {verb:<8} {server.describe()}")
+        return [server.name for server in started]
+
+
+def _launch(servers: list[Server]) -> list[Server]:
+    """Prepare and start ``servers`` side by side; all of them, or none left running.
+
+    initdb and Kafka's storage format each take seconds, so they overlap. If any
+    fails, the others are allowed to finish and then stopped, and the first
+    error is raised.
+    """
+
+    def launch(server: Server) -> Server:
+        server.pidfile.remove()  # stale: its process is gone
+        server.prepare()
+        server.start()
+        return server
+
+    pool = ThreadPoolExecutor(max_workers=max(1, len(servers)))
+    futures = [pool.submit(launch, server) for server in servers]
+    try:
+        pool.shutdown(wait=True)
+        failure = next((f.exception() for f in futures if f.exception() is not None), None)
+    except BaseException as interrupted:  # Ctrl-C: let each launch end, then undo them all
+        pool.shutdown(wait=True)
+        failure = interrupted
+    started = [f.result() for f in futures if f.exception() is None]
+    if failure is not None:
+        for server in reversed(started):
+            server.stop()
+        raise failure
+    return started
+
+
+def down(settings: Settings, names: Sequence[str] = ()) -> list[str]:
+    """Stop the chosen servers we started (reverse order); returns the names stopped."""
+    servers = _servers(settings, names)
+    stopped = []
+    with locked(Paths(settings.state_dir)):
+        for server in reversed(servers):
+            if server.stop():
+                stopped.append(server.name)
+                print(f"{server.name:<10} stopped")
+            else:
+                print(f"{server.name:<10} was not running")
+    return stopped
+
+
+def status(settings: Settings, names: Sequence[str] = ()) -> bool:
+    """Print each server up or down; True when all are up (ours and healthy)."""
+    all_up = True
+    for server in _servers(settings, names):
+        pid = server.pid()
+        if pid is not None and server.healthy():
+            line = f"up       {server.describe()} (pid {pid})"
+        elif pid is not None:
+            line = f"down     pid {pid} runs but is not healthy: {server.last_error}"
+        else:
+            port = server.foreign_port()
+            held = f" (port {port} is held by another process)" if port is not None else ""
+            line = f"down{held}"
+        all_up = all_up and line.startswith("up")
+        print(f"{server.name:<10} {line}")
+    return all_up
+
+
+def _names(values: Sequence[str]) -> list[str]:
+    for value in values:
+        if value not in NAMES:
+            raise StackError(f"unknown server {value!r}; choose from {', '.join(NAMES)}")
+    return list(values)
+
+
+def _run_up(args: argparse.Namespace) -> int:
+    up(load_settings(), _names(args.servers), args.record)
+    return 0
+
+
+def _run_down(args: argparse.Namespace) -> int:
+    names = _names(args.servers)
+    if args.record is not None:
+        try:
+            names = _names(args.record.read_text().split())
+        except FileNotFoundError:
+            names = []
+        if not names:
+            print("nothing to stop: the record lists no server")
+            return 0
+    down(load_settings(), names)
+    return 0
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    return 0 if status(load_settings(), _names(args.servers)) else 1
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """Add ``up``, ``down`` and ``status`` to the ``f2pipe stack`` parser."""
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    server_help = f"servers to act on (default: all of {', '.join(NAMES)})"
+
+    start = actions.add_parser("up", help="start what is not running and wait until healthy")
+    start.add_argument("servers", nargs="*", metavar="SERVER", help=server_help)
+    start.add_argument(
+        "--record", type=Path, metavar="FILE",
+        help="write the names of the servers this call started to FILE, for `down --record`",
+    )  # fmt: skip
+    start.set_defaults(func=_run_up)
+
+    stop = actions.add_parser("down", help="stop the servers `up` started")
+    stop.add_argument("servers", nargs="*", metavar="SERVER", help=server_help)
+    stop.add_argument(
+        "--record", type=Path, metavar="FILE",
+        help="stop only the servers listed in FILE (written by `up --record`)",
+    )  # fmt: skip
+    stop.set_defaults(func=_run_down)
+
+    show = actions.add_parser("status", help="print each server up or down; exit 1 if any is down")
+    show.add_argument("servers", nargs="*", metavar="SERVER", help=server_help)
+    show.set_defaults(func=_run_status)

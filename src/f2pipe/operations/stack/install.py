@@ -1,0 +1,181 @@
+"""What the servers need on the machine: Debian packages, Java 17+, the Kafka jars.
+
+Run as root on Debian, missing packages are installed with apt-get unless
+``F2PIPE_STACK_INSTALL=false``; otherwise the error says what to install. The
+Kafka broker is not a Debian package: its jars come from Maven Central through
+``deploy/kafka/pom.xml`` into a cache outside the checkout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from f2pipe.errors import StackError
+from f2pipe.operations.stack.supervise import Paths, log_tail, running_as_root
+
+# src/f2pipe/operations/stack/install.py -> the checkout that holds deploy/.
+_CHECKOUT = Path(__file__).resolve().parents[4]
+KAFKA_POM = _CHECKOUT / "deploy" / "kafka" / "pom.xml"
+
+
+# --------------------------------------------------------------------------- Debian packages
+@dataclass(frozen=True)
+class Program:
+    """A program a server needs, and the Debian package that provides it."""
+
+    name: str
+    package: str
+    path: str = ""  # absolute path when it is not looked up on PATH
+
+    def find(self) -> str | None:
+        if self.path:
+            return self.path if os.access(self.path, os.X_OK) else None
+        # /usr/sbin holds mosquitto, and is not on a normal user's PATH.
+        search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+        return shutil.which(self.name, path=search)
+
+
+def _is_debian() -> bool:
+    return Path("/etc/debian_version").is_file() and shutil.which("apt-get") is not None
+
+
+def ensure_programs(programs: Sequence[Program], paths: Paths, install: bool) -> None:
+    """Install missing programs' packages (root on Debian) or raise naming what to install."""
+    missing = list(dict.fromkeys(p for p in programs if p.find() is None))
+    if not missing:
+        return
+    names = ", ".join(p.name for p in missing)
+    packages = list(dict.fromkeys(p.package for p in missing))
+    if not (install and running_as_root() and _is_debian()):
+        prefix = "" if running_as_root() else "sudo "
+        hint = "" if install else " (automatic install is off: F2PIPE_STACK_INSTALL=false)"
+        raise StackError(
+            f"missing {names}; install with: {prefix}apt-get install -y {' '.join(packages)}"
+            f" (Debian package names){hint}"
+        )
+    _apt_install(packages, paths.log / "apt.log")
+    still = [p.name for p in missing if p.find() is None]
+    if still:
+        raise StackError(f"{', '.join(still)} still missing after apt-get install (see apt.log)")
+
+
+def _apt_install(packages: list[str], log: Path) -> None:
+    print(f"installing {' '.join(packages)} with apt-get ...", file=sys.stderr)
+    if "postgresql-15" in packages and not Path("/etc/postgresql-common").exists():
+        # The postgresql package creates and starts a system cluster on 5432 unless told
+        # not to, which would take the port our own cluster needs.
+        _apt(["postgresql-common"], log)
+        conf = Path("/etc/postgresql-common/createcluster.conf")
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        with conf.open("a") as out:
+            out.write("\ncreate_main_cluster = false\n")
+    _apt(packages, log)
+
+
+def _apt(packages: list[str], log: Path) -> None:
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    with log.open("ab") as out:
+        if subprocess.run(command, stdout=out, stderr=out, env=env, check=False).returncode == 0:
+            return
+        # Most often the package lists were never downloaded (fresh container): update once.
+        subprocess.run(["apt-get", "update"], stdout=out, stderr=out, env=env, check=False)
+        if subprocess.run(command, stdout=out, stderr=out, env=env, check=False).returncode == 0:
+            return
+    raise StackError(
+        f"apt-get install {' '.join(packages)} failed{log_tail(log)} (full log: {log})"
+    )
+
+
+# --------------------------------------------------------------------------- Java
+def _java_version_text() -> str:
+    """What ``java -version`` would say, read from the JDK's release file when possible."""
+    java = shutil.which("java")
+    if java is not None:
+        # bin/java -> <java home>/bin/java; the release file avoids starting a JVM (seconds).
+        release = Path(java).resolve().parent.parent / "release"
+        with contextlib.suppress(OSError):
+            found = re.search(r'JAVA_VERSION="([^"]+)"', release.read_text())
+            if found:
+                return f'version "{found.group(1)}"'
+    result = subprocess.run(["java", "-version"], capture_output=True, text=True, check=False)
+    return result.stderr
+
+
+def check_java() -> None:
+    """Raise StackError unless ``java`` is version 17 or newer (Kafka 4 needs it)."""
+    match = re.search(r'version "(\d+)', _java_version_text())
+    major = int(match.group(1)) if match else 0
+    if major < 17:
+        raise StackError(
+            f"Kafka 4 needs Java 17 or newer, found {match.group(1) if match else 'none'}; "
+            "install it with: apt-get install -y default-jre-headless"
+        )
+
+
+# --------------------------------------------------------------------------- Kafka jars
+def kafka_version() -> str:
+    """The Kafka version the broker pom pins."""
+    try:
+        pom = KAFKA_POM.read_text()
+    except OSError:
+        raise StackError(f"{KAFKA_POM} is missing; run f2pipe from its checkout") from None
+    match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom)
+    if match is None:
+        raise StackError(f"{KAFKA_POM} does not set <kafka.version>")
+    return match.group(1).strip()
+
+
+def kafka_libs(version: str) -> Path:
+    """``~/.cache/f2pipe/kafka-<version>/libs``: outside the clone, shared by checkouts."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "f2pipe" / f"kafka-{version}" / "libs"
+
+
+def _pom_digest() -> str:
+    return hashlib.sha256(KAFKA_POM.read_bytes()).hexdigest()
+
+
+def kafka_libs_current(libs: Path) -> bool:
+    """True when ``libs`` holds the jars of the pom as it is now (no Maven run needed)."""
+    stamp = libs / ".pom-sha256"
+    return stamp.is_file() and stamp.read_text().strip() == _pom_digest()
+
+
+def fetch_kafka_libs(version: str, libs: Path, log: Path) -> None:
+    """Copy the broker's jars from Maven Central into ``libs`` unless the pom is unchanged.
+
+    The jars land in a fresh folder that then replaces ``libs`` in one rename, so
+    a broker started from the old folder keeps running and no stale jar remains.
+    """
+    if kafka_libs_current(libs):
+        return
+    fresh = libs.with_name("libs.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    print(f"fetching Kafka {version} jars from Maven Central into {libs} ...", file=sys.stderr)
+    with log.open("ab") as out:
+        result = subprocess.run(
+            ["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
+             f"-DoutputDirectory={fresh}"],
+            stdout=out, stderr=out, check=False,
+        )  # fmt: skip
+    if result.returncode != 0 or not any(fresh.glob("kafka_*.jar")):
+        raise StackError(
+            f"mvn could not fetch the Kafka jars (log: {log}); check access to Maven Central"
+        )
+    (fresh / ".pom-sha256").write_text(_pom_digest() + "\n")
+    old = libs.with_name("libs.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if libs.exists():
+        libs.rename(old)
+    fresh.rename(libs)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,172 @@
+"""PostgreSQL 15: the metadata and time-series database of the local stack.
+
+Data in ``<state>/pg``, trust authentication on loopback only. Run as root,
+the server and initdb run as the ``postgres`` user (PostgreSQL refuses root).
+Once healthy, the database named by ``F2PIPE_METADATA_DSN`` is created if missing.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from f2pipe.errors import StackError
+from f2pipe.operations.stack.install import Program
+from f2pipe.operations.stack.server import Server
+from f2pipe.operations.stack.supervise import (
+    LOOPBACK,
+    Paths,
+    log_tail,
+    port_accepts,
+    running_as_root,
+    user_account,
+)
+from f2pipe.settings import Settings
+
+if TYPE_CHECKING:
+    import psycopg
+
+
+class Postgres(Server):
+    """PostgreSQL 15 from the Debian package, data in ``<state>/pg``, trust auth on loopback."""
+
+    name = "postgres"
+    stop_signal = signal.SIGINT  # "fast" shutdown; SIGTERM would wait for clients to leave
+    BIN = Path("/usr/lib/postgresql/15/bin")
+    MAX_CONNECTIONS = 200
+    # The same in docker-compose.yml's postgres command (its timescaledb image sizes
+    # shared_buffers itself, with timescaledb-tune, at initdb). README "Sink performance".
+    SHARED_BUFFERS = "1GB"
+
+    def __init__(self, settings: Settings, paths: Paths) -> None:
+        super().__init__(settings, paths)
+        dsn = urlsplit(settings.metadata_dsn)
+        self.port = settings.pg_port()
+        self.user = unquote(dsn.username or "postgres")
+        self.database = unquote(dsn.path.lstrip("/")) or "postgres"
+        self.data = paths.state / "pg"
+
+    def ports(self) -> dict[int, str]:
+        return {self.port: "F2PIPE_METADATA_DSN"}
+
+    def programs(self) -> list[Program]:
+        return [
+            Program("postgres (PostgreSQL 15)", "postgresql-15", str(self.BIN / "postgres")),
+            Program("initdb (PostgreSQL 15)", "postgresql-15", str(self.BIN / "initdb")),
+        ]
+
+    def run_as(self) -> pwd.struct_passwd | None:
+        if not running_as_root():
+            return None
+        account = user_account("postgres")
+        if account is None:
+            raise StackError("user postgres is missing; reinstall: apt-get install postgresql-15")
+        return account
+
+    def describe(self) -> str:
+        return f"{LOOPBACK}:{self.port} database {self.database}"
+
+    def workdir(self) -> Path:
+        return self.data
+
+    def prepare(self) -> None:
+        if (self.data / "PG_VERSION").is_file():
+            return
+        account = self.run_as()
+        # initdb into a scratch folder renamed on success, so an interrupted initdb
+        # never leaves a half-made cluster that the next `up` would refuse.
+        scratch = self.data.with_name("pg.initdb")
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(mode=0o700)
+        if account is not None:
+            self._check_reachable(account)
+            os.chown(scratch, account.pw_uid, account.pw_gid)
+        init_log = self.paths.log / "postgres-initdb.log"
+        with init_log.open("ab") as out:
+            result = subprocess.run(
+                [str(self.BIN / "initdb"), "-D", str(scratch), "-U", self.user,
+                 "--auth=trust", "--encoding=UTF8", "--no-locale"],
+                stdout=out, stderr=out, cwd=scratch, check=False,
+                user=None if account is None else account.pw_uid,
+                group=None if account is None else account.pw_gid,
+                extra_groups=None if account is None else [],
+            )  # fmt: skip
+        if result.returncode != 0:
+            raise StackError(f"initdb failed{log_tail(init_log)} (log: {init_log})")
+        # Explicit rather than initdb's defaults: trust, and only over loopback.
+        hba = scratch / "pg_hba.conf"
+        hba.write_text(
+            "# Written by `f2pipe stack`: trust on loopback only; nothing else may connect.\n"
+            "host all all 127.0.0.1/32 trust\n"
+            "host all all ::1/128 trust\n"
+            "host replication all 127.0.0.1/32 trust\n"
+        )
+        if account is not None:
+            os.chown(hba, account.pw_uid, account.pw_gid)
+        try:
+            if self.data.exists():
+                self.data.rmdir()  # an empty leftover; anything else is not ours to delete
+        except OSError:
+            raise StackError(
+                f"{self.data} holds files but no PostgreSQL cluster; move it away and run up again"
+            ) from None
+        scratch.rename(self.data)
+
+    def _check_reachable(self, account: pwd.struct_passwd) -> None:
+        # The postgres account must be able to walk down to its data folder.
+        for folder in reversed(self.data.parents):
+            mode = folder.stat()
+            if folder.owner() != account.pw_name and not mode.st_mode & 0o001:
+                raise StackError(
+                    f"user postgres cannot enter {folder}; run `chmod o+x {folder}` or set "
+                    "F2PIPE_STATE_DIR to a folder it can reach"
+                )
+
+    def command(self) -> list[str]:
+        return [
+            str(self.BIN / "postgres"), "-D", str(self.data),
+            "-c", f"listen_addresses={LOOPBACK}",
+            "-c", f"port={self.port}",
+            # TCP only: a socket path under a deep state folder can exceed the 107-byte limit.
+            "-c", "unix_socket_directories=",
+            "-c", f"max_connections={self.MAX_CONNECTIONS}",
+            # The default 128MB fills with the sink's dirty pages in seconds, and the
+            # COPY backend then writes out every page it evicts itself.
+            "-c", f"shared_buffers={self.SHARED_BUFFERS}",
+        ]  # fmt: skip
+
+    def _connect(self, dbname: str) -> psycopg.Connection[tuple[Any, ...]]:
+        import psycopg
+
+        return psycopg.connect(
+            host=LOOPBACK, port=self.port, user=self.user, dbname=dbname,
+            connect_timeout=2, autocommit=True,
+        )  # fmt: skip
+
+    def healthy(self) -> bool:
+        if not port_accepts(self.port):
+            self.last_error = f"port {self.port} does not accept connections"
+            return False
+        try:
+            with self._connect("postgres") as conn:
+                conn.execute("SELECT 1")
+        except Exception as exc:  # any failure means "not yet"; the last one is reported
+            self.last_error = str(exc).strip().replace("\n", " ")
+            return False
+        return True
+
+    def after_healthy(self) -> None:
+        from psycopg import sql
+
+        with self._connect("postgres") as conn:
+            found = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (self.database,)
+            ).fetchone()
+            if found is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
