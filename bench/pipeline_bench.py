@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import psycopg  # noqa: E402
 
-from f2pipe.operations import services, stack, status  # noqa: E402
+from f2pipe.operations import pipeline, services, stack, status  # noqa: E402
 from f2pipe.settings import Settings, load_settings  # noqa: E402
 
 STAGES = ("connector", "processor", "sink")
@@ -539,7 +539,7 @@ def main() -> int:
             conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
         server = stack.Postgres(settings, stack.Paths(settings.state_dir))
         server.stop()
-        services.up(settings, STAGES, quiet=True)
+        pipeline.up(settings, STAGES, quiet=True)
         bench.publish(2000, None, "warmup")
         bench.wait_drained()
 
@@ -639,7 +639,7 @@ def main() -> int:
         (args.out / "report.md").write_text(markdown(report))
         log(f"wrote {args.out / 'report.json'} and report.md")
     finally:
-        services.down(settings, quiet=True)
+        pipeline.down(settings, quiet=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

@@ -41,8 +41,8 @@ from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from conftest import unique, wait_until
-from f2pipe.metadata.database import DEMO_WIRING
-from f2pipe.operations import services, stack, status
+from f2pipe.metadata.database import demo_fleet
+from f2pipe.operations import pipeline, services, stack, status
 from f2pipe.settings import Settings, get_settings, load_settings
 
 pytestmark = pytest.mark.servers
@@ -250,10 +250,10 @@ def shared_pipeline(tmp_path: Path, fresh_db: str) -> Iterator[Settings]:
     )
     create_topics(settings)
     try:
-        services.up(settings, STAGES, quiet=True, servers=["mosquitto"])
+        pipeline.up(settings, STAGES, quiet=True, servers=["mosquitto"])
         yield settings
     finally:
-        services.down(settings, quiet=True)
+        pipeline.down(settings, quiet=True)
         delete_topics(settings)
 
 
@@ -322,10 +322,10 @@ def own_pipeline(tmp_path: Path) -> Iterator[Settings]:
         sink_batch_age_ms=200,
     )
     try:
-        services.up(settings, STAGES, quiet=True)
+        pipeline.up(settings, STAGES, quiet=True)
         yield settings
     finally:
-        services.down(settings, quiet=True)
+        pipeline.down(settings, quiet=True)
         shutil.rmtree(state, ignore_errors=True)
 
 
@@ -472,7 +472,7 @@ def test_up_revives_a_killed_stage_and_status_sees_it(shared_pipeline: Settings)
     assert health["processor"].ready
     assert "sink is down" in " ".join(report.problems)
 
-    again = services.up(settings, STAGES, quiet=True, servers=["mosquitto"])
+    again = pipeline.up(settings, STAGES, quiet=True, servers=["mosquitto"])
     assert again.services == ["sink"]  # only what was not running
     assert again.servers == []
     revived = sink.pid()
@@ -486,11 +486,11 @@ def test_up_starts_certgen_and_the_live_demo_and_status_exits_zero(
     shared_pipeline: Settings,
 ) -> None:
     settings = shared_pipeline
-    started = services.up(settings, ["certgen", "simulator"], quiet=True, servers=["mosquitto"])
+    started = pipeline.up(settings, ["certgen", "simulator"], quiet=True, servers=["mosquitto"])
     assert started.services == ["certgen", "simulator"]
 
     # The live simulator publishes the demo fleet; its readings land with names and units.
-    demo_sensors = {name for name, *_wiring in DEMO_WIRING}
+    demo_sensors = {sensor.name for sensor in demo_fleet().sensors}
 
     def every_sensor() -> list[tuple[Any, ...]] | None:
         rows = status.latest_readings(settings, limit=50) or []

@@ -17,10 +17,10 @@ from f2pipe.errors import F2PipeError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "up": ("f2pipe.operations.services:configure_up", "start the whole pipeline in the background"),
-    "down": ("f2pipe.operations.services:configure_down", "stop what `f2pipe up` started"),
+    "up": ("f2pipe.operations.pipeline:configure_up", "start the whole pipeline in the background"),
+    "down": ("f2pipe.operations.pipeline:configure_down", "stop what `f2pipe up` started"),
     "run": (
-        "f2pipe.operations.services:configure_run",
+        "f2pipe.operations.pipeline:configure_run",
         "the whole pipeline in the foreground, live view",
     ),
     "status": (
@@ -38,7 +38,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "bridge device messages from MQTT into Kafka (raw-iot-data)",
     ),
     "simulate": (
-        "f2pipe.tools.simulator",
+        "f2pipe.tools.simulator.cli",
         "simulate F2 controllers: live telemetry or a counted load",
     ),
     "processor": ("f2pipe.processor.runner", "decode raw frames into readings (stream processor)"),

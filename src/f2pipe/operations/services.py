@@ -1,53 +1,31 @@
-"""The whole pipeline on this machine: ``f2pipe up``, ``f2pipe down`` and ``f2pipe run``.
+"""The f2pipe services ``f2pipe up`` runs in the background, and how each is probed.
 
-``up`` brings up the local stack (:mod:`f2pipe.operations.stack`), migrates the database,
-seeds the demo fleet, initialises the certificate authority (with a device
-certificate per demo controller), then starts certgen, the connector, the
-processor and the sink as background processes, each waited on until its
-``/healthz`` answers, and finally the simulator with the demo fleet in live
-mode. ``down`` stops what ``up`` started, services first, then servers.
-``run`` is ``up`` in the foreground with a live view; Ctrl-C stops what that
-``run`` started.
+Certgen, the connector, the processor, the sink and the simulator each run as
+``python -m f2pipe.cli <arguments>``. They are
+:class:`~f2pipe.operations.stack.Server` subclasses, so they share the stack's
+pid files (``<state>/run/<service>.pid`` with the kernel start time), port
+checks and health waits; logs go to ``<state>/log/<service>.log``. Every
+service is started with the caller's settings written out as ``F2PIPE_*``
+variables (:func:`settings_env`), so a service runs the pipeline those settings
+describe whatever the caller's environment says.
 
-Contracts:
-
-- Services are :class:`~f2pipe.operations.stack.Server` subclasses, so they share the
-  stack's pid files (``<state>/run/<service>.pid`` with the kernel start time),
-  port checks and health waits; logs go to ``<state>/log/<service>.log``.
-- Every service is started with the caller's settings written out as
-  ``F2PIPE_*`` variables, so ``up(settings)`` runs the pipeline those settings
-  describe whatever the caller's environment says.
-- Idempotent: a second ``up`` starts only what is not running (so it revives a
-  killed service); the servers an ``up`` started are added to
-  ``<state>/run/up.servers`` and only those are stopped by ``down``. A stack
-  started earlier by ``f2pipe stack up`` (or by someone else) is left running.
-- A failed ``up`` stops the services it started and raises
-  :class:`~f2pipe.errors.StackError`; servers it started stay recorded for
-  ``down``.
+A service is healthy when its ``/healthz`` answers 200 and ready when its
+``/readyz`` does; the simulator has no ops port, so it is healthy while it runs.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import signal
 import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from pydantic import SecretStr
 
-from f2pipe.errors import StackError
-from f2pipe.operations import stack
-from f2pipe.operations.stack import LOOPBACK, Paths, Program, Server
-from f2pipe.settings import Settings, load_settings
-
-RECORD = "up.servers"
+from f2pipe.operations.stack import LOOPBACK, Paths, Program, Server, port_accepts
+from f2pipe.settings import Settings
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
@@ -152,7 +130,7 @@ class Certgen(Service):
     def healthy(self) -> bool:
         if self.settings.certgen_tls:
             # Its certificate is the CA's; a TCP accept is the liveness we can check cheaply.
-            alive = stack.port_accepts(int(self.port() or 0))
+            alive = port_accepts(int(self.port() or 0))
             self.last_error = "" if alive else "port does not accept connections"
             return alive
         return super().healthy()
@@ -195,197 +173,3 @@ def services(settings: Settings, names: Sequence[str] = ()) -> list[Service]:
     paths = Paths(settings.state_dir)
     chosen = set(names) or set(NAMES)
     return [cls(settings, paths) for cls in SERVICES if cls.name in chosen]
-
-
-@dataclass
-class Started:
-    """What one ``up`` started (and so what the matching ``run`` stops)."""
-
-    servers: list[str] = field(default_factory=list)
-    services: list[str] = field(default_factory=list)
-
-
-def prepare_data(settings: Settings) -> None:
-    """Schema, demo fleet, CA, admin token and demo device certificates; all idempotent."""
-    from f2pipe.metadata.database import DEMO_CONTROLLERS, migrate, seed_demo
-    from f2pipe.pki.auth import admin_token
-    from f2pipe.pki.ca import ensure_pki
-    from f2pipe.pki.local import (
-        issue_device_files,
-        load_ca,
-        open_store,
-        record_local_certificates,
-    )
-
-    for dsn in dict.fromkeys([settings.metadata_dsn, settings.timeseries_dsn]):
-        migrate(dsn, settings)
-    seed_demo(settings.metadata_dsn, settings.state_dir)
-    ensure_pki(settings)
-    admin_token(settings)
-    devices = settings.pki_dir / "devices"
-    devices.mkdir(parents=True, exist_ok=True)
-    store = open_store(settings, required=True)
-    assert store is not None
-    try:
-        record_local_certificates(settings, store)
-        ca = load_ca(settings)
-        for mac in DEMO_CONTROLLERS:
-            if not (devices / f"f2-{mac}.pem").is_file():
-                issue_device_files(settings, mac, devices, ca=ca, store=store)
-    finally:
-        store.close()
-
-
-def _record(paths: Paths) -> Path:
-    return paths.run / RECORD
-
-
-def _remember(paths: Paths, names: Sequence[str]) -> None:
-    path = _record(paths)
-    known = path.read_text().split() if path.is_file() else []
-    path.write_text("".join(f"{n}\n" for n in dict.fromkeys([*known, *names])))
-
-
-def up(
-    settings: Settings,
-    names: Sequence[str] = (),
-    quiet: bool = False,
-    started: Started | None = None,
-    servers: Sequence[str] | None = None,
-) -> Started:
-    """Start the stack and every chosen service that is not running; wait until healthy.
-
-    Returns what this call started (also filled into ``started`` as it goes, so
-    a caller interrupted mid-way knows which servers to stop). Raises
-    StackError (or ConfigError) naming the cause; services this call started
-    are stopped again on failure. ``servers``: the stack servers to ensure
-    (default all; tests that share some servers pass only the others).
-    """
-    paths = Paths(settings.state_dir)
-    started = Started() if started is None else started
-    with stack.locked(paths, "services"):
-        if servers is None or servers:
-            started.servers.extend(stack.up(settings, servers or ()))
-        _remember(paths, started.servers)
-        prepare_data(settings)
-        chosen = services(settings, names)
-        launched: list[Service] = []
-        try:
-            for service in chosen:
-                if service.pid() is None:
-                    service.pidfile.remove()
-                    service.check_ports()
-                    service.start()
-                    launched.append(service)
-                service.wait_healthy()
-        except BaseException:
-            for service in reversed(launched):
-                service.stop()
-            raise
-        started.services = [s.name for s in launched]
-        if not quiet:
-            for service in chosen:
-                verb = "started" if service in launched else "running"
-                print(f"{service.name:<10} {verb:<8} {service.describe()}")
-    return started
-
-
-def down(settings: Settings, only: Started | None = None, quiet: bool = False) -> list[str]:
-    """Stop the services (simulator first), then the servers ``up`` started.
-
-    ``only``: stop just what one ``up`` started (``run`` uses it). Returns the
-    names stopped.
-    """
-    paths = Paths(settings.state_dir)
-    stopped: list[str] = []
-    with stack.locked(paths, "services"):
-        wanted = None if only is None else set(only.services)
-        for service in reversed(services(settings)):
-            if wanted is not None and service.name not in wanted:
-                continue
-            if service.stop():
-                stopped.append(service.name)
-                if not quiet:
-                    print(f"{service.name:<10} stopped")
-        record = _record(paths)
-        recorded = record.read_text().split() if record.is_file() else []
-        servers = recorded if only is None else [n for n in recorded if n in only.servers]
-        if servers:
-            stopped.extend(stack.down(settings, servers))
-        left = [n for n in recorded if n not in servers]
-        if left:
-            record.write_text("".join(f"{n}\n" for n in left))
-        else:
-            record.unlink(missing_ok=True)
-    return stopped
-
-
-def _names(values: Sequence[str]) -> list[str]:
-    for value in values:
-        if value not in NAMES:
-            raise StackError(f"unknown service {value!r}; choose from {', '.join(NAMES)}")
-    return list(values)
-
-
-def _run_up(args: argparse.Namespace) -> int:
-    up(load_settings(), _names(args.services))
-    return 0
-
-
-def _run_down(args: argparse.Namespace) -> int:
-    if not down(load_settings()):
-        print("nothing to stop")
-    return 0
-
-
-def _say(text: str) -> None:
-    """Print, unless the terminal is gone (closed window): stopping must go on regardless."""
-    with contextlib.suppress(OSError):
-        print(text, flush=True)
-
-
-def _run_foreground(args: argparse.Namespace) -> int:
-    """``up``, a live view until Ctrl-C (or SIGTERM, SIGHUP), then stop what this call started."""
-    from f2pipe.operations.status import live
-
-    settings = load_settings()
-
-    def terminate(_signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
-    signal.signal(signal.SIGHUP, terminate)  # the terminal was closed
-    started = Started()
-    try:
-        up(settings, started=started)
-        live(settings, refresh=args.refresh)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        # A second Ctrl-C, or the terminal closing, would leave processes behind: finish.
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_IGN)
-        _say("\nstopping what this run started ...")
-        began = time.monotonic()
-        stopped = down(settings, only=started, quiet=True)
-        _say(f"stopped {', '.join(stopped) or 'nothing'} in {time.monotonic() - began:.1f} s")
-    return 0
-
-
-def configure_up(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "services", nargs="*", metavar="SERVICE",
-        help=f"services to start (default: all of {', '.join(NAMES)})",
-    )  # fmt: skip
-    parser.set_defaults(func=_run_up)
-
-
-def configure_down(parser: argparse.ArgumentParser) -> None:
-    parser.set_defaults(func=_run_down)
-
-
-def configure_run(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--refresh", type=float, default=2.0, help="seconds between live-view updates"
-    )
-    parser.set_defaults(func=_run_foreground)
