@@ -13,15 +13,10 @@ import pytest
 from conftest import VECTORS
 from f2pipe.connector.runner import topic_mac
 from f2pipe.core.frames import crc16_modbus
+from f2pipe.core.models import Datapoint
 from f2pipe.runtime.mqttwire import decode_length, encode_length
-from f2pipe.tools.simulator import (
-    FAULTS,
-    Datapoint,
-    demo_fleet,
-    generated_fleet,
-    make_message,
-    modbus_frame,
-)
+from f2pipe.tools.simulator import FAULTS, demo_fleet, generated_fleet, make_message, modbus_frame
+from f2pipe.tools.simulator.values import encode_value, value_range
 
 
 def test_crc_of_the_reference_frame() -> None:
@@ -55,11 +50,11 @@ def test_frames_match_the_shared_vectors() -> None:
         frame = bytes.fromhex(json.loads(vector["payload"])["data"].replace(" ", ""))
         points = [
             Datapoint(
-                p["label"],
-                p["data_encoding"].lower(),
-                p["byte_offset"],
-                p["byte_length"],
-                p.get("decimals", 0),
+                label=p["label"],
+                data_encoding=p["data_encoding"],
+                byte_offset=p["byte_offset"],
+                byte_length=p["byte_length"],
+                decimals=p.get("decimals", 0),
             )
             for p in vector["template"]["datapoints"]
         ]
@@ -70,7 +65,7 @@ def test_frames_match_the_shared_vectors() -> None:
         data = bytearray(frame[2])
         values = {r["label"]: r["value"] for r in vector["expect"]["readings"]}
         for point in points:
-            raw, decoded = point.encode(values[point.label])
+            raw, decoded = encode_value(point, values[point.label])
             assert decoded == pytest.approx(values[point.label], rel=1e-9)
             data[point.byte_offset : point.byte_offset + len(raw)] = raw
         assert modbus_frame(bytes(data)) == frame, vector["name"]
@@ -106,7 +101,7 @@ def test_messages_are_valid_f2_telemetry_and_walk_within_range() -> None:
             decoded = _decode(frame, points)
             assert decoded == pytest.approx([r["value"] for r in message.readings])
             for value, point in zip(decoded, points, strict=True):
-                lo, hi = point.value_range()
+                lo, hi = value_range(point)
                 assert lo - 1e-9 <= value <= hi + 1e-9
 
 

@@ -16,9 +16,9 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from f2pipe.tools.simulator import Sensor
+    from f2pipe.tools.simulator.fleet import Sensor
 
-__all__ = ["FAULTS", "Message", "format_timestamp", "make_message", "mqtt_string"]
+__all__ = ["FAULTS", "Message", "Summary", "format_timestamp", "make_message", "mqtt_string"]
 
 
 def mqtt_string(s: str) -> bytes:
@@ -73,6 +73,33 @@ class Message:
             )
             + "\n"
         )
+
+
+@dataclasses.dataclass
+class Summary:
+    """What a run published and what the broker acknowledged."""
+
+    published: int = 0
+    acknowledged: int = 0
+    elapsed: float = 0.0
+    faults: dict[str, int] = dataclasses.field(default_factory=dict)
+    reconnects: int = 0  # connections reopened after a loss
+    republished: int = 0  # unacknowledged messages sent again (DUP) after a reconnect
+
+    @property
+    def rate(self) -> float:
+        return self.acknowledged / self.elapsed if self.elapsed > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "published": self.published,
+            "acknowledged": self.acknowledged,
+            "elapsed_s": round(self.elapsed, 3),
+            "rate_per_s": round(self.rate, 1),
+            "faults": self.faults,
+            "reconnects": self.reconnects,
+            "republished": self.republished,
+        }
 
 
 def format_timestamp(ts: datetime) -> str:

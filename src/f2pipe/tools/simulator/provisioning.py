@@ -1,0 +1,156 @@
+"""Provisioning a simulated fleet: its metadata and its device certificates.
+
+:func:`provision_fleet` registers the controllers and their wired sensors the
+way ``f2pipe fleet import`` does; :func:`provision_certificates` gives each
+device a key (generated here, never sent) and a certificate from certgen, and
+:func:`device_ssl_context` is the mutual-TLS context a device connects with.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from f2pipe.runtime import tls
+from f2pipe.settings import Settings
+from f2pipe.tools.simulator.fleet import Sensor
+
+__all__ = [
+    "device_cert_paths",
+    "device_ssl_context",
+    "provision_certificates",
+    "provision_fleet",
+]
+
+log = logging.getLogger(__name__)
+
+
+def provision_fleet(settings: Settings, sensors: Sequence[Sensor]) -> None:
+    """Register the simulated controllers and their wired sensors in the metadata.
+
+    Goes through the fleet importer (one transaction, idempotent), so a re-run
+    changes nothing and the processor sees the fleet at once (metadata
+    notifications). Each sensor's template is written with its datapoints.
+    Raises FleetError when the database refuses an entry; then nothing is written.
+    """
+    from f2pipe.metadata.fleet import Fleet, apply_fleet
+    from f2pipe.metadata.fleet.document import (
+        ControllerEntry,
+        DeviceTypeEntry,
+        SensorEntry,
+        TemplateEntry,
+        WiringEntry,
+    )
+
+    templates = {sensor.template.name: sensor.template for sensor in sensors}
+
+    def sensor_name(s: Sensor) -> str:
+        return f"Simulated {s.template.name} {s.mac} J{s.connector}/{s.pin}"
+
+    fleet = Fleet(
+        device_types=[
+            DeviceTypeEntry(name="F2 Controller", is_controller=True, is_sensor=False),
+            DeviceTypeEntry(name="RS-485 Sensor", is_controller=False, is_sensor=True),
+        ],
+        templates=[
+            TemplateEntry(name="F2 Controller", device_type="F2 Controller", model="F2"),
+            *(
+                TemplateEntry(
+                    name=template,
+                    device_type="RS-485 Sensor",
+                    model=template,
+                    datapoints=list(templates[template].datapoints),
+                )
+                for template in sorted(templates)
+            ),
+        ],
+        controllers=[
+            ControllerEntry(name=f"Simulated F2 {mac}", mac=mac, template="F2 Controller")
+            for mac in dict.fromkeys(sensor.mac for sensor in sensors)
+        ],
+        sensors=[SensorEntry(name=sensor_name(s), template=s.template.name) for s in sensors],
+        wiring=[
+            WiringEntry(controller=s.mac, connector=s.connector, pin=s.pin, sensor=sensor_name(s))
+            for s in sensors
+        ],
+    )
+    apply_fleet(settings.metadata_dsn, fleet)
+
+
+def device_cert_paths(settings: Settings, mac: str) -> tuple[Path, Path]:
+    """Where a simulated device keeps its identity: ``<state>/pki/devices/f2-<mac>.pem/.key``."""
+    devices = settings.pki_dir / "devices"
+    return devices / f"f2-{mac}.pem", devices / f"f2-{mac}.key"
+
+
+def provision_certificates(
+    settings: Settings, macs: Iterable[str], claiming_codes: dict[str, str] | None = None
+) -> int:
+    """Give every device in ``macs`` a certificate from certgen; return how many were issued.
+
+    The private key is generated here and never leaves (0600); certgen gets a
+    CSR for ``f2-<mac>`` with the device's claiming code when one is given, else
+    the operator's admin token. A device whose certificate and key already
+    exist is left alone, so a second run reuses them. The CA certificate from
+    the answer is written to ``<state>/pki/ca.pem`` if that file is missing.
+    Raises CertError naming the device and certgen's answer on a refusal.
+    """
+    import httpx
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509.oid import NameOID
+
+    from f2pipe.errors import CertError
+    from f2pipe.pki.auth import admin_token
+    from f2pipe.pki.ca import generate_key, key_pem, write_private, write_public
+
+    codes = claiming_codes or {}
+    missing = [m for m in macs if not all(p.is_file() for p in device_cert_paths(settings, m))]
+    if not missing:
+        return 0
+    token = None if codes and all(m in codes for m in missing) else admin_token(settings, False)
+    ca_file = settings.pki_dir / "ca.pem"
+    verify: bool | ssl.SSLContext = (
+        ssl.create_default_context(cafile=str(ca_file)) if ca_file.is_file() else True
+    )
+    issued = 0
+    with httpx.Client(base_url=settings.certgen_url, verify=verify, timeout=30) as http:
+        for mac in missing:
+            key = generate_key()
+            csr = (
+                x509.CertificateSigningRequestBuilder()
+                .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"f2-{mac}")]))
+                .sign(key, hashes.SHA256())
+            )
+            body: dict[str, str] = {"csr": csr.public_bytes(serialization.Encoding.PEM).decode()}
+            headers = {}
+            if mac in codes:
+                body["claiming_code"] = codes[mac]
+            elif token is not None:
+                headers["Authorization"] = f"Bearer {token.get_secret_value()}"
+            try:
+                answer = http.post(f"/v1/devices/{mac}/certificate", json=body, headers=headers)
+            except httpx.HTTPError as exc:
+                raise CertError(f"certgen at {settings.certgen_url} unreachable: {exc}") from None
+            if answer.status_code != 201:
+                detail = answer.json().get("detail") if answer.content else ""
+                raise CertError(f"certgen refused f2-{mac}: {answer.status_code} {detail}")
+            issued_cert = answer.json()
+            cert_path, key_path = device_cert_paths(settings, mac)
+            write_private(key_path, key_pem(key))
+            write_public(cert_path, issued_cert["certificate"].encode())
+            if not ca_file.is_file():
+                write_public(ca_file, issued_cert["ca_certificate"].encode())
+            issued += 1
+    log.info("device certificates issued", extra={"issued": issued})
+    return issued
+
+
+def device_ssl_context(settings: Settings, mac: str) -> ssl.SSLContext | None:
+    """A device's mTLS context from ``<state>/pki/devices/f2-<mac>.pem``/``.key``."""
+    if not settings.mqtt_tls:
+        return None
+    cert, key = device_cert_paths(settings, mac)
+    return tls.client_context(settings.pki_dir / "ca.pem", cert, key)
