@@ -7,7 +7,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from f2pipe.metadata.database import DEMO_WIRING, migrate, seed_demo
+from f2pipe.metadata.database import demo_fleet, migrate, seed_demo
 
 pytestmark = pytest.mark.servers
 
@@ -39,7 +39,12 @@ def test_seed_demo_loads_the_fleet_of_the_spec_once(fresh_db: str, tmp_path: Pat
             " FROM datapoints dp JOIN device_templates t USING (device_template_id)"
             " ORDER BY t.name, dp.byte_offset"
         ).fetchall()
-    assert sorted(wiring) == sorted(DEMO_WIRING)
+    assert sorted(wiring) == [
+        ("Bedroom Env Sensor", "Environmental Sensor", "aabbccddee03", 4, 3),
+        ("Kitchen Power Monitor", "Power Monitor", "aabbccddee02", 2, 2),
+        ("Living Room Env Sensor", "Environmental Sensor", "aabbccddee01", 1, 1),
+        ("Office Env Sensor", "Environmental Sensor", "aabbccddee04", 1, 1),
+    ]
     assert datapoints == [
         ("Environmental Sensor", "Temperature", "int16", 0, 2, "°C"),
         ("Environmental Sensor", "Humidity", "uint16", 2, 2, "%"),
@@ -47,6 +52,49 @@ def test_seed_demo_loads_the_fleet_of_the_spec_once(fresh_db: str, tmp_path: Pat
         ("Power Monitor", "Voltage", "uint16", 0, 1, "V"),
         ("Power Monitor", "Current", "uint16", 2, 3, "A"),
     ]
+
+
+def test_seeding_numbers_the_rows_as_the_readme_shows(fresh_db: str, tmp_path: Path) -> None:
+    seed_demo(fresh_db, tmp_path)
+    with psycopg.connect(fresh_db) as conn:
+        devices = conn.execute("SELECT device_id, name FROM devices ORDER BY 1").fetchall()
+        templates = conn.execute(
+            "SELECT device_template_id, name FROM device_templates ORDER BY 1"
+        ).fetchall()
+        first = conn.execute("SELECT label FROM datapoints WHERE datapoint_id = 1").fetchone()
+    assert [name for _, name in devices] == [
+        *(f"F2 Controller aabbccddee0{n}" for n in range(1, 5)),
+        *(s.name for s in demo_fleet().sensors),
+    ]
+    assert devices[4] == (5, "Living Room Env Sensor")
+    assert [name for _, name in templates] == [
+        "F2 Controller",
+        "Environmental Sensor",
+        "Power Monitor",
+    ]
+    assert first == ("Temperature",)
+
+
+def test_a_stored_claiming_code_survives_a_lost_state_folder(fresh_db: str, tmp_path: Path) -> None:
+    first = seed_demo(fresh_db, tmp_path / "a")
+    again = seed_demo(fresh_db, tmp_path / "b")  # new codes for the file, none in the database
+    assert set(again) == set(first)
+    assert all(again[mac] != first[mac] for mac in first)
+    with psycopg.connect(fresh_db) as conn:
+        stored = dict(
+            conn.execute(
+                "SELECT mac_address, claiming_code FROM devices WHERE mac_address IS NOT NULL"
+            )
+        )
+        conn.execute("UPDATE devices SET claiming_code = NULL WHERE mac_address = 'aabbccddee02'")
+    assert stored == first
+    third = seed_demo(fresh_db, tmp_path / "b")
+    assert third == again
+    with psycopg.connect(fresh_db) as conn:
+        row = conn.execute(
+            "SELECT claiming_code FROM devices WHERE mac_address = 'aabbccddee02'"
+        ).fetchone()
+    assert row == (again["aabbccddee02"],)  # a missing code is filled from the state folder
 
 
 def test_metadata_changes_bump_the_version_and_notify(fresh_db: str, tmp_path: Path) -> None:

@@ -149,20 +149,17 @@ def test_a_bad_template_file_names_the_datapoint(
 
 def test_builtin_templates_are_the_seeded_demo_fleet() -> None:
     # The CLI keeps its own copy so that it does not import the database stack.
-    from f2pipe.metadata.database import DEMO_TEMPLATES
+    from f2pipe.metadata.database import demo_fleet
     from f2pipe.tools.decode import BUILTIN_TEMPLATES
 
-    assert set(BUILTIN_TEMPLATES) == set(DEMO_TEMPLATES)
+    seeded = {t.name: t for t in demo_fleet().templates if t.datapoints}
+    assert set(BUILTIN_TEMPLATES) == set(seeded)
     for name, spec in BUILTIN_TEMPLATES.items():
-        seeded = [
-            (d.label, d.data_encoding, d.byte_offset, d.byte_length, d.decimals, d.unit)
-            for d in DEMO_TEMPLATES[name]
-        ]
-        assert spec.frame_check == "modbus_crc"
-        assert [
-            (d.label, d.data_encoding, d.byte_offset, d.byte_length, d.decimals, d.unit)
-            for d in spec.datapoints
-        ] == seeded
+        assert spec.frame_check == seeded[name].frame_check
+        assert spec.datapoints == tuple(
+            d.spec(builtin.datapoint_id)
+            for d, builtin in zip(seeded[name].datapoints, spec.datapoints, strict=True)
+        )
 
 
 def test_bench_passes_its_options_through(monkeypatch: pytest.MonkeyPatch) -> None:

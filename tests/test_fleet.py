@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -13,7 +15,7 @@ from psycopg import sql
 from f2pipe import cli
 from f2pipe.core.topics import normalize_mac
 from f2pipe.errors import FleetError
-from f2pipe.metadata.database import seed_demo
+from f2pipe.metadata.database import demo_fleet, seed_demo
 from f2pipe.metadata.fleet import apply_fleet, export_fleet, import_fleet, parse_fleet
 from f2pipe.settings import get_settings
 
@@ -335,10 +337,28 @@ def test_round_trip_export_import_export(fresh_db: str, other_db: str, tmp_path:
     assert len(yaml.safe_load(exported)["wiring"]) == 6
 
 
+def test_the_example_is_the_shipped_demo_fleet() -> None:
+    shipped = resources.files("f2pipe.metadata") / "demo-fleet.yaml"
+    assert EXAMPLE.read_bytes() == shipped.read_bytes()
+    assert demo_fleet() == parse_fleet(EXAMPLE.read_text("utf-8"))
+
+
+def in_export_order(document: dict[str, Any]) -> dict[str, Any]:
+    """A parsed fleet file with each list in the order export writes (names, MACs)."""
+    keys = {"wiring": lambda e: (e["controller"], e["connector"], e["pin"])}
+    return {
+        key: sorted(value, key=keys.get(key, lambda e: e.get("mac", e.get("name"))))
+        if isinstance(value, list)
+        else value
+        for key, value in document.items()
+    }
+
+
 @pytest.mark.servers
 def test_the_example_is_the_demo_fleet(fresh_db: str, tmp_path: Path) -> None:
     seed_demo(fresh_db, tmp_path)
-    assert yaml.safe_load(export_fleet(fresh_db)) == yaml.safe_load(EXAMPLE.read_text("utf-8"))
+    example = yaml.safe_load(EXAMPLE.read_text("utf-8"))
+    assert yaml.safe_load(export_fleet(fresh_db)) == in_export_order(example)
     assert import_fleet(fresh_db, EXAMPLE).total == 0
 
 

@@ -7,6 +7,10 @@ step runs every time (idempotently): with the extension available,
 ``decoded_data`` becomes a hypertable with compression, retention and an hourly
 continuous aggregate; without it, a plain ``decoded_data_hourly`` view stands in
 for the aggregate and one log line says so.
+
+The demo fleet is a fleet document shipped beside this module
+(``demo-fleet.yaml``); ``seed-demo`` writes it with the fleet importer, the one
+writer of fleets, and keeps the controllers' claiming codes in the state folder.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import json
 import logging
 import os
 import secrets
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -25,6 +28,7 @@ import psycopg
 from psycopg import sql
 
 from f2pipe.errors import MigrationError
+from f2pipe.metadata.fleet import Fleet, hold_import_lock, parse_fleet, write_fleet
 from f2pipe.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -151,142 +155,55 @@ def _timescale_step(conn: psycopg.Connection[tuple[object, ...]], settings: Sett
 
 # --- the demo fleet (SPEC section 3) ---------------------------------------------------
 
-
-@dataclass(frozen=True)
-class DemoDatapoint:
-    label: str
-    data_encoding: str
-    byte_offset: int
-    byte_length: int
-    decimals: int
-    unit: str
+DEMO_FLEET = "demo-fleet.yaml"  # shipped beside this module; deploy/fleet.example.yaml equals it
 
 
-DEMO_TEMPLATES: dict[str, tuple[DemoDatapoint, ...]] = {
-    "Environmental Sensor": (
-        DemoDatapoint("Temperature", "int16", 0, 2, 2, "°C"),
-        DemoDatapoint("Humidity", "uint16", 2, 2, 2, "%"),
-        DemoDatapoint("CO2", "uint16", 4, 2, 0, "ppm"),
-    ),
-    "Power Monitor": (
-        DemoDatapoint("Voltage", "uint16", 0, 2, 1, "V"),
-        DemoDatapoint("Current", "uint16", 2, 2, 3, "A"),
-    ),
-}
-DEMO_CONTROLLERS = tuple(f"aabbccddee0{n}" for n in range(1, 5))
-# sensor name, template, controller MAC, connector number, pin position
-DEMO_WIRING = (
-    ("Living Room Env Sensor", "Environmental Sensor", "aabbccddee01", 1, 1),
-    ("Kitchen Power Monitor", "Power Monitor", "aabbccddee02", 2, 2),
-    ("Bedroom Env Sensor", "Environmental Sensor", "aabbccddee03", 4, 3),
-    ("Office Env Sensor", "Environmental Sensor", "aabbccddee04", 1, 1),
-)
+def demo_fleet() -> Fleet:
+    """The demo fleet of SPEC section 3, as the fleet document shipped with the package.
+
+    Entries are listed in the order the demo was always created in, so a seeded
+    empty database numbers its rows as before (Living Room Env Sensor is device 5).
+    """
+    text = (resources.files("f2pipe.metadata") / DEMO_FLEET).read_text(encoding="utf-8")
+    return parse_fleet(text, DEMO_FLEET)
 
 
 def seed_demo(dsn: str, state_dir: Path) -> dict[str, str]:
     """Load the demo fleet, idempotently, in one transaction; return MAC -> claiming code.
 
-    Claiming codes are generated once and kept in ``<state>/claiming-codes.json``
-    (mode 0600); a re-run keeps the existing ones.
+    The demo document goes through the fleet importer, so the database ends up
+    matching it and a re-run writes nothing. Claiming codes are generated once
+    and kept in ``<state>/claiming-codes.json`` (mode 0600); a re-run keeps the
+    existing ones, and a controller that already has a code in the database
+    keeps that one. Raises FleetError when the database refuses an entry (then
+    nothing is written).
     """
     codes_file = state_dir / "claiming-codes.json"
     codes: dict[str, str] = json.loads(codes_file.read_text()) if codes_file.exists() else {}
+    fleet = demo_fleet()
+    for controller in fleet.controllers:
+        codes.setdefault(controller.mac, secrets.token_urlsafe(12))
     with psycopg.connect(dsn) as conn, conn.transaction():
-        controller_type = _upsert_type(conn, "F2 Controller", controller=True)
-        sensor_type = _upsert_type(conn, "RS-485 Sensor", controller=False)
-        controller_tpl = _upsert_template(conn, "F2 Controller", "F2", controller_type)
-        for mac in DEMO_CONTROLLERS:
-            code = codes.setdefault(mac, secrets.token_urlsafe(12))
-            conn.execute(
-                "INSERT INTO devices (name, device_template_id, mac_address, claiming_code,"
-                " timezone) VALUES (%s, %s, %s, %s, 'UTC')"
-                " ON CONFLICT (mac_address) DO UPDATE SET claiming_code ="
-                " COALESCE(devices.claiming_code, EXCLUDED.claiming_code)",
-                (f"F2 Controller {mac}", controller_tpl, mac, code),
+        hold_import_lock(conn)  # before the read, so no other writer sets a code in between
+        coded = {
+            row[0]
+            for row in conn.execute(
+                "SELECT mac_address FROM devices"
+                " WHERE mac_address = ANY(%s) AND claiming_code IS NOT NULL",
+                ([c.mac for c in fleet.controllers],),
             )
-        for name, datapoints in DEMO_TEMPLATES.items():
-            tpl = _upsert_template(conn, name, name, sensor_type)
-            for dp in datapoints:
-                conn.execute(
-                    "INSERT INTO datapoints (device_template_id, label, data_encoding,"
-                    " byte_offset, byte_length, decimals, unit) VALUES (%s,%s,%s,%s,%s,%s,%s)"
-                    " ON CONFLICT (device_template_id, label) DO NOTHING",
-                    (
-                        tpl,
-                        dp.label,
-                        dp.data_encoding,
-                        dp.byte_offset,
-                        dp.byte_length,
-                        dp.decimals,
-                        dp.unit,
-                    ),
-                )
-        for sensor, template, mac, number, position in DEMO_WIRING:
-            _wire(conn, sensor, template, mac, number, position)
+        }
+        # An omitted claiming_code leaves the stored one as it is.
+        controllers = [
+            c if c.mac in coded else c.model_copy(update={"claiming_code": codes[c.mac]})
+            for c in fleet.controllers
+        ]
+        write_fleet(conn, fleet.model_copy(update={"controllers": controllers}))
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(codes_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
         json.dump(codes, out, indent=2)
     return codes
-
-
-def _upsert_type(conn: psycopg.Connection[tuple[object, ...]], name: str, controller: bool) -> int:
-    row = conn.execute(
-        "INSERT INTO device_types (name, is_controller, is_sensor) VALUES (%s, %s, %s)"
-        " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING device_type_id",
-        (name, controller, not controller),
-    ).fetchone()
-    assert row is not None
-    return int(str(row[0]))
-
-
-def _upsert_template(
-    conn: psycopg.Connection[tuple[object, ...]], name: str, model: str, type_id: int
-) -> int:
-    row = conn.execute(
-        "INSERT INTO device_templates (name, model, device_type_id) VALUES (%s, %s, %s)"
-        " ON CONFLICT (name) DO UPDATE SET name = EXCLUDED.name RETURNING device_template_id",
-        (name, model, type_id),
-    ).fetchone()
-    assert row is not None
-    return int(str(row[0]))
-
-
-def _wire(
-    conn: psycopg.Connection[tuple[object, ...]],
-    sensor: str,
-    template: str,
-    mac: str,
-    number: int,
-    position: int,
-) -> None:
-    row = conn.execute(
-        "SELECT d.device_id FROM pins p JOIN connectors c USING (connector_id)"
-        " JOIN devices ctl ON ctl.device_id = c.controller_id"
-        " JOIN devices d ON d.device_id = p.device_id"
-        " WHERE ctl.mac_address = %s AND c.connector_number = %s AND p.position = %s",
-        (mac, number, position),
-    ).fetchone()
-    if row is not None:
-        return
-    sensor_row = conn.execute(
-        "INSERT INTO devices (name, device_template_id) SELECT %s, device_template_id"
-        " FROM device_templates WHERE name = %s RETURNING device_id",
-        (sensor, template),
-    ).fetchone()
-    connector_row = conn.execute(
-        "INSERT INTO connectors (controller_id, connector_number)"
-        " SELECT device_id, %s FROM devices WHERE mac_address = %s"
-        " ON CONFLICT (controller_id, connector_number) DO UPDATE"
-        " SET connector_number = EXCLUDED.connector_number RETURNING connector_id",
-        (number, mac),
-    ).fetchone()
-    assert sensor_row is not None
-    assert connector_row is not None
-    conn.execute(
-        "INSERT INTO pins (connector_id, position, device_id) VALUES (%s, %s, %s)",
-        (connector_row[0], position, sensor_row[0]),
-    )
 
 
 def create_database(admin_dsn: str, name: str) -> None:
@@ -332,7 +249,7 @@ def _cmd_seed(args: argparse.Namespace) -> int:
     settings = get_settings()
     codes = seed_demo(settings.metadata_dsn, settings.state_dir)
     print(
-        f"demo fleet loaded: {len(codes)} controllers, {len(DEMO_WIRING)} sensors;"
+        f"demo fleet loaded: {len(codes)} controllers, {len(demo_fleet().sensors)} sensors;"
         f" claiming codes in {settings.state_dir / 'claiming-codes.json'}"
     )
     return 0

@@ -37,25 +37,49 @@ actually differ are written, so re-importing the same file changes nothing
 (and wakes no processor cache). Export omits claiming codes unless asked,
 because they are credentials.
 
+A template's datapoints are :class:`f2pipe.core.models.Datapoint`, the one
+validated datapoint shape.
+
 The modules, by job: :mod:`.document` (the models and the reference checks),
 :mod:`.yamlload` (YAML with lines, and where each problem is), :mod:`.importer`
-(one locked transaction, only differing rows), :mod:`.exporter`, :mod:`.cli` (``configure``
-is re-exported here because ``f2pipe fleet`` names this package).
+(one locked transaction, only differing rows), :mod:`.exporter` and :mod:`.cli`
+(its ``configure`` is re-exported here because ``f2pipe fleet`` names this
+package).
 """
 
 from f2pipe.metadata.fleet.cli import configure
-from f2pipe.metadata.fleet.document import Fleet, check_references
+from f2pipe.metadata.fleet.document import (
+    ControllerEntry,
+    DeviceTypeEntry,
+    Fleet,
+    SensorEntry,
+    TemplateEntry,
+    WiringEntry,
+    check_references,
+)
 from f2pipe.metadata.fleet.exporter import export_fleet
-from f2pipe.metadata.fleet.importer import Changes, apply_fleet, import_fleet, write_fleet
+from f2pipe.metadata.fleet.importer import (
+    Changes,
+    apply_fleet,
+    hold_import_lock,
+    import_fleet,
+    write_fleet,
+)
 from f2pipe.metadata.fleet.yamlload import parse_fleet
 
 __all__ = [
     "Changes",
+    "ControllerEntry",
+    "DeviceTypeEntry",
     "Fleet",
+    "SensorEntry",
+    "TemplateEntry",
+    "WiringEntry",
     "apply_fleet",
     "check_references",
     "configure",
     "export_fleet",
+    "hold_import_lock",
     "import_fleet",
     "parse_fleet",
     "write_fleet",
