@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import random
 import struct
+import threading
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,7 +18,16 @@ from f2pipe.connector.runner import topic_mac
 from f2pipe.core.frames import crc16_modbus
 from f2pipe.core.models import Datapoint
 from f2pipe.runtime.mqttwire import decode_length, encode_length
-from f2pipe.tools.simulator import FAULTS, demo_fleet, generated_fleet, make_message, modbus_frame
+from f2pipe.settings import load_settings
+from f2pipe.tools.simulator import (
+    FAULTS,
+    Live,
+    Load,
+    demo_fleet,
+    generated_fleet,
+    make_message,
+    modbus_frame,
+)
 from f2pipe.tools.simulator.values import encode_value, value_range
 
 
@@ -148,3 +160,35 @@ def test_mqtt_remaining_length_round_trips(n: int) -> None:
 def test_mqtt_remaining_length_refuses_five_bytes() -> None:
     with pytest.raises(ValueError, match="malformed"):
         decode_length(b"\xff\xff\xff\xff\x01", 0, 5)
+
+
+def test_load_keeps_its_loop_state_where_a_test_can_reach_it() -> None:
+    sensors = generated_fleet(3)
+    ledger = io.StringIO()
+    load = Load(load_settings(), sensors, 10, window=100, fault_fraction=1.0, ledger=ledger)
+    assert (load.window.limit, load.batch, load.summary.published) == (100, 50, 0)
+    # The schedule goes round the sensors, each message with a fault at fraction 1.
+    drawn = [next(load.schedule) for _ in range(6)]
+    assert [sensor.mac for sensor, _fault in drawn] == [s.mac for s in sensors] * 2
+    assert all(fault in FAULTS for _sensor, fault in drawn)
+    messages = [make_message(sensors[0], random.Random(2), None) for _ in range(2)]
+    load.on_acks(messages)
+    assert load.summary.acknowledged == 2
+    assert [json.loads(line)["topic"] for line in ledger.getvalue().splitlines()] == [
+        sensors[0].topic
+    ] * 2
+
+
+def test_live_stops_when_asked_before_and_while_it_runs() -> None:
+    live = Live(load_settings(), demo_fleet(), 30.0, asyncio.Event(), status_interval=0)
+    live.request_stop()  # not running yet: the event is set directly
+    assert live.stop.is_set()
+
+    async def wait_for_stop() -> None:
+        live.stop.clear()
+        live._loop = asyncio.get_running_loop()
+        threading.Timer(0.05, live.request_stop).start()  # as a signal handler would, unawaited
+        await asyncio.wait_for(live.stop.wait(), 5)
+
+    asyncio.run(wait_for_stop())
+    assert live.stop.is_set()

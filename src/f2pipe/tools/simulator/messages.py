@@ -2,7 +2,8 @@
 
 A :class:`Message` is one PUBLISH and the readings the pipeline must make of
 it; :meth:`Message.ledger_line` is its line in the load mode's ledger, the
-ground truth tests compare the pipeline against.
+ground truth tests compare the pipeline against. A :class:`Summary` counts what
+a run published and what the broker acknowledged.
 """
 
 from __future__ import annotations
