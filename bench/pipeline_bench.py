@@ -387,7 +387,7 @@ def copy_ceilings(settings: Settings, rows: int) -> dict[str, float]:
     import sink_bench as sb
 
     from f2pipe.metadata.database import create_database, migrate
-    from f2pipe.sink import runner as sinkmod
+    from f2pipe.sink import stage as sinkmod
 
     admin = settings.metadata_dsn.rsplit("/", 1)[0] + "/postgres"
     create_database(admin, "f2bench_ceiling")

@@ -65,7 +65,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from f2pipe.metadata.database import create_database, migrate
 from f2pipe.runtime.kafka import admin_config, producer_config
 from f2pipe.settings import load_settings
-from f2pipe.sink import runner as sinkmod
+from f2pipe.sink import batching, runner, stage, writer
 
 HERE = Path(__file__).resolve().parent
 
@@ -130,7 +130,7 @@ def ceiling(dsn: str, encoded: list[bytes], rows: int, staging: bool) -> float:
                         "INSERT INTO decoded_data SELECT * FROM staging ON CONFLICT DO NOTHING"
                     )
                 else:
-                    with cur.copy(sinkmod._COPY_DIRECT) as cp:
+                    with cur.copy(writer.COPY_DIRECT) as cp:
                         cp.write(data)
         elapsed = time.perf_counter() - t0
         count = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
@@ -141,7 +141,7 @@ def ceiling(dsn: str, encoded: list[bytes], rows: int, staging: bool) -> float:
     return rows / elapsed
 
 
-class TimedSink(sinkmod.Sink):
+class TimedSink(runner.Sink):
     """The real sink, instrumented: first record time and per-batch latencies."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -160,14 +160,14 @@ class TimedSink(sinkmod.Sink):
             self.first = time.monotonic()
         super()._add(messages)
 
-    def _timed_finish(self, writer: sinkmod.Writer, rows: Any) -> sinkmod.WriteResult:
+    def _timed_finish(self, writer: writer.Writer, rows: Any) -> writer.WriteResult:
         t0 = time.monotonic()
         try:
             return super()._timed_finish(writer, rows)
         finally:
             self.writes.append(time.monotonic() - t0)
 
-    def _complete(self, batch: sinkmod.Batch, result: sinkmod.WriteResult) -> None:
+    def _complete(self, batch: batching.Batch, result: writer.WriteResult) -> None:
         super()._complete(batch, result)
         now = time.monotonic()
         self.record_latency.append(now - batch.started)
@@ -181,7 +181,7 @@ class TimedSink(sinkmod.Sink):
     measure_end_to_end = False
 
 
-def run_sink(settings: Any, rows: int, policy: sinkmod.CommitPolicy) -> dict[str, Any]:
+def run_sink(settings: Any, rows: int, policy: batching.CommitPolicy) -> dict[str, Any]:
     sink = TimedSink(settings, policy)
     thread = threading.Thread(target=sink.run, daemon=True)
     cpu0 = time.process_time()  # the whole process: the sink's threads and librdkafka's
@@ -209,7 +209,7 @@ def run_sink(settings: Any, rows: int, policy: sinkmod.CommitPolicy) -> dict[str
 
 
 def light_load(
-    settings: Any, rate: int, seconds: float, policy: sinkmod.CommitPolicy
+    settings: Any, rate: int, seconds: float, policy: batching.CommitPolicy
 ) -> dict[str, Any]:
     """The sink under a steady light load: ``rate`` records/s for ``seconds``, paced.
 
@@ -275,16 +275,16 @@ def consume_costs(settings: Any, topic: str, rows: int) -> dict[str, float]:
         return list(map(Message.value, ms))
 
     def parse(ms: list[Any]) -> Any:
-        return sinkmod.parse_batch(values(ms))
+        return stage.parse_batch(values(ms))
 
     def encode(ms: list[Any]) -> Any:
         rows = parse(ms)
         assert rows is not None
-        sinkmod.encode_rows(rows)
+        stage.encode_rows(rows)
         return rows
 
     def latest(ms: list[Any]) -> Any:
-        sinkmod.newest_per_key(encode(ms))
+        stage.newest_per_key(encode(ms))
 
     steps = [
         ("consume", lambda ms: None),
@@ -348,32 +348,32 @@ def main() -> int:
     try:
         records = make_records(args.rows)
         produce_rate = produce(base, topic, records)
-        parsed = [sinkmod.parse_reading(v) for _, v in records]
+        parsed = [stage.parse_reading(v) for _, v in records]
         rows = [r for r in parsed if isinstance(r, tuple)]
         assert len(rows) == args.rows
         values = [v for _, v in records]
         # Freeze the benchmark's own data (records, rows) out of the collector,
         # so what follows sees the collector as the `f2pipe sink` process does.
-        sinkmod.tune_gc()
+        runner.tune_gc()
 
         t0 = time.perf_counter()
         for _, v in records:
-            sinkmod.parse_reading(v)
+            stage.parse_reading(v)
         parse_us = (time.perf_counter() - t0) / args.rows * 1e6
         t0 = time.perf_counter()
         for i in range(0, len(values), 2000):  # polls of 2000, as the sink sees them
-            sinkmod.parse_batch(values[i : i + 2000])
+            stage.parse_batch(values[i : i + 2000])
         parse_batch_us = (time.perf_counter() - t0) / args.rows * 1e6
         t0 = time.perf_counter()
-        sinkmod.encode_copy(rows)
+        stage.encode_copy(rows)
         encode_us = (time.perf_counter() - t0) / args.rows * 1e6
         costs = consume_costs(base, topic, args.rows)
         print(json.dumps({"cpu_us_per_record_cumulative": costs}), flush=True)
 
         table = []
         for size in sizes:
-            encoded = [sinkmod.encode_copy(rows[i : i + size]) for i in range(0, len(rows), size)]
-            policy = sinkmod.CommitPolicy(size, 1.0)
+            encoded = [stage.encode_copy(rows[i : i + size]) for i in range(0, len(rows), size)]
+            policy = batching.CommitPolicy(size, 1.0)
             # Each measure --repeat times, interleaved; the best of each is kept
             # (on a shared box, the run least disturbed by other work).
             raw = staged = 0.0
@@ -431,7 +431,7 @@ def main() -> int:
                 # so this measures the thresholds' share alone.
                 gc.set_threshold(700, 10, 10)
             else:
-                sinkmod.tune_gc()
+                runner.tune_gc()
             with psycopg.connect(dsn) as conn:
                 conn.execute("TRUNCATE decoded_data, latest_readings")
             run = run_sink(
@@ -442,7 +442,7 @@ def main() -> int:
                     sink_group=f"f2bench-{tag}-gc-{mode}-{len(gc_ab)}",
                 ),
                 len(rows),
-                sinkmod.THROUGHPUT,
+                batching.THROUGHPUT,
             )
             run["load_avg"] = os.getloadavg()[0]
             gc_ab[f"{mode}_{len(gc_ab) // 2 + 1}"] = run
@@ -467,7 +467,7 @@ def main() -> int:
                 ),
                 args.light_rate,
                 args.light_seconds,
-                sinkmod.CommitPolicy(sinkmod.THROUGHPUT.max_rows, age, eager),
+                batching.CommitPolicy(batching.THROUGHPUT.max_rows, age, eager),
             )
             print(json.dumps(light_run), flush=True)
             light.append(light_run)

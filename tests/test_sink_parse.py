@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import struct
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta, timezone
 
 import orjson
@@ -10,10 +12,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from f2pipe.sink.runner import (
-    Backoff,
-    CommitPolicy,
+from f2pipe.settings import Settings
+from f2pipe.sink.batching import LOW_LATENCY, THROUGHPUT, Batch, CommitPolicy, retry_backoff
+from f2pipe.sink.stage import (
+    COPY_HEADER,
+    COPY_TRAILER,
     encode_copy,
+    encode_rows,
     newest_per_key,
     parse_batch,
     parse_reading,
@@ -148,12 +153,79 @@ def test_commit_policy_is_validated() -> None:
         CommitPolicy(10, 0)
 
 
-def test_backoff_grows_to_the_cap_with_jitter() -> None:
-    delays = Backoff(base_s=0.1, cap_s=2.0).delays()
-    first = [next(delays) for _ in range(12)]
-    assert 0.05 <= first[0] <= 0.1
-    assert all(1.0 <= d <= 2.0 for d in first[6:])
+def test_the_throughput_preset_is_the_default_policy() -> None:
+    defaults = {name: field.default for name, field in Settings.model_fields.items()}
+    assert (
+        CommitPolicy(
+            defaults["sink_batch_rows"],
+            defaults["sink_batch_age_ms"] / 1000,
+            defaults["sink_flush_when_caught_up"],
+        )
+        == THROUGHPUT
+    )
+    assert LOW_LATENCY.max_rows < THROUGHPUT.max_rows
+    assert LOW_LATENCY.max_age_s < THROUGHPUT.max_age_s
+
+
+def test_the_retry_backoff_grows_to_the_cap_with_jitter() -> None:
+    backoff = retry_backoff(2.0)
+    first = [backoff.next_delay() for _ in range(12)]
+    assert 0.025 <= first[0] <= 0.1
+    assert all(0.5 <= d <= 2.0 for d in first[6:])
     assert len(set(first)) > 1
+    backoff.reset()  # a new episode of retries starts again from 0.1 s
+    assert backoff.next_delay() <= 0.1
+
+
+class FakeMessage:
+    """What a Batch asks of a consumed record."""
+
+    def __init__(self, partition: int, offset: int) -> None:
+        self._partition = partition
+        self._offset = offset
+
+    def topic(self) -> str:
+        return "processed"
+
+    def partition(self) -> int:
+        return self._partition
+
+    def offset(self) -> int:
+        return self._offset
+
+
+def test_a_batch_forgets_the_partitions_it_lost() -> None:
+    kept, lost = FakeMessage(0, 10), FakeMessage(1, 20)
+    batch = Batch(
+        rows=[(1, 1, 1, 1.0), (2, 2, 2, 2.0)],
+        messages=[kept, lost],  # type: ignore[list-item]
+        unparsed=[(FakeMessage(1, 21), "invalid JSON"), (FakeMessage(0, 11), "empty")],  # type: ignore[list-item]
+        offsets={("processed", 0): 11, ("processed", 1): 21},
+        records=4,
+    )
+    batch.drop_partitions({("processed", 1)})
+    assert batch.rows == [(1, 1, 1, 1.0)]
+    assert batch.messages == [kept]
+    assert [detail for _, detail in batch.unparsed] == ["empty"]
+    assert batch.offsets == {("processed", 0): 11}
+    assert len(batch) == 2
+
+
+def test_encode_copy_frames_the_rows() -> None:
+    rows = [(0, 1, 2, 3.5), (-1, 2**31 - 1, 1, -0.0)]
+    body = encode_rows(rows)
+    assert encode_copy(rows) == COPY_HEADER + body + COPY_TRAILER
+    assert len(body) == 2 * (2 + 4 + 8 + 4 + 4 + 4 + 4 + 4 + 8)
+    assert encode_copy([]) == COPY_HEADER + COPY_TRAILER
+
+
+def test_the_pure_modules_load_no_client() -> None:
+    probe = "import sys, f2pipe.sink.stage, f2pipe.sink.batching\nprint('\\n'.join(sys.modules))\n"
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], check=True, capture_output=True, text=True
+    ).stdout.split()
+    clients = {"psycopg", "confluent_kafka", "prometheus_client"}
+    assert not {name.split(".")[0] for name in loaded} & clients
 
 
 # Values the batch path must agree on with parse_reading: well-formed readings

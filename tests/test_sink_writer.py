@@ -9,7 +9,8 @@ import psycopg
 import pytest
 
 from f2pipe.metadata.database import seed_demo
-from f2pipe.sink.runner import Row, Writer
+from f2pipe.sink.stage import Row
+from f2pipe.sink.writer import Writer
 
 pytestmark = pytest.mark.servers
 

@@ -17,7 +17,8 @@ from psycopg import sql
 
 from conftest import unique
 from f2pipe.metadata.database import create_database, migrate
-from f2pipe.sink.runner import Row, Writer
+from f2pipe.sink.stage import Row
+from f2pipe.sink.writer import Writer
 
 ADMIN = os.environ.get("F2PIPE_TIMESCALE_ADMIN_DSN", "")
 pytestmark = [
