@@ -65,7 +65,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from f2pipe.metadata.database import create_database, migrate
 from f2pipe.runtime.kafka import admin_config, producer_config
 from f2pipe.settings import load_settings
-from f2pipe.sink import batching, runner, stage, writer
+from f2pipe.sink.batching import THROUGHPUT, Batch, CommitPolicy
+from f2pipe.sink.runner import Sink, tune_gc
+from f2pipe.sink.stage import encode_copy, encode_rows, newest_per_key, parse_batch, parse_reading
+from f2pipe.sink.writer import COPY_DIRECT, WriteResult
 
 HERE = Path(__file__).resolve().parent
 
@@ -130,7 +133,7 @@ def ceiling(dsn: str, encoded: list[bytes], rows: int, staging: bool) -> float:
                         "INSERT INTO decoded_data SELECT * FROM staging ON CONFLICT DO NOTHING"
                     )
                 else:
-                    with cur.copy(writer.COPY_DIRECT) as cp:
+                    with cur.copy(COPY_DIRECT) as cp:
                         cp.write(data)
         elapsed = time.perf_counter() - t0
         count = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
@@ -141,11 +144,10 @@ def ceiling(dsn: str, encoded: list[bytes], rows: int, staging: bool) -> float:
     return rows / elapsed
 
 
-class TimedSink(runner.Sink):
-    """The real sink, instrumented: first record time and per-batch latencies."""
+class Timings:
+    """What the real sink reports through ``on_settled``: first record, per-batch latencies."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, measure_end_to_end: bool = False) -> None:
         self.first: float | None = None
         self.last_commit = 0.0
         self.writes: list[float] = []
@@ -154,22 +156,13 @@ class TimedSink(runner.Sink):
         self.batch_rows: list[int] = []
         # Per record: Kafka CreateTime (producer's clock, this machine) -> offsets committed.
         self.end_to_end: list[float] = []
+        self.measure_end_to_end = measure_end_to_end
 
-    def _add(self, messages: list[Any]) -> None:
-        if self.first is None:
-            self.first = time.monotonic()
-        super()._add(messages)
-
-    def _timed_finish(self, writer: writer.Writer, rows: Any) -> writer.WriteResult:
-        t0 = time.monotonic()
-        try:
-            return super()._timed_finish(writer, rows)
-        finally:
-            self.writes.append(time.monotonic() - t0)
-
-    def _complete(self, batch: batching.Batch, result: writer.WriteResult) -> None:
-        super()._complete(batch, result)
+    def on_settled(self, batch: Batch, result: WriteResult) -> None:
         now = time.monotonic()
+        if self.first is None:
+            self.first = batch.started  # batches settle in order: this is the first record
+        self.writes.append(batch.write_seconds)
         self.record_latency.append(now - batch.started)
         self.last_commit = now
         self.committed += len(batch)
@@ -178,25 +171,24 @@ class TimedSink(runner.Sink):
             wall_ms = time.time() * 1000
             self.end_to_end += [(wall_ms - m.timestamp()[1]) / 1000 for m in batch.messages]
 
-    measure_end_to_end = False
 
-
-def run_sink(settings: Any, rows: int, policy: batching.CommitPolicy) -> dict[str, Any]:
-    sink = TimedSink(settings, policy)
+def run_sink(settings: Any, rows: int, policy: CommitPolicy) -> dict[str, Any]:
+    timings = Timings()
+    sink = Sink(settings, policy, on_settled=timings.on_settled)
     thread = threading.Thread(target=sink.run, daemon=True)
     cpu0 = time.process_time()  # the whole process: the sink's threads and librdkafka's
     thread.start()
     deadline = time.monotonic() + 300
-    while sink.committed < rows and time.monotonic() < deadline:
+    while timings.committed < rows and time.monotonic() < deadline:
         time.sleep(0.05)
     cpu = time.process_time() - cpu0
     sink.stop()
     thread.join(30)
-    assert sink.committed == rows, (sink.committed, rows)
-    assert sink.first is not None
-    elapsed = sink.last_commit - sink.first
-    writes = sorted(sink.writes)
-    lat = sorted(sink.record_latency)
+    assert timings.committed == rows, (timings.committed, rows)
+    assert timings.first is not None
+    elapsed = timings.last_commit - timings.first
+    writes = sorted(timings.writes)
+    lat = sorted(timings.record_latency)
     return {
         "rows_per_s": round(rows / elapsed),
         "cpu_us_per_record": round(cpu / rows * 1e6, 2),
@@ -208,22 +200,20 @@ def run_sink(settings: Any, rows: int, policy: batching.CommitPolicy) -> dict[st
     }
 
 
-def light_load(
-    settings: Any, rate: int, seconds: float, policy: batching.CommitPolicy
-) -> dict[str, Any]:
+def light_load(settings: Any, rate: int, seconds: float, policy: CommitPolicy) -> dict[str, Any]:
     """The sink under a steady light load: ``rate`` records/s for ``seconds``, paced.
 
     Latency per record: its Kafka timestamp (set by the producer when it is
     produced) to the commit of its offsets, which follows the database commit.
     """
     records = make_records(int(rate * seconds))
-    sink = TimedSink(settings, policy)
-    sink.measure_end_to_end = True
+    timings = Timings(measure_end_to_end=True)
+    sink = Sink(settings, policy, on_settled=timings.on_settled)
     thread = threading.Thread(target=sink.run, daemon=True)
     thread.start()
     producer = Producer(producer_config(settings, **{"linger.ms": 0}))
     deadline = time.monotonic() + 30
-    while not sink._assigned and time.monotonic() < deadline:  # joined the group
+    while not sink.assigned and time.monotonic() < deadline:  # joined the group
         time.sleep(0.05)
     cpu0 = time.process_time()
     t0 = time.monotonic()
@@ -237,14 +227,14 @@ def light_load(
             time.sleep(pause)
     assert producer.flush(30) == 0
     deadline = time.monotonic() + 60
-    while sink.committed < len(records) and time.monotonic() < deadline:
+    while timings.committed < len(records) and time.monotonic() < deadline:
         time.sleep(0.05)
     cpu = time.process_time() - cpu0
     sink.stop()
     thread.join(30)
-    assert sink.committed == len(records), (sink.committed, len(records))
-    lat = sorted(sink.end_to_end)
-    sizes = sorted(sink.batch_rows)
+    assert timings.committed == len(records), (timings.committed, len(records))
+    lat = sorted(timings.end_to_end)
+    sizes = sorted(timings.batch_rows)
     return {
         "records_per_s": rate,
         "seconds": seconds,
@@ -275,16 +265,16 @@ def consume_costs(settings: Any, topic: str, rows: int) -> dict[str, float]:
         return list(map(Message.value, ms))
 
     def parse(ms: list[Any]) -> Any:
-        return stage.parse_batch(values(ms))
+        return parse_batch(values(ms))
 
     def encode(ms: list[Any]) -> Any:
         rows = parse(ms)
         assert rows is not None
-        stage.encode_rows(rows)
+        encode_rows(rows)
         return rows
 
     def latest(ms: list[Any]) -> Any:
-        stage.newest_per_key(encode(ms))
+        newest_per_key(encode(ms))
 
     steps = [
         ("consume", lambda ms: None),
@@ -348,32 +338,32 @@ def main() -> int:
     try:
         records = make_records(args.rows)
         produce_rate = produce(base, topic, records)
-        parsed = [stage.parse_reading(v) for _, v in records]
+        parsed = [parse_reading(v) for _, v in records]
         rows = [r for r in parsed if isinstance(r, tuple)]
         assert len(rows) == args.rows
         values = [v for _, v in records]
         # Freeze the benchmark's own data (records, rows) out of the collector,
         # so what follows sees the collector as the `f2pipe sink` process does.
-        runner.tune_gc()
+        tune_gc()
 
         t0 = time.perf_counter()
         for _, v in records:
-            stage.parse_reading(v)
+            parse_reading(v)
         parse_us = (time.perf_counter() - t0) / args.rows * 1e6
         t0 = time.perf_counter()
         for i in range(0, len(values), 2000):  # polls of 2000, as the sink sees them
-            stage.parse_batch(values[i : i + 2000])
+            parse_batch(values[i : i + 2000])
         parse_batch_us = (time.perf_counter() - t0) / args.rows * 1e6
         t0 = time.perf_counter()
-        stage.encode_copy(rows)
+        encode_copy(rows)
         encode_us = (time.perf_counter() - t0) / args.rows * 1e6
         costs = consume_costs(base, topic, args.rows)
         print(json.dumps({"cpu_us_per_record_cumulative": costs}), flush=True)
 
         table = []
         for size in sizes:
-            encoded = [stage.encode_copy(rows[i : i + size]) for i in range(0, len(rows), size)]
-            policy = batching.CommitPolicy(size, 1.0)
+            encoded = [encode_copy(rows[i : i + size]) for i in range(0, len(rows), size)]
+            policy = CommitPolicy(size, 1.0)
             # Each measure --repeat times, interleaved; the best of each is kept
             # (on a shared box, the run least disturbed by other work).
             raw = staged = 0.0
@@ -431,7 +421,7 @@ def main() -> int:
                 # so this measures the thresholds' share alone.
                 gc.set_threshold(700, 10, 10)
             else:
-                runner.tune_gc()
+                tune_gc()
             with psycopg.connect(dsn) as conn:
                 conn.execute("TRUNCATE decoded_data, latest_readings")
             run = run_sink(
@@ -442,7 +432,7 @@ def main() -> int:
                     sink_group=f"f2bench-{tag}-gc-{mode}-{len(gc_ab)}",
                 ),
                 len(rows),
-                batching.THROUGHPUT,
+                THROUGHPUT,
             )
             run["load_avg"] = os.getloadavg()[0]
             gc_ab[f"{mode}_{len(gc_ab) // 2 + 1}"] = run
@@ -467,7 +457,7 @@ def main() -> int:
                 ),
                 args.light_rate,
                 args.light_seconds,
-                batching.CommitPolicy(batching.THROUGHPUT.max_rows, age, eager),
+                CommitPolicy(THROUGHPUT.max_rows, age, eager),
             )
             print(json.dumps(light_run), flush=True)
             light.append(light_run)

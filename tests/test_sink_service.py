@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -30,7 +31,10 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from conftest import unique, wait_until
 from f2pipe.metadata.database import migrate
 from f2pipe.runtime.kafka import admin_config, producer_config
-from f2pipe.settings import get_settings
+from f2pipe.settings import get_settings, load_settings
+from f2pipe.sink.batching import Batch, CommitPolicy
+from f2pipe.sink.runner import Sink
+from f2pipe.sink.writer import WriteResult
 
 pytestmark = pytest.mark.servers
 
@@ -611,3 +615,39 @@ def test_a_second_sink_joining_and_the_first_leaving_loses_and_duplicates_nothin
         raise
     assert stored(fresh_db) == expected_rows(records)
     assert second.terminate() == 0
+
+
+def test_the_sink_reports_each_settled_batch_in_order(fresh_db: str, topics: Topics) -> None:
+    # In process: what bench/sink_bench.py measures through the public hook.
+    settled: list[tuple[Batch, WriteResult]] = []
+    settings = load_settings(
+        timeseries_dsn=fresh_db,
+        metadata_dsn=fresh_db,
+        topic_processed=topics.processed,
+        topic_dead_letter=topics.dead_letter,
+        sink_group=topics.group,
+    )
+    sink = Sink(settings, CommitPolicy(500, 0.2), on_settled=lambda b, r: settled.append((b, r)))
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: len(sink.assigned) == 3, timeout=60, what="partitions assigned")
+        assert {partition for _, partition in sink.assigned} == {0, 1, 2}
+        records = readings(0, 2000)
+        produce(topics.processed, records)
+        wait_until(
+            lambda: sum(len(batch) for batch, _ in settled) == 2000,
+            timeout=60,
+            what="every record settled",
+        )
+    finally:
+        sink.stop()
+        thread.join(30)
+    assert not thread.is_alive()
+    assert count(fresh_db) == 2000  # reported only after the database commit
+    assert sum(result.inserted for _, result in settled) == 2000
+    assert all(len(batch) <= 500 for batch, _ in settled)
+    assert all(batch.write_seconds > 0 for batch, _ in settled)
+    starts = [batch.started for batch, _ in settled]
+    assert starts == sorted(starts)  # settled strictly in order
+    assert committed_total(topics) == 2000

@@ -84,6 +84,7 @@ class Batch:
     offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # last offset seen
     started: float = 0.0  # monotonic time of the first record
     records: int = 0
+    write_seconds: float = 0.0  # the database write that stored it (0 when none ran)
 
     def __len__(self) -> int:
         return self.records

@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -44,7 +44,7 @@ from f2pipe.settings import Settings, get_settings
 from f2pipe.sink.batching import Batch, CommitPolicy, retry_backoff
 from f2pipe.sink.metrics import ASSIGNED, BATCH_AGE, BATCH_ROWS, CONSUMED, DB_RETRIES, WRITE_SECONDS
 from f2pipe.sink.settle import Settler
-from f2pipe.sink.stage import Row, parse_batch, parse_reading
+from f2pipe.sink.stage import parse_batch, parse_reading
 from f2pipe.sink.writer import Writer, WriteResult
 
 __all__ = ["Sink", "configure", "tune_gc"]
@@ -64,12 +64,26 @@ class Sink:
     batches are settled (counted, dead-lettered, offsets committed) strictly
     in order: a batch's offsets are committed only after its own database
     commit and after every earlier batch's.
+
+    ``on_settled(batch, result)``, if given, is called on the loop's thread
+    after each batch is settled (stored, its dead letters acknowledged, its
+    offsets committed), for whoever measures the sink (``bench/sink_bench.py``):
+    ``batch.started`` is when its first record was consumed,
+    ``batch.write_seconds`` how long the database took, ``batch.messages`` its
+    stored records. It must not keep the loop waiting.
     """
 
-    def __init__(self, settings: Settings, policy: CommitPolicy | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        policy: CommitPolicy | None = None,
+        *,
+        on_settled: Callable[[Batch, WriteResult], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.policy = policy or CommitPolicy.from_settings(settings)
         self.database_backoff = retry_backoff(settings.sink_backoff_max_ms / 1000)
+        self._on_settled = on_settled
         self._writers = (
             Writer(settings.timeseries_dsn),
             Writer(settings.timeseries_dsn, announce=False),
@@ -112,6 +126,11 @@ class Sink:
     def stop(self) -> None:
         """Ask the loop to finish (safe from a signal handler: only sets a flag)."""
         self._stopping = True
+
+    @property
+    def assigned(self) -> frozenset[tuple[str, int]]:
+        """The (topic, partition) pairs this sink owns now; empty until it joined the group."""
+        return frozenset(self._assigned)
 
     def ready(self) -> bool:
         """Both dependencies answer: the database (a fresh connection) and Kafka."""
@@ -260,13 +279,14 @@ class Sink:
             return
         writer = self.writer
         self.writer = self._writers[1] if writer is self._writers[0] else self._writers[0]
-        future = self._committer.submit(self._timed_finish, writer, batch.rows)
+        future = self._committer.submit(self._timed_finish, writer, batch)
         self._inflight = (batch, writer, future)
 
-    def _timed_finish(self, writer: Writer, rows: Sequence[Row]) -> WriteResult:
+    def _timed_finish(self, writer: Writer, batch: Batch) -> WriteResult:
         started = time.monotonic()
-        result = writer.finish(rows)
-        WRITE_SECONDS.observe(time.monotonic() - started)
+        result = writer.finish(batch.rows)
+        batch.write_seconds = time.monotonic() - started
+        WRITE_SECONDS.observe(batch.write_seconds)
         return result
 
     def _settle(self) -> bool:
@@ -291,6 +311,8 @@ class Sink:
     def _complete(self, batch: Batch, result: WriteResult) -> None:
         """After the database commit: count, dead-letter the rejects, commit offsets."""
         self.settler.settle(batch, result)
+        if self._on_settled is not None:
+            self._on_settled(batch, result)
 
     def _write_with_backpressure(
         self, batch: Batch, writer: Writer, error: DatabaseUnavailable
@@ -323,7 +345,7 @@ class Sink:
                 if not batch.rows:  # every partition of it was revoked meanwhile
                     return WriteResult(0, [])
                 try:
-                    result = self._timed_finish(writer, batch.rows)
+                    result = self._timed_finish(writer, batch)
                 except DatabaseUnavailable as exc:
                     error = exc
                     continue
