@@ -288,8 +288,9 @@ def test_rotating_the_connector_certificate_keeps_its_queued_messages(
 ) -> None:
     from cryptography import x509
 
-    from f2pipe.pki.ca import issue_service_files, pki_paths
+    from f2pipe.pki.ca import pki_paths
     from f2pipe.pki.local import load_ca
+    from f2pipe.pki.state import issue_service_files
 
     # certgen is running before the rotation: it has entered the service
     # certificates into its register.
@@ -361,9 +362,10 @@ def test_a_revocation_while_the_connector_is_offline_loses_none_of_its_messages(
 def test_extra_connector_identities_get_the_connectors_rights(
     settings: Settings, broker: Broker, tmp_path: Path
 ) -> None:
-    from f2pipe.pki.ca import issue_service_files, pki_paths
+    from f2pipe.pki.ca import pki_paths
     from f2pipe.pki.local import load_ca
     from f2pipe.pki.revocation import reload_and_refresh
+    from f2pipe.pki.state import issue_service_files
 
     issue_service_files(load_ca(settings), pki_paths(settings), "svc-connector-2", 30)
     ensure_config(settings)

@@ -19,7 +19,8 @@ from cryptography import x509
 
 from conftest import wait_until
 from f2pipe.pki import api
-from f2pipe.pki.ca import ensure_pki, pki_paths
+from f2pipe.pki.ca import pki_paths
+from f2pipe.pki.state import ensure_pki
 from f2pipe.settings import Settings
 from pki_fixtures import (
     add_device,

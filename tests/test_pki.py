@@ -9,14 +9,8 @@ import pytest
 from cryptography import x509
 
 from f2pipe.errors import CertError
-from f2pipe.pki.ca import (
-    CertificateAuthority,
-    ensure_pki,
-    parse_serial,
-    pki_paths,
-    serial_text,
-    write_crl,
-)
+from f2pipe.pki.ca import CertificateAuthority, parse_serial, pki_paths, serial_text
+from f2pipe.pki.state import ensure_pki, write_crl
 from f2pipe.settings import load_settings
 
 

@@ -51,13 +51,13 @@ def prepare_data(settings: Settings) -> None:
     """Schema, demo fleet, CA, admin token and demo device certificates; all idempotent."""
     from f2pipe.metadata.database import demo_fleet, migrate, seed_demo
     from f2pipe.pki.auth import admin_token
-    from f2pipe.pki.ca import ensure_pki
     from f2pipe.pki.local import (
         issue_device_files,
         load_ca,
         open_store,
         record_local_certificates,
     )
+    from f2pipe.pki.state import ensure_pki
 
     for dsn in dict.fromkeys([settings.metadata_dsn, settings.timeseries_dsn]):
         migrate(dsn, settings)

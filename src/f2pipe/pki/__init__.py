@@ -22,9 +22,9 @@ from f2pipe.pki.ca import (
     Issued,
     PkiPaths,
     device_common_name,
-    ensure_pki,
     pki_paths,
 )
+from f2pipe.pki.state import ensure_pki
 from f2pipe.pki.store import CertificateStore
 
 __all__ = [

@@ -45,7 +45,7 @@ _SERVICE_NAME = re.compile(r"svc-[a-z0-9][a-z0-9-]{0,30}")
 _EC_CURVES = frozenset({"secp256r1", "secp384r1", "secp521r1"})
 _MIN_RSA_BITS = 2048
 # Re-issue a server or service certificate this long before it expires.
-_RENEW_BEFORE = dt.timedelta(days=30)
+RENEW_BEFORE = dt.timedelta(days=30)
 # A certificate's notBefore is backdated a little so clients with a slightly slow
 # clock do not refuse a certificate issued a second ago.
 _BACKDATE = dt.timedelta(minutes=5)
@@ -243,7 +243,7 @@ def load_cert(path: Path) -> x509.Certificate:
         raise CertError(f"cannot read certificate {path}: {exc}") from None
 
 
-def _now() -> dt.datetime:
+def utc_now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
@@ -291,7 +291,7 @@ class CertificateAuthority:
                 x509.NameAttribute(NameOID.COMMON_NAME, name),
             ]
         )
-        now = _now()
+        now = utc_now()
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (
             x509.CertificateBuilder()
@@ -371,7 +371,7 @@ class CertificateAuthority:
         (IP addresses where they parse as one, DNS names otherwise). The
         validity never reaches past the CA's own.
         """
-        now = _now()
+        now = utc_now()
         not_after = min(now + dt.timedelta(days=days), self.certificate.not_valid_after_utc)
         eku = (
             ExtendedKeyUsageOID.CLIENT_AUTH
@@ -409,7 +409,7 @@ class CertificateAuthority:
                 critical=False,
             )
         )
-        alt = [_general_name(name) for name in dict.fromkeys(names)]
+        alt = [general_name(name) for name in dict.fromkeys(names)]
         if alt:
             builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
         return builder.sign(self.key, hashes.SHA256())
@@ -453,7 +453,7 @@ class CertificateAuthority:
         self, revoked: Iterable[tuple[int, dt.datetime]], days: int
     ) -> x509.CertificateRevocationList:
         """A CRL listing ``(serial, revoked_at)`` pairs, valid for ``days``."""
-        now = _now()
+        now = utc_now()
         builder = (
             x509.CertificateRevocationListBuilder()
             .issuer_name(self.certificate.subject)
@@ -475,149 +475,8 @@ class CertificateAuthority:
         return builder.sign(self.key, hashes.SHA256())
 
 
-def _general_name(name: str) -> x509.GeneralName:
+def general_name(name: str) -> x509.GeneralName:
     try:
         return x509.IPAddress(ipaddress.ip_address(name))
     except ValueError:
         return x509.DNSName(name)
-
-
-def server_names(settings: Settings) -> list[str]:
-    """SANs for the broker and certgen: localhost, 127.0.0.1, ::1 and ``broker_names``."""
-    return list(dict.fromkeys(["localhost", "127.0.0.1", "::1", *settings.extra_server_names()]))
-
-
-def read_crl(path: Path) -> x509.CertificateRevocationList | None:
-    """The CRL at ``path``, or None if there is none yet."""
-    try:
-        return x509.load_pem_x509_crl(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise CertError(f"cannot read CRL {path}: {exc}") from None
-
-
-def crl_entries(crl: x509.CertificateRevocationList | None) -> dict[int, dt.datetime]:
-    if crl is None:
-        return {}
-    return {entry.serial_number: entry.revocation_date_utc for entry in crl}
-
-
-def write_crl(
-    ca: CertificateAuthority,
-    paths: PkiPaths,
-    revoked: Iterable[tuple[int, dt.datetime]],
-    days: int,
-) -> x509.CertificateRevocationList:
-    """Write a new CRL: every serial already in ``crl.pem`` plus ``revoked``.
-
-    The existing file's entries are kept so that no revocation is ever lost,
-    even if the database that records them is.
-    """
-    entries = crl_entries(read_crl(paths.crl))
-    for serial, when in revoked:
-        entries.setdefault(serial, when)
-    crl = ca.build_crl(entries.items(), days)
-    write_public(paths.crl, crl.public_bytes(serialization.Encoding.PEM))
-    return crl
-
-
-def _needs_server_cert(
-    ca: CertificateAuthority, cert_path: Path, key_path: Path, names: list[str]
-) -> bool:
-    if not (cert_path.is_file() and key_path.is_file()):
-        return True
-    cert = load_cert(cert_path)
-    if not ca.issued_by_me(cert) or cert.not_valid_after_utc - _now() < _RENEW_BEFORE:
-        return True
-    try:
-        have = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return True
-    wanted = {_general_name(name) for name in names}
-    return not wanted <= set(have)
-
-
-def _needs_client_cert(ca: CertificateAuthority, cert_path: Path, key_path: Path) -> bool:
-    if not (cert_path.is_file() and key_path.is_file()):
-        return True
-    cert = load_cert(cert_path)
-    return not ca.issued_by_me(cert) or cert.not_valid_after_utc - _now() < _RENEW_BEFORE
-
-
-@dataclass
-class PkiReport:
-    """What :func:`ensure_pki` created (empty lists: everything was in place)."""
-
-    ca: CertificateAuthority
-    created: list[str]
-    issued: list[Issued]
-
-
-def ensure_pki(settings: Settings, services: Iterable[str] = SERVICE_NAMES) -> PkiReport:
-    """Create whatever is missing of the CA, CRL, broker/certgen and service certificates.
-
-    Idempotent: existing valid files are kept. A server or service certificate is
-    re-issued when missing, not signed by the current CA, within 30 days of
-    expiry, or (servers) missing one of the configured names. The CRL is renewed
-    once half of its validity has passed. Raises CertError on unreadable files
-    or a wrong passphrase.
-    """
-    paths = pki_paths(settings)
-    passphrase = ca_passphrase(settings)
-    created: list[str] = []
-    issued: list[Issued] = []
-    paths.root.mkdir(parents=True, exist_ok=True)
-    if paths.ca_cert.exists() or paths.ca_key.exists():
-        ca = CertificateAuthority.load(paths, passphrase)
-    else:
-        ca = CertificateAuthority.create(settings.ca_days)
-        ca.save(paths, passphrase)
-        created.append(str(paths.ca_cert))
-
-    crl = read_crl(paths.crl)
-    half_life = dt.timedelta(days=settings.crl_days / 2)
-    if (
-        crl is None
-        or not crl.is_signature_valid(ca.key.public_key())
-        or crl.next_update_utc is None
-        or crl.next_update_utc - _now() < half_life
-    ):
-        # Entries of a CRL signed by another CA mean nothing to this one.
-        if crl is not None and not crl.is_signature_valid(ca.key.public_key()):
-            paths.crl.unlink()
-        write_crl(ca, paths, [], settings.crl_days)
-        created.append(str(paths.crl))
-
-    names = server_names(settings)
-    for cn, cert_path, key_path in (
-        ("f2pipe broker", paths.broker_cert, paths.broker_key),
-        ("f2pipe certgen", paths.certgen_cert, paths.certgen_key),
-    ):
-        if _needs_server_cert(ca, cert_path, key_path, names):
-            server = ca.issue_server(cn, names, settings.service_cert_days)
-            assert server.private_key is not None
-            write_private(key_path, key_pem(server.private_key))
-            write_public(cert_path, cert_pem(server.certificate))
-            created.append(str(cert_path))
-            issued.append(server)
-
-    for name in services:
-        cert_path, key_path = paths.service_cert(name), paths.service_key(name)
-        if _needs_client_cert(ca, cert_path, key_path):
-            issued.append(issue_service_files(ca, paths, name, settings.service_cert_days))
-            created.append(str(cert_path))
-    return PkiReport(ca, created, issued)
-
-
-def issue_service_files(
-    ca: CertificateAuthority, paths: PkiPaths, name: str, days: float
-) -> Issued:
-    """Issue ``svc-<name>`` and write ``services/<name>.pem`` and ``.key`` (0600)."""
-    check_service_name(name)
-    result = ca.issue_client(name, days)
-    assert result.private_key is not None
-    paths.services.mkdir(parents=True, exist_ok=True)
-    write_private(paths.service_key(name), key_pem(result.private_key))
-    write_public(paths.service_cert(name), cert_pem(result.certificate))
-    return result

@@ -12,14 +12,7 @@ import psycopg
 
 from f2pipe.errors import CertError
 from f2pipe.pki.auth import admin_token, admin_token_path
-from f2pipe.pki.ca import (
-    check_service_name,
-    ensure_pki,
-    issue_service_files,
-    parse_serial,
-    pki_paths,
-    serial_text,
-)
+from f2pipe.pki.ca import check_service_name, parse_serial, pki_paths, serial_text
 from f2pipe.pki.local import (
     crl_due,
     issue_device_files,
@@ -28,6 +21,7 @@ from f2pipe.pki.local import (
     record_local_certificates,
     sync_crl,
 )
+from f2pipe.pki.state import ensure_pki, issue_service_files
 from f2pipe.runtime.logs import setup_logging
 from f2pipe.settings import Settings, get_settings
 

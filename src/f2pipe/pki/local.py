@@ -22,11 +22,11 @@ from f2pipe.pki.ca import (
     key_pem,
     load_cert,
     pki_paths,
-    read_crl,
     write_private,
     write_public,
 )
 from f2pipe.pki.revocation import refresh_crl
+from f2pipe.pki.state import read_crl
 from f2pipe.pki.store import CertificateStore
 from f2pipe.settings import Settings
 

@@ -46,15 +46,8 @@ from paho.mqtt.properties import Properties
 
 from f2pipe.errors import ConfigError
 from f2pipe.operations.stack.mosquitto import connector_identities, pid_path
-from f2pipe.pki.ca import (
-    CertificateAuthority,
-    crl_entries,
-    key_pem,
-    pki_paths,
-    read_crl,
-    write_crl,
-    write_private,
-)
+from f2pipe.pki.ca import CertificateAuthority, key_pem, pki_paths, write_private
+from f2pipe.pki.state import crl_entries, read_crl, write_crl
 from f2pipe.pki.store import CertificateStore
 from f2pipe.runtime.tls import client_context
 from f2pipe.settings import Settings

@@ -39,7 +39,8 @@ from pathlib import Path
 from f2pipe.operations.stack.install import Program
 from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import Paths, port_accepts
-from f2pipe.pki.ca import PkiPaths, ensure_pki, pki_paths
+from f2pipe.pki.ca import PkiPaths, pki_paths
+from f2pipe.pki.state import ensure_pki
 from f2pipe.settings import Settings
 
 MAX_PACKET_BYTES = 256 * 1024
