@@ -1,19 +1,28 @@
 """The package's exceptions.
 
 Every error f2pipe raises on purpose derives from :class:`F2PipeError`, so the
-CLI can print one line naming the cause and the fix and exit non-zero::
+CLI can print one line naming the cause and the fix and exit non-zero. The
+classes defined here are the ones several parts raise; the others live beside
+the one module that raises them (shown after the dash)::
 
     F2PipeError
-    ├── ConfigError        a bad setting or environment variable
-    ├── StackError         a local server could not be installed, started or reached
-    ├── MigrationError     the database schema could not be brought up to date
-    ├── FleetError         a fleet file entry is invalid (names the line)
-    ├── CertError          a certificate could not be issued, parsed or revoked
-    ├── MetadataUnavailable the metadata database cannot be reached (retry, never guess)
-    ├── DatabaseUnavailable the database cannot take a write now (down, restarting,
-    │                      or failing in a way retrying may cure)
-    └── DecodeError        a message cannot become readings; carries its dead-letter
-                           reason (defined in f2pipe.core.decode, beside the decoder)
+    ├── ConfigError             a bad setting or environment variable
+    ├── StackError              a local server could not be installed, started or reached
+    ├── MigrationError          the database schema could not be brought up to date
+    ├── FleetError              a fleet file entry is invalid (names the line)
+    ├── CertError               a certificate could not be issued, parsed or revoked
+    │   └── ClaimAlreadyUsed    — pki.store: a concurrent request used the claiming code first
+    ├── MetadataUnavailable     the metadata database cannot be reached (retry, never guess)
+    ├── DatabaseUnavailable     the database cannot take a write now (down, restarting,
+    │                           or failing in a way retrying may cure)
+    ├── DecodeError             — core.decode: a message cannot become readings; carries
+    │                           its dead-letter reason and detail
+    ├── Stopping                — runtime.kafka: a wait for Kafka ended by a stop at once
+    ├── MalformedPacket         — runtime.mqttwire: bytes that are not an MQTT packet
+    ├── DeadLettersUndelivered  — sink.settle: Kafka refused a sink dead letter
+    ├── DeadLetterError         — tools.dlq: dead letters cannot be read or replayed
+    ├── CommandError            — tools.cmnd: a command could not be sent
+    └── MqttError               — tools.simulator.client: the simulator's broker connection failed
 
 Library exceptions (psycopg, confluent_kafka, paho) are translated into these at
 the boundary where a user-facing decision is made; inside the hot paths they are
