@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from conftest import wait_until
-from f2pipe.connector.runner import topic_mac
+from f2pipe.connector.stage import topic_mac
 
 REPO = Path(__file__).resolve().parents[1]
 KAFKA_HOME = Path.home() / ".cache" / "f2pipe" / "kafka-4.1.1"

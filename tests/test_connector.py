@@ -27,9 +27,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import generate_latest
 
 from conftest import unique, wait_until
-from f2pipe.connector.runner import Connector, classify, pubacks, topic_mac
+from f2pipe.connector.runner import Connector
+from f2pipe.connector.stage import classify, topic_mac
 from f2pipe.core.reasons import Reason
 from f2pipe.runtime import tls
+from f2pipe.runtime.mqttwire import pubacks
 from f2pipe.settings import load_settings
 from f2pipe.tools.simulator import Summary, demo_fleet, generated_fleet, run_load
 from mqtt_kafka import (
