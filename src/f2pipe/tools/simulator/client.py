@@ -11,19 +11,23 @@ the DUP flag.
 
 from __future__ import annotations
 
-import array
 import asyncio
 import contextlib
 import logging
 import ssl
 import struct
-import sys
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from f2pipe.errors import F2PipeError
 from f2pipe.runtime.backoff import Backoff
-from f2pipe.runtime.mqttwire import decode_length, encode_length
+from f2pipe.runtime.mqttwire import (
+    MalformedPacket,
+    encode_length,
+    puback_ids,
+    pubacks,
+    split_packets,
+)
 from f2pipe.tools.simulator.messages import Message, mqtt_string
 
 __all__ = ["AckHandler", "LeanClient", "MqttError", "Window", "connect_all"]
@@ -118,8 +122,6 @@ class _Protocol(asyncio.Protocol):
 
 AckHandler = Callable[[list[Message]], None]
 """Called with the messages one read acknowledged, in the order they were published."""
-
-_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 class LeanClient:
@@ -373,20 +375,11 @@ class LeanClient:
         if self._rbuf:
             data = self._rbuf + data
             self._rbuf = b""
-        size = len(data)
-        count = size >> 2
-        # Under load a read is nothing but PUBACKs (40 02 <id>): check that in C and take
-        # every packet id at once instead of walking the packets one by one.
-        if (
-            size & 3 == 0
-            and data[0::4].count(64) == count
-            and data[1::4].count(2) == count
-            and self.connected
-        ):
-            ids = array.array("H", data)
-            if _LITTLE_ENDIAN:
-                ids.byteswap()
-            self._acknowledged(ids[1::2])
+        # Under load a read is nothing but PUBACKs: all their packet ids are taken at once
+        # instead of walking the packets one by one.
+        ids = puback_ids(data) if self.connected else None
+        if ids is not None:
+            self._acknowledged(ids)
             return
         self._received_slowly(data)
 
@@ -400,26 +393,22 @@ class LeanClient:
             self.on_acks(acked)
 
     def _received_slowly(self, data: bytes) -> None:
-        pos, end = 0, len(data)
+        try:
+            packets, pos = split_packets(data)
+        except MalformedPacket:
+            self._protocol_error("malformed remaining length")
+            return
         acked: list[int] = []
-        while end - pos >= 2:
-            try:
-                length, i = decode_length(data, pos + 1, end)
-            except ValueError:
-                self._protocol_error("malformed remaining length")
-                return
-            if length < 0 or end - i < length:
-                break
-            kind = data[pos] & 0xF0
-            if kind == 0x40 and length >= 2:  # PUBACK
+        for first, i, end in packets:
+            kind = first & 0xF0
+            if kind == 0x40 and end - i >= 2:  # PUBACK
                 acked.append((data[i] << 8) | data[i + 1])
             elif kind == 0x30:  # PUBLISH: a command for this device
-                self._incoming(data[pos], data[i : i + length])
-            elif kind == 0x20 and length >= 2:  # CONNACK
+                self._incoming(first, data[i:end])
+            elif kind == 0x20 and end - i >= 2:  # CONNACK
                 connack = self._connack
                 if connack is not None and not connack.done():
                     connack.set_result(data[i + 1])
-            pos = i + length
         self._rbuf = data[pos:]
         if acked:
             self._acknowledged(acked)
@@ -438,7 +427,7 @@ class LeanClient:
             start += 2
             if self._transport is not None:  # PUBACK (commands are not sent with QoS 2)
                 self.flush()
-                self._transport.write(b"\x40\x02" + body[topic_end:start])
+                self._transport.write(pubacks([(body[topic_end] << 8) | body[topic_end + 1]]))
         if self.on_command is not None:
             self.on_command(self, topic, body[start:])
 
