@@ -324,6 +324,7 @@ def versions() -> dict[str, str]:
     mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.split("\n")[0]
     return {
         "python": platform.python_version(),
+        "mqtt5": metadata.version("mqtt5"),
         "paho-mqtt": metadata.version("paho-mqtt"),
         "confluent-kafka": confluent_kafka.version()[0],
         "librdkafka": confluent_kafka.libversion()[0],
