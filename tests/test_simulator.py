@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import VECTORS
-from f2pipe.connector.runner import topic_mac
+from f2pipe.connector.stage import topic_mac
 from f2pipe.core.frames import crc16_modbus
 from f2pipe.core.models import Datapoint
 from f2pipe.runtime.mqttwire import decode_length, encode_length

@@ -50,7 +50,6 @@ from f2pipe.connector.metrics import (
     register,
 )
 from f2pipe.connector.stage import Header, Record, RecordBuilder
-from f2pipe.connector.stage import topic_mac as topic_mac  # where tests still look for it
 from f2pipe.runtime import tls
 from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.gctune import quiet_gc
