@@ -39,19 +39,19 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from f2pipe.runtime.gctune import quiet_gc  # noqa: E402
-from f2pipe.settings import load_settings  # noqa: E402
-from f2pipe.tools.simulator import Sensor, generated_fleet, run_load  # noqa: E402
-from mqtt_kafka import (  # noqa: E402
+from f2pipe.runtime.gctune import quiet_gc
+from f2pipe.settings import load_settings
+from f2pipe.testing.servers import (
     ConnectorProcess,
     Mosquitto,
     TestPki,
     connector_env,
     create_topics,
 )
+from f2pipe.tools.simulator import Sensor, generated_fleet, run_load
+
+REPO = Path(__file__).resolve().parents[1]
+
 
 TICK = os.sysconf("SC_CLK_TCK")
 

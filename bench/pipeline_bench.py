@@ -48,7 +48,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
 sys.path.insert(0, str(REPO / "bench"))
 
 import psycopg  # noqa: E402
@@ -351,8 +350,8 @@ def mqtt_ceiling(settings: Settings, workdir: Path, count: int) -> dict[str, Any
     """The connector's bare MQTT receive path (acknowledge on receipt), by connector_bench."""
     import connector_bench as cb
 
+    from f2pipe.testing.servers import Mosquitto, TestPki
     from f2pipe.tools.simulator import generated_fleet
-    from mqtt_kafka import Mosquitto, TestPki
 
     pki = TestPki(workdir / "ceiling-state")
     sensors = generated_fleet(8)

@@ -8,13 +8,14 @@ with a deadline (:func:`wait_until`), never by sleeping.
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
 import pytest
+
+from f2pipe.testing import servers
 
 T = TypeVar("T")
 
@@ -27,15 +28,12 @@ SHARED_VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "f
 def wait_until(
     probe: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
 ) -> T:
-    """Call ``probe`` until it returns a truthy value; return it, or fail after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+    """Call ``probe`` until it returns a truthy value; return it, or fail the test after
+    ``timeout`` s (:func:`f2pipe.testing.servers.wait_until` as a test failure)."""
+    try:
+        return servers.wait_until(probe, timeout, interval, what)
+    except TimeoutError as exc:
+        pytest.fail(str(exc))
 
 
 def unique(prefix: str) -> str:

@@ -33,8 +33,7 @@ from f2pipe.core.reasons import Reason
 from f2pipe.runtime import tls
 from f2pipe.runtime.mqttwire import pubacks
 from f2pipe.settings import load_settings
-from f2pipe.tools.simulator import Summary, demo_fleet, generated_fleet, run_load
-from mqtt_kafka import (
+from f2pipe.testing.servers import (
     ConnectorProcess,
     KafkaServer,
     Mosquitto,
@@ -44,7 +43,8 @@ from mqtt_kafka import (
     ledger_entries,
     read_topic,
 )
-from mqtt_kafka import connector_env as shared_connector_env
+from f2pipe.testing.servers import connector_env as shared_connector_env
+from f2pipe.tools.simulator import Summary, demo_fleet, generated_fleet, run_load
 
 DEV_KAFKA = load_settings().kafka_bootstrap  # the stack's Kafka
 FLEET = 20  # generated controllers with device certificates

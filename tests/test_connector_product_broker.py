@@ -22,8 +22,7 @@ from f2pipe.operations.stack.mosquitto import ensure_config
 from f2pipe.pki.ca import cert_pem, key_pem, write_private, write_public
 from f2pipe.pki.local import load_ca
 from f2pipe.settings import Settings, load_settings
-from f2pipe.tools.simulator import demo_fleet, run_load
-from mqtt_kafka import (
+from f2pipe.testing.servers import (
     ConnectorProcess,
     assert_all_delivered,
     create_topics,
@@ -32,6 +31,7 @@ from mqtt_kafka import (
     port_open,
     read_topic,
 )
+from f2pipe.tools.simulator import demo_fleet, run_load
 
 DEV_KAFKA = load_settings().kafka_bootstrap  # the stack's Kafka
 

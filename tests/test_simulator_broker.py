@@ -35,8 +35,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from conftest import unique, wait_until
 from f2pipe.runtime import tls
 from f2pipe.settings import load_settings
+from f2pipe.testing.servers import Mosquitto, TestPki, ledger_entries
 from f2pipe.tools.simulator import Summary, generated_fleet, run_load
-from mqtt_kafka import Mosquitto, TestPki, ledger_entries
 
 DEVICES = 4
 

@@ -1,7 +1,9 @@
-"""Test support for the connector: a private Mosquitto, a private Kafka, topics, consumers.
+"""Private servers for tests and benchmarks: Mosquitto, Kafka, the connector, a PKI.
 
 Each server here is started as a real process on free loopback ports with its
-own data directory, and stopped by the fixture that started it.
+own data directory, and stopped by whoever started it. Waits poll with a
+deadline (:func:`wait_until`) and raise ``TimeoutError`` naming what they
+waited for.
 """
 
 from __future__ import annotations
@@ -16,19 +18,33 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from conftest import wait_until
 from f2pipe.connector.stage import topic_mac
+from f2pipe.operations.stack.install import kafka_libs, kafka_version
 
-REPO = Path(__file__).resolve().parents[1]
-KAFKA_HOME = Path.home() / ".cache" / "f2pipe" / "kafka-4.1.1"
+T = TypeVar("T")
+
+
+def wait_until(
+    probe: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
+) -> T:
+    """Call ``probe`` until it returns a truthy value and return that; raise
+    ``TimeoutError`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
 
 
 def free_port() -> int:
@@ -110,7 +126,14 @@ class KafkaServer:
         return f"127.0.0.1:{self.port}"
 
     def _java(self, *args: str) -> list[str]:
-        return ["java", "-Xmx384m", "-Xms128m", "-cp", str(KAFKA_HOME / "libs" / "*"), *args]
+        return [
+            "java",
+            "-Xmx384m",
+            "-Xms128m",
+            "-cp",
+            str(kafka_libs(kafka_version()) / "*"),
+            *args,
+        ]
 
     def format(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -211,7 +234,6 @@ class ConnectorProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "f2pipe.cli", "connector", *self.args],
                 env=env,
-                cwd=REPO,
                 stdout=out,
                 stderr=out,
             )
