@@ -56,6 +56,7 @@ from f2pipe.core.decode import CompiledTemplate, DatapointSpec, TemplateSpec, co
 from f2pipe.core.reasons import Reason
 from f2pipe.errors import MetadataUnavailable
 from f2pipe.metadata.lookup import SKIPPED, Resolution, Resolved
+from f2pipe.runtime.backoff import Backoff
 from f2pipe.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -204,20 +205,19 @@ class Resolver:
             self._version = version
 
     def _listen(self) -> None:
-        delay = 0.5
+        backoff = Backoff(base=0.5, cap=10.0)
         while not self._stop.is_set():
             try:
                 with psycopg.connect(self._dsn, autocommit=True, connect_timeout=3) as conn:
                     conn.execute("LISTEN f2pipe_metadata")  # = CHANNEL
-                    delay = 0.5
+                    backoff.reset()
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.5):
                             if note.payload.isdigit():
                                 self._announced = max(self._announced, int(note.payload))
             except psycopg.Error as exc:
                 log.warning("metadata listener disconnected", extra={"error": str(exc)})
-                self._stop.wait(delay)
-                delay = min(delay * 2, 10.0)
+                self._stop.wait(backoff.next_delay())
 
     # --- lookups ---------------------------------------------------------------------
 
