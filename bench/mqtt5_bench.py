@@ -146,23 +146,14 @@ def receive_mqtt5(buf: bytes) -> int:
         on_subscribe=lambda _refusals: None,
         on_disconnect=lambda _reason: None,
     )
-    client._sock = _FakeSocket()  # type: ignore[assignment]
     done = 0
     for start in range(0, len(buf), READ):
-        client._rbuf += buf[start : start + READ]
-        client._handle_buffered(ROUND)
+        client.feed(buf[start : start + READ], ROUND)
         if len(records) >= ROUND:  # a round acknowledged: its records go
             done += len(records)
             records.clear()
             acks.clear()
     return done + len(records)
-
-
-class _FakeSocket:
-    """Stands in for the connection, so the client's buffer handling runs alone."""
-
-    def close(self) -> None:
-        pass
 
 
 def puback_mqtt5(mids: list[int]) -> bytes:

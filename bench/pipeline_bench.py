@@ -308,7 +308,7 @@ class Bench:
     # -- correctness
     def compare(self) -> tuple[int, int, int]:
         """(expected readings, lost, wrong) of the whole run, computed in SQL."""
-        from test_pipeline import datapoint_map
+        from f2pipe.testing.ledger import datapoint_map
 
         mapping = datapoint_map(self.dsn)
         buffer = io.StringIO()

@@ -44,6 +44,7 @@ from conftest import unique, wait_until
 from f2pipe.metadata.database import demo_fleet
 from f2pipe.operations import pipeline, services, stack, status
 from f2pipe.settings import Settings, get_settings, load_settings
+from f2pipe.testing.ledger import datapoint_map
 
 pytestmark = pytest.mark.servers
 
@@ -91,21 +92,6 @@ def finish(process: subprocess.Popen[bytes], timeout: float) -> dict[str, Any]:
 
 def read_ledger(*paths: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for path in paths for line in path.read_text().splitlines()]
-
-
-def datapoint_map(dsn: str) -> dict[tuple[str, int, int, str], tuple[int, int]]:
-    """(controller MAC, connector number, pin, label) -> (sensor device_id, datapoint_id)."""
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT c.mac_address, cn.connector_number, p.position, dp.label,"
-            "       p.device_id, dp.datapoint_id"
-            "  FROM pins p"
-            "  JOIN connectors cn USING (connector_id)"
-            "  JOIN devices c ON c.device_id = cn.controller_id"
-            "  JOIN devices s ON s.device_id = p.device_id"
-            "  JOIN datapoints dp ON dp.device_template_id = s.device_template_id"
-        ).fetchall()
-    return {(mac, int(n), int(pin), label): (dev, dp) for mac, n, pin, label, dev, dp in rows}
 
 
 def expected_rows(entries: Sequence[dict[str, Any]], dsn: str) -> set[Row]:

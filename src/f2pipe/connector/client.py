@@ -200,6 +200,15 @@ class MqttClient:
             self._last_in = time.monotonic()
         return self._handle_buffered(limit)
 
+    def feed(self, data: bytes, limit: int) -> None:
+        """Handle ``data`` as if the socket had delivered it, up to ``limit`` packets.
+
+        The decoding path alone, without a connection: for benchmarks and tests.
+        PUBLISH packets reach ``publish_handler`` as in :meth:`read_packets`.
+        """
+        self._rbuf += data
+        self._handle_buffered(limit)
+
     def _handle_buffered(self, limit: int) -> bool:
         rbuf = self._rbuf
         # bytes, not the bytearray: the buffer is resized below, views of it must not live.
