@@ -275,7 +275,17 @@ def test_unknown_device_registered_later_decodes_and_replay_recovers_its_dead_le
         wait_until(lambda: len(out.poll()) >= 12, 20, what="replayed readings")
         distinct = _readings(out)
         assert len(distinct) == 12  # four messages x three datapoints
-        assert "replayed 3 to" in _f2pipe(env, "dlq", "replay", "--since", "1h")
+        refused = subprocess.run(
+            [str(VENV_BIN / "f2pipe"), "dlq", "replay"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert refused.returncode == 2  # a reason, or --all, is required
+        assert "--reason" in refused.stderr
+        assert "replayed 3 to" in _f2pipe(env, "dlq", "replay", "--all", "--since", "1h")
         wait_until(lambda: len(out.poll()) >= 21, 20, what="second replay")
         assert _readings(out) == distinct  # same keys and values: the sink keeps one row each
         assert len(dead.poll()) == 3  # nothing replayed failed again

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import orjson
@@ -86,6 +86,27 @@ def test_the_ingest_header_places_the_second_pass_of_a_repeated_hour() -> None:
     assert stage.ambiguous_readings == 4 * 3
     stage.handle(topic, PAYLOAD, NOW, ms[first])
     assert stage.ambiguous_readings == 4 * 3  # July is not ambiguous
+
+
+def test_the_time_range_is_judged_by_the_ingest_time_not_the_decoding_clock() -> None:
+    stage, _ = _stage()
+    topic = f"tele/f2-{MAC}/sensor-mode/J1/sensor-1".encode()
+    arrived = datetime(2024, 7, 13, 12, 30, tzinfo=UTC)  # the device clock ran 48 h ahead
+    ingest = b"%d" % (arrived.timestamp() * 1000)
+    replayed = arrived + timedelta(days=3)  # by now the device time is in the past
+    outcome = stage.handle(topic, PAYLOAD, replayed, ingest)
+    assert isinstance(outcome, Rejected)
+    assert outcome.reason is Reason.TIMESTAMP_OUT_OF_RANGE
+    # Live, the same record got the same verdict; within 24 h of arrival it decodes.
+    assert stage.handle(topic, PAYLOAD, arrived, ingest) == outcome
+    within = b"%d" % ((arrived + timedelta(hours=25)).timestamp() * 1000)
+    assert isinstance(stage.handle(topic, PAYLOAD, replayed, within), Decoded)
+    # No ingest time, or an unreadable one: the decoding clock decides.
+    assert isinstance(stage.handle(topic, PAYLOAD, replayed), Decoded)
+    assert isinstance(stage.handle(topic, PAYLOAD, replayed, b"soon"), Decoded)
+    # An ingest time ahead of the decoding clock (skewed hosts) never widens the range.
+    ahead = b"%d" % ((arrived + timedelta(days=9)).timestamp() * 1000)
+    assert isinstance(stage.handle(topic, PAYLOAD, arrived, ahead), Rejected)
 
 
 def test_the_stage_remembers_a_wired_route_until_told_to_forget() -> None:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from itertools import repeat
 from typing import Final, TypeVar, cast
-from zoneinfo import ZoneInfo
 
 from f2pipe.core.deadletter import Rejected
 from f2pipe.core.decode import DecodeError
@@ -26,8 +25,6 @@ from f2pipe.core.topics import Topic, parse_topic
 from f2pipe.metadata.lookup import SKIPPED, Resolution, Resolved
 
 __all__ = ["Decoded", "Emit", "Lookup", "Outcome", "Rejected", "Skipped", "Stage"]
-
-_UTC_ZONE: Final = ZoneInfo("UTC")
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs ~0.5 µs per message
@@ -81,6 +78,8 @@ class Stage:
         """Messages whose lookup the stage answered itself (a process-cache hit)."""
         self.ambiguous_readings = 0
         """Readings decoded from an ambiguous local time (SPEC section 2)."""
+        self._ingest_header: bytes | None = None  # the last ingest.ts parsed, and its time
+        self._ingest: datetime | None = None
 
     def clear(self) -> None:
         self._topics.clear()
@@ -102,8 +101,11 @@ class Stage:
         """The outcome of one record, its readings as :class:`Decoded`.
 
         ``ingest_header`` is the record's ``ingest.ts`` (epoch milliseconds as
-        text): it places an ambiguous local time (SPEC section 2); without it, or
-        when it is not a number, such a time takes its earlier instant.
+        text): it places an ambiguous local time (SPEC section 2), and a device
+        time more than 24 h after it is ``timestamp_out_of_range`` however late
+        the record is decoded (``now`` is the limit only when it is earlier, or
+        when there is no ingest time). Without it, or when it is not a number,
+        an ambiguous time takes its earlier instant.
         """
         out: list[Decoded] = []
         verdict = self.emit(topic_header, payload, now, _as_decoded, out, ingest_header)
@@ -132,11 +134,21 @@ class Stage:
             self.route_hits += 1
         kind, resolved = route
         template = resolved.template
-        tz = resolved.tz
-        # Only a zone with repeated hours needs the ingest time; UTC devices skip the parse.
-        ingest = None if ingest_header is None or tz is _UTC_ZONE else _ingest_time(ingest_header)
+        # The record's ingest time places an ambiguous local time and is the clock the
+        # time range is judged by, so a replayed record gets the verdict it got live
+        # (SPEC section 7). Records of one read share it: parse it once per change.
+        if ingest_header is None:
+            ingest = None
+        elif ingest_header == self._ingest_header:
+            ingest = self._ingest
+        else:
+            ingest = self._ingest = _ingest_time(ingest_header)
+            self._ingest_header = ingest_header
+        clock = now if ingest is None or ingest > now else ingest
         try:
-            stamp, values, ambiguous = template.decode_values(kind, payload or b"", tz, now, ingest)
+            stamp, values, ambiguous = template.decode_values(
+                kind, payload or b"", resolved.tz, clock, ingest
+            )
         except DecodeError as exc:
             return Rejected(exc.reason, exc.detail)
         if ambiguous:

@@ -199,14 +199,20 @@ def replay(settings: Settings, letters: Iterator[DeadLetter]) -> dict[str, int]:
 def configure(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     reasons = [r.value for r in Reason]
-    for name, text, func in (
-        ("list", "one line per dead letter (oldest first per partition)", _cmd_list),
-        ("replay", "send dead letters back to their stage's input", _cmd_replay),
-    ):
-        p = sub.add_parser(name, help=text, description=text)
-        p.add_argument("--reason", choices=reasons, help="only dead letters with this reason")
-        p.add_argument("--since", help="only dead letters since: ISO-8601 time or age (15m, 2h)")
-        p.set_defaults(func=func)
+    since_help = "only dead letters since: ISO-8601 time or age (15m, 2h)"
+    listing = sub.add_parser("list", help="one line per dead letter (oldest first per partition)")
+    listing.add_argument("--reason", choices=reasons, help="only dead letters with this reason")
+    listing.add_argument("--since", help=since_help)
+    listing.set_defaults(func=_cmd_list)
+    # Replaying is chosen by reason: the fix for one cause (a device registered, a
+    # datapoint corrected) says nothing about letters dead for another.
+    text = "send dead letters back to their stage's input (--reason R or --all)"
+    again = sub.add_parser("replay", help=text, description=text)
+    which = again.add_mutually_exclusive_group(required=True)
+    which.add_argument("--reason", choices=reasons, help="replay the letters with this reason")
+    which.add_argument("--all", action="store_true", help="replay every replayable letter")
+    again.add_argument("--since", help=since_help)
+    again.set_defaults(func=_cmd_replay)
     show = sub.add_parser("show", help="print one dead letter in full (headers and value)")
     show.add_argument("ref", help="<partition>/<offset>, as `dlq list` prints it")
     show.set_defaults(func=_cmd_show)
