@@ -36,7 +36,8 @@ from typing import Any
 import mqtt5
 
 from f2pipe.connector.client import MqttClient
-from f2pipe.connector.stage import Header, Record, RecordBuilder
+from f2pipe.connector.stage import Record, RecordBuilder
+from f2pipe.core.records import Header
 from f2pipe.runtime.gctune import quiet_gc
 from f2pipe.runtime.mqttwire import decode_length, encode_length, pubacks
 

@@ -49,7 +49,8 @@ from f2pipe.connector.metrics import (
     count_dead_letter,
     register,
 )
-from f2pipe.connector.stage import Header, Record, RecordBuilder
+from f2pipe.connector.stage import Record, RecordBuilder
+from f2pipe.core.records import Headers
 from f2pipe.runtime import tls
 from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.gctune import quiet_gc
@@ -189,8 +190,7 @@ class Connector:
         self._next_acks = []
         self._round_acks = []
         if not self._stopping:
-            delay = self._backoff.next_delay()
-            self._next_connect = time.monotonic() + delay
+            delay = self._schedule_reconnect()
             if was:
                 log.warning(
                     "lost broker connection",
@@ -277,7 +277,7 @@ class Connector:
         # Not acknowledged to MQTT; produce again after a pause (the idempotent producer
         # has already retried internally, so this is a longer outage or a missing topic).
         log.warning("kafka delivery failed; retrying", extra={"error": str(err)})
-        headers: list[Header] = [(str(item[0]), item[1]) for item in msg.headers() or []]
+        headers: Headers = [(str(item[0]), item[1]) for item in msg.headers() or []]
         record = (msg.topic() or "", msg.value() or b"", msg.key(), headers)
         self._retry.append((time.monotonic() + 1.0, record))
 
@@ -298,6 +298,12 @@ class Connector:
 
     # --- the loop ---
 
+    def _schedule_reconnect(self) -> float:
+        """Set the next connection attempt after a jittered backoff; return the delay."""
+        delay = self._backoff.next_delay()
+        self._next_connect = time.monotonic() + delay
+        return delay
+
     def _connect(self) -> None:
         """One connection attempt; on failure schedule the next with backoff."""
         s = self.settings
@@ -307,8 +313,7 @@ class Connector:
             self.client.connect(s.mqtt_host, s.mqtt_port)
             self._ever_connected = True
         except (OSError, ssl.SSLError, ValueError) as exc:
-            delay = self._backoff.next_delay()
-            self._next_connect = time.monotonic() + delay
+            delay = self._schedule_reconnect()
             log.warning(
                 "cannot reach broker",
                 extra={

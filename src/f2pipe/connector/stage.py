@@ -15,12 +15,18 @@ from typing import Final, Protocol
 
 from f2pipe.core.deadletter import Rejected, dead_letter_headers
 from f2pipe.core.reasons import Reason
-from f2pipe.core.records import INGEST_HEADER, QOS_HEADER, RETAIN_HEADER, TOPIC_HEADER
+from f2pipe.core.records import (
+    INGEST_HEADER,
+    QOS_HEADER,
+    RETAIN_HEADER,
+    TOPIC_HEADER,
+    Header,
+    Headers,
+)
 from f2pipe.core.topics import parse_topic
 
 __all__ = [
     "STAGE",
-    "Header",
     "Incoming",
     "Record",
     "RecordBuilder",
@@ -31,8 +37,7 @@ __all__ = [
 STAGE: Final = "connector"
 _PIPELINE_TYPES: Final = frozenset({"stat", "tele"})
 
-Header = tuple[str, str | bytes | None]
-Record = tuple[str, bytes, bytes | None, list[Header]]
+Record = tuple[str, bytes, bytes | None, Headers]
 """What the connector produces: ``(Kafka topic, value, key, headers)``."""
 
 _QOS: Final[tuple[Header, ...]] = tuple((QOS_HEADER, qos) for qos in (b"0", b"1", b"2"))
@@ -155,7 +160,7 @@ class RecordBuilder:
         topic, payload = message.topic, message.payload
         wire_topic = topic.encode()
         mac, reason = classify(topic, len(payload), self.max_payload_bytes)
-        headers: list[Header] = [
+        headers: Headers = [
             (TOPIC_HEADER, wire_topic),
             _QOS[int(message.qos)],
             _RETAIN[message.retain],

@@ -16,25 +16,19 @@ from dataclasses import dataclass
 from typing import Final
 
 from f2pipe.core.reasons import Reason
+from f2pipe.core.records import Header, Headers
 
 __all__ = [
     "DETAIL_LIMIT",
     "PREFIX",
-    "STAGES",
-    "Headers",
     "Rejected",
     "dead_letter_headers",
     "original_headers",
 ]
 
 PREFIX: Final = "dlq."
-STAGES: Final = ("connector", "processor", "sink")
 # dlq.detail is cut to this many bytes: a detail names the fault, it does not carry data.
 DETAIL_LIMIT: Final = 1000
-
-# Kafka headers as a list of pairs; consumed values are bytes (or None, or str for
-# headers a producer set as text).
-Headers = list[tuple[str, str | bytes | None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +39,13 @@ class Rejected:
     detail: str
 
 
-def original_headers(headers: Iterable[tuple[str, str | bytes | None]] | None) -> Headers:
+def original_headers(headers: Iterable[Header] | None) -> Headers:
     """``headers`` without any ``dlq.*`` ones, in their order."""
     return [(name, value) for name, value in headers or () if not name.startswith(PREFIX)]
 
 
 def dead_letter_headers(
-    headers: Iterable[tuple[str, str | bytes | None]] | None,
+    headers: Iterable[Header] | None,
     stage: str,
     rejected: Rejected,
     source: bytes,

@@ -8,7 +8,7 @@ no client, no clock.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Final
 
 import orjson
@@ -18,8 +18,11 @@ __all__ = [
     "QOS_HEADER",
     "RETAIN_HEADER",
     "TOPIC_HEADER",
+    "Header",
+    "Headers",
     "Reading",
     "ReadingEncoder",
+    "ingest_time",
     "reading_key",
     "reading_value",
 ]
@@ -30,7 +33,20 @@ QOS_HEADER: Final = "mqtt.qos"
 RETAIN_HEADER: Final = "mqtt.retain"
 INGEST_HEADER: Final = "ingest.ts"  # the connector's receive time, epoch milliseconds
 
+# A Kafka header, and a record's headers as a list of them; consumed values are bytes
+# (or None, or str for headers a producer set as text).
+Header = tuple[str, str | bytes | None]
+Headers = list[Header]
+
 Reading = tuple[int, datetime, float]  # (datapoint_id, aware UTC timestamp, value)
+
+
+def ingest_time(header: bytes) -> datetime | None:
+    """The aware UTC time an ``ingest.ts`` header holds, None when it is not epoch ms."""
+    try:
+        return datetime.fromtimestamp(int(header) / 1000, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def reading_key(device_id: int, datapoint_id: int) -> bytes:

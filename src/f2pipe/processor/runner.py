@@ -41,8 +41,8 @@ from typing import Any
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
 
-from f2pipe.core.deadletter import Headers, Rejected, dead_letter_headers
-from f2pipe.core.records import INGEST_HEADER, TOPIC_HEADER, ReadingEncoder
+from f2pipe.core.deadletter import Rejected, dead_letter_headers
+from f2pipe.core.records import INGEST_HEADER, TOPIC_HEADER, Headers, ReadingEncoder
 from f2pipe.errors import MetadataUnavailable
 from f2pipe.metadata.resolver import TIERS, Resolver
 from f2pipe.processor.alarm import DeadLetterAlarm
@@ -250,7 +250,7 @@ class Processor:
             DEAD_LETTERS.labels("processor", reason).inc(count)
         for kind, count in skipped.items():
             SKIPPED_TOTAL.labels(kind).inc(count)
-        self._export_cache_counts()
+        self._export_stage_counts()
         self._watch_dead_letters(n, len(dead))
 
     def _run_stage(
@@ -422,7 +422,7 @@ class Processor:
         else:
             log.info("dead-letter ratio back to normal", extra={"ratio": round(alarm.current, 4)})
 
-    def _export_cache_counts(self) -> None:
+    def _export_stage_counts(self) -> None:
         route_hits = self.stage.route_hits
         if route_hits != self._route_hits:  # lookups the stage remembered: process tier
             CACHE_HITS.labels("process").inc(route_hits - self._route_hits)

@@ -13,18 +13,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import repeat
 from typing import Final, TypeVar, cast
 
 from f2pipe.core.deadletter import Rejected
 from f2pipe.core.decode import DecodeError
 from f2pipe.core.reasons import Reason
-from f2pipe.core.records import TOPIC_HEADER, Reading
+from f2pipe.core.records import TOPIC_HEADER, Reading, ingest_time
 from f2pipe.core.topics import Topic, parse_topic
 from f2pipe.metadata.lookup import SKIPPED, Resolution, Resolved
 
-__all__ = ["Decoded", "Emit", "Lookup", "Outcome", "Rejected", "Skipped", "Stage"]
+__all__ = ["Decoded", "Emit", "Lookup", "Outcome", "Skipped", "Stage"]
 
 
 @dataclass(slots=True)  # not frozen: a frozen init costs ~0.5 µs per message
@@ -142,7 +142,7 @@ class Stage:
         elif ingest_header == self._ingest_header:
             ingest = self._ingest
         else:
-            ingest = self._ingest = _ingest_time(ingest_header)
+            ingest = self._ingest = ingest_time(ingest_header)
             self._ingest_header = ingest_header
         clock = now if ingest is None or ingest > now else ingest
         try:
@@ -208,14 +208,6 @@ def _as_decoded(
     out: list[Decoded],
 ) -> None:
     out.append(Decoded(device_id, list(zip(datapoint_ids, repeat(stamp), values))))
-
-
-def _ingest_time(header: bytes) -> datetime | None:
-    """The aware UTC time of an ``ingest.ts`` header (epoch ms), None if it is not one."""
-    try:
-        return datetime.fromtimestamp(int(header) / 1000, UTC)
-    except (ValueError, OverflowError, OSError):
-        return None
 
 
 def _lookup_detail(reason: Reason, topic: Topic) -> str:

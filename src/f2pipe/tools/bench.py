@@ -1,7 +1,7 @@
 """``f2pipe bench``: the whole-pipeline benchmark (``bench/pipeline_bench.py``).
 
-The benchmark reuses the stage benchmarks and test helpers that live in the
-checkout, not in the installed package, so it runs from a checkout only.
+The benchmark reuses the stage benchmarks in the checkout's ``bench/`` (they are
+not part of the installed package), so it runs from a checkout only.
 Arguments after ``bench`` are passed through (``f2pipe bench --duration 90``).
 """
 

@@ -31,6 +31,7 @@ from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 
 from f2pipe.core import deadletter
 from f2pipe.core.reasons import Reason
+from f2pipe.core.records import Headers
 from f2pipe.errors import F2PipeError
 from f2pipe.runtime.kafka import produce, producer_config
 from f2pipe.settings import Settings, get_settings
@@ -76,7 +77,7 @@ class DeadLetter:
         """How ``dlq show`` names it: ``<partition>/<offset>``."""
         return f"{self.partition}/{self.offset}"
 
-    def original_headers(self) -> deadletter.Headers:
+    def original_headers(self) -> Headers:
         """The headers the record had before it was dead-lettered (no ``dlq.*`` ones)."""
         return deadletter.original_headers(self.headers)
 
