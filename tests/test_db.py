@@ -7,7 +7,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from f2pipe.metadata.database import demo_fleet, migrate, seed_demo
+from f2pipe.metadata.database import migrate, seed_demo
+from f2pipe.metadata.fleet.demo import demo_fleet
 
 pytestmark = pytest.mark.servers
 

@@ -149,7 +149,7 @@ def test_a_bad_template_file_names_the_datapoint(
 
 def test_builtin_templates_are_the_seeded_demo_fleet() -> None:
     # The CLI keeps its own copy so that it does not import the database stack.
-    from f2pipe.metadata.database import demo_fleet
+    from f2pipe.metadata.fleet.demo import demo_fleet
     from f2pipe.tools.decode import BUILTIN_TEMPLATES
 
     seeded = {t.name: t for t in demo_fleet().templates if t.datapoints}

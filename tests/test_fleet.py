@@ -15,8 +15,11 @@ from psycopg import sql
 from f2pipe import cli
 from f2pipe.core.topics import normalize_mac
 from f2pipe.errors import FleetError
-from f2pipe.metadata.database import demo_fleet, seed_demo
-from f2pipe.metadata.fleet import apply_fleet, export_fleet, import_fleet, parse_fleet
+from f2pipe.metadata.database import seed_demo
+from f2pipe.metadata.fleet.demo import demo_fleet
+from f2pipe.metadata.fleet.exporter import export_fleet
+from f2pipe.metadata.fleet.importer import apply_fleet, import_fleet
+from f2pipe.metadata.fleet.yamlload import parse_fleet
 from f2pipe.settings import get_settings
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "fleet.example.yaml"

@@ -41,7 +41,7 @@ from confluent_kafka import Consumer
 from confluent_kafka.admin import AdminClient
 
 from conftest import unique, wait_until
-from f2pipe.metadata.database import demo_fleet
+from f2pipe.metadata.fleet.demo import demo_fleet
 from f2pipe.operations import pipeline, services, stack, status
 from f2pipe.settings import Settings, get_settings, load_settings
 from f2pipe.testing.ledger import datapoint_map

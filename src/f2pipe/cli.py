@@ -30,7 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("f2pipe.tools.bench", "benchmark the whole pipeline on this machine"),
     "stack": ("f2pipe.operations.stack", "install, start, stop or inspect the local servers"),
     "db": ("f2pipe.metadata.database", "migrate the database schema and seed the demo fleet"),
-    "fleet": ("f2pipe.metadata.fleet", "import or export a fleet description (YAML)"),
+    "fleet": ("f2pipe.metadata.fleet.cli", "import or export a fleet description (YAML)"),
     "certgen": ("f2pipe.pki.cli", "certificate authority: init, serve the API, issue, revoke"),
     "decode": ("f2pipe.tools.decode", "decode one F2 message and print its readings or reason"),
     "connector": (

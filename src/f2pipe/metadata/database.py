@@ -28,7 +28,6 @@ import psycopg
 from psycopg import sql
 
 from f2pipe.errors import MigrationError
-from f2pipe.metadata.fleet import Fleet, hold_import_lock, parse_fleet, write_fleet
 from f2pipe.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -155,18 +154,6 @@ def _timescale_step(conn: psycopg.Connection[tuple[object, ...]], settings: Sett
 
 # --- the demo fleet (SPEC section 3) ---------------------------------------------------
 
-DEMO_FLEET = "demo-fleet.yaml"  # shipped beside this module; deploy/fleet.example.yaml equals it
-
-
-def demo_fleet() -> Fleet:
-    """The demo fleet of SPEC section 3, as the fleet document shipped with the package.
-
-    Entries are listed in the order the demo was always created in, so a seeded
-    empty database numbers its rows as before (Living Room Env Sensor is device 5).
-    """
-    text = (resources.files("f2pipe.metadata") / DEMO_FLEET).read_text(encoding="utf-8")
-    return parse_fleet(text, DEMO_FLEET)
-
 
 def seed_demo(dsn: str, state_dir: Path) -> dict[str, str]:
     """Load the demo fleet, idempotently, in one transaction; return MAC -> claiming code.
@@ -178,6 +165,10 @@ def seed_demo(dsn: str, state_dir: Path) -> dict[str, str]:
     keeps that one. Raises FleetError when the database refuses an entry (then
     nothing is written).
     """
+    # Here, not at the top: `f2pipe db migrate` needs neither YAML nor the fleet models.
+    from f2pipe.metadata.fleet.demo import demo_fleet
+    from f2pipe.metadata.fleet.importer import hold_import_lock, write_fleet
+
     codes_file = state_dir / "claiming-codes.json"
     codes: dict[str, str] = json.loads(codes_file.read_text()) if codes_file.exists() else {}
     fleet = demo_fleet()
@@ -247,6 +238,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 def _cmd_seed(args: argparse.Namespace) -> int:
     settings = get_settings()
+    from f2pipe.metadata.fleet.demo import demo_fleet
+
     codes = seed_demo(settings.metadata_dsn, settings.state_dir)
     print(
         f"demo fleet loaded: {len(codes)} controllers, {len(demo_fleet().sensors)} sensors;"

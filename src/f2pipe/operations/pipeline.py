@@ -49,7 +49,8 @@ class Started:
 
 def prepare_data(settings: Settings) -> None:
     """Schema, demo fleet, CA, admin token and demo device certificates; all idempotent."""
-    from f2pipe.metadata.database import demo_fleet, migrate, seed_demo
+    from f2pipe.metadata.database import migrate, seed_demo
+    from f2pipe.metadata.fleet.demo import demo_fleet
     from f2pipe.pki.auth import admin_token
     from f2pipe.pki.local import (
         issue_device_files,

@@ -42,45 +42,6 @@ validated datapoint shape.
 
 The modules, by job: :mod:`.document` (the models and the reference checks),
 :mod:`.yamlload` (YAML with lines, and where each problem is), :mod:`.importer`
-(one locked transaction, only differing rows), :mod:`.exporter` and :mod:`.cli`
-(its ``configure`` is re-exported here because ``f2pipe fleet`` names this
-package).
+(one locked transaction, only differing rows), :mod:`.exporter`, :mod:`.demo`
+(the demo fleet document) and :mod:`.cli` (``f2pipe fleet``).
 """
-
-from f2pipe.metadata.fleet.cli import configure
-from f2pipe.metadata.fleet.document import (
-    ControllerEntry,
-    DeviceTypeEntry,
-    Fleet,
-    SensorEntry,
-    TemplateEntry,
-    WiringEntry,
-    check_references,
-)
-from f2pipe.metadata.fleet.exporter import export_fleet
-from f2pipe.metadata.fleet.importer import (
-    Changes,
-    apply_fleet,
-    hold_import_lock,
-    import_fleet,
-    write_fleet,
-)
-from f2pipe.metadata.fleet.yamlload import parse_fleet
-
-__all__ = [
-    "Changes",
-    "ControllerEntry",
-    "DeviceTypeEntry",
-    "Fleet",
-    "SensorEntry",
-    "TemplateEntry",
-    "WiringEntry",
-    "apply_fleet",
-    "check_references",
-    "configure",
-    "export_fleet",
-    "hold_import_lock",
-    "import_fleet",
-    "parse_fleet",
-    "write_fleet",
-]

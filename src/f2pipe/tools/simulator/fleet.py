@@ -106,7 +106,7 @@ class Sensor:
 def demo_fleet() -> list[Sensor]:
     """The demo wiring of SPEC section 3 (controllers aabbccddee01..04), from the demo
     fleet document the database is seeded with."""
-    from f2pipe.metadata.database import demo_fleet as demo_document
+    from f2pipe.metadata.fleet.demo import demo_fleet as demo_document
 
     document = demo_document()
     templates = sensor_templates(document)

@@ -35,14 +35,15 @@ def provision_fleet(settings: Settings, sensors: Sequence[Sensor]) -> None:
     notifications). Each sensor's template is written with its datapoints.
     Raises FleetError when the database refuses an entry; then nothing is written.
     """
-    from f2pipe.metadata.fleet import Fleet, apply_fleet
     from f2pipe.metadata.fleet.document import (
         ControllerEntry,
         DeviceTypeEntry,
+        Fleet,
         SensorEntry,
         TemplateEntry,
         WiringEntry,
     )
+    from f2pipe.metadata.fleet.importer import apply_fleet
 
     templates = {sensor.template.name: sensor.template for sensor in sensors}
 

@@ -21,7 +21,7 @@ from f2pipe.core.frames import encode_modbus_response
 from f2pipe.core.models import Datapoint
 
 if TYPE_CHECKING:
-    from f2pipe.metadata.fleet import Fleet
+    from f2pipe.metadata.fleet.document import Fleet
 
 __all__ = [
     "Template",
@@ -130,6 +130,6 @@ def sensor_templates(document: Fleet) -> dict[str, Template]:
 
 def demo_templates() -> dict[str, Template]:
     """The demo templates of SPEC section 3, from the demo fleet document (one source of truth)."""
-    from f2pipe.metadata.database import demo_fleet
+    from f2pipe.metadata.fleet.demo import demo_fleet
 
     return sensor_templates(demo_fleet())
