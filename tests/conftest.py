@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import pytest
 
-from f2pipe.testing import servers
+from f2pipe import testing
 
 T = TypeVar("T")
 
@@ -29,9 +29,9 @@ def wait_until(
     probe: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
 ) -> T:
     """Call ``probe`` until it returns a truthy value; return it, or fail the test after
-    ``timeout`` s (:func:`f2pipe.testing.servers.wait_until` as a test failure)."""
+    ``timeout`` s (:func:`f2pipe.testing.wait_until` as a test failure)."""
     try:
-        return servers.wait_until(probe, timeout, interval, what)
+        return testing.wait_until(probe, timeout, interval, what)
     except TimeoutError as exc:
         pytest.fail(str(exc))
 

@@ -26,7 +26,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from conftest import unique, wait_until
 from f2pipe.metadata.database import create_database, migrate
-from f2pipe.operations.stack.mosquitto import ensure_config, pid_path
+from f2pipe.operations.stack.mosquitto import ensure_config
 from f2pipe.pki import api
 from f2pipe.pki.ca import (
     CertificateAuthority,
@@ -37,6 +37,7 @@ from f2pipe.pki.ca import (
     write_private,
     write_public,
 )
+from f2pipe.pki.state import broker_pid_path
 from f2pipe.runtime.tls import client_context
 from f2pipe.settings import Settings, load_settings
 
@@ -125,7 +126,7 @@ def broker(settings: Settings) -> Iterator[Broker]:
         process = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=out, stdout=out)
     try:
         wait_until(
-            lambda: pid_path(settings).is_file() and _accepts(settings.mqtt_port),
+            lambda: broker_pid_path(settings).is_file() and _accepts(settings.mqtt_port),
             timeout=10,
             what="mosquitto to listen",
         )

@@ -45,9 +45,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from f2pipe.errors import ConfigError
-from f2pipe.operations.stack.mosquitto import connector_identities, pid_path
 from f2pipe.pki.ca import CertificateAuthority, key_pem, pki_paths, write_private
-from f2pipe.pki.state import crl_entries, read_crl, write_crl
+from f2pipe.pki.state import broker_pid_path, connector_identities, crl_entries, read_crl, write_crl
 from f2pipe.pki.store import CertificateStore
 from f2pipe.runtime.tls import client_context
 from f2pipe.settings import Settings
@@ -76,7 +75,7 @@ class RevokeResult:
 
 def reload_broker(settings: Settings) -> bool:
     """Send SIGHUP to the broker named in ``<state>/mosquitto/mosquitto.pid``; True if sent."""
-    path = pid_path(settings)
+    path = broker_pid_path(settings)
     try:
         pid = int(path.read_text().strip())
         os.kill(pid, signal.SIGHUP)

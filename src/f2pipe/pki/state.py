@@ -1,4 +1,5 @@
-"""The ``<state>/pki`` folder made and kept current, and the CRL file on disk.
+"""The ``<state>/pki`` folder made and kept current, the CRL file on disk, and the
+two facts about the broker that the certificate authority acts on.
 
 :func:`ensure_pki` (run by ``certgen init`` and ``stack up``) creates whatever is
 missing of the CA, the CRL, the broker's and certgen's server certificates and
@@ -39,6 +40,8 @@ from f2pipe.settings import Settings
 
 __all__ = [
     "PkiReport",
+    "broker_pid_path",
+    "connector_identities",
     "crl_entries",
     "ensure_pki",
     "issue_service_files",
@@ -187,3 +190,20 @@ def issue_service_files(
     write_private(paths.service_key(name), key_pem(result.private_key))
     write_public(paths.service_cert(name), cert_pem(result.certificate))
     return result
+
+
+def broker_pid_path(settings: Settings) -> Path:
+    """Where the broker writes its pid (certgen sends SIGHUP there after a revocation)."""
+    return settings.mosquitto_dir / "mosquitto.pid"
+
+
+def connector_identities(settings: Settings) -> list[str]:
+    """Connector identities with a certificate in ``<state>/pki/services`` (svc-connector*)."""
+    services = pki_paths(settings).services
+    if not services.is_dir():
+        return []
+    return sorted(
+        path.stem
+        for path in services.glob("svc-connector*.pem")
+        if path.with_suffix(".key").is_file()
+    )

@@ -8,7 +8,6 @@ waited for.
 
 from __future__ import annotations
 
-import base64
 import collections
 import json
 import os
@@ -18,33 +17,19 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from f2pipe.connector.stage import topic_mac
 from f2pipe.operations.stack.install import kafka_libs, kafka_version
-
-T = TypeVar("T")
-
-
-def wait_until(
-    probe: Callable[[], T], timeout: float = 30.0, interval: float = 0.05, what: str = "condition"
-) -> T:
-    """Call ``probe`` until it returns a truthy value and return that; raise
-    ``TimeoutError`` after ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = probe()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
+from f2pipe.operations.stack.kafka import kafka_cluster_id
+from f2pipe.operations.stack.supervise import port_accepts
+from f2pipe.testing import wait_until
 
 
 def free_port() -> int:
@@ -54,11 +39,7 @@ def free_port() -> int:
 
 
 def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+    return port_accepts(port, timeout=0.2)
 
 
 # --- Mosquitto ---
@@ -152,7 +133,7 @@ class KafkaServer:
             "transaction.state.log.replication.factor=1\ntransaction.state.log.min.isr=1\n"
             "group.initial.rebalance.delay.ms=0\nauto.create.topics.enable=false\n"
         )
-        cluster = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
+        cluster = kafka_cluster_id()
         subprocess.run(
             self._java("kafka.tools.StorageTool", "format", "-t", cluster, "-c", str(props)),
             check=True,

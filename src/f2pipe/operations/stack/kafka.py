@@ -82,7 +82,7 @@ class Kafka(Server):
             # A static voter set (controller.quorum.voters) is formatted without --standalone.
             result = subprocess.run(
                 self._java("kafka.tools.StorageTool", "format", "--ignore-formatted",
-                           "-t", _kafka_cluster_id(), "-c", str(self.home / "server.properties")),
+                           "-t", kafka_cluster_id(), "-c", str(self.home / "server.properties")),
                 stdout=out, stderr=out, check=False,
             )  # fmt: skip
         if result.returncode != 0:
@@ -210,7 +210,7 @@ def create_topics(admin: Any, wanted: dict[str, tuple[int, int]], deadline: floa
         time.sleep(0.5)  # the controller may still be settling right after start
 
 
-def _kafka_cluster_id() -> str:
+def kafka_cluster_id() -> str:
     """A random cluster id in Kafka's form: 16 random bytes, URL-safe base64, no padding."""
     while True:
         text = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()

@@ -6,8 +6,9 @@
 client certificate required, the certificate's CN as the MQTT username and
 client id, the CA's CRL checked at every connect. No anonymous or plaintext
 listener exists. :class:`Mosquitto` also writes the broker's pid to
-``<state>/mosquitto/mosquitto.pid`` (:func:`pid_path`), where the certificate
-authority sends SIGHUP to reload the CRL after a revocation.
+``<state>/mosquitto/mosquitto.pid`` (:func:`f2pipe.pki.state.broker_pid_path`),
+where the certificate authority sends SIGHUP to reload the CRL after a
+revocation.
 
 Sizing (all overridable through settings):
 
@@ -40,7 +41,7 @@ from f2pipe.operations.stack.install import Program
 from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import Paths, port_accepts
 from f2pipe.pki.ca import PkiPaths, pki_paths
-from f2pipe.pki.state import ensure_pki
+from f2pipe.pki.state import broker_pid_path, connector_identities, ensure_pki
 from f2pipe.settings import Settings
 
 MAX_PACKET_BYTES = 256 * 1024
@@ -61,11 +62,6 @@ def conf_path(settings: Settings) -> Path:
 
 def acl_path(settings: Settings) -> Path:
     return settings.mosquitto_dir / "acl"
-
-
-def pid_path(settings: Settings) -> Path:
-    """Where the broker writes its pid (certgen sends SIGHUP there after a revocation)."""
-    return settings.mosquitto_dir / "mosquitto.pid"
 
 
 def render_acl(connectors: list[str] | None = None) -> str:
@@ -98,18 +94,6 @@ def render_acl(connectors: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def connector_identities(settings: Settings) -> list[str]:
-    """Connector identities with a certificate in ``<state>/pki/services`` (svc-connector*)."""
-    services = pki_paths(settings).services
-    if not services.is_dir():
-        return []
-    return sorted(
-        path.stem
-        for path in services.glob("svc-connector*.pem")
-        if path.with_suffix(".key").is_file()
-    )
-
-
 def render_conf(settings: Settings, pki: PkiPaths) -> str:
     """The broker configuration for ``settings`` (pure; see the module docstring)."""
     mdir = settings.mosquitto_dir
@@ -120,7 +104,7 @@ def render_conf(settings: Settings, pki: PkiPaths) -> str:
             # The broker must keep reading the 0600 keys and the CRL after dropping
             # privileges (the CRL is re-read on SIGHUP), so it runs as their owner.
             f"user {user}",
-            f"pid_file {mdir / 'mosquitto.pid'}",
+            f"pid_file {broker_pid_path(settings)}",
             "per_listener_settings false",
             "allow_anonymous false",
             f"acl_file {acl_path(settings)}",
@@ -163,7 +147,7 @@ def ensure_config(settings: Settings) -> Path:
     """Create the PKI if missing and write the broker's config and ACL; return the conf path.
 
     Idempotent: existing keys and certificates are kept (see
-    :func:`f2pipe.pki.ca.ensure_pki`); the two files are rewritten only when
+    :func:`f2pipe.pki.state.ensure_pki`); the two files are rewritten only when
     their content changes. Raises CertError if the PKI cannot be read.
     """
     ensure_pki(settings)
@@ -216,9 +200,9 @@ class Mosquitto(Server):
 
     def __init__(self, settings: Settings, paths: Paths) -> None:
         super().__init__(settings, paths)
-        self.home = paths.state / "mosquitto"
+        self.home = settings.mosquitto_dir
         # The contract with the certificate authority, which sends SIGHUP to reload the CRL.
-        self.broker_pidfile = self.home / "mosquitto.pid"
+        self.broker_pidfile = broker_pid_path(settings)
         self.config: Path | None = None
 
     def ports(self) -> dict[int, str]:
