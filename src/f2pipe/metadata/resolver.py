@@ -54,6 +54,7 @@ import redis
 
 from f2pipe.core.decode import CompiledTemplate, DatapointSpec, TemplateSpec, compile_template
 from f2pipe.core.reasons import Reason
+from f2pipe.core.topics import STATUS_KINDS
 from f2pipe.errors import MetadataUnavailable
 from f2pipe.metadata.lookup import SKIPPED, Resolution, Resolved
 from f2pipe.runtime.backoff import Backoff
@@ -66,9 +67,9 @@ REDIS_PREFIX: Final = "f2pipe:meta"
 TIERS: Final = ("process", "redis", "database")
 
 # Kinds whose messages are status or free text: with no wired device they are skipped.
-STATUS_KINDS: Final = frozenset(
-    {"strike", "door-sensors", "reader", "exit-buttons", "siren", "motion-sensor"}
-)
+# Components whose messages are skipped, not dead-lettered, when nothing is wired to them:
+# the status kinds, and readers (their telemetry is free text).
+SKIPPED_KINDS: Final = STATUS_KINDS | {"reader"}
 
 
 _CONTROLLER_SQL: Final = """
@@ -238,7 +239,7 @@ class Resolver:
         resolved = controller.pins.get((connector, index))
         if resolved is not None:
             return resolved
-        return SKIPPED if kind in STATUS_KINDS else Reason.UNMAPPED_SENSOR
+        return SKIPPED if kind in SKIPPED_KINDS else Reason.UNMAPPED_SENSOR
 
     def _controller(self, mac: str) -> Controller | None:
         controllers = self._controllers

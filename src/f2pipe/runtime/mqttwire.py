@@ -5,6 +5,7 @@ stays here is done in bulk for a fraction of a packet-at-a-time codec's cost
 (``bench/mqtt5_bench.py`` measures both), or is MQTT 3.1.1, which the simulated
 devices speak and ``mqtt5`` does not:
 
+- the UTF-8 string field (:func:`mqtt_string`): a two-byte length, then the bytes;
 - the Remaining Length, MQTT's variable byte integer (section 1.5.5 of the v5
   specification, 2.2.3 of 3.1.1): up to four 7-bit groups, least significant
   first, the high bit meaning "more follows";
@@ -30,6 +31,7 @@ __all__ = [
     "Packet",
     "decode_length",
     "encode_length",
+    "mqtt_string",
     "packet_end",
     "puback_ids",
     "pubacks",
@@ -45,6 +47,12 @@ Packet = tuple[int, int, int]
 
 class MalformedPacket(F2PipeError, ValueError):
     """The peer sent bytes that are not MQTT (a Remaining Length of more than four bytes)."""
+
+
+def mqtt_string(text: str) -> bytes:
+    """``text`` as an MQTT UTF-8 string field: a two-byte big-endian length, then the bytes."""
+    raw = text.encode()
+    return len(raw).to_bytes(2, "big") + raw
 
 
 def encode_length(n: int) -> bytes:

@@ -24,11 +24,12 @@ from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.mqttwire import (
     MalformedPacket,
     encode_length,
+    mqtt_string,
     puback_ids,
     pubacks,
     split_packets,
 )
-from f2pipe.tools.simulator.messages import Message, mqtt_string
+from f2pipe.tools.simulator.messages import Message
 
 __all__ = ["AckHandler", "LeanClient", "MqttError", "Window", "connect_all"]
 

@@ -17,24 +17,15 @@ from f2pipe.tools.simulator.messages import Message, format_timestamp
 
 __all__ = [
     "SPONTANEOUS",
-    "STATUS_COMPONENTS",
     "STATUS_CONNECTOR",
     "command_response",
     "status_message",
     "status_payload",
 ]
 
-# The status components every simulated controller has, on a connector its sensors
-# leave free: (mode, component). Strikes and sirens obey commands; the rest change
-# on their own now and then.
+# The connector a simulated controller's status components sit on (its sensors leave
+# it free). Strikes and sirens obey commands; the others change on their own.
 STATUS_CONNECTOR = 3
-STATUS_COMPONENTS = (
-    ("access-control-mode", "strike-1"),
-    ("access-control-mode", "door-sensors"),
-    ("access-control-mode", "exit-buttons"),
-    ("alarm-mode", "siren-1"),
-    ("alarm-mode", "motion-sensor-1"),
-)
 # The components that change on their own (a door opens, someone walks by).
 SPONTANEOUS = ("door-sensors", "exit-buttons", "motion-sensor-1")
 

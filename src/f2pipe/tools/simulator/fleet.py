@@ -13,7 +13,7 @@ import random
 import struct
 
 from f2pipe.core.frames import crc16_modbus
-from f2pipe.tools.simulator.messages import mqtt_string
+from f2pipe.runtime.mqttwire import mqtt_string
 from f2pipe.tools.simulator.values import (
     Template,
     demo_templates,

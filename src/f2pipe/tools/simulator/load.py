@@ -85,7 +85,6 @@ class Load:
         self.schedule = _schedule(sensors, fault_fraction, self.rng)
         self.clients: dict[str, LeanClient] = {}
         self.written: dict[LeanClient, None] = {}  # connections with unflushed messages, in order
-        self.start = 0.0
 
     def on_acks(self, messages: list[Message]) -> None:
         self.summary.acknowledged += len(messages)
@@ -131,7 +130,7 @@ class Load:
         summary, win, clients, written = self.summary, self.window, self.clients, self.written
         count, rate, rng, schedule = self.count, self.rate, self.rng, self.schedule
         room, usable, flush, progress = self.room, self.usable, self.flush, self.progress
-        self.start = start = time.perf_counter()
+        start = time.perf_counter()
         try:
             batch = self.batch
             next_progress = 0.0

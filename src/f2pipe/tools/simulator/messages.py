@@ -11,21 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import struct
 import time
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from f2pipe.runtime.mqttwire import mqtt_string
+
 if TYPE_CHECKING:
     from f2pipe.tools.simulator.fleet import Sensor
 
-__all__ = ["FAULTS", "Message", "Summary", "format_timestamp", "make_message", "mqtt_string"]
-
-
-def mqtt_string(s: str) -> bytes:
-    """``s`` as an MQTT UTF-8 string field: a two-byte length, then the bytes."""
-    raw = s.encode()
-    return struct.pack(">H", len(raw)) + raw
+__all__ = ["FAULTS", "Message", "Summary", "format_timestamp", "make_message"]
 
 
 FAULTS = ("bad_crc", "bad_json", "unknown_mac", "duplicate", "clock_skew")

@@ -32,43 +32,27 @@ def provision_fleet(settings: Settings, sensors: Sequence[Sensor]) -> None:
 
     Goes through the fleet importer (one transaction, idempotent), so a re-run
     changes nothing and the processor sees the fleet at once (metadata
-    notifications). Each sensor's template is written with its datapoints.
+    notifications). The device types and templates are the demo fleet's.
     Raises FleetError when the database refuses an entry; then nothing is written.
     """
-    from f2pipe.metadata.fleet.document import (
-        ControllerEntry,
-        DeviceTypeEntry,
-        Fleet,
-        SensorEntry,
-        TemplateEntry,
-        WiringEntry,
-    )
+    from f2pipe.metadata.fleet.demo import demo_fleet
+    from f2pipe.metadata.fleet.document import ControllerEntry, Fleet, SensorEntry, WiringEntry
     from f2pipe.metadata.fleet.importer import apply_fleet
 
-    templates = {sensor.template.name: sensor.template for sensor in sensors}
+    # The types and templates are the demo document's: the simulated sensors encode
+    # exactly those templates (tools.simulator.values reads them from it too).
+    demo = demo_fleet()
+    used = {sensor.template.name for sensor in sensors}
+    controller_template = demo.controllers[0].template
 
     def sensor_name(s: Sensor) -> str:
         return f"Simulated {s.template.name} {s.mac} J{s.connector}/{s.pin}"
 
     fleet = Fleet(
-        device_types=[
-            DeviceTypeEntry(name="F2 Controller", is_controller=True, is_sensor=False),
-            DeviceTypeEntry(name="RS-485 Sensor", is_controller=False, is_sensor=True),
-        ],
-        templates=[
-            TemplateEntry(name="F2 Controller", device_type="F2 Controller", model="F2"),
-            *(
-                TemplateEntry(
-                    name=template,
-                    device_type="RS-485 Sensor",
-                    model=template,
-                    datapoints=list(templates[template].datapoints),
-                )
-                for template in sorted(templates)
-            ),
-        ],
+        device_types=demo.device_types,
+        templates=[t for t in demo.templates if t.name in used or t.name == controller_template],
         controllers=[
-            ControllerEntry(name=f"Simulated F2 {mac}", mac=mac, template="F2 Controller")
+            ControllerEntry(name=f"Simulated F2 {mac}", mac=mac, template=controller_template)
             for mac in dict.fromkeys(sensor.mac for sensor in sensors)
         ],
         sensors=[SensorEntry(name=sensor_name(s), template=s.template.name) for s in sensors],

@@ -119,12 +119,22 @@ class Template:
 
 
 def sensor_templates(document: Fleet) -> dict[str, Template]:
-    """The templates of a fleet document's sensor device types, by name."""
+    """The templates of a fleet document's sensor device types, by name.
+
+    Raises ValueError for a datapoint the simulator cannot encode (it writes
+    big-endian numbers only): a simulated frame must decode to what the ledger says.
+    """
     sensor_types = {kind.name for kind in document.device_types if kind.is_sensor}
+    chosen = [t for t in document.templates if t.device_type in sensor_types]
+    for template in chosen:
+        for point in template.datapoints:
+            if point.byte_order != "ABCD" or point.data_encoding == "bool":
+                raise ValueError(
+                    f"{template.name}/{point.label}: the simulator encodes big-endian"
+                    f" numbers only, not {point.data_encoding} {point.byte_order}"
+                )
     return {
-        template.name: Template(template.name, tuple(template.datapoints))
-        for template in document.templates
-        if template.device_type in sensor_types
+        template.name: Template(template.name, tuple(template.datapoints)) for template in chosen
     }
 
 
