@@ -98,6 +98,31 @@ def test_a_stored_claiming_code_survives_a_lost_state_folder(fresh_db: str, tmp_
     assert row == (again["aabbccddee02"],)  # a missing code is filled from the state folder
 
 
+def test_seeding_again_leaves_a_present_controller_as_the_operator_left_it(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    seed_demo(fresh_db, tmp_path)
+    with psycopg.connect(fresh_db) as conn:
+        conn.execute(
+            "UPDATE devices SET timezone = 'Europe/Madrid' WHERE mac_address = 'aabbccddee01'"
+        )
+        conn.execute("DELETE FROM devices WHERE mac_address = 'aabbccddee04'")
+    seed_demo(fresh_db, tmp_path)  # what `f2pipe up` does every time
+    with psycopg.connect(fresh_db) as conn:
+        zones = dict(
+            conn.execute("SELECT mac_address, timezone FROM devices WHERE mac_address IS NOT NULL")
+        )
+        office = conn.execute(
+            "SELECT d.name FROM pins p JOIN connectors c USING (connector_id)"
+            " JOIN devices ctl ON ctl.device_id = c.controller_id"
+            " JOIN devices d ON d.device_id = p.device_id"
+            " WHERE ctl.mac_address = 'aabbccddee04'"
+        ).fetchall()
+    assert zones["aabbccddee01"] == "Europe/Madrid"  # kept, not reset to the document
+    assert zones["aabbccddee04"] == "UTC"  # a missing demo controller comes back
+    assert office == [("Office Env Sensor",)]
+
+
 def test_metadata_changes_bump_the_version_and_notify(fresh_db: str, tmp_path: Path) -> None:
     with psycopg.connect(fresh_db, autocommit=True) as listener:
         listener.execute("LISTEN f2pipe_metadata")

@@ -158,12 +158,14 @@ def _timescale_step(conn: psycopg.Connection[tuple[object, ...]], settings: Sett
 def seed_demo(dsn: str, state_dir: Path) -> dict[str, str]:
     """Load the demo fleet, idempotently, in one transaction; return MAC -> claiming code.
 
-    The demo document goes through the fleet importer, so the database ends up
-    matching it and a re-run writes nothing. Claiming codes are generated once
-    and kept in ``<state>/claiming-codes.json`` (mode 0600); a re-run keeps the
-    existing ones, and a controller that already has a code in the database
-    keeps that one. Raises FleetError when the database refuses an entry (then
-    nothing is written).
+    The demo controllers missing from the database are written through the fleet
+    importer, with their sensors and wiring and the demo's types and templates.
+    A demo controller already there is left as it is (an operator's changes to
+    it, or a simulator's wiring, survive every ``f2pipe up``), except that a
+    missing claiming code is filled in. Claiming codes are generated once and
+    kept in ``<state>/claiming-codes.json`` (mode 0600); a re-run keeps the
+    existing ones, and a code already in the database wins. Raises FleetError
+    when the database refuses an entry (then nothing is written).
     """
     # Here, not at the top: `f2pipe db migrate` needs neither YAML nor the fleet models.
     from f2pipe.metadata.fleet.demo import demo_fleet
@@ -172,24 +174,39 @@ def seed_demo(dsn: str, state_dir: Path) -> dict[str, str]:
     codes_file = state_dir / "claiming-codes.json"
     codes: dict[str, str] = json.loads(codes_file.read_text()) if codes_file.exists() else {}
     fleet = demo_fleet()
-    for controller in fleet.controllers:
-        codes.setdefault(controller.mac, secrets.token_urlsafe(12))
+    macs = [c.mac for c in fleet.controllers]
+    for mac in macs:
+        codes.setdefault(mac, secrets.token_urlsafe(12))
     with psycopg.connect(dsn) as conn, conn.transaction():
-        hold_import_lock(conn)  # before the read, so no other writer sets a code in between
-        coded = {
+        hold_import_lock(conn)  # before the read, so no other writer comes in between
+        present = {
             row[0]
             for row in conn.execute(
-                "SELECT mac_address FROM devices"
-                " WHERE mac_address = ANY(%s) AND claiming_code IS NOT NULL",
-                ([c.mac for c in fleet.controllers],),
+                "SELECT mac_address FROM devices WHERE mac_address = ANY(%s)", (macs,)
             )
         }
-        # An omitted claiming_code leaves the stored one as it is.
-        controllers = [
-            c if c.mac in coded else c.model_copy(update={"claiming_code": codes[c.mac]})
+        missing = [
+            c.model_copy(update={"claiming_code": codes[c.mac]})
             for c in fleet.controllers
+            if c.mac not in present
         ]
-        write_fleet(conn, fleet.model_copy(update={"controllers": controllers}))
+        if missing:
+            wiring = [w for w in fleet.wiring if w.controller not in present]
+            wired = {w.sensor for w in wiring}
+            sensors = [s for s in fleet.sensors if s.name in wired]
+            write_fleet(
+                conn,
+                fleet.model_copy(
+                    update={"controllers": missing, "sensors": sensors, "wiring": wiring}
+                ),
+            )
+        # A present controller keeps its code; one without gets the state folder's.
+        for mac in present:
+            conn.execute(
+                "UPDATE devices SET claiming_code = %s"
+                " WHERE mac_address = %s AND claiming_code IS NULL",
+                (codes[mac], mac),
+            )
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(codes_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as out:
