@@ -14,47 +14,32 @@ controller, client id ``f2-<mac>``), so one process holds thousands of them.
 - :mod:`.cli`: ``f2pipe simulate``.
 """
 
-from f2pipe.tools.simulator.cli import configure, main
-from f2pipe.tools.simulator.client import LeanClient, MqttError, Window, connect_all
-from f2pipe.tools.simulator.commands import command_response, status_message, status_payload
+from f2pipe.tools.simulator.commands import command_response
 from f2pipe.tools.simulator.fleet import Sensor, demo_fleet, generated_fleet
 from f2pipe.tools.simulator.live import Live, run_live
 from f2pipe.tools.simulator.load import Load, run_load
-from f2pipe.tools.simulator.messages import FAULTS, Message, Summary, make_message
+from f2pipe.tools.simulator.messages import FAULTS, Summary, make_message
 from f2pipe.tools.simulator.provisioning import (
     device_cert_paths,
-    device_ssl_context,
     provision_certificates,
     provision_fleet,
 )
-from f2pipe.tools.simulator.values import Template, demo_templates, modbus_frame
+from f2pipe.tools.simulator.values import modbus_frame
 
 __all__ = [
     "FAULTS",
-    "LeanClient",
     "Live",
     "Load",
-    "Message",
-    "MqttError",
     "Sensor",
     "Summary",
-    "Template",
-    "Window",
     "command_response",
-    "configure",
-    "connect_all",
     "demo_fleet",
-    "demo_templates",
     "device_cert_paths",
-    "device_ssl_context",
     "generated_fleet",
-    "main",
     "make_message",
     "modbus_frame",
     "provision_certificates",
     "provision_fleet",
     "run_live",
     "run_load",
-    "status_message",
-    "status_payload",
 ]
