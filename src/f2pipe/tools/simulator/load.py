@@ -52,7 +52,7 @@ class Load:
     the unacknowledged messages across all ``clients`` (one per controller),
     ``schedule`` yields the next (sensor, fault), and ``written`` holds the
     connections with messages not yet flushed. :meth:`run` publishes; see
-    :func:`run_load` for the contract.
+    :meth:`run` for the contract.
     """
 
     def __init__(
@@ -124,7 +124,28 @@ class Load:
             await self.window.wait(need)
 
     async def run(self) -> Summary:
-        """Connect, publish ``count`` messages, wait for their acknowledgements, close."""
+        """Publish exactly ``count`` QoS 1 messages over one connection per controller,
+        then close the connections.
+
+        At full speed messages are made and written in batches, bounded by
+        ``window`` unacknowledged messages across all connections. With ``rate``
+        each message is made (and stamped) when it is due and written at once, so
+        its timestamp is its publish time; if the window is full it waits, and the
+        stamp is taken after the wait.
+
+        A ``duplicate`` fault publishes the same message twice; both copies count
+        toward ``count``. ``unknown_mac`` publishes on another MAC's topic from the
+        sensor's own connection: a broker with the product's ACL drops it (and
+        still acknowledges it, as MQTT 3.1.1 requires), so use that fault against a
+        broker without the ACL or expect those ledger entries to be missing.
+
+        A lost connection is reopened (see :class:`LeanClient`) and its
+        unacknowledged messages are published again; only PUBACKs count. Returns
+        once every message is acknowledged or abandoned with a connection that
+        stayed down for ``give_up`` seconds; raises MqttError when such a
+        connection still has messages to send. ``ledger`` gets one line per
+        acknowledged message (:meth:`Message.ledger_line`).
+        """
         await self.connect()
         # The loop state lives on self; the loop reads it through locals (same objects).
         summary, win, clients, written = self.summary, self.window, self.clients, self.written
@@ -188,51 +209,8 @@ class Load:
 
 
 async def run_load(
-    settings: Settings,
-    sensors: Sequence[Sensor],
-    count: int,
-    *,
-    rate: float | None = None,
-    window: int = 20000,
-    fault_fraction: float = 0.0,
-    ledger: IO[str] | None = None,
-    seed: int | None = None,
-    ssl_for: Any = None,
-    progress: Any = None,
-    give_up: float = 120.0,
+    settings: Settings, sensors: Sequence[Sensor], count: int, **options: Any
 ) -> Summary:
-    """Publish exactly ``count`` QoS 1 messages over one connection per controller.
-
-    At full speed messages are made and written in batches, bounded by
-    ``window`` unacknowledged messages across all connections. With ``rate``
-    each message is made (and stamped) when it is due and written at once, so
-    its timestamp is its publish time; if the window is full it waits, and the
-    stamp is taken after the wait.
-
-    A ``duplicate`` fault publishes the same message twice; both copies count
-    toward ``count``. ``unknown_mac`` publishes on another MAC's topic from the
-    sensor's own connection: a broker with the product's ACL drops it (and
-    still acknowledges it, as MQTT 3.1.1 requires), so use that fault against a
-    broker without the ACL or expect those ledger entries to be missing.
-
-    A lost connection is reopened (see :class:`LeanClient`) and its
-    unacknowledged messages are published again; only PUBACKs count. Returns
-    once every message is acknowledged or abandoned with a connection that
-    stayed down for ``give_up`` seconds; raises MqttError when such a
-    connection still has messages to send. ``ledger`` gets one line per
-    acknowledged message (:meth:`Message.ledger_line`).
-    """
-    load = Load(
-        settings,
-        sensors,
-        count,
-        rate=rate,
-        window=window,
-        fault_fraction=fault_fraction,
-        ledger=ledger,
-        seed=seed,
-        ssl_for=ssl_for,
-        progress=progress,
-        give_up=give_up,
-    )
-    return await load.run()
+    """``Load(settings, sensors, count, **options).run()``: the options and the
+    contract are :class:`Load`'s."""
+    return await Load(settings, sensors, count, **options).run()
