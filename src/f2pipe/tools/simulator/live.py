@@ -20,6 +20,8 @@ from f2pipe.settings import Settings
 from f2pipe.tools.simulator.client import LeanClient, Window, connect_all
 from f2pipe.tools.simulator.commands import (
     SPONTANEOUS,
+    STATUS_CONNECTOR,
+    Answer,
     command_response,
     status_message,
     status_payload,
@@ -76,13 +78,9 @@ class Live:
     def on_acks(self, messages: list[Message]) -> None:
         self.summary.acknowledged += len(messages)
 
-    async def publish(self, client: LeanClient, message: Message, delay: float = 0.0) -> None:
-        """Publish ``message`` after ``delay`` s; dropped if the run ends while ``client``
-        reconnects."""
+    async def publish(self, client: LeanClient, message: Message) -> None:
+        """Publish ``message`` (QoS 1); dropped if the run ends while ``client`` reconnects."""
         stop = self.stop
-        if delay:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
         await self.window.wait(1)
         if not client.connected:
             # Reconnecting: wait for it, or for the end of the run.
@@ -106,12 +104,30 @@ class Live:
         task.add_done_callback(self.background.discard)
 
     def on_command(self, client: LeanClient, topic: str, payload: bytes) -> None:
+        answers = command_response(topic, payload)
+        log.info("command", extra={"topic": topic, "answered": bool(answers)})
+        if answers:
+            self.spawn(self.answer(client, answers))
+
+    async def answer(self, client: LeanClient, answers: Sequence[Answer]) -> None:
+        """Publish each answer of one command when it happens, in order, stamped then.
+
+        Each answer's delay counts from the command's arrival; the run ending
+        drops the answers still to come.
+        """
         mac = client.client_id.removeprefix("f2-")
-        steps = command_response(topic, payload)
-        log.info("command", extra={"topic": topic, "answered": bool(steps)})
-        for delay, mode, component, state in steps:
-            body = status_payload(component, state, self.rng)
-            self.spawn(self.publish(client, status_message(mac, mode, component, body), delay))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for answer in answers:
+            wait = start + answer.delay - loop.time()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stop.wait(), wait)
+            if self.stop.is_set():
+                return
+            body = status_payload(answer.component, answer.state, self.rng)
+            message = status_message(mac, answer.mode, answer.connector, answer.component, body)
+            await self.publish(client, message)
 
     async def connect(self) -> None:
         """One connection per controller, subscribed to its commands."""
@@ -157,7 +173,8 @@ class Live:
             states[component] = not states[component]
             mode = "alarm-mode" if component.startswith("motion") else "access-control-mode"
             body = status_payload(component, states[component], rng)
-            await self.publish(client, status_message(mac, mode, component, body))
+            message = status_message(mac, mode, STATUS_CONNECTOR, component, body)
+            await self.publish(client, message)
 
     async def run(self) -> Summary:
         """Connect, run until ``stop`` is set, close every connection."""
