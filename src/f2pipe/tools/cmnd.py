@@ -9,6 +9,17 @@ validated before anything is sent:
   2 (on for ``period`` seconds), and ``period`` a non-negative number;
 - a reader's ``success`` level (``reader-1/success``): any JSON object;
 - any other component: a JSON object.
+
+With ``--wait SECONDS`` it then waits for the controller's answer and prints
+it. A strike or siren answers a command with its new status on the status
+topic of the connector and component the command named (``cmnd/...`` becomes
+``stat/...``); a pulse (``power-flag`` 2) answers twice, "on" at once and "off"
+``period`` seconds later. The answers are read from the pipeline's own data:
+the connector forwards every ``stat/`` message to the raw Kafka topic (SPEC
+section 4), so the commander needs no broker subscription and no rights beyond
+writing ``cmnd/#`` (SPEC section 6). The raw topic's end offsets are taken
+before the command is sent, so only answers after it count. When no answer
+comes within the time it exits 1 and says so.
 """
 
 from __future__ import annotations
@@ -16,14 +27,20 @@ from __future__ import annotations
 import argparse
 import json
 import ssl
+import sys
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from confluent_kafka import Consumer, KafkaException, TopicPartition
 from paho.mqtt.enums import CallbackAPIVersion
 
+from f2pipe.core.records import TOPIC_HEADER
 from f2pipe.core.topics import parse_topic
 from f2pipe.errors import ConfigError, F2PipeError
 from f2pipe.runtime import tls
+from f2pipe.runtime.kafka import consumer_config
 from f2pipe.settings import Settings, get_settings
 
 # The mode a component's commands use unless --mode says otherwise.
@@ -107,12 +124,105 @@ def send(settings: Settings, topic: str, payload: bytes, timeout: float = 10.0) 
         client.loop_stop()
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One status message the controller published after the command."""
+
+    topic: str
+    payload: bytes
+
+    def render(self) -> str:
+        return f"answer {self.topic} {self.payload.decode('utf-8', 'replace')}"
+
+
+def expected_answers(topic: str, payload: bytes) -> tuple[str, list[bool]]:
+    """The status topic a command is answered on and the states it answers with, in order.
+
+    Raises CommandError for a command no controller answers (only strikes and
+    sirens report their state back).
+    """
+    parsed = parse_topic(topic)
+    if parsed is None or parsed.kind not in ("strike", "siren") or parsed.sub is not None:
+        raise CommandError("--wait: only strikes and sirens answer a command with their status")
+    flag = json.loads(payload)["power-flag"]
+    states = [False] if flag == 0 else [True] if flag == 1 else [True, False]
+    return "stat" + topic.removeprefix("cmnd"), states
+
+
+class AnswerWatch:
+    """Reads a controller's status answers from the raw Kafka topic, from its end as of now.
+
+    Open it before sending the command: the end offsets are fixed in
+    :meth:`__init__`, so an answer published after the command cannot be
+    missed and one published before it is never taken for an answer. Partitions
+    are assigned, not subscribed: no consumer group is joined or committed.
+    Raises CommandError when Kafka cannot be reached.
+    """
+
+    def __init__(self, settings: Settings, mac: str, timeout: float = 10.0) -> None:
+        self.topic = settings.topic_raw
+        self.key = mac.encode()
+        self.consumer = Consumer(consumer_config(settings, "f2pipe-cmnd-wait"))
+        try:
+            meta = self.consumer.list_topics(self.topic, timeout=timeout)
+            info = meta.topics.get(self.topic)
+            if info is None or info.error is not None or not info.partitions:
+                raise CommandError(f"--wait: Kafka has no topic {self.topic}")
+            starts = []
+            for partition in sorted(info.partitions):
+                _low, high = self.consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, partition), timeout=timeout
+                )
+                starts.append(TopicPartition(self.topic, partition, high))
+            self.consumer.assign(starts)
+        except KafkaException as exc:
+            self.consumer.close()
+            raise CommandError(f"--wait: cannot read {self.topic} from Kafka: {exc}") from None
+        except CommandError:
+            self.consumer.close()
+            raise
+
+    def next_answer(self, status_topic: str, state: bool, deadline: float) -> Answer | None:
+        """The first record on ``status_topic`` reporting ``state``, or None at ``deadline``
+        (``time.monotonic()``)."""
+        wanted = status_topic.encode()
+        while (left := deadline - time.monotonic()) > 0:
+            for msg in self.consumer.consume(num_messages=500, timeout=min(left, 0.5)):
+                if msg.error() is not None or msg.key() != self.key:
+                    continue
+                headers = dict(msg.headers() or [])
+                value = msg.value() or b""
+                if headers.get(TOPIC_HEADER) == wanted and _reports(value, state):
+                    return Answer(status_topic, value)
+        return None
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _reports(payload: bytes, state: bool) -> bool:
+    try:
+        body = json.loads(payload)
+    except ValueError:
+        return False
+    return isinstance(body, dict) and body.get("status") is state
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mac", help="device MAC (aabbccddee01, aa:bb:... or aa-bb-...)")
     parser.add_argument("connector", help="J1..J4")
     parser.add_argument("component", help="strike-1, siren-2, reader-1/success, ...")
     parser.add_argument("payload", help='JSON, e.g. \'{"power-flag": 2, "period": 3}\'')
     parser.add_argument("--mode", choices=sorted(set(_MODE_OF.values())), help="override")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        nargs="?",
+        const=10.0,
+        metavar="SECONDS",
+        help="wait up to SECONDS (default 10) for the controller's answer, read from the raw"
+        " Kafka topic the connector fills, and print it; exit 1 if none comes",
+    )
     parser.set_defaults(func=main)
 
 
@@ -122,8 +232,36 @@ def main(args: argparse.Namespace) -> int:
         topic, payload = build_command(
             args.mac, args.connector, args.component, args.payload, args.mode
         )
+        if args.wait is not None and args.wait <= 0:
+            raise CommandError("--wait takes a positive number of seconds")
+        expected = None if args.wait is None else expected_answers(topic, payload)
     except CommandError as exc:
         raise ConfigError(str(exc)) from None
-    send(settings, topic, payload)
-    print(f"sent {topic} {payload.decode()}")
+    if expected is None:
+        send(settings, topic, payload)
+        print(f"sent {topic} {payload.decode()}")
+        return 0
+    status_topic, states = expected
+    mac = topic.split("/")[1].removeprefix("f2-")
+    watch = AnswerWatch(settings, mac)
+    try:
+        send(settings, topic, payload)
+        print(f"sent {topic} {payload.decode()}", flush=True)
+        period = float(json.loads(payload).get("period", 3))
+        deadline = time.monotonic() + args.wait
+        for i, state in enumerate(states):
+            answer = watch.next_answer(status_topic, state, deadline)
+            if answer is None:
+                what = "no answer" if i == 0 else f'no "{"on" if state else "off"}" answer'
+                print(
+                    f"{what} on {status_topic} within {args.wait:g} s"
+                    f" (read from Kafka topic {settings.topic_raw})",
+                    file=sys.stderr,
+                )
+                return 1
+            print(answer.render(), flush=True)
+            # A pulse's "off" comes `period` seconds after its "on".
+            deadline = time.monotonic() + period + args.wait
+    finally:
+        watch.close()
     return 0
