@@ -51,8 +51,8 @@ from f2pipe.metadata.database import create_database, migrate
 from f2pipe.metadata.lookup import Resolved
 from f2pipe.metadata.resolver import Resolver
 from f2pipe.processor.stage import Stage
-from f2pipe.runtime.kafka import producer_config
-from f2pipe.settings import load_settings
+from f2pipe.runtime.kafka import admin_config, consumer_config, producer_config
+from f2pipe.settings import Settings, load_settings
 
 HERE = Path(__file__).resolve().parent
 VENV_BIN = HERE.parent / ".venv" / "bin"
@@ -147,11 +147,10 @@ def drop_database(admin_dsn: str, dsn: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def preload(bootstrap: str, topic: str, recs: list[tuple[bytes, bytes, bytes]]) -> None:
+def preload(settings: Settings, topic: str, recs: list[tuple[bytes, bytes, bytes]]) -> None:
     producer = Producer(
-        {"bootstrap.servers": bootstrap, "linger.ms": 20, "compression.type": "lz4",
-         "batch.num.messages": 10000, "queue.buffering.max.messages": 1_000_000}
-    )  # fmt: skip
+        producer_config(settings, **{"linger.ms": 20, "queue.buffering.max.messages": 1_000_000})
+    )
     ingest = b"%d" % int(time.time() * 1000)
     for key, mqtt_topic, payload in recs:
         headers = [("mqtt.topic", mqtt_topic), ("mqtt.qos", b"1"), ("mqtt.retain", b"0"),
@@ -250,11 +249,7 @@ def step_costs(
     out: dict[str, float] = {}
 
     def kafka_in() -> Callable[[], None]:
-        consumer = Consumer(
-            {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "bench-unused",
-             "enable.auto.commit": False, "queued.min.messages": 20000,
-             "fetch.wait.max.ms": 50}
-        )  # fmt: skip
+        consumer = Consumer(consumer_config(settings, "bench-unused"))
         parts = consumer.list_topics(raw, timeout=10).topics[raw].partitions
         consumer.assign([TopicPartition(raw, p, 0) for p in parts])
 
@@ -361,7 +356,7 @@ def main() -> int:
         f"bench-raw-{tag}", f"bench-processed-{tag}", f"bench-processed-tx-{tag}",
         f"bench-dead-{tag}", f"bench-out-{tag}",
     )  # fmt: skip
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(admin_config(settings))
     for future in admin.create_topics(
         [NewTopic(raw, num_partitions=6, replication_factor=1)]
         + [NewTopic(t, num_partitions=3, replication_factor=1) for t in (out, out_tx, dead,
@@ -372,7 +367,7 @@ def main() -> int:
     try:
         print(f"preloading {FRAMES} frames ...", file=sys.stderr)
         recs = records(FRAMES)
-        preload(settings.kafka_bootstrap, raw, recs)
+        preload(settings, raw, recs)
         print("step costs ...", file=sys.stderr)
         steps = step_costs(settings, dsn, recs, raw, bench_out)
         base_env = {k: v for k, v in os.environ.items() if not k.startswith("F2PIPE_")}

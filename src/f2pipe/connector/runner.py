@@ -79,7 +79,7 @@ class Connector:
 
     :meth:`run` blocks until :meth:`stop` (or SIGTERM/SIGINT through
     :func:`main`), then drains: it stops reading, waits for Kafka to acknowledge
-    what was produced (up to ``connector_shutdown_timeout``), sends those
+    what was produced (up to ``connector_shutdown_timeout_s``), sends those
     PUBACKs and disconnects, leaving the rest to the persistent session.
     """
 
@@ -137,8 +137,8 @@ class Connector:
         self.client = MqttClient(
             settings.connector_client_id,
             ssl_context=ssl_context,
-            keepalive=settings.mqtt_keepalive,
-            session_expiry=settings.connector_session_expiry,
+            keepalive=settings.mqtt_keepalive_s,
+            session_expiry=settings.connector_session_expiry_s,
             receive_maximum=settings.connector_receive_maximum,
             publish_handler=self._on_bare_publishes if bare else self._on_publishes,
             on_connect=self._on_connect,
@@ -376,7 +376,7 @@ class Connector:
             client.flush_output()
             return 1
         log.info("draining", extra={"in_flight": self.in_flight()})
-        deadline = time.monotonic() + self.settings.connector_shutdown_timeout
+        deadline = time.monotonic() + self.settings.connector_shutdown_timeout_s
         while self.in_flight() and time.monotonic() < deadline and self._fatal is None:
             self._kafka_step()
             if client.socket() is not None:
@@ -386,7 +386,7 @@ class Connector:
                 time.sleep(0.002)
         left = self.in_flight()
         if client.socket() is not None:
-            client.disconnect(session_expiry=self.settings.connector_session_expiry)
+            client.disconnect(session_expiry=self.settings.connector_session_expiry_s)
             end = time.monotonic() + 5.0
             while client.socket() is not None and time.monotonic() < end:
                 if not client.flush_output():

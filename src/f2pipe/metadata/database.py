@@ -122,12 +122,12 @@ def _timescale_step(conn: psycopg.Connection[tuple[object, ...]], settings: Sett
         conn.execute(
             "SELECT add_compression_policy('decoded_data', compress_after => %s::interval,"
             " if_not_exists => TRUE)",
-            (settings.compress_after,),
+            (f"{settings.compress_after_days} days",),
         )
         conn.execute(
             "SELECT add_retention_policy('decoded_data', drop_after => %s::interval,"
             " if_not_exists => TRUE)",
-            (settings.retention,),
+            (f"{settings.retention_days} days",),
         )
         is_aggregate = conn.execute(
             "SELECT 1 FROM timescaledb_information.continuous_aggregates"

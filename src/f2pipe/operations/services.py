@@ -162,7 +162,7 @@ class Simulator(Service):
     stop_timeout = 10.0
 
     def argv(self) -> list[str]:
-        return ["simulate", "--interval", str(self.settings.simulator_interval)]
+        return ["simulate", "--interval", str(self.settings.simulator_interval_s)]
 
 
 SERVICES: tuple[type[Service], ...] = (Certgen, Connector, Processor, Sink, Simulator)

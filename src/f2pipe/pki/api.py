@@ -93,9 +93,11 @@ class Runtime:
         # Server and service certificates made before the database was up (stack up)
         # enter the register here, so they can be revoked by serial like any other.
         record_local_certificates(settings, self.store)
-        self.by_mac = FailureLimiter(settings.certgen_max_failures, settings.certgen_failure_window)
+        self.by_mac = FailureLimiter(
+            settings.certgen_max_failures, settings.certgen_failure_window_s
+        )
         self.by_address = FailureLimiter(
-            settings.certgen_max_failures, settings.certgen_failure_window
+            settings.certgen_max_failures, settings.certgen_failure_window_s
         )
 
     def close(self) -> None:
@@ -202,7 +204,7 @@ async def authorize_issue(
         raise HTTPException(
             status.HTTP_429_TOO_MANY_REQUESTS,
             "too many failed claiming attempts; try again later",
-            headers={"Retry-After": str(int(runtime.settings.certgen_failure_window))},
+            headers={"Retry-After": str(int(runtime.settings.certgen_failure_window_s))},
         )
 
     def fail(code: int, detail: str) -> HTTPException:

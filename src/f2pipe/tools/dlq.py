@@ -33,7 +33,7 @@ from f2pipe.core import deadletter
 from f2pipe.core.reasons import Reason
 from f2pipe.core.records import Headers
 from f2pipe.errors import F2PipeError
-from f2pipe.runtime.kafka import produce, producer_config
+from f2pipe.runtime.kafka import consumer_config, produce, producer_config
 from f2pipe.settings import Settings, get_settings
 
 REPLAYABLE = {"processor", "sink"}
@@ -104,14 +104,8 @@ def parse_since(text: str, now: float | None = None) -> int:
 def read_dead_letters(settings: Settings, timeout: float = 10.0) -> Iterator[DeadLetter]:
     """Every dead letter present when called, partition by partition, in offset order."""
     topic = settings.topic_dead_letter
-    consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": "f2pipe-dlq-reader",  # required by the client; never joined or committed
-            "enable.auto.commit": False,
-            "enable.partition.eof": False,
-        }
-    )
+    # The group is required by the client; it is never joined or committed.
+    consumer = Consumer(consumer_config(settings, "f2pipe-dlq-reader"))
     try:
         try:
             meta = consumer.list_topics(topic, timeout=timeout)

@@ -110,7 +110,7 @@ def render_conf(settings: Settings, pki: PkiPaths) -> str:
             f"acl_file {acl_path(settings)}",
             "persistence true",
             f"persistence_location {mdir / 'data'}/",
-            f"autosave_interval {settings.mqtt_autosave_interval}",
+            f"autosave_interval {settings.mqtt_autosave_interval_s}",
             f"max_queued_messages {settings.mqtt_max_queued_messages}",
             "max_queued_bytes 0",
             f"max_inflight_messages {settings.mqtt_max_inflight_messages}",

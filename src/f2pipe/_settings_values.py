@@ -1,0 +1,155 @@
+"""How setting values are read and shown, apart from the model in :mod:`f2pipe.settings`.
+
+Durations with units, variable names and their deprecated spellings, the TOML
+file, secret files and URLs with their passwords masked.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import re
+import tomllib
+from collections.abc import Collection
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from pydantic import BeforeValidator
+
+from f2pipe.errors import ConfigError
+
+ENV_PREFIX = "F2PIPE_"
+CONFIG_FILE_VARIABLE = "F2PIPE_CONFIG_FILE"
+# Old name -> new name. An old variable or file key still works, with one warning line.
+DEPRECATED_NAMES = {
+    "connector_shutdown_timeout": "connector_shutdown_timeout_s",
+    "connector_session_expiry": "connector_session_expiry_s",
+    "simulator_interval": "simulator_interval_s",
+    "certgen_failure_window": "certgen_failure_window_s",
+    "mqtt_autosave_interval": "mqtt_autosave_interval_s",
+    "mqtt_keepalive": "mqtt_keepalive_s",
+    "compress_after": "compress_after_days",
+    "retention": "retention_days",
+}
+
+log = logging.getLogger("f2pipe.settings")
+
+_UNIT_SECONDS = {
+    "ms": 0.001,
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1.0),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60.0),
+    **dict.fromkeys(("h", "hour", "hours"), 3600.0),
+    **dict.fromkeys(("d", "day", "days"), 86400.0),
+    **dict.fromkeys(("w", "week", "weeks"), 7 * 86400.0),
+    **dict.fromkeys(("y", "year", "years"), 365 * 86400.0),
+}
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]*)?)\s*([a-zA-Z]*)$")
+
+
+def parse_duration(value: object, unit_seconds: float) -> object:
+    """A duration in the unit of ``unit_seconds``: a bare number is already in it.
+
+    ``"90s"``, ``"5m"``, ``"500ms"``, ``"7d"``, ``"7 days"`` are converted; a
+    value that is not text is left for the field's own type check.
+    """
+    if not isinstance(value, str):
+        return value
+    match = _DURATION.match(value.strip())
+    if match is None or match[2].lower() not in {"", *_UNIT_SECONDS}:
+        raise ValueError("expected a number or a duration such as 500ms, 90s, 5m, 2h, 7d")
+    number = float(match[1])
+    if not match[2]:
+        return number
+    result = number * _UNIT_SECONDS[match[2].lower()] / unit_seconds
+    return int(result) if result.is_integer() else result
+
+
+Milliseconds = BeforeValidator(functools.partial(parse_duration, unit_seconds=0.001))
+Seconds = BeforeValidator(functools.partial(parse_duration, unit_seconds=1.0))
+Days = BeforeValidator(functools.partial(parse_duration, unit_seconds=86400.0))
+
+
+def upper(value: object) -> object:
+    """Text upper-cased (closed choices are spelled in any case); anything else unchanged."""
+    return value.upper() if isinstance(value, str) else value
+
+
+def os_reason(exc: Exception) -> str:
+    """The short cause of a failed read (\"No such file or directory\"), never the content."""
+    return exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+
+
+def mask_url(url: str) -> str:
+    """``url`` with a password (user info or ``password=`` parameter) replaced by ``****``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "****"
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user = userinfo.partition(":")[0]
+        netloc = f"{user}:****@{hostport}"
+    query = parts.query
+    if "password" in query.lower():
+        pairs = parse_qsl(query, keep_blank_values=True)
+        query = urlencode(
+            [(k, "****" if "password" in k.lower() else v) for k, v in pairs], safe="*"
+        )
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def variable(name: str) -> str:
+    """The environment variable of setting ``name``."""
+    return ENV_PREFIX + name.upper()
+
+
+def read_secret_file(path: Path, name: str) -> str:
+    """A secret file's text without its final newline; ConfigError naming the variable."""
+    try:
+        return path.read_text(encoding="utf-8").rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{variable(name)}: cannot read {path}: {os_reason(exc)}") from None
+
+
+def _deprecated(old: str, new: str, where: str) -> None:
+    log.warning(f"{where} is deprecated: use {new}")
+
+
+def deprecated_environment() -> dict[str, str]:
+    """Values given under an old variable name whose new name is not set, with a warning each."""
+    values: dict[str, str] = {}
+    for old, new in DEPRECATED_NAMES.items():
+        if variable(old) in os.environ and variable(new) not in os.environ:
+            _deprecated(old, variable(new), variable(old))
+            values[new] = os.environ[variable(old)]
+    return values
+
+
+def config_file_values(path: str | Path | None, known: Collection[str]) -> dict[str, Any]:
+    """The settings in the TOML file at ``path`` (None: no file), old key names renamed.
+
+    ``known`` are the names a file may hold.
+
+    Raises ConfigError for an unreadable file, bad TOML or an unknown key.
+    """
+    if path is None or str(path) == "":
+        return {}
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: cannot read {path}: {os_reason(exc)}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{CONFIG_FILE_VARIABLE}: {path} is not TOML: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        name = DEPRECATED_NAMES.get(key, key)
+        if name not in known:
+            raise ConfigError(f"{CONFIG_FILE_VARIABLE}: {path}: unknown key {key!r}")
+        if name != key:
+            _deprecated(key, name, f"key {key!r} in {path}")
+        values[name] = value
+    return values
