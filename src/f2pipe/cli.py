@@ -13,6 +13,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
+from f2pipe._version import package_version, python_version
 from f2pipe.errors import F2PipeError
 
 # name -> (module, one-line help)
@@ -23,39 +24,78 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "f2pipe.operations.pipeline:configure_run",
         "the whole pipeline in the foreground, live view",
     ),
-    "status": (
-        "f2pipe.operations.status",
-        "each service up or down, throughput, lag, dead letters",
-    ),
-    "bench": ("f2pipe.tools.bench", "benchmark the whole pipeline on this machine"),
-    "stack": ("f2pipe.operations.stack", "install, start, stop or inspect the local servers"),
-    "db": ("f2pipe.metadata.database", "migrate the database schema and seed the demo fleet"),
-    "fleet": ("f2pipe.metadata.fleet.cli", "import or export a fleet description (YAML)"),
-    "certgen": ("f2pipe.pki.cli", "certificate authority: init, serve the API, issue, revoke"),
-    "decode": ("f2pipe.tools.decode", "decode one F2 message and print its readings or reason"),
     "connector": (
         "f2pipe.connector.runner",
         "bridge device messages from MQTT into Kafka (raw-iot-data)",
     ),
-    "simulate": (
-        "f2pipe.tools.simulator.cli",
-        "simulate F2 controllers: live telemetry or a counted load",
-    ),
     "processor": ("f2pipe.processor.runner", "decode raw frames into readings (stream processor)"),
-    "dlq": ("f2pipe.tools.dlq", "list, show or replay dead letters"),
     "sink": (
         "f2pipe.sink.runner",
         "write processed readings from Kafka into the time-series database",
     ),
+    "status": (
+        "f2pipe.operations.status",
+        "each service up or down, throughput, lag, dead letters",
+    ),
+    "stack": ("f2pipe.operations.stack", "install, start, stop or inspect the local servers"),
+    "db": ("f2pipe.metadata.database", "migrate the database schema and seed the demo fleet"),
+    "dlq": ("f2pipe.tools.dlq", "list, show or replay dead letters"),
+    "config": ("f2pipe.operations.config", "show, check or list the settings"),
+    "fleet": ("f2pipe.metadata.fleet.cli", "import or export a fleet description (YAML)"),
+    "simulate": (
+        "f2pipe.tools.simulator.cli",
+        "simulate F2 controllers: live telemetry or a counted load",
+    ),
     "cmnd": ("f2pipe.tools.cmnd", "send a command to a device (as svc-commander)"),
+    "certgen": ("f2pipe.pki.cli", "certificate authority: init, serve the API, issue, revoke"),
+    "decode": ("f2pipe.tools.decode", "decode one F2 message and print its readings or reason"),
+    "bench": ("f2pipe.tools.bench", "benchmark the whole pipeline on this machine"),
 }
+
+# What a person is doing -> the commands for it, in the order the help lists them.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "run the pipeline": ("up", "down", "run", "connector", "processor", "sink"),
+    "operate it": ("status", "stack", "db", "dlq", "config"),
+    "manage the fleet": ("fleet", "simulate", "cmnd"),
+    "certificates": ("certgen",),
+    "tools": ("decode", "bench"),
+}
+
+CONFIGURATION_HELP = (
+    "configuration: F2PIPE_* environment variables, or the TOML file named by\n"
+    "F2PIPE_CONFIG_FILE (lower-case names without the prefix; variables override it).\n"
+    "`f2pipe config show` prints the effective settings, `f2pipe config check`\n"
+    "validates them, docs/settings.md lists them all. Services take --log-level\n"
+    "(default F2PIPE_LOG_LEVEL, else info)."
+)
+
+
+def _command_list() -> str:
+    width = max(len(name) for name in COMMANDS) + 2
+    parts = []
+    for group, names in GROUPS.items():
+        parts.append(f"{group}:")
+        parts.extend(f"  {name:<{width}}{COMMANDS[name][1]}" for name in names)
+        parts.append("")
+    return "\n".join([*parts, CONFIGURATION_HELP])
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="f2pipe", description="F2 telemetry pipeline: MQTT -> Kafka -> TimescaleDB."
+        prog="f2pipe",
+        usage="f2pipe [-h] [--version] COMMAND ...",
+        description="F2 telemetry pipeline: MQTT -> Kafka -> TimescaleDB.",
+        epilog=_command_list(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"f2pipe {package_version()} (Python {python_version()})",
+    )
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", help=argparse.SUPPRESS
+    )
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, text) in COMMANDS.items():
         sub_parser = sub.add_parser(name, help=text, description=text)

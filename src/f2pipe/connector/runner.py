@@ -55,7 +55,7 @@ from f2pipe.runtime import tls
 from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.gctune import quiet_gc
 from f2pipe.runtime.kafka import produce, producer_config
-from f2pipe.runtime.logs import setup_logging
+from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.opsserver import OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
 from f2pipe.settings import Settings, get_settings
@@ -407,7 +407,7 @@ def build_ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    add_log_level_argument(parser)
     parser.add_argument(
         "--bare",
         action="store_true",

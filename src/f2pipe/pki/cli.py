@@ -22,7 +22,7 @@ from f2pipe.pki.local import (
     sync_crl,
 )
 from f2pipe.pki.state import ensure_pki, issue_service_files
-from f2pipe.runtime.logs import setup_logging
+from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.settings import Settings, get_settings
 
 log = logging.getLogger("f2pipe.pki")
@@ -39,6 +39,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     serve = sub.add_parser("serve", help="serve the certificate API (F2PIPE_CERTGEN_HOST/PORT)")
     serve.add_argument("--host", help="bind address (default F2PIPE_CERTGEN_HOST, loopback)")
     serve.add_argument("--port", type=int, help="port (default F2PIPE_CERTGEN_PORT)")
+    add_log_level_argument(serve)
     serve.set_defaults(func=_serve)
 
     service = sub.add_parser("issue-service", help="issue (or re-issue) a service identity")
@@ -98,7 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from f2pipe.pki.api import create_app
 
-    setup_logging("certgen")
+    setup_logging("certgen", args.log_level)
     settings = get_settings()
     ensure_pki(settings)
     admin_token(settings)

@@ -68,7 +68,7 @@ from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.gctune import quiet_gc
 from f2pipe.runtime.kafka import Stopping, consume_available, consumer_config, producer_config
 from f2pipe.runtime.kafka import produce as produce_when_room
-from f2pipe.runtime.logs import setup_logging
+from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.metrics import DEAD_LETTERS
 from f2pipe.runtime.opsserver import OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
@@ -484,7 +484,7 @@ def _header(headers: Headers | None, wanted: str) -> bytes | None:
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="INFO", help="log level (default INFO)")
+    add_log_level_argument(parser)
     parser.set_defaults(func=_cmd_run)
 
 

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 import time
 from typing import Any
 
 import orjson
+
+from f2pipe.errors import ConfigError
+from f2pipe.settings import LOG_LEVELS, get_settings
 
 _RESERVED = frozenset(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
@@ -36,10 +40,33 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(event, default=str).decode()
 
 
-def setup_logging(service: str, level: str = "INFO") -> None:
-    """Route the root logger to stderr as JSON lines tagged with ``service``."""
+def add_log_level_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--log-level`` option every service takes (checked by :func:`setup_logging`)."""
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        help="debug, info, warning, error or critical (default: F2PIPE_LOG_LEVEL, else info)",
+    )
+
+
+def parse_log_level(value: str) -> str:
+    """``value`` as a logging level name; ConfigError (one line) for anything else."""
+    level = value.strip().upper()
+    if level not in LOG_LEVELS:
+        choices = ", ".join(name.lower() for name in LOG_LEVELS)
+        raise ConfigError(f"--log-level {value!r} is invalid: expected one of {choices}")
+    return level
+
+
+def setup_logging(service: str, level: str | None = None) -> None:
+    """Route the root logger to stderr as JSON lines tagged with ``service``.
+
+    ``level`` is a ``--log-level`` value; None takes ``F2PIPE_LOG_LEVEL``.
+    Raises ConfigError for a bad level, before anything is logged.
+    """
+    name = parse_log_level(level) if level is not None else get_settings().log_level
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level)
+    root.setLevel(name)

@@ -37,7 +37,7 @@ from confluent_kafka.admin import AdminClient
 from f2pipe.errors import DatabaseUnavailable
 from f2pipe.runtime.gctune import quiet_gc
 from f2pipe.runtime.kafka import admin_config, consume_available, consumer_config, producer_config
-from f2pipe.runtime.logs import setup_logging
+from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.opsserver import OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
 from f2pipe.settings import Settings, get_settings
@@ -467,6 +467,7 @@ class Sink:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-rows", type=int, help="override F2PIPE_SINK_BATCH_ROWS")
     parser.add_argument("--batch-age-ms", type=int, help="override F2PIPE_SINK_BATCH_AGE_MS")
+    add_log_level_argument(parser)
     parser.set_defaults(func=_cmd_sink)
 
 
@@ -482,7 +483,7 @@ def tune_gc() -> None:
 
 
 def _cmd_sink(args: argparse.Namespace) -> int:
-    setup_logging("sink")
+    setup_logging("sink", args.log_level)
     settings = get_settings()
     policy = CommitPolicy(
         args.batch_rows or settings.sink_batch_rows,
