@@ -65,8 +65,12 @@ def test_problems_name_what_is_down_and_what_grows() -> None:
         status.Health("sink", "service", False, False, None, None, "/healthz: refused"),
         status.Health("kafka", "server", True),
     ]
-    found = status.problems(health, {"processor": True, "sink": False})
+    found = status.problems(health, {"processor": True, "sink": False}, {"dropped_messages": 0})
     assert found == ["sink is down (/healthz: refused)", "processor lag keeps growing"]
+    dropped = status.problems([], {}, {"dropped_messages": 1200, "queued_messages": 5})
+    assert len(dropped) == 1
+    assert "broker dropped 1,200 messages" in dropped[0]
+    assert "F2PIPE_BROKER_MAX_QUEUED_BYTES" in dropped[0]
 
 
 def test_scrape_parses_prometheus_text(tmp_path: Path) -> None:

@@ -11,9 +11,13 @@ labels and units (``latest_readings_named``).
 
 The processor's dead-letter alarm (too large a share of its input
 dead-lettered) is shown as an alarm, not as a failure: what devices send must
-not read as an outage. ``f2pipe status`` exits 1 when a server or service is
-down or when a stage's lag keeps growing (see :func:`growing`), else 0. ``--json`` prints the same
-report as one JSON object.
+not read as an outage. The broker's own statistics (queued messages, and
+messages it acknowledged to devices but dropped at its queue bound) come from
+certgen's ``f2pipe_broker_*`` metrics, which its ``svc-monitor`` connection
+keeps current, or from one ``$SYS`` read when certgen cannot say.
+``f2pipe status`` exits 1 when a server or service is down, when a stage's
+lag keeps growing (see :func:`growing`) or when the broker dropped messages,
+else 0. ``--json`` prints the same report as one JSON object.
 """
 
 from __future__ import annotations
@@ -31,9 +35,11 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from f2pipe.errors import ConfigError
 from f2pipe.operations import services as svc
 from f2pipe.operations import stack
 from f2pipe.operations.stack import Paths
+from f2pipe.runtime import brokerstats, tls
 from f2pipe.settings import Settings, load_settings
 
 # Counters turned into rates: label in the report -> (service, metric family).
@@ -157,6 +163,7 @@ class Snapshot:
     dead_letters: dict[str, float]  # "<stage>/<reason>" -> count since the service started
     lag: dict[str, int | None]
     alarms: list[str] = field(default_factory=list)
+    broker: dict[str, int | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,6 +179,8 @@ class Report:
     problems: list[str] = field(default_factory=list)
     # Shown, but no reason for a non-zero exit: bad input must not read as an outage.
     alarms: list[str] = field(default_factory=list)
+    # brokerstats.BrokerStats as a dict: dropped_messages, queued_messages, ...
+    broker: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -238,12 +247,28 @@ class Observer:
             "sink": consumer_lag(self.admin, s.sink_group, s.topic_processed),
         }
 
+    def broker(self, certgen: Samples | None) -> dict[str, int | None]:
+        """The broker's statistics from certgen's monitor, else from one ``$SYS`` read."""
+        if certgen and total(certgen, "f2pipe_broker_up") == 1:
+            return {
+                name: int(total(certgen, f"f2pipe_broker_{name}"))
+                for name in brokerstats.SYS_TOPICS.values()
+            }
+        s = self.settings
+        try:
+            context = tls.service_context(s.pki_dir, brokerstats.MONITOR_IDENTITY)
+        except ConfigError:  # no monitor identity: the broker cannot be asked
+            return {}
+        return brokerstats.read_once(s.mqtt_host, s.mqtt_port, context, timeout=3).as_dict()
+
     def snapshot(self, with_health: bool = True) -> Snapshot:
         scraped = {
             service.name: scrape(service.url("/metrics"))
             for service in self.services
             if service.port() is not None and service.name != "certgen"
         }
+        certgen = next((s for s in self.services if s.name == "certgen"), None)
+        certgen_metrics = scrape(certgen.url("/metrics")) if certgen is not None else None
         counters = {
             label: total(scraped.get(name), family) for label, (name, family) in THROUGHPUT.items()
         }
@@ -271,6 +296,7 @@ class Observer:
             dead,
             self.lag(),
             alarms,
+            self.broker(certgen_metrics),
         )
 
 
@@ -295,9 +321,16 @@ def growing(history: Iterable[dict[str, int | None]], rates: dict[str, float]) -
     return out
 
 
-def problems(health: list[Health], lag_growing: dict[str, bool]) -> list[str]:
+def problems(
+    health: list[Health], lag_growing: dict[str, bool], broker: dict[str, int | None]
+) -> list[str]:
     found = [f"{h.name} is down ({h.detail})" for h in health if not h.up]
     found += [f"{stage} lag keeps growing" for stage, grows in lag_growing.items() if grows]
+    if dropped := broker.get("dropped_messages"):
+        found.append(
+            f"the broker dropped {dropped:,} messages since it started: its queue reached"
+            " F2PIPE_BROKER_MAX_QUEUED_BYTES while Kafka or the connectors were down"
+        )
     return found
 
 
@@ -321,8 +354,9 @@ def report(settings: Settings, interval: float = 2.0) -> Report:
         lag_growing=trend,
         dead_letters=last.dead_letters,
         interval_s=interval,
-        problems=problems(last.health, trend),
+        problems=problems(last.health, trend, last.broker),
         alarms=last.alarms,
+        broker=last.broker,
     )
 
 
@@ -355,6 +389,12 @@ def _tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
     for stage, behind in rep.lag.items():
         trend = "[red]growing[/]" if rep.lag_growing.get(stage) else ""
         lag.add_row(stage, "?" if behind is None else f"{behind:,}", trend)
+
+    if rep.broker:
+        dropped = rep.broker.get("dropped_messages")
+        queued = rep.broker.get("queued_messages") or 0
+        note = f"[red]{dropped:,} dropped[/]" if dropped else ""
+        lag.add_row("broker queue", f"{queued:,}", note)
 
     dead = Table(title="dead letters by reason (since start)", title_justify="left")
     dead.add_column("stage/reason")
@@ -430,8 +470,9 @@ def live(settings: Settings, refresh: float = 2.0, readings_every: float = 5.0) 
                 lag_growing=trend,
                 dead_letters=current.dead_letters,
                 interval_s=current.taken - previous.taken,
-                problems=problems(current.health, trend),
+                problems=problems(current.health, trend, current.broker),
                 alarms=current.alarms,
+                broker=current.broker,
             )
             if view is not None:
                 view.update(_tables(rep, readings))
