@@ -165,17 +165,20 @@ def test_build_info_is_on_every_stage_metrics_endpoint() -> None:
 
 
 @pytest.mark.servers
-def test_a_dsn_requiring_tls_against_a_plain_server_is_one_line() -> None:
+@pytest.mark.parametrize(
+    ("argv", "prefix"), [(["fleet", "export"], "fleet"), (["db", "migrate"], "db")]
+)
+def test_a_dsn_requiring_tls_against_a_plain_server_is_one_line(
+    argv: list[str], prefix: str
+) -> None:
     dsn = get_settings().metadata_dsn.replace(
         "postgresql://postgres@", f"postgresql://postgres:{SECRET}@"
     )
     separator = "&" if "?" in dsn else "?"
-    done = _f2pipe(
-        "fleet", "export", env={"F2PIPE_METADATA_DSN": f"{dsn}{separator}sslmode=require"}
-    )
+    done = _f2pipe(*argv, env={"F2PIPE_METADATA_DSN": f"{dsn}{separator}sslmode=require"})
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("f2pipe fleet: error: ")
+    assert done.stderr.startswith(f"f2pipe {prefix}: error: ")
     assert "SSL" in done.stderr
     assert SECRET not in done.stderr
     assert "Traceback" not in done.stderr

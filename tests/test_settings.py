@@ -206,3 +206,24 @@ def test_check_reports_every_unreadable_file(tmp_path: Path) -> None:
 def test_every_setting_has_a_description() -> None:
     missing = [name for name, f in Settings.model_fields.items() if not f.description]
     assert not missing, f"give these a Field(description=...): {missing}"
+
+
+def test_a_redis_url_with_user_password_and_tls_reaches_the_client_unchanged() -> None:
+    import redis
+
+    from f2pipe.metadata.resolver import Resolver
+
+    resolver = Resolver(
+        load_settings(redis_url=f"rediss://svc-processor:{SECRET}@cache.example:6380/2"),
+        listen=False,
+    )
+    pool = resolver._redis.connection_pool
+    assert pool.connection_class is redis.SSLConnection
+    assert pool.connection_kwargs["username"] == "svc-processor"
+    assert pool.connection_kwargs["password"] == SECRET
+    assert (pool.connection_kwargs["host"], pool.connection_kwargs["port"]) == (
+        "cache.example",
+        6380,
+    )
+    assert pool.connection_kwargs["db"] == 2
+    resolver.close()
