@@ -125,6 +125,7 @@ def test_old_names_still_work_with_one_deprecation_line(
     monkeypatch.setenv("F2PIPE_RETENTION", "5 years")
     with caplog.at_level(logging.WARNING, logger="f2pipe.settings"):
         settings = load_settings()
+        load_settings()  # a second read says nothing more
     assert settings.connector_shutdown_timeout_s == 12
     assert settings.compress_after_days == 14
     assert settings.retention_days == 5 * 365

@@ -114,8 +114,14 @@ def read_secret_file(path: Path, name: str) -> str:
         raise ConfigError(f"{variable(name)}: cannot read {path}: {os_reason(exc)}") from None
 
 
-def _deprecated(old: str, new: str, where: str) -> None:
-    log.warning(f"{where} is deprecated: use {new}")
+_warned: set[str] = set()
+
+
+def _deprecated(new: str, where: str) -> None:
+    # Once per process: commands that read the settings several times still say it once.
+    if where not in _warned:
+        _warned.add(where)
+        log.warning(f"{where} is deprecated: use {new}")
 
 
 def deprecated_environment() -> dict[str, str]:
@@ -123,7 +129,7 @@ def deprecated_environment() -> dict[str, str]:
     values: dict[str, str] = {}
     for old, new in DEPRECATED_NAMES.items():
         if variable(old) in os.environ and variable(new) not in os.environ:
-            _deprecated(old, variable(new), variable(old))
+            _deprecated(variable(new), variable(old))
             values[new] = os.environ[variable(old)]
     return values
 
@@ -150,6 +156,6 @@ def config_file_values(path: str | Path | None, known: Collection[str]) -> dict[
         if name not in known:
             raise ConfigError(f"{CONFIG_FILE_VARIABLE}: {path}: unknown key {key!r}")
         if name != key:
-            _deprecated(key, name, f"key {key!r} in {path}")
+            _deprecated(name, f"key {key!r} in {path}")
         values[name] = value
     return values
