@@ -150,29 +150,31 @@ class BrokerMonitor(Collector):
             self._changed.notify_all()
 
     def collect(self) -> Iterator[Metric]:
+        # Every family always, so /metrics names them all; a value only once the broker sent it.
         stats = self.stats()
         up = GaugeMetricFamily(
             "f2pipe_broker_up", "1 while the monitor identity is connected to the broker"
         )
         up.add_metric([], 1.0 if self.connected else 0.0)
         yield up
+        dropped = CounterMetricFamily(
+            "f2pipe_broker_dropped_messages",
+            "Messages the broker acknowledged but dropped since it started (queue bound)",
+        )
         if stats.dropped_messages is not None:
-            dropped = CounterMetricFamily(
-                "f2pipe_broker_dropped_messages",
-                "Messages the broker acknowledged but dropped since it started (queue bound)",
-            )
             dropped.add_metric([], float(stats.dropped_messages))
-            yield dropped
+        yield dropped
         gauges = {
             "queued_messages": "Messages the broker holds for its subscribers",
             "queued_bytes": "Payload bytes of the messages the broker holds",
             "connected_clients": "Clients connected to the broker",
         }
         for name, text in gauges.items():
+            family = GaugeMetricFamily(f"f2pipe_broker_{name}", text)
             value = getattr(stats, name)
             if value is not None:
-                family = "connected_clients" if name == "connected_clients" else name
-                yield GaugeMetricFamily(f"f2pipe_broker_{family}", text, value=float(value))
+                family.add_metric([], float(value))
+            yield family
 
 
 def read_once(
