@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from f2pipe.errors import ConfigError
-from f2pipe.operations.config import problems, show_lines, sources
+from f2pipe.operations.config import problems, show_lines, sources, unknown_variables
 from f2pipe.settings import Settings, load_settings, mask_url
 
 SECRET = "s3cr3t-pa55"
@@ -228,3 +228,37 @@ def test_a_redis_url_with_user_password_and_tls_reaches_the_client_unchanged() -
     )
     assert pool.connection_kwargs["db"] == 2
     resolver.close()
+
+
+def test_a_url_with_a_password_may_come_from_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret_file = tmp_path / "metadata_dsn"
+    secret_file.write_text(f"postgresql://app:{SECRET}@db:5432/f2pipe?sslmode=verify-full\n")
+    monkeypatch.setenv("F2PIPE_METADATA_DSN_FILE", str(secret_file))
+    settings = load_settings()
+    assert settings.metadata_dsn == f"postgresql://app:{SECRET}@db:5432/f2pipe?sslmode=verify-full"
+    assert sources(settings)["metadata_dsn"] == "environment (F2PIPE_METADATA_DSN_FILE)"
+    assert SECRET not in "\n".join(show_lines(settings))
+
+
+def test_an_unreadable_url_file_or_both_forms_is_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "redis_url"
+    monkeypatch.setenv("F2PIPE_REDIS_URL_FILE", str(missing))
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value) == (
+        f"F2PIPE_REDIS_URL_FILE: cannot read {missing}: No such file or directory"
+    )
+    monkeypatch.setenv("F2PIPE_REDIS_URL", "redis://127.0.0.1:6379/0")
+    with pytest.raises(ConfigError, match=r"^F2PIPE_REDIS_URL and F2PIPE_REDIS_URL_FILE are both"):
+        load_settings()
+
+
+def test_check_notes_variables_no_setting_reads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("F2PIPE_KAFKA_SASL_PASWORD", SECRET)
+    monkeypatch.setenv("F2PIPE_MQTT_KEEPALIVE", "30")  # an old name is still read
+    monkeypatch.setenv("F2PIPE_IMAGE", "f2pipe:latest")  # read by docker-compose
+    assert unknown_variables() == ["F2PIPE_KAFKA_SASL_PASWORD"]

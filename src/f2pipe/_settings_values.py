@@ -159,3 +159,22 @@ def config_file_values(path: str | Path | None, known: Collection[str]) -> dict[
             _deprecated(name, f"key {key!r} in {path}")
         values[name] = value
     return values
+
+
+# Settings whose URL may carry a password: each may also be read from the file its
+# variable plus _FILE names (as container secrets are mounted), keeping it out of the
+# process environment.
+URL_SECRETS = ("metadata_dsn", "timeseries_dsn", "redis_url")
+
+
+def secret_file_environment() -> dict[str, str]:
+    """Values of ``URL_SECRETS`` read from ``F2PIPE_<NAME>_FILE``; ConfigError naming it."""
+    values: dict[str, str] = {}
+    for name in URL_SECRETS:
+        file_variable = variable(name) + "_FILE"
+        if file_variable not in os.environ:
+            continue
+        if variable(name) in os.environ:
+            raise ConfigError(f"{variable(name)} and {file_variable} are both set: keep one")
+        values[name] = read_secret_file(Path(os.environ[file_variable]), name + "_file")
+    return values

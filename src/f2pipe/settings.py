@@ -2,11 +2,12 @@
 
 One frozen settings model for the whole package; entry points read it once
 through :func:`get_settings`. Sources, strongest first: keyword overrides,
-``F2PIPE_<NAME>`` variables, deprecated variable names (one warning line
-each), the TOML file named by ``F2PIPE_CONFIG_FILE`` (keys are the setting
-names in lower case, without the prefix), the defaults. A bad value fails at
-start with :class:`~f2pipe.errors.ConfigError` naming the variable or the
-file's key, never echoing a secret.
+``F2PIPE_<NAME>`` variables, ``F2PIPE_<NAME>_FILE`` for a URL that may carry
+a password, deprecated variable names (one warning line each), the TOML file
+named by ``F2PIPE_CONFIG_FILE`` (keys are the setting names in lower case,
+without the prefix), the defaults. A bad value fails at start with
+:class:`~f2pipe.errors.ConfigError` naming the variable or the file's key,
+never echoing a secret.
 
 Durations have one convention: the name ends in the unit a bare number is read
 in (``_MS``, ``_S`` or ``_DAYS``), and every duration also takes a number with
@@ -47,6 +48,7 @@ from f2pipe._settings_values import (
     deprecated_environment,
     mask_url,
     read_secret_file,
+    secret_file_environment,
     upper,
     variable,
 )
@@ -241,6 +243,30 @@ class Settings(BaseSettings):
         le=600_000,
         description="Longest wait between two attempts to reach the database in an outage.",
     )
+    # Every wait of the sink on its database is bounded (SPEC section 7, no deadlock);
+    # a write cut short is retried like any database failure.
+    sink_connect_timeout_s: Annotated[float, Seconds] = Field(
+        default=5.0, gt=0, le=300, description="Longest wait to connect to the database."
+    )
+    sink_lock_timeout_s: Annotated[float, Seconds] = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Longest wait of a sink write for a lock (PostgreSQL lock_timeout).",
+    )
+    sink_statement_timeout_s: Annotated[float, Seconds] = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Longest a sink statement may run once its batch is complete"
+        " (PostgreSQL statement_timeout; the COPY streaming a batch gets the batch age on top).",
+    )
+    sink_stall_s: Annotated[float, Seconds] = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="/readyz fails once the oldest unwritten batch has waited this long.",
+    )
 
     # The local stack (`f2pipe stack`).
     kafka_controller_port: int = Field(
@@ -384,6 +410,7 @@ class Settings(BaseSettings):
         return (
             init_settings,
             env_settings,
+            InitSettingsSource(settings_cls, secret_file_environment()),
             InitSettingsSource(settings_cls, deprecated_environment()),
             InitSettingsSource(settings_cls, file_values),
         )

@@ -23,6 +23,7 @@ from pydantic.fields import FieldInfo
 from f2pipe._settings_values import (
     CONFIG_FILE_VARIABLE,
     DEPRECATED_NAMES,
+    URL_SECRETS,
     config_file_values,
     parse_duration,
     variable,
@@ -60,6 +61,8 @@ def sources(settings: Settings) -> dict[str, str]:
         old = old_names.get(name)
         if variable(name) in os.environ:
             found[name] = "environment"
+        elif name in URL_SECRETS and variable(name) + "_FILE" in os.environ:
+            found[name] = f"environment ({variable(name)}_FILE)"
         elif old is not None and variable(old) in os.environ:
             found[name] = f"environment ({variable(old)}, deprecated)"
         elif name in in_file:
@@ -107,8 +110,26 @@ def problems(settings: Settings) -> list[str]:
     return found
 
 
+# F2PIPE_ variables that are not settings, read by the deployment and the tests.
+OTHER_VARIABLES = frozenset({"F2PIPE_IMAGE", "F2PIPE_BENCH_FRAMES", "F2PIPE_TIMESCALE_ADMIN_DSN"})
+
+
+def unknown_variables() -> list[str]:
+    """``F2PIPE_`` variables in the environment that no setting reads (typos, old names)."""
+    known = {variable(name) for name in Settings.model_fields}
+    known |= {variable(old) for old in DEPRECATED_NAMES}
+    known |= {variable(name) + "_FILE" for name in URL_SECRETS}
+    return sorted(
+        name
+        for name in os.environ
+        if name.startswith("F2PIPE_") and name not in known | OTHER_VARIABLES
+    )
+
+
 def _check(args: argparse.Namespace) -> int:
     settings = load_settings()
+    for name in unknown_variables():
+        print(f"f2pipe config: note: {name} is not a setting (ignored)", file=sys.stderr)
     found = problems(settings)
     for line in found:
         print(f"f2pipe config: error: {line}", file=sys.stderr)
@@ -174,6 +195,11 @@ def reference() -> str:
         "`f2pipe config show` prints the effective settings, secrets masked, with",
         "where each comes from; `f2pipe config check` validates them and the files",
         "they name without starting anything.",
+        "",
+        "Secrets may come from files: `_PASSWORD_FILE`, `_TOKEN_FILE` and",
+        "`_PASSPHRASE_FILE` settings are listed below, and a URL that may carry a",
+        "password is also read from the file its variable plus `_FILE` names",
+        "(" + ", ".join(f"`{variable(name)}_FILE`" for name in URL_SECRETS) + ").",
         "",
         "Durations: the name ends in the unit of a bare number (`_MS`, `_S`,",
         "`_DAYS`), and every duration also takes a number with a unit: `500ms`,",
