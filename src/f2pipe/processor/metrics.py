@@ -43,6 +43,8 @@ LAG = Gauge("f2pipe_processor_consumer_lag", "records behind the high watermark"
 DLQ_RATIO = Gauge("f2pipe_processor_dead_letter_ratio", "dead letters / consumed, recent window")
 # 1 while that ratio is above the threshold (F2PIPE_DLQ_ALARM_*).
 DLQ_ALARM = Gauge("f2pipe_processor_dead_letter_alarm", "1 while the dead-letter ratio is too high")
+# Raw records held in memory (the batch being handled; at most processor_batch_size).
+BUFFERED = Gauge("f2pipe_processor_buffered_records", "raw records held in memory")
 # Raw-topic partitions this replica owns.
 ASSIGNED = Gauge("f2pipe_processor_assigned_partitions", "raw-topic partitions this replica owns")
 # 1 while consumption is paused because the metadata database cannot be reached.

@@ -17,11 +17,11 @@ is lost. With ``F2PIPE_PROCESSOR_TRANSACTIONS=true`` the outputs and the input
 offsets commit in one Kafka transaction instead (exactly once into the
 processed topic for read_committed consumers).
 
-Outages: PostgreSQL unreachable -> the consumer is paused, the batch kept, and
-the lookup retried with jittered backoff from 0.25 s up to 5 s (a failed lookup
-never becomes ``unknown_device``). Kafka unreachable -> the flush waits;
-nothing is committed that was not produced. Redis unreachable -> see
-:mod:`f2pipe.metadata.resolver`.
+Outages: PostgreSQL unreachable -> the consumer is paused, the batch kept (and
+nothing more, see :meth:`Processor._run_stage`), the lookup retried with jittered
+backoff from 0.25 s up to 5 s (a failed lookup never becomes ``unknown_device``).
+Kafka unreachable -> the flush waits; nothing is committed that was not
+produced. Redis unreachable -> see :mod:`f2pipe.metadata.resolver`.
 
 Shutdown: SIGINT/SIGTERM set a flag; the current batch finishes (produce,
 flush, commit), then consumer, producer and resolver close. A second signal
@@ -51,6 +51,7 @@ from f2pipe.processor.metrics import (
     ASSIGNED,
     BATCH_SECONDS,
     BATCH_SIZE,
+    BUFFERED,
     CACHE_HITS,
     CACHE_MISSES,
     CONSUMED,
@@ -126,6 +127,7 @@ class Processor:
         self._lag_at = 0.0
         self._synced_at = 0.0  # monotonic time of the last metadata version read
         self._pending: dict[tuple[str, int], int] = {}  # offsets produced, not yet committed
+        self._held: list[Message] = []  # the batch being handled, see _handle_batch
         self._routes_version = -1  # metadata version the stage's remembered lookups are of
         self._route_hits = 0  # stage.route_hits already exported
         self._ambiguous = 0  # stage.ambiguous_readings already exported
@@ -164,6 +166,20 @@ class Processor:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
         ASSIGNED.dec(len(partitions))
+        revoked = {tp.partition for tp in partitions}
+        # Their new owner consumes them from the last committed offset: records held
+        # for them (a batch waiting out a metadata outage) and offsets not yet
+        # committed here must go, or they would be produced twice and a stale offset
+        # committed over the new owner's progress.
+        if self._held:
+            self._held[:] = [m for m in self._held if m.partition() not in revoked]
+            BUFFERED.set(len(self._held))
+        for tp in partitions:
+            self._pending.pop((tp.topic, tp.partition), None)
+        if self._paused:
+            # The client keeps a partition's pause across assignments: one paused here
+            # and assigned back after the outage would otherwise never be fetched again.
+            consumer.resume(partitions)
         for tp in partitions:
             with contextlib.suppress(KeyError):  # no lag reported for it yet
                 LAG.remove(str(tp.partition))
@@ -228,7 +244,17 @@ class Processor:
 
     def _handle_batch(self, batch: list[Message]) -> None:
         started = time.perf_counter()
-        outputs, dead, skipped = self._run_stage(batch)
+        # Held here (not only on the stack) so a revocation during an outage can drop
+        # the records of partitions this replica no longer owns.
+        self._held = batch
+        BUFFERED.set(len(batch))
+        try:
+            outputs, dead, skipped = self._run_stage(batch)
+        finally:
+            self._held = []
+            BUFFERED.set(0)
+        if not batch:  # every record was of a partition revoked during an outage
+            return
         staged = time.perf_counter()
         if self._transactions:
             self._commit_transaction(batch, outputs, dead)
@@ -258,7 +284,11 @@ class Processor:
     ) -> tuple[list[tuple[bytes, bytes]], list[tuple[Message, Rejected]], dict[str, int]]:
         """Run the stage over the batch; on a metadata outage pause, wait, redo.
 
-        Messages arriving while paused (newly assigned partitions) join the batch.
+        While paused the batch never grows: the consumer is polled only to stay in
+        the group, every partition it owns stays paused (newly assigned ones too),
+        and a record that slips through is not kept: its partition is rewound to
+        it. A revocation meanwhile drops the revoked partitions' records from the
+        batch (:meth:`_on_revoke`), so memory stays at one batch.
         """
         try:
             while True:
@@ -283,7 +313,7 @@ class Processor:
                         raise Stopping(
                             "stopped while the metadata database was unreachable"
                         ) from None
-                    batch.extend(self._poll(self._outage_backoff.next_delay()))
+                    self._wait_paused(self._outage_backoff.next_delay())
         finally:
             if self._paused:
                 self._outage_backoff.reset()
@@ -291,6 +321,18 @@ class Processor:
                 PAUSED.set(0)
                 self.consumer.resume(self.consumer.assignment())
                 log.info("metadata database back: resumed")
+
+    def _wait_paused(self, timeout: float) -> None:
+        """Poll while paused (rebalances and group membership are served inside), keep
+        every owned partition paused, and rewind any partition that delivered a record."""
+        first: dict[int, int] = {}
+        for msg in self._poll(timeout):  # records of partitions assigned since the pause
+            first.setdefault(msg.partition(), msg.offset())  # type: ignore[arg-type]
+        if assignment := self.consumer.assignment():
+            self.consumer.pause(assignment)
+        for partition, offset in first.items():
+            self.consumer.seek(TopicPartition(self.settings.topic_raw, partition, offset))
+        self._update_lag()  # the lag keeps growing during an outage: show it
 
     def _stage_all(
         self, batch: list[Message]

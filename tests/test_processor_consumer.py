@@ -1,0 +1,199 @@
+"""The processor's consumer against a private Kafka: a metadata outage with rebalances,
+and committed offsets that fell out of retention.
+
+The Kafka here is started for this module alone (it has its records deleted
+under it); PostgreSQL for the outage is a dedicated server that the test stops.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from confluent_kafka import KafkaException, Producer
+
+from conftest import unique, wait_until
+from f2pipe.metadata.database import migrate
+from f2pipe.testing.servers import KafkaServer, create_topics, read_topic
+from pipeline_helpers import (
+    ENV_DATAPOINTS,
+    Fleet,
+    ProcessorProcess,
+    Topics,
+    env_payload,
+    free_port,
+    processor_env,
+)
+from test_processor_resilience import PostgresServer
+
+pytestmark = [pytest.mark.servers, pytest.mark.slow]
+
+BATCH = 200  # processor_batch_size: the bound on records held in memory
+
+
+@pytest.fixture(scope="module")
+def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
+    server = KafkaServer(tmp_path_factory.mktemp("kafka"))
+    server.format()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _new_topics(bootstrap: str) -> Topics:
+    names = Topics(unique("raw"), unique("processed"), unique("dead"), unique("grp"))
+
+    def created() -> bool:
+        try:
+            create_topics(bootstrap, names.raw, partitions=4)
+            create_topics(bootstrap, names.processed, names.dead, partitions=1)
+        except KafkaException:
+            return False  # the broker is still starting
+        return True
+
+    wait_until(created, 60, 0.5, what="topics on the private Kafka")
+    return names
+
+
+def _metric(port: int, name: str, text: str | None = None) -> float:
+    """An unlabelled sample of ``name`` from the processor's /metrics (-1: not served)."""
+    if text is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
+                text = resp.read().decode()
+        except OSError:
+            return -1.0
+    match = re.search(rf"^{re.escape(name)} ([-0-9.e+]+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else -1.0
+
+
+def _publish(bootstrap: str, topic: str, macs: list[str], first: int, count: int) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for seq in range(first, first + count):
+        mac = macs[seq % len(macs)]
+        mqtt_topic = f"tele/f2-{mac}/sensor-mode/J1/sensor-1"
+        headers = [("mqtt.topic", mqtt_topic.encode()), ("mqtt.qos", b"1"), ("mqtt.retain", b"0")]
+        producer.produce(topic, env_payload(seq), mac.encode(), headers=headers)
+        producer.poll(0)
+    assert producer.flush(30) == 0
+
+
+def _wired_fleet(dsn: str, macs: list[str]) -> None:
+    fleet = Fleet(dsn)
+    template = fleet.template("env", "modbus_crc", ENV_DATAPOINTS)
+    for mac in macs:
+        fleet.controller(mac)
+        fleet.wire(mac, 1, 1, fleet.sensor(f"s-{mac}", template))
+    fleet.close()
+
+
+class BufferWatch:
+    """The largest f2pipe_processor_buffered_records seen on each processor."""
+
+    def __init__(self) -> None:
+        self.most = 0.0
+
+    def sample(self, *procs: ProcessorProcess) -> None:
+        for proc in procs:
+            self.most = max(self.most, _metric(proc.port, "f2pipe_processor_buffered_records"))
+
+
+def _assigned(proc: ProcessorProcess) -> float:
+    return _metric(proc.port, "f2pipe_processor_assigned_partitions")
+
+
+def _paused(proc: ProcessorProcess) -> float:
+    return _metric(proc.port, "f2pipe_processor_paused")
+
+
+def _consumed(*procs: ProcessorProcess) -> float:
+    """Raw records consumed and committed by ``procs`` (a stopped one counts 0)."""
+    return sum(max(_metric(p.port, "f2pipe_processor_consumed_total"), 0.0) for p in procs)
+
+
+def test_metadata_outage_with_rebalances_holds_one_batch_and_processes_each_record_once(
+    kafka: KafkaServer, tmp_path: Path
+) -> None:
+    topics = _new_topics(kafka.bootstrap)
+    macs = [f"0a7a9e0000{i:02x}" for i in range(8)]
+    pg = PostgresServer()
+    procs: list[ProcessorProcess] = []
+    watch = BufferWatch()
+
+    def start(name: str) -> ProcessorProcess:
+        env = processor_env(
+            pg.dsn,
+            topics,
+            F2PIPE_KAFKA_BOOTSTRAP=kafka.bootstrap,
+            F2PIPE_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0",  # no Redis: PostgreSQL only
+            F2PIPE_PROCESSOR_BATCH_SIZE=str(BATCH),
+        )
+        proc = ProcessorProcess(env, tmp_path / f"{name}.log")
+        procs.append(proc)
+        return proc
+
+    def watch_until(what: str, done: object, timeout: float = 60) -> None:
+        def probe() -> bool:
+            watch.sample(*(p for p in procs if p.proc and p.proc.poll() is None))
+            return bool(done() if callable(done) else done)
+
+        wait_until(probe, timeout, 0.1, what=what)
+
+    def observe(seconds: float) -> None:
+        end = time.monotonic() + seconds
+        watch_until(f"{seconds} s of observation", lambda: time.monotonic() > end, seconds + 10)
+
+    try:
+        migrate(pg.dsn)
+        _wired_fleet(pg.dsn, macs)
+        first, second = start("first"), start("second")
+        watch_until(
+            "both processors own 2 partitions",
+            lambda: (_assigned(first), _assigned(second)) == (2.0, 2.0),
+        )
+        _publish(kafka.bootstrap, topics.raw, macs, 1, 40)
+        wait_until(lambda: _consumed(first, second) >= 40, 60, what="the first records processed")
+        # Metadata goes away; plenty of records arrive meanwhile (15 batches).
+        pg.stop()
+        total = 3000
+        _publish(kafka.bootstrap, topics.raw, macs, 41, total - 40)
+        watch_until("both paused", lambda: _paused(first) == _paused(second) == 1)
+        # One replica leaves: the paused one is assigned partitions it never owned, with
+        # about 700 records waiting in each; watch through a few of its polls.
+        second.stop()
+        watch_until("the first processor owns 4 partitions", lambda: _assigned(first) == 4)
+        observe(8.0)
+        # Another joins: partitions are revoked from the paused replica, held batch and all.
+        third = start("third")
+        watch_until(
+            "the partitions split again",
+            lambda: (_assigned(first), _assigned(third)) == (2.0, 2.0),
+        )
+        watch_until("the third processor paused", lambda: _paused(third) == 1)
+        assert watch.most <= BATCH, f"{watch.most} records held, more than one batch"
+        assert watch.most > 0  # the gauge does show a held batch
+        pg.start()
+        assert len(read_topic(kafka.bootstrap, topics.processed, 3 * total, 120, 1)) >= 3 * total
+        # After the outage, the partitions the paused replica gave away come back to it:
+        # they must be fetched again, not stay paused.
+        third.stop()
+        watch_until("the first processor owns 4 partitions again", lambda: _assigned(first) == 4)
+        _publish(kafka.bootstrap, topics.raw, macs, total + 1, 400)
+        total += 400
+        readings = read_topic(kafka.bootstrap, topics.processed, 3 * total, 120, partitions=1)
+        assert len(readings) >= 3 * total
+    finally:
+        for proc in procs:
+            proc.stop()
+        pg.remove()
+    readings = read_topic(kafka.bootstrap, topics.processed, 3 * total, 30, partitions=1)
+    keys = [(r.key(), r.value()) for r in readings]
+    assert len(set(keys)) == 3 * total  # every record decoded
+    assert len(keys) == 3 * total  # and none twice: revoked records were dropped, not produced
+    assert read_topic(kafka.bootstrap, topics.dead, 0, 2, partitions=1) == []
