@@ -116,17 +116,22 @@ def refresh_service_sessions(settings: Settings) -> None:
 
 
 def refresh_crl(
-    settings: Settings, ca: CertificateAuthority, store: CertificateStore, force: bool = False
+    settings: Settings,
+    ca: CertificateAuthority,
+    store: CertificateStore | None,
+    force: bool = False,
 ) -> bool:
     """Rewrite the CRL from the register (plus what it already lists); True if reloaded.
 
-    The broker is reloaded only when the list of revoked serials changed, or
-    with ``force`` (a renewed CRL must reach the broker before the old expires).
+    Without a register (``None``) the CRL is renewed from its own entries. The
+    broker is reloaded only when the list of revoked serials changed, or with
+    ``force`` (a renewed CRL must reach the broker before the old expires).
     """
     paths = pki_paths(settings)
     with _LOCK:
         before = set(crl_entries(read_crl(paths.crl)))
-        crl = write_crl(ca, paths, store.revoked(), settings.crl_days)
+        revoked = store.revoked() if store is not None else []
+        crl = write_crl(ca, paths, revoked, settings.crl_days)
         if force or set(crl_entries(crl)) != before:
             return reload_and_refresh(settings)
     return False
