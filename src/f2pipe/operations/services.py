@@ -7,7 +7,8 @@ pid files (``<state>/run/<service>.pid`` with the kernel start time), port
 checks and health waits; logs go to ``<state>/log/<service>.log``. Every
 service is started with the caller's settings written out as ``F2PIPE_*``
 variables (:func:`settings_env`), so a service runs the pipeline those settings
-describe whatever the caller's environment says.
+describe whatever the caller's environment says. The admin token and the CA
+passphrase (:data:`CERTGEN_SECRETS`) reach certgen only.
 
 A service is healthy when its ``/healthz`` answers 200 and ready when its
 ``/readyz`` does; the simulator has no ops port, so it is healthy while it runs.
@@ -27,11 +28,19 @@ from pydantic import SecretStr
 from f2pipe.operations.stack import LOOPBACK, Paths, Program, Server, port_accepts
 from f2pipe.settings import Settings
 
+#: Settings only certgen may hold: with them, anyone issues any identity.
+CERTGEN_SECRETS = frozenset(
+    {"admin_token", "admin_token_file", "ca_passphrase", "ca_passphrase_file"}
+)
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """``settings`` as the ``F2PIPE_*`` variables that reproduce it in a child process."""
+
+def settings_env(settings: Settings, without: frozenset[str] = frozenset()) -> dict[str, str]:
+    """``settings`` as the ``F2PIPE_*`` variables that reproduce it in a child process,
+    leaving out the fields named in ``without``."""
     env: dict[str, str] = {}
     for name in type(settings).model_fields:
+        if name in without:
+            continue
         value = getattr(settings, name)
         if value is None:
             continue
@@ -87,7 +96,11 @@ class Service(Server):
         return list(self.arguments)
 
     def environment(self) -> dict[str, str]:
-        return settings_env(self.settings)
+        return settings_env(self.settings, without=CERTGEN_SECRETS)
+
+    def withheld(self) -> frozenset[str]:
+        # Nor inherited from the caller: only certgen holds the admin token and the CA key.
+        return frozenset(f"F2PIPE_{name.upper()}" for name in CERTGEN_SECRETS)
 
     def workdir(self) -> Path:
         return self.paths.state
@@ -122,6 +135,12 @@ class Certgen(Service):
 
     def host(self) -> str:
         return _probe_host(self.settings.certgen_host)
+
+    def environment(self) -> dict[str, str]:
+        return settings_env(self.settings)
+
+    def withheld(self) -> frozenset[str]:
+        return frozenset()
 
     def url(self, path: str) -> str:
         scheme = "https" if self.settings.certgen_tls else "http"

@@ -84,6 +84,10 @@ class Server(abc.ABC):
         """Variables set for the process on top of the caller's environment."""
         return {}
 
+    def withheld(self) -> frozenset[str]:
+        """Variables of the caller's environment the process must not inherit."""
+        return frozenset()
+
     def describe(self) -> str:
         return ", ".join(f"{LOOPBACK}:{port}" for port in self.ports())
 
@@ -112,7 +116,9 @@ class Server(abc.ABC):
     def start(self) -> None:
         """Start the server in the background and record its pid (does not wait)."""
         user = self.run_as()
-        env = {**os.environ, **self.environment()}
+        withheld = self.withheld()
+        env = {k: v for k, v in os.environ.items() if k not in withheld}
+        env.update(self.environment())
         if user is not None:
             env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
         with self.log_file.open("ab") as out:
