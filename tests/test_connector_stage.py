@@ -186,6 +186,92 @@ def test_connect_subscribe_and_ack_over_a_socket() -> None:
         assert end.session_expiry_interval == 300
 
 
+def _publish(mid: int) -> bytes:
+    return mqtt5.PublishPacket(GOOD, b"m%d" % mid, qos=QoS.AT_LEAST_ONCE, packet_id=mid).write()
+
+
+_SUBACK = mqtt5.SubAckPacket(1, [mqtt5.SubAckReasonCode.GRANTED_QOS_AT_LEAST_ONCE]).write()
+_PINGRESP = mqtt5.PingRespPacket().write()
+
+
+def _connected(client: MqttClient) -> socket.socket:
+    """Give ``client`` one end of a socket pair; return the broker's end."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    client._sock = ours
+    client.connected = True
+    return theirs
+
+
+def _send(broker: socket.socket, client: MqttClient, data: bytes, limit: int) -> None:
+    broker.sendall(data)
+    assert client.read_packets(limit)
+
+
+def test_control_packets_pass_messages_waiting_for_room() -> None:
+    """With no room for messages the client still handles SUBACK and PINGRESP; the
+    messages wait, in order, until there is room."""
+    got: list[int | None] = []
+    subacks: list[list[str]] = []
+    client = _client(lambda batch: got.extend(p.packet_id for p in batch), receive_maximum=3)
+    client.on_subscribe = subacks.append
+    broker = _connected(client)
+    with broker:
+        _send(broker, client, _publish(1) + _publish(2) + _SUBACK + _publish(3) + _PINGRESP, 0)
+        assert subacks == [[]]
+        assert got == []
+        assert client.held() == 3
+        assert client.read_packets(2)
+        assert got == [1, 2]
+        _send(broker, client, _publish(4), 1)
+        assert got == [1, 2, 3]
+        assert client.read_packets(5)
+        assert got == [1, 2, 3, 4]
+        assert client.held() == 0
+    client.connection_lost()
+
+
+def test_the_socket_rests_only_past_the_receive_maximum() -> None:
+    """As many waiting messages as the broker may send unacknowledged, and the socket is
+    still read; past that (a broker ignoring the limit, or QoS 0), not until there is room."""
+    got: list[int | None] = []
+    subacks: list[list[str]] = []
+    client = _client(lambda batch: got.extend(p.packet_id for p in batch), receive_maximum=2)
+    client.on_subscribe = subacks.append
+    broker = _connected(client)
+    with broker:
+        _send(broker, client, _publish(1) + _publish(2), 0)
+        _send(broker, client, _SUBACK, 0)
+        assert subacks == [[]]
+        assert client.wants_read()
+        _send(broker, client, _publish(3), 0)
+        assert not client.wants_read()
+        _send(broker, client, _SUBACK, 0)
+        assert subacks == [[]]  # not read
+        assert client.read_packets(1)
+        assert got == [1]
+        assert subacks == [[], []]
+        assert client.read_packets(10)
+        assert got == [1, 2, 3]
+    client.connection_lost()
+
+
+def test_waiting_messages_go_with_their_connection() -> None:
+    """Messages never handed over are not handed over after the connection is lost: their
+    packet ids belong to it, and the broker sends them again on the next one."""
+    got: list[int | None] = []
+    lost: list[str] = []
+    client = _client(lambda batch: got.extend(p.packet_id for p in batch), lost)
+    broker = _connected(client)
+    _send(broker, client, _publish(1) + _publish(2), 0)
+    broker.close()
+    assert not client.read_packets(0)
+    assert lost == ["connection lost"]
+    assert client.held() == 0
+    assert not client.read_packets(10)
+    assert got == []
+
+
 def _wait_read(client: MqttClient) -> None:
     sock = client.socket()
     assert sock is not None
@@ -196,13 +282,15 @@ def _wait_read(client: MqttClient) -> None:
     assert client.read_packets(1000)
 
 
-def _client(handler: object, lost: list[str] | None = None) -> MqttClient:
+def _client(
+    handler: object, lost: list[str] | None = None, receive_maximum: int = 100
+) -> MqttClient:
     return MqttClient(
         "test",
         ssl_context=None,
         keepalive=60,
         session_expiry=300,
-        receive_maximum=100,
+        receive_maximum=receive_maximum,
         publish_handler=handler,  # type: ignore[arg-type]
         on_connect=lambda _present, _refusal: None,
         on_subscribe=lambda _refusals: None,

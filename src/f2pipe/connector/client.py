@@ -14,6 +14,18 @@ one per-message packet it writes, are built in bulk by
 :func:`f2pipe.runtime.mqttwire.pubacks` (a tenth of the codec's cost per
 message; ``bench/mqtt5_bench.py`` measures both). Nothing here blocks except
 :meth:`connect`; only the thread that runs the loop may call it.
+
+A caller with no room for more messages (its window of unacknowledged
+messages is full, e.g. while Kafka is down) still reads: control packets
+(CONNACK, SUBACK, PINGRESP, DISCONNECT) are handled as they arrive, so the
+keepalive and a reconnection work with the window full, and PUBLISH packets
+are held, in order, until the caller has room. The broker sends at most
+``receive_maximum`` unacknowledged QoS 1 messages (MQTT 5 Receive Maximum,
+which Mosquitto 2 also applies to a persistent session's queued messages), so
+the held packets stay within that many; only a broker that breaks the limit,
+or QoS 0 messages (outside the limit), can hold more, and then the socket is
+not read until the caller takes some (the keepalive may then close the
+connection; the broker sends the QoS 1 messages again on the next one).
 """
 
 from __future__ import annotations
@@ -94,7 +106,9 @@ class MqttClient:
         self.on_subscribe = on_subscribe
         self.on_disconnect = on_disconnect
         self.connected = False  # CONNACK accepted on the current connection
-        self.backlog = False  # complete packets may be waiting in the buffer or TLS layer
+        self.backlog = False  # received bytes may be waiting in the TLS layer
+        # PUBLISH packets received while the caller had no room, in arrival order.
+        self._held: list[PublishPacket] = []
         self._sock: socket.socket | None = None
         self._rbuf = bytearray()
         self._wbuf = bytearray()
@@ -162,18 +176,29 @@ class MqttClient:
             sock.close()
         self.connected = self._closing = self.backlog = False
         self._rbuf, self._wbuf = bytearray(), bytearray()
+        # Unacknowledged, so the broker sends them again on the next connection; their
+        # packet ids mean nothing there.
+        self._held = []
 
     # --- input ---
 
     def read_packets(self, limit: int) -> bool:
-        """Receive what the socket has and handle up to ``limit`` packets.
+        """Receive what the socket has, handle its control packets, and hand up to
+        ``limit`` PUBLISH packets (held ones first) to ``publish_handler``.
 
+        PUBLISH packets over ``limit`` are held for later calls; ``limit`` may be 0
+        or less. The socket is not read while more than :attr:`receive_maximum`
+        packets are held (so they stay within that many plus one read).
         Returns False when the connection is gone (``on_disconnect`` has run).
         Never blocks.
         """
         sock = self._sock
         if sock is None:
             return False
+        if self._held:
+            limit = self._release(limit)
+            if len(self._held) > self.receive_maximum:
+                return True
         # Over TLS one recv returns one record, and brokers often send one packet per
         # record: gather several before handling, so one pass (and one write of the
         # PUBACKs it produces) covers many messages.
@@ -200,14 +225,49 @@ class MqttClient:
             self._last_in = time.monotonic()
         return self._handle_buffered(limit)
 
+    def wants_read(self) -> bool:
+        """Whether the socket is to be read when it is readable (see :meth:`read_packets`)."""
+        return len(self._held) <= self.receive_maximum
+
+    def has_work(self, limit: int) -> bool:
+        """Whether :meth:`read_packets` with ``limit`` makes progress without waiting for
+        the socket: held packets the caller has room for, or input already received."""
+        return (limit > 0 and bool(self._held)) or (self.backlog and self.wants_read())
+
+    def held(self) -> int:
+        """PUBLISH packets received and not yet handed to ``publish_handler``."""
+        return len(self._held)
+
     def feed(self, data: bytes, limit: int) -> None:
-        """Handle ``data`` as if the socket had delivered it, up to ``limit`` packets.
+        """Handle ``data`` as if the socket had delivered it, handing over up to ``limit``
+        PUBLISH packets as :meth:`read_packets` does.
 
         The decoding path alone, without a connection: for benchmarks and tests.
-        PUBLISH packets reach ``publish_handler`` as in :meth:`read_packets`.
         """
+        if self._held:
+            limit = self._release(limit)
         self._rbuf += data
         self._handle_buffered(limit)
+
+    def _release(self, limit: int) -> int:
+        """Hand up to ``limit`` held packets over; return the limit left."""
+        if limit <= 0:
+            return limit
+        take, self._held = self._held[:limit], self._held[limit:]
+        self.publish_handler(take)
+        return limit - len(take)
+
+    def _deliver(self, batch: list[PublishPacket], limit: int) -> int:
+        """Hand ``batch`` over up to ``limit`` and hold the rest; return the limit left."""
+        # Behind held packets nothing is handed over: they go first, once there is room.
+        take = 0 if self._held else max(0, min(limit, len(batch)))
+        if take == len(batch):
+            self.publish_handler(batch)
+        else:
+            if take:
+                self.publish_handler(batch[:take])
+            self._held += batch[take:]
+        return limit - take
 
     def _handle_buffered(self, limit: int) -> bool:
         rbuf = self._rbuf
@@ -216,14 +276,10 @@ class MqttClient:
         view = memoryview(buf)
         read = mqtt5.read
         pos, end = 0, len(buf)
-        handled = 0
         batch: list[PublishPacket] = []
         append = batch.append
         self.backlog = False
         while pos < end:
-            if handled >= limit:
-                self.backlog = True
-                break
             try:
                 packet, size = read(view[pos:])
             except IndexError:
@@ -239,21 +295,20 @@ class MqttClient:
             except ValueError as exc:
                 return self._protocol_error(str(exc))
             pos += size
-            handled += 1
             # Identity, not ==: the codec hands out its enum's members, and a comparison
             # costs more per message.
             if type(packet) is PublishPacket and packet.qos is not _EXACTLY_ONCE:
                 append(packet)
                 continue
             if batch:
-                self.publish_handler(batch)
+                limit = self._deliver(batch, limit)
                 batch = []
                 append = batch.append
             if not self._control(packet) or self._sock is None:
                 return False
         del rbuf[:pos]
         if batch:
-            self.publish_handler(batch)
+            self._deliver(batch, limit)
         sock = self._sock
         if isinstance(sock, ssl.SSLSocket) and sock.pending():
             self.backlog = True

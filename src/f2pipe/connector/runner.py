@@ -20,8 +20,15 @@ Contract (SPEC sections 4 and 7):
   produced again and its round waits for it. Tying each PUBACK to a
   per-record report instead cost more CPU than the rest of the connector.
 - In-flight messages are bounded twice: the broker may not send more than the
-  Receive Maximum unacknowledged QoS 1 messages, and the connector stops
-  reading its socket while ``receive_maximum`` messages wait for Kafka.
+  Receive Maximum unacknowledged QoS 1 messages, and the connector turns no
+  more messages into records while ``receive_maximum`` of them wait for Kafka.
+  It goes on reading its socket all the same (the client holds what arrives
+  until there is room): with Kafka down the window stays full, and the
+  keepalive's PINGRESP, or the CONNACK after a reconnection, must still be
+  read, or the connection would drop every couple of keepalive periods.
+- PUBACKs leave through :meth:`Connector.send_pubacks` only (outside the
+  ``--bare`` benchmark baseline), once Kafka acknowledged every record of the
+  round.
 
 Threading: one thread owns both clients. It drives the MQTT socket itself
 (:class:`f2pipe.connector.client.MqttClient` around ``select``) and calls
@@ -117,8 +124,6 @@ class Connector:
         self._backoff = Backoff()
         self._next_connect = 0.0
         self._ever_connected = False
-        self.stats = HotMetrics(self.in_flight)
-        register(self.stats)
 
         extra: dict[str, Any] = {
             # Longer than the shared default: a round's batches are bigger, and Kafka and
@@ -145,6 +150,8 @@ class Connector:
             on_subscribe=self._on_subscribe,
             on_disconnect=self._on_disconnect,
         )
+        self.stats = HotMetrics(self.in_flight)
+        register(self.stats)
 
     # --- readiness ---
 
@@ -153,7 +160,17 @@ class Connector:
         return self._connected and self._subscribed and self._kafka_up
 
     def in_flight(self) -> int:
-        """Messages received and not yet acknowledged to the broker (or dropped unacked)."""
+        """Messages received and not yet acknowledged to the broker (or dropped unacked):
+        records waiting for Kafka and messages the client holds until there is room."""
+        return self._waiting() + self.client.held()
+
+    def room(self) -> int:
+        """How many more messages may become records now (negative: over the window,
+        after a reconnection while the old connection's records wait for Kafka)."""
+        return self.max_in_flight - self._waiting()
+
+    def _waiting(self) -> int:
+        """Records not yet acknowledged by Kafka."""
         return self._round_size + len(self._next)
 
     def stop(self) -> None:
@@ -259,12 +276,17 @@ class Connector:
         for received, count in self._round_reads:
             stats.observe_latency(now - received, count)
         stats.produced += self._round_size
-        acks = self._round_acks
-        self.client.ack_many(acks)
-        stats.acked += len(acks)
+        self.send_pubacks(self._round_acks)
         self._round_size = 0
         self._round_acks, self._round_reads = [], []
         self._kafka_up = True
+
+    def send_pubacks(self, mids: list[int]) -> None:
+        """Queue the PUBACKs of the messages ``mids``, every record of which Kafka has
+        acknowledged: the one place the connector acknowledges a message to the broker
+        (outside ``--bare``). They are written by the loop's next ``flush_output``."""
+        self.client.ack_many(mids)
+        self.stats.acked += len(mids)
 
     def _on_delivery_error(self, err: KafkaError | None, msg: Message) -> None:
         # Only failures are reported (delivery.report.only.error).
@@ -338,11 +360,13 @@ class Connector:
                 else:
                     time.sleep(0.01)
                 continue
-            room = self.max_in_flight - self.in_flight()
-            if room > 0 and client.backlog:
+            # With no room the socket is read all the same: the client handles control
+            # packets and holds PUBLISH packets until there is room (see the module docs).
+            room = self.room()
+            if client.has_work(room):
                 readable: list[Any] = [sock]
             else:
-                want_read = [sock] if room > 0 else []
+                want_read = [sock] if client.wants_read() else []
                 want_write = [sock] if client.pending_output() else []
                 # Once a round may be acknowledged, short waits keep PUBACK latency low;
                 # before that, waking up only to find it unacknowledged costs CPU.
@@ -354,7 +378,7 @@ class Connector:
                     readable, _w, _x = select.select(want_read, want_write, [], timeout)
                 except (OSError, ValueError):
                     readable = []
-            if readable and room > 0:
+            if readable:
                 client.read_packets(room)
             self._kafka_step()
             if not client.flush_output():
@@ -375,16 +399,16 @@ class Connector:
             client.disconnect()
             client.flush_output()
             return 1
-        log.info("draining", extra={"in_flight": self.in_flight()})
+        log.info("draining", extra={"in_flight": self._waiting()})
         deadline = time.monotonic() + self.settings.connector_shutdown_timeout_s
-        while self.in_flight() and time.monotonic() < deadline and self._fatal is None:
+        while self._waiting() and time.monotonic() < deadline and self._fatal is None:
             self._kafka_step()
             if client.socket() is not None:
                 client.flush_output()
                 client.loop_misc()
-            if self.in_flight():
+            if self._waiting():
                 time.sleep(0.002)
-        left = self.in_flight()
+        left = self._waiting()
         if client.socket() is not None:
             client.disconnect(session_expiry=self.settings.connector_session_expiry_s)
             end = time.monotonic() + 5.0
