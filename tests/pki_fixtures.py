@@ -44,7 +44,7 @@ from f2pipe.settings import Settings, load_settings
 # The stack's server (F2PIPE_METADATA_DSN), its maintenance database.
 SERVER_DSN = load_settings().metadata_dsn.rsplit("/", 1)[0]
 ADMIN_DSN = f"{SERVER_DSN}/postgres"
-ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN_TOKEN = "q8Vz3Lr1Tn7Kd5Wm2Xc9Hb4Pf6Js0GyA"  # 32 random characters, the least accepted
 
 
 def free_port() -> int:

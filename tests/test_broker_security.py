@@ -10,6 +10,9 @@ forbidden one would have arrived before it (one client's messages stay in order)
 from __future__ import annotations
 
 import re
+import socket
+import ssl
+import warnings
 from pathlib import Path
 
 import httpx
@@ -17,7 +20,7 @@ import pytest
 
 from conftest import wait_until
 from f2pipe.operations.stack.mosquitto import acl_path, conf_path, ensure_config
-from f2pipe.pki.ca import CertificateAuthority, key_pem
+from f2pipe.pki.ca import CertificateAuthority, key_pem, pki_paths
 from f2pipe.settings import Settings
 from pki_fixtures import (
     ADMIN_TOKEN,
@@ -71,13 +74,15 @@ def test_config_has_one_tls_listener_and_the_spec_acl(settings: Settings, broker
         "tls_version tlsv1.2",
         "persistence true",
         "max_packet_size 262144",
+        "retain_available false",
+        "max_queued_messages 0",
     ]:
         assert line in conf.splitlines()
     # The running broker opened exactly that one socket.
     opened = re.findall(r"Opening \S+ listen socket on port (\d+)", broker.log_text())
     assert set(opened) == {str(settings.mqtt_port)}
     acl = acl_path(settings).read_text()
-    assert "pattern write tele/%u/#" in acl
+    assert "pattern write tele/%u/+/+/+" in acl
     assert "user svc-connector\ntopic read stat/#\ntopic read tele/#" in acl
     # Idempotent: a second run changes nothing.
     before = {p: p.read_bytes() for p in settings.pki_dir.rglob("*") if p.is_file()}
@@ -398,3 +403,54 @@ def test_packets_over_256_kib_are_refused(
     assert connector.received[0].payload == b"y" * (200 * 1024)
     again.close()
     connector.close()
+
+
+def test_a_server_certificate_is_refused_as_a_client_certificate(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    # The broker's own certificate (serverAuth only), with its key, is not a client identity ...
+    paths = pki_paths(settings)
+    assert not connects(settings, Identity(paths.broker_cert, paths.broker_key, paths.ca_cert))
+    # ... nor is a server certificate from the product CA that names a device.
+    ca = CertificateAuthority.load(paths, None)
+    server = ca.issue_server(f"f2-{A}", ["localhost"], days=1)
+    assert server.private_key is not None
+    cert = write_identity(
+        tmp_path / "server", f"f2-{A}", server.certificate, key_pem(server.private_key)
+    )
+    assert not connects(settings, Identity(cert, cert.with_suffix(".key"), paths.ca_cert))
+    # The same device name as a client certificate is accepted: the purpose decided.
+    assert connects(settings, device_identity(settings, A, tmp_path / "client"))
+
+
+def _handshake(settings: Settings, version: ssl.TLSVersion, identity: Identity) -> str:
+    """Offer exactly ``version`` to the broker with a valid client certificate; "ok" or
+    the TLS error's reason."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(identity.ca))
+    context.load_cert_chain(str(identity.cert), str(identity.key))
+    context.check_hostname = False
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let this client offer the old versions at all
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1 / TLSv1_1 are the point
+        context.minimum_version = version
+        context.maximum_version = version
+    try:
+        with (
+            socket.create_connection((settings.mqtt_host, settings.mqtt_port), timeout=10) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            tls.version()
+            return "ok"
+    except ssl.SSLError as exc:
+        return str(exc.reason)
+
+
+def test_the_broker_refuses_tls_1_0_and_1_1(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    identity = device_identity(settings, A, tmp_path)
+    # A protocol_version alert: the broker refused what the client really offered.
+    assert _handshake(settings, ssl.TLSVersion.TLSv1, identity) == "TLSV1_ALERT_PROTOCOL_VERSION"
+    assert _handshake(settings, ssl.TLSVersion.TLSv1_1, identity) == "TLSV1_ALERT_PROTOCOL_VERSION"
+    assert _handshake(settings, ssl.TLSVersion.TLSv1_2, identity) == "ok"

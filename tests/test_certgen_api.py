@@ -287,7 +287,7 @@ def test_pki_and_ops_endpoints(settings: Settings, certgen: Certgen) -> None:
     )
     assert health.json() == {"status": "ok"}
     assert ready.json() == {"status": "ready"}
-    assert 'certgen_requests_refused_total{status="404"}' in metrics.text
+    assert 'f2pipe_certgen_requests_refused_total{status="404"}' in metrics.text
 
 
 def test_revoke_needs_admin_and_known_serial(settings: Settings, certgen: Certgen) -> None:
@@ -374,3 +374,28 @@ def test_admin_may_send_no_body_and_bad_json_is_400(settings: Settings, certgen:
     assert anonymous.status_code == 401
     assert garbage.status_code == 400
     assert garbage.json()["detail"].startswith("bad request")
+
+
+def _metric(text: str, name: str) -> float:
+    values = [line.split()[1] for line in text.splitlines() if line.startswith(name + " ")]
+    assert len(values) == 1, f"{name} not exported once"
+    return float(values[0])
+
+
+def test_metrics_export_when_the_crl_and_the_ca_run_out(
+    settings: Settings, certgen: Certgen
+) -> None:
+    with httpx.Client(base_url=certgen.url) as http:
+        text = http.get("/metrics").text
+    paths = pki_paths(settings)
+    crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
+    ca = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
+    assert crl.next_update_utc is not None
+    next_update = _metric(text, "f2pipe_certgen_crl_next_update_seconds")
+    assert abs(next_update - crl.next_update_utc.timestamp()) < 1
+    not_after = _metric(text, "f2pipe_certgen_ca_not_after_seconds")
+    assert abs(not_after - ca.not_valid_after_utc.timestamp()) < 1
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE")}
+    ours = {name for name in names if "certgen" in name}
+    assert ours
+    assert all(name.startswith("f2pipe_certgen_") for name in ours), ours

@@ -1,15 +1,20 @@
-"""The CA on disk: passphrases, idempotence, CRL renewal. Pure files, no servers."""
+"""The CA on disk: passphrases, idempotence, CRL renewal and expiry, secret files and
+the admin token. Pure files, no servers."""
 
 from __future__ import annotations
 
 import datetime as dt
+import secrets
+import stat
 from pathlib import Path
 
 import pytest
 from cryptography import x509
 
-from f2pipe.errors import CertError
+from f2pipe.errors import CertError, ConfigError
+from f2pipe.pki.auth import admin_token, check_admin_token
 from f2pipe.pki.ca import CertificateAuthority, parse_serial, pki_paths, serial_text
+from f2pipe.pki.expiry import expiry_warnings
 from f2pipe.pki.state import ensure_pki, write_crl
 from f2pipe.settings import load_settings
 
@@ -70,3 +75,69 @@ def test_serials_are_unique_and_parse_in_openssl_form(tmp_path: Path) -> None:
     for bad in ["", "xyz", "1" * 41]:
         with pytest.raises(ValueError, match="not a certificate serial"):
             parse_serial(bad)
+
+
+def test_expiry_warnings_come_a_week_ahead(tmp_path: Path) -> None:
+    assert expiry_warnings(tmp_path) == []  # no PKI yet: nothing to warn about
+    settings = load_settings(state_dir=tmp_path)
+    ensure_pki(settings)
+    assert expiry_warnings(tmp_path) == []
+    paths = pki_paths(settings)
+    ca = CertificateAuthority.load(paths, None)
+    write_crl(ca, paths, [], days=6)
+    (crl_warning,) = expiry_warnings(tmp_path)
+    assert "crl.pem expires in 6 days" in crl_warning
+    assert "refuses every client" in crl_warning
+    assert expiry_warnings(tmp_path, within=dt.timedelta(days=5)) == []
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=7)
+    assert "expired at" in expiry_warnings(tmp_path, now=later)[0]
+    # The CA: ten years by default, so a week before its end.
+    assert ca.certificate.not_valid_after_utc is not None
+    near_end = ca.certificate.not_valid_after_utc - dt.timedelta(days=3)
+    warnings = expiry_warnings(tmp_path, now=near_end)
+    assert any("ca.pem expires in 3 days" in w for w in warnings), warnings
+    paths.crl.unlink()
+    assert expiry_warnings(tmp_path) == [f"no CRL at {paths.crl}: run `f2pipe certgen init`"]
+    paths.crl.write_text("not a CRL")
+    assert expiry_warnings(tmp_path)[0].startswith(f"cannot read the CRL {paths.crl}")
+
+
+def test_secret_files_left_open_to_others_are_made_owner_only(tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path)
+    ensure_pki(settings)
+    token = admin_token(settings).get_secret_value()
+    paths = pki_paths(settings)
+    token_file = tmp_path / "admin-token"
+    for path in (paths.ca_key, token_file):
+        path.chmod(0o644)
+    CertificateAuthority.load(paths, None)
+    assert admin_token(settings).get_secret_value() == token
+    for path in (paths.ca_key, token_file):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+
+
+@pytest.mark.parametrize(
+    ("token", "why"),
+    [
+        ("change-me-admin-token", "too short"),
+        ("change-me-admin-token-0123456789abcdef", "placeholder"),
+        ("please-replace-me-with-a-real-token-now", "placeholder"),
+        ("abcabcabcabcabcabcabcabcabcabcabcabc", "not random"),
+    ],
+)
+def test_weak_admin_tokens_are_refused(tmp_path: Path, token: str, why: str) -> None:
+    with pytest.raises(ConfigError, match=why) as refused:
+        admin_token(load_settings(state_dir=tmp_path, admin_token=token))
+    assert token not in str(refused.value)
+    secret = tmp_path / "token"
+    secret.write_text(token + "\n")
+    with pytest.raises(ConfigError, match=why):
+        admin_token(load_settings(state_dir=tmp_path, admin_token_file=secret))
+
+
+def test_generated_and_openssl_tokens_are_accepted(tmp_path: Path) -> None:
+    generated = admin_token(load_settings(state_dir=tmp_path)).get_secret_value()
+    check_admin_token(generated, "generated")
+    for _ in range(200):
+        check_admin_token(secrets.token_hex(16), "openssl rand -hex 16")
+        check_admin_token(secrets.token_hex(32), "openssl rand -hex 32")

@@ -10,7 +10,12 @@
   ``GET /metrics``.
 
 Every refusal carries its reason in ``detail`` and is logged with the caller's
-address; tokens, claiming codes, CSRs and keys are never logged. Blocking work
+address; tokens, claiming codes, CSRs and keys are never logged. Failed
+claiming codes and admin tokens are counted before they are evaluated
+(:class:`~f2pipe.pki.auth.AttemptLimits`); the caller's address is the peer's,
+or what a trusted proxy forwards (``F2PIPE_CERTGEN_TRUSTED_PROXIES``, applied
+by the server). Answers that carry a certificate or key are ``Cache-Control:
+no-store``. Blocking work
 (key generation, signing, the database, revocation) runs in worker threads so
 the event loop keeps serving. Settings come from :func:`get_settings`, which
 tests override through ``app.dependency_overrides``.
@@ -31,7 +36,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, generate_latest
 from pydantic import BaseModel, Field, SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -40,7 +45,7 @@ from f2pipe.core.models import CertificateRequest, CertificateResponse
 from f2pipe.core.topics import normalize_mac
 from f2pipe.errors import CertError, ConfigError
 from f2pipe.pki import revocation
-from f2pipe.pki.auth import FailureLimiter, admin_token, tokens_equal
+from f2pipe.pki.auth import Attempt, AttemptLimits, admin_token, tokens_equal
 from f2pipe.pki.ca import (
     CertificateAuthority,
     Issued,
@@ -53,6 +58,7 @@ from f2pipe.pki.ca import (
     pki_paths,
     serial_text,
 )
+from f2pipe.pki.expiry import pki_expiry
 from f2pipe.pki.local import record_local_certificates
 from f2pipe.pki.store import CertificateStore, ClaimAlreadyUsed, DeviceRow
 from f2pipe.settings import Settings
@@ -63,16 +69,25 @@ MAX_BODY_BYTES = 64 * 1024
 
 # Metric names live here, one line each.
 ISSUED = Counter(
-    "certgen_certificates_issued",  # device certificates issued, by auth and key origin
+    "f2pipe_certgen_certificates_issued",  # device certificates issued, by auth and key origin
     "Device certificates issued",
     ["auth", "key"],
 )
 REFUSED = Counter(
-    "certgen_requests_refused",  # refused requests by HTTP status
+    "f2pipe_certgen_requests_refused",  # refused requests by HTTP status
     "Requests refused",
     ["status"],
 )
-REVOKED = Counter("certgen_certificates_revoked", "Certificates revoked")  # revocations
+REVOKED = Counter("f2pipe_certgen_certificates_revoked", "Certificates revoked")  # revocations
+CRL_NEXT_UPDATE = Gauge(
+    "f2pipe_certgen_crl_next_update_seconds",  # unix time the broker starts refusing everyone
+    "nextUpdate of the CRL on disk, unix seconds (0: no readable CRL)",
+)
+CA_NOT_AFTER = Gauge(
+    "f2pipe_certgen_ca_not_after_seconds",  # unix time every certificate of the CA dies
+    "notAfter of the CA certificate, unix seconds (0: no readable CA)",
+)
+NO_STORE = {"Cache-Control": "no-store"}
 
 
 def get_settings() -> Settings:
@@ -93,11 +108,10 @@ class Runtime:
         # Server and service certificates made before the database was up (stack up)
         # enter the register here, so they can be revoked by serial like any other.
         record_local_certificates(settings, self.store)
-        self.by_mac = FailureLimiter(
-            settings.certgen_max_failures, settings.certgen_failure_window_s
-        )
-        self.by_address = FailureLimiter(
-            settings.certgen_max_failures, settings.certgen_failure_window_s
+        self.limits = AttemptLimits(
+            settings.certgen_max_failures,
+            settings.certgen_global_max_failures,
+            settings.certgen_failure_window_s,
         )
 
     def close(self) -> None:
@@ -130,21 +144,39 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
+def _too_many(runtime: Runtime, what: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        f"too many failed {what}; try again later",
+        headers={"Retry-After": str(int(runtime.settings.certgen_failure_window_s))},
+    )
+
+
 async def require_admin(
+    request: Request,
     runtime: RuntimeDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Pass only with ``Authorization: Bearer <admin token>``; else 401."""
+    """Pass only with ``Authorization: Bearer <admin token>``; else 401.
+
+    A wrong token counts against the caller's address; once it has
+    ``certgen_max_failures`` in the window, any token is refused with 429
+    before it is compared.
+    """
     if credentials is None:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "missing admin token (Authorization: Bearer ...)",
             headers={"WWW-Authenticate": "Bearer"},
         )
+    attempt = runtime.limits.admin(_client(request))
+    if attempt is None:
+        raise _too_many(runtime, "admin token attempts")
     if not tokens_equal(credentials.credentials, runtime.token):
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "bad admin token", headers={"WWW-Authenticate": "Bearer"}
         )
+    attempt.succeeded()
 
 
 def device_mac(mac: str) -> str:
@@ -186,44 +218,43 @@ async def authorize_issue(
     """Admin token, or the device's own unused claiming code (rate-limited failures).
 
     A bearer header, if present, decides (a wrong one is 401 even with a code).
-    Claiming-code failures (unknown device, wrong or used code) count against
-    both the MAC and the caller's address; once either has
-    ``certgen_max_failures`` in the window, requests are refused with 429
-    before the code is looked at.
+    A claiming-code attempt is counted as failed against the MAC, the caller's
+    address and the global budget before the code is looked at, and taken back
+    only if the code is right; once a budget is spent, requests are refused
+    with 429 unevaluated. So of any burst at most ``certgen_max_failures``
+    guesses per device are ever compared.
     """
     body = body or CertificateRequest()
     if credentials is not None or body.claiming_code is None:
-        await require_admin(runtime, credentials)
+        await require_admin(request, runtime, credentials)
         device = await run_in_threadpool(runtime.store.device, mac)
         if device is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {mac} is not in the metadata")
         return Grant("admin", mac, device)
 
-    address = _client(request)
-    if runtime.by_mac.blocked(mac) or runtime.by_address.blocked(address):
-        raise HTTPException(
-            status.HTTP_429_TOO_MANY_REQUESTS,
-            "too many failed claiming attempts; try again later",
-            headers={"Retry-After": str(int(runtime.settings.certgen_failure_window_s))},
-        )
+    attempt = runtime.limits.claim(mac, _client(request))
+    if attempt is None:
+        raise _too_many(runtime, "claiming attempts")
+    try:
+        device = await run_in_threadpool(runtime.store.device, mac)
+    except BaseException:
+        attempt.succeeded()  # not evaluated: the register was unreachable
+        raise
+    return _check_claim(attempt, mac, device, body.claiming_code)
 
-    def fail(code: int, detail: str) -> HTTPException:
-        runtime.by_mac.fail(mac)
-        runtime.by_address.fail(address)
-        return HTTPException(code, detail)
 
-    device = await run_in_threadpool(runtime.store.device, mac)
+def _check_claim(attempt: Attempt, mac: str, device: DeviceRow | None, code: str) -> Grant:
+    """The device's own unused code passes (its attempt is taken back); else 403/404."""
     if device is None:
-        raise fail(status.HTTP_404_NOT_FOUND, f"device {mac} is not in the metadata")
-    if not device.claiming_code or not tokens_equal(
-        body.claiming_code, SecretStr(device.claiming_code)
-    ):
-        raise fail(status.HTTP_403_FORBIDDEN, "wrong claiming code")
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {mac} is not in the metadata")
+    if not device.claiming_code or not tokens_equal(code, SecretStr(device.claiming_code)):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong claiming code")
     if device.claimed_at is not None:
-        raise fail(
+        raise HTTPException(
             status.HTTP_403_FORBIDDEN,
             "claiming code already used; ask the operator to re-issue with the admin token",
         )
+    attempt.succeeded()
     return Grant("claiming_code", mac, device)
 
 
@@ -234,12 +265,15 @@ devices = APIRouter(prefix="/v1/devices", tags=["devices"])
 async def issue_device_certificate(
     grant: Annotated[Grant, Depends(authorize_issue)],
     runtime: RuntimeDep,
+    response: Response,
     body: CertificateRequest | None = None,
 ) -> CertificateResponse:
     """Issue ``f2-<mac>``'s certificate (see the module docstring for who may).
 
     No body (or ``{}``) means: generate the key here, admin token required.
+    The answer may carry a private key: no cache may keep it.
     """
+    response.headers.update(NO_STORE)
     body = body or CertificateRequest()
     public_key: PublicKey | None = None
     if body.csr is not None:
@@ -342,7 +376,14 @@ async def readyz(runtime: RuntimeDep) -> dict[str, str]:
 
 
 @ops.get("/metrics")
-async def metrics() -> Response:
+async def metrics(settings: Annotated[Settings, Depends(get_settings)]) -> Response:
+    # Read from the files at each scrape: `stack up` or the CLI may renew them too.
+    expiry = await run_in_threadpool(pki_expiry, settings.pki_dir)
+    for gauge, when in (
+        (CRL_NEXT_UPDATE, expiry.crl_next_update),
+        (CA_NOT_AFTER, expiry.ca_not_after),
+    ):
+        gauge.set(when.timestamp() if when is not None else 0)
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -31,6 +33,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from f2pipe.errors import CertError
 from f2pipe.settings import Settings
+
+log = logging.getLogger(__name__)
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
@@ -203,6 +207,27 @@ def write_public(path: Path, data: bytes) -> None:
     _write(path, data, 0o644)
 
 
+def tighten_mode(path: Path) -> None:
+    """Make an existing file that holds a secret owner-only if others may read or write it.
+
+    Files this package writes are 0600 from the start (:func:`write_private`);
+    this catches one left from elsewhere: copied in, restored from a backup, or
+    written by an older version. Logged; never raises.
+    """
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            os.chmod(path, mode & 0o700)
+            log.warning(
+                "secret file was open to others; made owner-only",
+                extra={"path": str(path), "mode": oct(mode)},
+            )
+    except OSError as exc:
+        log.warning(
+            "cannot check a secret file's mode", extra={"path": str(path), "error": str(exc)}
+        )
+
+
 def _write(path: Path, data: bytes, mode: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -325,6 +350,7 @@ class CertificateAuthority:
     def load(cls, paths: PkiPaths, passphrase: bytes | None) -> CertificateAuthority:
         """Read ``ca.pem`` and ``ca.key``; raise CertError if missing, unreadable or mismatched."""
         cert = load_cert(paths.ca_cert)
+        tighten_mode(paths.ca_key)
         try:
             key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), passphrase)
         except OSError as exc:

@@ -3,32 +3,36 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import logging
+import ssl
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 
-from f2pipe.errors import CertError
+from f2pipe.errors import CertError, ConfigError
 from f2pipe.pki.auth import admin_token, admin_token_path
 from f2pipe.pki.ca import check_service_name, parse_serial, pki_paths, serial_text
 from f2pipe.pki.local import (
-    crl_due,
     issue_device_files,
     load_ca,
     open_store,
     record_local_certificates,
     sync_crl,
 )
+from f2pipe.pki.renewal import CrlRenewer
 from f2pipe.pki.state import ensure_pki, issue_service_files
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.settings import Settings, get_settings
 
-log = logging.getLogger("f2pipe.pki")
+if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
 
-# How often the server checks whether the CRL needs renewing.
-_CRL_CHECK_SECONDS = 3600.0
+log = logging.getLogger("f2pipe.pki")
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -80,18 +84,64 @@ def _init(args: argparse.Namespace) -> int:
     return 0
 
 
-def _renew_crl_forever(settings: Settings, stop: threading.Event) -> None:
-    ca = load_ca(settings)
-    while not stop.wait(_CRL_CHECK_SECONDS):
-        if crl_due(settings):
-            store = open_store(settings, required=False)
-            if store is None:
-                continue
-            try:
-                sync_crl(settings, ca, store, renew=True)
-                log.info("CRL renewed")
-            finally:
-                store.close()
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings, host: str) -> None:
+    """Refuse plain HTTP beyond loopback: tokens, claiming codes and keys would cross the
+    network in clear. ConfigError unless ``certgen_tls``, or the proxy override (warned)."""
+    if settings.certgen_tls or is_loopback(host):
+        return
+    if not settings.certgen_plain_http_behind_proxy:
+        raise ConfigError(
+            f"certgen refuses plain HTTP on {host}: admin tokens, claiming codes and private "
+            "keys would cross the network in clear text. Set F2PIPE_CERTGEN_TLS=true, bind "
+            "to loopback (F2PIPE_CERTGEN_HOST=127.0.0.1), or, behind a TLS-terminating proxy "
+            "only, F2PIPE_CERTGEN_PLAIN_HTTP_BEHIND_PROXY=true"
+        )
+    log.warning(
+        "PLAIN HTTP on a non-loopback address: certgen trusts the proxy in front to "
+        "terminate TLS (F2PIPE_CERTGEN_PLAIN_HTTP_BEHIND_PROXY); anything reaching "
+        "this port directly sends secrets in clear text",
+        extra={"host": host},
+    )
+
+
+def server_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvicorn.Config:
+    """The uvicorn configuration certgen serves with (loaded, so the TLS context is final).
+
+    Proxy headers are believed only from ``certgen_trusted_proxies`` (uvicorn
+    otherwise trusts any loopback peer, so a local caller could mint addresses
+    and dodge the per-address limits); HTTPS takes TLS 1.2 and later only.
+    """
+    import uvicorn
+
+    paths = pki_paths(settings)
+    proxies = [p.strip() for p in settings.certgen_trusted_proxies.split(",") if p.strip()]
+    tls: dict[str, str] = {}
+    if settings.certgen_tls:
+        tls = {"ssl_certfile": str(paths.certgen_cert), "ssl_keyfile": str(paths.certgen_key)}
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=bool(proxies),
+        forwarded_allow_ips=proxies,
+        **tls,  # type: ignore[arg-type]
+    )
+    config.load()
+    if config.ssl is not None:
+        config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
+    return config
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -101,8 +151,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     setup_logging("certgen", args.log_level)
     settings = get_settings()
-    ensure_pki(settings)
-    admin_token(settings)
+    host = args.host or settings.certgen_host
+    port = args.port or settings.certgen_port
+    check_bind(settings, host)
+    admin_token(settings)  # a weak one is refused before anything is created
+    report = ensure_pki(settings)
     store = open_store(settings, required=False)
     if store is not None:
         try:
@@ -116,24 +169,15 @@ def _serve(args: argparse.Namespace) -> int:
             )
         finally:
             store.close()
-    paths = pki_paths(settings)
-    tls: dict[str, str] = {}
-    if settings.certgen_tls:
-        tls = {"ssl_certfile": str(paths.certgen_cert), "ssl_keyfile": str(paths.certgen_key)}
+    config = server_config(create_app(), settings, host, port)
+    # A CRL that ensure_pki renewed just now is on disk only: the renewer's first
+    # step reloads the broker.
+    renewer = CrlRenewer(settings, reload_first=str(pki_paths(settings).crl) in report.created)
     stop = threading.Event()
-    renewer = threading.Thread(
-        target=_renew_crl_forever, args=(settings, stop), daemon=True, name="crl-renewal"
-    )
-    renewer.start()
+    thread = threading.Thread(target=renewer.run, args=(stop,), daemon=True, name="crl-renewal")
+    thread.start()
     try:
-        uvicorn.run(
-            create_app(),
-            host=args.host or settings.certgen_host,
-            port=args.port or settings.certgen_port,
-            log_config=None,
-            access_log=False,
-            **tls,  # type: ignore[arg-type]
-        )
+        uvicorn.Server(config).run()
     finally:
         stop.set()
     return 0
