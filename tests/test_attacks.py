@@ -168,7 +168,8 @@ def test_a_burst_of_wrong_codes_for_one_device_is_evaluated_at_most_five_times(
 ) -> None:
     certgen = start_certgen()
     add_device(settings.metadata_dsn, MAC, CODE)
-    statuses = _burst(40, lambda i: certgen.claim(MAC, f"guess-{i}"))
+    # Each from its own address: only the per-device limit can stop them.
+    statuses = _burst(40, lambda i: certgen.claim(MAC, f"guess-{i}", source=f"127.0.3.{i + 1}"))
     assert statuses == {403: settings.certgen_max_failures, 429: 40 - settings.certgen_max_failures}
     # The device stays locked for the window: even its right code is not looked at.
     assert certgen.claim(MAC, CODE) == 429
