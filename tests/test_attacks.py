@@ -447,3 +447,17 @@ def test_plain_http_behind_a_proxy_is_an_explicit_loud_choice(
         check_bind(proxied, "0.0.0.0")  # noqa: S104
     assert [r.levelname for r in caplog.records] == ["WARNING"]
     assert "PLAIN HTTP" in caplog.records[0].getMessage()
+
+
+def test_a_bad_secret_in_the_settings_file_is_not_echoed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key in [k for k in os.environ if k.startswith("F2PIPE_")]:
+        monkeypatch.delenv(key)
+    config = tmp_path / "f2pipe.toml"
+    config.write_text("admin_token = 918273645546372819918273645546372819\n")  # not a string
+    monkeypatch.setenv("F2PIPE_CONFIG_FILE", str(config))
+    with pytest.raises(ConfigError) as refused:
+        load_settings()
+    assert "admin_token" in str(refused.value)
+    assert "918273645546372819" not in str(refused.value)
