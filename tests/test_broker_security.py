@@ -75,7 +75,6 @@ def test_config_has_one_tls_listener_and_the_spec_acl(settings: Settings, broker
         "persistence true",
         "max_packet_size 262144",
         "retain_available false",
-        "max_queued_messages 0",
     ]:
         assert line in conf.splitlines()
     # The running broker opened exactly that one socket.

@@ -335,9 +335,11 @@ class Settings(BaseSettings):
     mqtt_max_connections: int = Field(
         default=10000, ge=1, le=1_000_000, description="Broker: most client connections."
     )
-    # 0: no count limit, so the byte bound below is the one that holds.
+    # 0: a count as large as the byte bound below, so that bound is the one that holds.
     mqtt_max_queued_messages: int = Field(
-        default=0, ge=0, description="Broker: messages queued per session; 0: no count limit."
+        default=0,
+        ge=0,
+        description="Broker: messages queued per session; 0: as many as the byte bound.",
     )
     # Payload bytes queued per session (SPEC section 7); unset: 1/32 of the memory.
     broker_max_queued_bytes: int | None = Field(

@@ -259,7 +259,7 @@ class Observer:
             context = tls.service_context(s.pki_dir, brokerstats.MONITOR_IDENTITY)
         except ConfigError:  # no monitor identity: the broker cannot be asked
             return {}
-        return brokerstats.read_once(s.mqtt_host, s.mqtt_port, context, timeout=3).as_dict()
+        return brokerstats.read_once(s.mqtt_host, s.mqtt_port, context, timeout=8).as_dict()
 
     def snapshot(self, with_health: bool = True) -> Snapshot:
         scraped = {

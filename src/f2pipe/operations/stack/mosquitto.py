@@ -14,8 +14,8 @@ Sizing (all overridable through settings):
 
 - ``max_queued_bytes`` (``F2PIPE_BROKER_MAX_QUEUED_BYTES``, default 1/32 of
   the machine's memory) bounds the payload bytes queued per session, and
-  ``max_queued_messages`` is 0 (no count limit), so the byte bound is the one
-  that holds. While Kafka or every connector is down the broker queues for the
+  ``max_queued_messages`` is as large, so the byte bound is the one that
+  holds. While Kafka or every connector is down the broker queues for the
   connectors' persistent sessions up to that bound; past it, it drops what it
   already acknowledged to devices. The drops are counted in ``$SYS``, which
   :mod:`f2pipe.runtime.brokerstats` reads as ``svc-monitor``. The bound
@@ -70,6 +70,18 @@ def max_queued_bytes(settings: Settings) -> int:
     if settings.broker_max_queued_bytes is not None:
         return settings.broker_max_queued_bytes
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 32
+
+
+def max_queued_messages(settings: Settings) -> int:
+    """The per-session count limit: the setting, else one that the byte bound always beats.
+
+    A queue of as many messages as the byte bound has payload bytes is never reached
+    before that bound by real messages. (Mosquitto 2.0.11 mishandles an explicit 0,
+    "no count limit": it then drops clients whose publishes the ACL refuses.)
+    """
+    if settings.mqtt_max_queued_messages:
+        return settings.mqtt_max_queued_messages
+    return min(max_queued_bytes(settings), 2**31 - 1)
 
 
 def conf_path(settings: Settings) -> Path:
@@ -128,7 +140,7 @@ def render_conf(settings: Settings, pki: PkiPaths) -> str:
             "persistence true",
             f"persistence_location {mdir / 'data'}/",
             f"autosave_interval {settings.mqtt_autosave_interval_s}",
-            f"max_queued_messages {settings.mqtt_max_queued_messages}",
+            f"max_queued_messages {max_queued_messages(settings)}",
             f"max_queued_bytes {max_queued_bytes(settings)}",
             f"max_inflight_messages {settings.mqtt_max_inflight_messages}",
             f"max_packet_size {MAX_PACKET_BYTES}",
