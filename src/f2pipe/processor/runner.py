@@ -14,8 +14,11 @@ acknowledged by Kafka, ``acks=all``), and only then are the batch's input
 offsets committed. A crash anywhere before the commit means the batch is
 consumed again: readings may repeat (the sink's primary key absorbs them), none
 is lost. With ``F2PIPE_PROCESSOR_TRANSACTIONS=true`` the outputs and the input
-offsets commit in one Kafka transaction instead (exactly once into the
-processed topic for read_committed consumers).
+offsets commit in one Kafka transaction instead: exactly once into the
+processed and dead-letter topics for ``read_committed`` readers (the sink,
+``f2pipe dlq``), crashes included. Either way the commit is
+:meth:`~f2pipe.processor.delivery.Delivery.commit_offsets`, reached only
+after the flush (:mod:`f2pipe.processor.delivery`).
 
 Outages: PostgreSQL unreachable -> the consumer is paused, the batch kept (and
 nothing more, see :meth:`Processor._run_stage`), the lookup retried with jittered
@@ -35,17 +38,16 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from datetime import UTC, datetime
-from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
-from f2pipe.core.deadletter import Rejected, dead_letter_headers
+from f2pipe.core.deadletter import Rejected
 from f2pipe.core.records import INGEST_HEADER, TOPIC_HEADER, Headers, ReadingEncoder
 from f2pipe.errors import MetadataUnavailable
 from f2pipe.metadata.resolver import TIERS, Resolver
 from f2pipe.processor.alarm import DeadLetterAlarm
+from f2pipe.processor.delivery import Delivery
 from f2pipe.processor.metrics import (
     AMBIGUOUS,
     ASSIGNED,
@@ -67,8 +69,7 @@ from f2pipe.processor.metrics import (
 from f2pipe.processor.stage import Stage
 from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.gctune import quiet_gc
-from f2pipe.runtime.kafka import Stopping, consume_available, consumer_config, producer_config
-from f2pipe.runtime.kafka import produce as produce_when_room
+from f2pipe.runtime.kafka import Stopping, consume_available, consumer_config
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.metrics import DEAD_LETTERS
 from f2pipe.runtime.opsserver import OpsServer
@@ -95,8 +96,7 @@ class Processor:
         self._stop = threading.Event()
         self._paused = False
         self._hard_stop = False  # set by a second stop request: abandon waits for Kafka
-        self._transactions = settings.processor_transactions
-        self._delivery_errors: list[str] = []
+        transactions = settings.processor_transactions
         self.consumer = Consumer(
             consumer_config(
                 settings,
@@ -106,19 +106,10 @@ class Processor:
                     "session.timeout.ms": int(settings.processor_session_timeout_s * 1000),
                     "heartbeat.interval.ms": int(settings.processor_session_timeout_s * 1000 / 4),
                 },
-                **({"isolation.level": "read_committed"} if self._transactions else {}),
+                **({"isolation.level": "read_committed"} if transactions else {}),
             )
         )
-        extra: dict[str, Any] = {
-            "on_delivery": self._on_delivery,
-            # Only failures come back to Python: a callback per record would cost ~1 µs each.
-            "delivery.report.only.error": True,
-        }
-        if self._transactions:
-            extra["transactional.id"] = f"{settings.processor_group}-{uuid.uuid4().hex[:12]}"
-        self.producer = Producer(producer_config(settings, **extra))
-        if self._transactions:
-            self.producer.init_transactions(30)
+        self.delivery = Delivery(settings, self.consumer, self._stop.is_set, self._abandoning)
         self.alarm = DeadLetterAlarm(
             settings.dlq_alarm_ratio, settings.dlq_alarm_window_s, settings.dlq_alarm_min_messages
         )
@@ -126,7 +117,6 @@ class Processor:
         self._last_misses = dict.fromkeys(TIERS, 0)
         self._lag_at = 0.0
         self._synced_at = 0.0  # monotonic time of the last metadata version read
-        self._pending: dict[tuple[str, int], int] = {}  # offsets produced, not yet committed
         self._held: list[Message] = []  # the batch being handled, see _handle_batch
         self._routes_version = -1  # metadata version the stage's remembered lookups are of
         self._route_hits = 0  # stage.route_hits already exported
@@ -153,10 +143,6 @@ class Processor:
 
     # --- callbacks (run inside poll/flush/consume on this thread) ---
 
-    def _on_delivery(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
-
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None and err.code() != KafkaError._NO_OFFSET:
             log.warning(
@@ -174,8 +160,7 @@ class Processor:
         if self._held:
             self._held[:] = [m for m in self._held if m.partition() not in revoked]
             BUFFERED.set(len(self._held))
-        for tp in partitions:
-            self._pending.pop((tp.topic, tp.partition), None)
+        self.delivery.forget(partitions)
         if self._paused:
             # The client keeps a partition's pause across assignments: one paused here
             # and assigned back after the outage would otherwise never be fetched again.
@@ -201,7 +186,7 @@ class Processor:
             extra={
                 "topic": settings.topic_raw,
                 "group": settings.processor_group,
-                "transactions": self._transactions,
+                "transactions": self.delivery.transactions,
             },
         )
         try:
@@ -256,12 +241,7 @@ class Processor:
         if not batch:  # every record was of a partition revoked during an outage
             return
         staged = time.perf_counter()
-        if self._transactions:
-            self._commit_transaction(batch, outputs, dead)
-        else:
-            self._produce(outputs, dead)
-            self._flush()
-            self._commit(batch)
+        self.delivery.deliver(batch, outputs, dead)
         # metrics once per batch: per-record updates would cost more than the decode
         n = len(batch)
         CONSUMED.inc(n)
@@ -368,85 +348,6 @@ class Processor:
                     skipped[kind] = skipped.get(kind, 0) + 1
         return outputs, dead, skipped
 
-    def _produce(
-        self, outputs: list[tuple[bytes, bytes]], dead: list[tuple[Message, Rejected]]
-    ) -> None:
-        produce = self.producer.produce
-        topic = self.settings.topic_processed
-        for key, value in outputs:
-            try:
-                produce(topic, value, key)
-            except BufferError:  # queue full: wait for room, as every stage does
-                produce_when_room(self.producer, topic, value, key, give_up=self._abandoning)
-        dlq_topic = self.settings.topic_dead_letter
-        for msg, rejected in dead:
-            headers = dead_letter_headers(
-                msg.headers(),  # type: ignore[arg-type]  # consumed: a list of pairs or None
-                "processor",
-                rejected,
-                f"{msg.topic()}/{msg.partition()}/{msg.offset()}".encode(),
-                int(time.time() * 1000),
-            )
-            produce_when_room(
-                self.producer, dlq_topic, msg.value(), msg.key(), headers, give_up=self._abandoning
-            )
-
-    def _flush(self) -> None:
-        """Block until Kafka acknowledged every record produced; raise on a lost one."""
-        waited = 0.0
-        while self.producer.flush(1.0) > 0:
-            waited += 1.0
-            if waited % 10 == 0:
-                log.warning("waiting for Kafka to acknowledge outputs", extra={"seconds": waited})
-            if self._hard_stop or (self._stop.is_set() and waited >= 30):
-                raise Stopping("stopped before Kafka acknowledged the batch's outputs")
-        if self._delivery_errors:
-            errors, self._delivery_errors = self._delivery_errors, []
-            # A record Kafka refused for good: never commit past it.
-            raise KafkaException(f"records not delivered: {errors[:3]}")
-
-    def _batch_offsets(self, batch: list[Message]) -> list[TopicPartition]:
-        # One topic; a partition's records arrive in offset order, so the last one seen wins.
-        last: dict[int, int] = {}
-        for msg in batch:
-            last[msg.partition()] = msg.offset()  # type: ignore[index,assignment]
-        topic = self.settings.topic_raw
-        return [TopicPartition(topic, p, o + 1) for p, o in last.items()]
-
-    def _commit(self, batch: list[Message]) -> None:
-        offsets = self._batch_offsets(batch)
-        for tp in offsets:
-            self._pending[(tp.topic, tp.partition)] = tp.offset
-        # Asynchronous: ordered after every earlier commit, and only issued once the
-        # outputs are acknowledged; the final commit at shutdown is synchronous.
-        self.consumer.commit(offsets=offsets, asynchronous=True)
-
-    def _commit_transaction(
-        self,
-        batch: list[Message],
-        outputs: list[tuple[bytes, bytes]],
-        dead: list[tuple[Message, Rejected]],
-    ) -> None:
-        offsets = self._batch_offsets(batch)
-        while True:
-            self.producer.begin_transaction()
-            try:
-                self._produce(outputs, dead)
-                self.producer.send_offsets_to_transaction(
-                    offsets, self.consumer.consumer_group_metadata(), 30
-                )
-                self.producer.commit_transaction(60)
-                return
-            except KafkaException as exc:
-                error = exc.args[0]
-                if isinstance(error, KafkaError) and error.txn_requires_abort():
-                    log.warning("transaction aborted, retrying", extra={"error": str(error)})
-                    self.producer.abort_transaction(60)
-                    if self._stop.is_set():
-                        raise Stopping("stopped after an aborted transaction") from None
-                    continue
-                raise
-
     def _watch_dead_letters(self, consumed: int, dead: int) -> None:
         """Feed the alarm one batch; report its ratio, and each change of its verdict."""
         alarm = self.alarm
@@ -500,14 +401,7 @@ class Processor:
 
     def _close(self) -> None:
         try:
-            if not self._transactions:
-                remaining = self.producer.flush(10.0)
-                if remaining == 0 and self._pending and not self._delivery_errors:
-                    offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
-                    try:
-                        self.consumer.commit(offsets=offsets, asynchronous=False)
-                    except KafkaException as exc:
-                        log.warning("final commit failed", extra={"error": str(exc)})
+            self.delivery.close()
         finally:
             self.consumer.close()
             self.resolver.close()

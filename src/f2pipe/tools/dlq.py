@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from f2pipe.core import deadletter
 from f2pipe.core.reasons import Reason
@@ -104,8 +104,17 @@ def parse_since(text: str, now: float | None = None) -> int:
 def read_dead_letters(settings: Settings, timeout: float = 10.0) -> Iterator[DeadLetter]:
     """Every dead letter present when called, partition by partition, in offset order."""
     topic = settings.topic_dead_letter
-    # The group is required by the client; it is never joined or committed.
-    consumer = Consumer(consumer_config(settings, "f2pipe-dlq-reader"))
+    # The group is required by the client; it is never joined or committed. Only
+    # committed dead letters are read, and a partition ends where the client says
+    # it does: with transactions the log ends in a commit marker (no record) and
+    # may hold aborted records, so no record need sit at high watermark - 1.
+    consumer = Consumer(
+        consumer_config(
+            settings,
+            "f2pipe-dlq-reader",
+            **{"enable.partition.eof": True, "isolation.level": "read_committed"},
+        )
+    )
     try:
         try:
             meta = consumer.list_topics(topic, timeout=timeout)
@@ -132,10 +141,18 @@ def read_dead_letters(settings: Settings, timeout: float = 10.0) -> Iterator[Dea
             if not msgs and time.monotonic() > deadline:
                 raise DeadLetterError(f"timed out reading {topic}")
             for msg in msgs:
-                if msg.error() is not None:
-                    continue
                 partition, offset = msg.partition() or 0, msg.offset() or 0
-                if partition not in ends or offset >= ends[partition]:
+                if partition not in ends:
+                    continue
+                err = msg.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:  # nothing more, for now
+                        del ends[partition]
+                        consumer.pause([TopicPartition(topic, partition)])
+                    continue
+                if offset >= ends[partition]:  # written after the command started
+                    del ends[partition]
+                    consumer.pause([TopicPartition(topic, partition)])
                     continue
                 raw = msg.headers() or []
                 pairs = list(raw.items()) if isinstance(raw, dict) else raw
@@ -175,14 +192,18 @@ def replay(settings: Settings, letters: Iterator[DeadLetter]) -> dict[str, int]:
             failures.append(str(err))
 
     producer = Producer(producer_config(settings, on_delivery=on_delivery))
-    for letter in letters:
-        if letter.stage not in REPLAYABLE:
-            counts["skipped"] += 1
-            continue
-        produce(producer, target[letter.stage], letter.value, letter.key, letter.original_headers())
-        counts[letter.stage] += 1
-        producer.poll(0)
-    remaining = producer.flush(60)
+    try:
+        for letter in letters:
+            if letter.stage not in REPLAYABLE:
+                counts["skipped"] += 1
+                continue
+            headers = letter.original_headers()
+            produce(producer, target[letter.stage], letter.value, letter.key, headers)
+            counts[letter.stage] += 1
+            producer.poll(0)
+    finally:
+        # Even when reading the letters failed part-way: what was handed over is delivered.
+        remaining = producer.flush(60)
     if remaining or failures:
         raise DeadLetterError(f"{remaining} replayed record(s) not acknowledged; {failures[:3]}")
     return counts
