@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import secrets
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -17,6 +19,7 @@ from f2pipe.core.topics import normalize_mac
 from f2pipe.errors import FleetError
 from f2pipe.metadata.database import seed_demo
 from f2pipe.metadata.fleet.demo import demo_fleet
+from f2pipe.metadata.fleet.document import code_strength, weak_code
 from f2pipe.metadata.fleet.exporter import export_fleet
 from f2pipe.metadata.fleet.importer import apply_fleet, import_fleet
 from f2pipe.metadata.fleet.yamlload import parse_fleet
@@ -374,15 +377,69 @@ def test_claiming_codes_are_kept_set_and_exported_only_on_request(
     assert "claiming_code" not in export_fleet(fresh_db)
     with_codes = yaml.safe_load(export_fleet(fresh_db, with_claiming_codes=True))
     assert {c["mac"]: c["claiming_code"] for c in with_codes["controllers"]} == codes
+    # The codes the product generates pass the strength rule: their export imports again.
+    exported = write(tmp_path, export_fleet(fresh_db, with_claiming_codes=True), "codes.yaml")
+    assert import_fleet(fresh_db, exported).total == 0
     text = EXAMPLE.read_text("utf-8").replace(
-        "mac: aabbccddee01, template", "mac: aabbccddee01, claiming_code: new-code, template"
+        "mac: aabbccddee01, template", f"mac: aabbccddee01, claiming_code: {STRONG}, template"
     )
     assert import_fleet(fresh_db, write(tmp_path, text)).counts == {"controllers": {"updated": 1}}
     with psycopg.connect(fresh_db) as conn:
         row = conn.execute(
             "SELECT claiming_code FROM devices WHERE mac_address = 'aabbccddee01'"
         ).fetchone()
-    assert row == ("new-code",)
+    assert row == (STRONG,)
+    before = snapshot(fresh_db)
+    weak = text.replace(STRONG, "new-code")
+    with pytest.raises(FleetError, match="claiming code too weak"):
+        import_fleet(fresh_db, write(tmp_path, weak, "weak.yaml"))
+    assert snapshot(fresh_db) == before
+
+
+STRONG = "Zq3vN8rT2kLw9XbP"  # 16 of 62 symbols: about 95 bits
+
+
+@pytest.mark.parametrize(
+    ("code", "words"),
+    [
+        ("Q", ["1 character of upper-case letters", "about 5 bits"]),
+        ("new-code", ["8 characters of base64url", "about 48 bits"]),
+        ("1234567890123456789", ["19 characters of digits", "about 63 bits"]),
+        ("pass word with spaces", ["outside printable ASCII"]),
+    ],
+)
+def test_a_weak_claiming_code_is_refused_without_quoting_it(code: str, words: list[str]) -> None:
+    serial = "    serial_number: 0012345"
+    text = SMALL.replace(serial, f"{serial}\n    claiming_code: {code}")
+    message = problem_of(text)
+    where = f"fleet.yaml:{line_with(text, 'claiming_code')}: controllers[0].claiming_code:"
+    assert where in message
+    assert "controller aabbcc000001 ('Hall')" in message
+    for word in words:
+        assert word in message
+    assert code not in message
+
+
+@pytest.mark.parametrize(
+    ("code", "bits"),
+    [
+        ("0123456789abcdef", 64.0),  # hex: 16 x 4
+        ("ABCDEFGHIJKLMNOP", 16 * math.log2(26)),
+        ("MFRGGZDFMZTWQ2LK", 16 * math.log2(32)),  # base32
+        ("Ab1-_Ab1-_Ab1", 13 * 6.0),  # base64url
+        ("a!", 2 * math.log2(94)),
+        ("hunter2hunter2", 14 * 5.0),  # lower-case base32: 70 bits, strong by this estimate
+    ],
+)
+def test_code_strength_uses_the_smallest_alphabet(code: str, bits: float) -> None:
+    strength = code_strength(code)
+    assert strength is not None
+    assert strength[2] == pytest.approx(bits)
+
+
+def test_generated_codes_are_strong() -> None:
+    # seed-demo's codes: secrets.token_urlsafe(12), 16 characters of base64url.
+    assert all(weak_code(secrets.token_urlsafe(12)) is None for _ in range(200))
 
 
 @pytest.mark.servers
@@ -450,3 +507,104 @@ def test_the_cli_exits_non_zero_with_the_line(
         assert "no changes" in capsys.readouterr().out
     finally:
         get_settings.cache_clear()
+
+
+# --- large fleets -------------------------------------------------------------------------
+
+
+def generated_fleet_text(controllers: int, sensors_each: int = 4) -> str:
+    """A fleet file of ``controllers`` controllers, each with ``sensors_each`` sensors on J1."""
+    out = [
+        "version: 1",
+        "device_types:",
+        "  - {name: Controller, is_controller: true}",
+        "  - {name: Sensor, is_sensor: true}",
+        "templates:",
+        "  - {name: Ctl, device_type: Controller}",
+        "  - name: Thermo",
+        "    device_type: Sensor",
+        "    datapoints:",
+        "      - {label: T, data_encoding: int16, byte_offset: 0, byte_length: 2, decimals: 1}",
+        "controllers:",
+    ]
+    macs = [f"{0xA0_00_00_00_00_00 + i:012x}" for i in range(controllers)]
+    out += [
+        f"  - {{name: Controller {i}, mac: '{mac}', template: Ctl, timezone: Europe/Berlin,"
+        f" claiming_code: {secrets.token_urlsafe(12)}}}"
+        for i, mac in enumerate(macs)
+    ]
+    out.append("sensors:")
+    out += [
+        f"  - {{name: Sensor {i}-{k}, template: Thermo, serial_number: S{i}-{k}}}"
+        for i in range(controllers)
+        for k in range(1, sensors_each + 1)
+    ]
+    out.append("wiring:")
+    out += [
+        f"  - {{controller: '{mac}', connector: 1, pin: {k}, sensor: Sensor {i}-{k}}}"
+        for i, mac in enumerate(macs)
+        for k in range(1, sensors_each + 1)
+    ]
+    return "\n".join(out) + "\n"
+
+
+def quick_timezone_check(dsn: str) -> None:
+    """Give this test database a time-zone check that does not read the zone database per row.
+
+    The schema's CHECK runs ``pg_timezone_names`` for every device row written
+    (about 40 ms each), which alone makes 50,000 devices take half an hour; this
+    is the same rule over a copy of the names, so the test measures the importer.
+    """
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE TABLE timezone_names (name text PRIMARY KEY)")
+        conn.execute("INSERT INTO timezone_names SELECT DISTINCT name FROM pg_timezone_names")
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION f2pipe_is_timezone(name text) RETURNS boolean"
+            " LANGUAGE sql STABLE AS"
+            " $$ SELECT EXISTS (SELECT 1 FROM timezone_names t WHERE t.name = $1) $$"
+        )
+
+
+def counts(dsn: str) -> tuple[object, ...]:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(
+            "SELECT (SELECT count(*) FROM devices WHERE mac_address IS NOT NULL),"
+            " (SELECT count(*) FROM devices WHERE mac_address IS NULL),"
+            " (SELECT count(*) FROM connectors), (SELECT count(*) FROM pins)"
+        ).fetchone()
+    assert row is not None
+    return tuple(row)
+
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_ten_thousand_controllers_import_in_bulk(fresh_db: str, tmp_path: Path) -> None:
+    quick_timezone_check(fresh_db)
+    path = write(tmp_path, generated_fleet_text(10_000))
+    seen: list[tuple[int, int]] = []
+    changes = import_fleet(fresh_db, path, progress=lambda done, total: seen.append((done, total)))
+    assert changes.counts["controllers"] == {"created": 10_000}
+    assert changes.counts["sensors"] == {"created": 40_000}
+    assert changes.counts["wiring"] == {"created": 40_000}
+    assert counts(fresh_db) == (10_000, 40_000, 10_000, 40_000)
+    assert seen[-1] == (90_004, 90_004)  # entries of the file, all done
+    assert [done for done, _ in seen] == sorted(done for done, _ in seen)
+    before = snapshot(fresh_db)
+    assert import_fleet(fresh_db, path).total == 0
+    assert snapshot(fresh_db) == before
+
+
+@pytest.mark.servers
+def test_a_refusal_in_a_bulk_statement_names_its_entry(fresh_db: str, tmp_path: Path) -> None:
+    quick_timezone_check(fresh_db)
+    text = generated_fleet_text(1_000, sensors_each=1)
+    bad = "{name: Controller 637, mac: 'a0000000027d', template: Ctl, timezone: Europe/Berlin"
+    assert bad in text
+    text = text.replace(bad, bad.replace("Europe/Berlin", "Mars/Olympus"))
+    with pytest.raises(FleetError) as info:
+        import_fleet(fresh_db, write(tmp_path, text))
+    message = str(info.value)
+    assert message.startswith("1 problem, nothing written")
+    assert f"fleet.yaml:{line_with(text, 'Mars/Olympus')}: controllers[637]:" in message
+    assert "database refused it" in message
+    assert counts(fresh_db) == (0, 0, 0, 0)

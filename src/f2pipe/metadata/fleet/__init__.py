@@ -30,11 +30,21 @@ removed; a changed entry rewires the pin). Whatever the file does not name
 except datapoints and pins as just said. A controller's ``claiming_code`` is set
 when given and left unchanged when omitted.
 
+A claiming code is a credential, so a weak one is refused (naming the
+controller, never quoting the code): its strength is estimated as its length
+times log2 of the size of the smallest standard alphabet holding all of its
+characters (digits 10, hexadecimal 16, one-case letters 26, base32 32, one-case
+letters and digits 36, letters and digits 62, base64url or base64 64, printable
+ASCII 94), and must reach 64 bits; a character outside printable ASCII (a space
+included) is refused. ``secrets.token_urlsafe(12)``, what ``seed-demo``
+generates, is 16 characters of base64url: 96 bits.
+
 Guarantees: the whole file is validated before anything is written (every
 error names the file's line and the field); the import runs in one
-transaction, so a database refusal leaves nothing half-written; only rows that
-actually differ are written, so re-importing the same file changes nothing
-(and wakes no processor cache). Export omits claiming codes unless asked,
+transaction, so a database refusal leaves nothing half-written (and names the
+entry's line); only rows that actually differ are written, so re-importing the
+same file changes nothing (and wakes no processor cache). Rows are written in
+bulk, a few thousand per statement. Export omits claiming codes unless asked,
 because they are credentials.
 
 A template's datapoints are :class:`f2pipe.core.models.Datapoint`, the one
@@ -42,6 +52,7 @@ validated datapoint shape.
 
 The modules, by job: :mod:`.document` (the models and the reference checks),
 :mod:`.yamlload` (YAML with lines, and where each problem is), :mod:`.importer`
-(one locked transaction, only differing rows), :mod:`.exporter`, :mod:`.demo`
+(one locked transaction, only differing rows), :mod:`.bulk` (bulk statements that
+still name the refused entry), :mod:`.exporter`, :mod:`.demo`
 (the demo fleet document) and :mod:`.cli` (``f2pipe fleet``).
 """

@@ -7,6 +7,8 @@ datapoints are the one shared :class:`f2pipe.core.models.Datapoint`.
 
 from __future__ import annotations
 
+import math
+import string
 from collections.abc import Iterable
 from typing import Literal
 
@@ -22,6 +24,57 @@ Loc = tuple[str | int, ...]
 
 # encoding -> width in bytes (bool's width is free, 1..8)
 ENCODING_WIDTHS: dict[str, int] = {name: width for name, (_, width) in ENCODINGS.items() if width}
+
+
+# The standard alphabets a claiming code may be drawn from, smallest first. A code's
+# strength is estimated as its length times log2 of the size of the smallest one that
+# holds all of its characters: the most an attacker who knows the alphabet must try.
+_LOWER, _UPPER, _DIGITS = string.ascii_lowercase, string.ascii_uppercase, string.digits
+CODE_ALPHABETS: tuple[tuple[str, frozenset[str]], ...] = tuple(
+    (name, frozenset(chars))
+    for name, chars in (
+        ("digits", _DIGITS),
+        ("hexadecimal", _DIGITS + "abcdef"),
+        ("hexadecimal", _DIGITS + "ABCDEF"),
+        ("lower-case letters", _LOWER),
+        ("upper-case letters", _UPPER),
+        ("base32", _UPPER + "234567"),
+        ("base32", _LOWER + "234567"),
+        ("lower-case letters and digits", _LOWER + _DIGITS),
+        ("upper-case letters and digits", _UPPER + _DIGITS),
+        ("letters and digits", string.ascii_letters + _DIGITS),
+        ("base64url", string.ascii_letters + _DIGITS + "-_"),
+        ("base64", string.ascii_letters + _DIGITS + "+/"),
+        ("printable ASCII", string.ascii_letters + _DIGITS + string.punctuation),
+    )
+)
+MIN_CODE_BITS = 64  # what a claiming code must be worth; secrets.token_urlsafe(12) is 96
+
+
+def code_strength(code: str) -> tuple[str, int, float] | None:
+    """``(alphabet, its size, estimated bits)`` of a claiming code, or None when it has a
+    character outside printable ASCII (spaces included), which no estimate covers."""
+    chars = set(code)
+    for name, alphabet in CODE_ALPHABETS:
+        if chars <= alphabet:
+            return name, len(alphabet), len(code) * math.log2(len(alphabet))
+    return None
+
+
+def weak_code(code: str) -> str | None:
+    """Why ``code`` is too weak to be a claiming code, without quoting it; None when strong."""
+    strength = code_strength(code)
+    if strength is None:
+        return "claiming code has characters outside printable ASCII (or spaces)"
+    name, size, bits = strength
+    if bits >= MIN_CODE_BITS:
+        return None
+    chars = f"{len(code)} character{'' if len(code) == 1 else 's'}"
+    return (
+        f"claiming code too weak: {chars} of {name} ({size} symbols) are"
+        f" about {bits:.0f} bits, at least {MIN_CODE_BITS} needed"
+        " (e.g. python3 -c 'import secrets; print(secrets.token_urlsafe(12))')"
+    )
 
 
 class _Entry(BaseModel):
@@ -89,7 +142,9 @@ class Fleet(_Entry):
 
 
 def check_references(fleet: Fleet) -> list[tuple[Loc, str]]:
-    """Cross-entry problems of a field-valid fleet: duplicates and dangling names."""
+    """Problems a field-valid fleet can still have: duplicates, dangling names, and
+    claiming codes under :data:`MIN_CODE_BITS` (checked here, so a fleet built in code
+    passes the same check as a file; the message never quotes the code)."""
     problems: list[tuple[Loc, str]] = []
 
     def unique(kind: str, keys: Iterable[object], what: str) -> None:
@@ -147,6 +202,11 @@ def check_references(fleet: Fleet) -> list[tuple[Loc, str]]:
 
     for i, ctl in enumerate(fleet.controllers):
         template_ref("controllers", i, ctl.template, "controller")
+        why = None if ctl.claiming_code is None else weak_code(ctl.claiming_code)
+        if why is not None:
+            problems.append(
+                (("controllers", i, "claiming_code"), f"controller {ctl.mac} ({ctl.name!r}): {why}")
+            )
     for i, sensor in enumerate(fleet.sensors):
         template_ref("sensors", i, sensor.template, "sensor")
     macs = {c.mac for c in fleet.controllers}

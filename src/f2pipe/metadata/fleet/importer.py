@@ -3,13 +3,19 @@
 Every writer of fleet documents (``f2pipe fleet import``, ``f2pipe db
 seed-demo``, the simulator's provisioning) goes through here. An import takes a
 transaction-level advisory lock first, so concurrent imports each plan their
-changes from a fresh read; each statement runs in a savepoint, so a database
-refusal names the one entry that caused it and the whole import rolls back.
+changes from a fresh read. The current rows are read a table at a time, the
+changes planned in memory, and each kind of change written in bulk: one
+statement per few thousand rows over arrays (``unnest``), in the file's order,
+so 10,000 controllers with 40,000 sensors take seconds, not the better part of
+an hour. Each bulk statement runs in a savepoint; when the database refuses
+one, its rows are halved and retried until the one entry that caused it is
+found, so a refusal still names that entry (and its line), and the whole
+import rolls back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,10 +23,10 @@ from typing import Any
 import psycopg
 
 from f2pipe.errors import FleetError
+from f2pipe.metadata.fleet.bulk import Conn, Progress, ProgressReport, Refused, Row, bulk, run
 from f2pipe.metadata.fleet.document import Fleet, Loc, TemplateEntry, check_references
 from f2pipe.metadata.fleet.yamlload import Problem, line_of, load_document, problems_error
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 _LOCK_KEY = 0xF2_F1_EE  # serialises concurrent imports: each plans its changes from a fresh read
 
 
@@ -48,24 +54,15 @@ class Changes:
         return "; ".join(parts)
 
 
-class _Refused(FleetError):
-    """A database refusal during the import, tied to the entry that caused it.
-
-    Never escapes: :func:`_write` turns it into a FleetError naming the line.
-    """
-
-    def __init__(self, loc: Loc, message: str) -> None:
-        super().__init__(message)
-        self.loc = loc
-        self.message = message
-
-
-def import_fleet(dsn: str, path: Path, dry_run: bool = False) -> Changes:
+def import_fleet(
+    dsn: str, path: Path, dry_run: bool = False, progress: ProgressReport | None = None
+) -> Changes:
     """Validate ``path`` and make the database match it in one transaction.
 
     Raises FleetError (every message names the file's line and the field) when the
     file is invalid or the database refuses an entry; then nothing is written.
-    With ``dry_run`` the changes are counted and rolled back.
+    With ``dry_run`` the changes are counted and rolled back. ``progress``, when
+    given, is told the entries done after each bulk statement.
     """
     source = str(path)
     try:
@@ -74,7 +71,11 @@ def import_fleet(dsn: str, path: Path, dry_run: bool = False) -> Changes:
         raise FleetError(f"cannot read {source}: {exc.strerror}") from None
     document, fleet = load_document(text, source)
     return _in_transaction(
-        dsn, dry_run, lambda conn: _write(conn, fleet, source, lambda loc: line_of(document, loc))
+        dsn,
+        dry_run,
+        lambda conn: _write(
+            conn, fleet, source, lambda loc: line_of(document, loc), Progress(fleet, progress)
+        ),
     )
 
 
@@ -88,7 +89,9 @@ def apply_fleet(dsn: str, fleet: Fleet, dry_run: bool = False) -> Changes:
     FleetError naming the entry (``controllers[0].name: ...``) on a problem.
     """
     _check(fleet)
-    return _in_transaction(dsn, dry_run, lambda conn: _write(conn, fleet, _SOURCE, _no_line))
+    return _in_transaction(
+        dsn, dry_run, lambda conn: _write(conn, fleet, _SOURCE, _no_line, Progress(fleet))
+    )
 
 
 def write_fleet(conn: Conn, fleet: Fleet) -> Changes:
@@ -99,7 +102,7 @@ def write_fleet(conn: Conn, fleet: Fleet) -> Changes:
     transaction to the caller, who lets it roll back.
     """
     _check(fleet)
-    return _write(conn, fleet, _SOURCE, _no_line)
+    return _write(conn, fleet, _SOURCE, _no_line, Progress(fleet))
 
 
 def hold_import_lock(conn: Conn) -> None:
@@ -131,42 +134,30 @@ def _in_transaction(dsn: str, dry_run: bool, write: Callable[[Conn], Changes]) -
     return changes
 
 
-def _write(conn: Conn, fleet: Fleet, source: str, line: Callable[[Loc], int | None]) -> Changes:
+def _write(
+    conn: Conn,
+    fleet: Fleet,
+    source: str,
+    line: Callable[[Loc], int | None],
+    progress: Progress,
+) -> Changes:
     """Write a checked fleet under the lock; a refusal names ``source``, line and entry."""
     hold_import_lock(conn)
     try:
-        return _apply(conn, fleet)
-    except _Refused as exc:
+        return _apply(conn, fleet, progress)
+    except Refused as exc:
         raise problems_error(source, [Problem(line(exc.loc), exc.loc, exc.message)]) from None
 
 
-def _refusal(exc: psycopg.Error) -> str:
-    diag = exc.diag
-    what = diag.message_primary or str(exc)
-    if diag.constraint_name:
-        what += f" (constraint {diag.constraint_name})"
-    return f"database refused it: {what}"
-
-
-def _run(conn: Conn, loc: Loc, query: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Run one statement for the entry at ``loc``; a refusal becomes _Refused naming it."""
-    try:
-        with conn.transaction():  # a savepoint, so the refusal names this entry alone
-            cur = conn.execute(query.encode(), params)
-            return cur.fetchall() if cur.description else []
-    except psycopg.errors.IntegrityError as exc:
-        raise _Refused(loc, _refusal(exc)) from None
-    except psycopg.errors.DataError as exc:
-        raise _Refused(loc, _refusal(exc)) from None
-
-
-def _apply(conn: Conn, fleet: Fleet) -> Changes:
+def _apply(conn: Conn, fleet: Fleet, progress: Progress) -> Changes:
     changes = Changes()
     type_ids = _apply_types(conn, fleet, changes)
+    progress.advance(len(fleet.device_types))
     template_ids = _apply_templates(conn, fleet, type_ids, changes)
-    controller_ids = _apply_controllers(conn, fleet, template_ids, changes)
-    sensor_ids = _apply_sensors(conn, fleet, template_ids, changes)
-    _apply_wiring(conn, fleet, controller_ids, sensor_ids, changes)
+    progress.advance(len(fleet.templates))
+    controller_ids = _apply_controllers(conn, fleet, template_ids, changes, progress)
+    sensor_ids = _apply_sensors(conn, fleet, template_ids, changes, progress)
+    _apply_wiring(conn, fleet, controller_ids, sensor_ids, changes, progress)
     return changes
 
 
@@ -182,7 +173,7 @@ def _apply_types(conn: Conn, fleet: Fleet, changes: Changes) -> dict[str, int]:
         loc: Loc = ("device_types", i)
         have = current.get(entry.name)
         if have is None:
-            rows = _run(
+            rows = run(
                 conn,
                 loc,
                 "INSERT INTO device_types (name, is_controller, is_sensor) VALUES (%s, %s, %s)"
@@ -192,7 +183,7 @@ def _apply_types(conn: Conn, fleet: Fleet, changes: Changes) -> dict[str, int]:
             ids[entry.name] = rows[0][0]
             changes.add("device types", "created")
         elif have[1:] != (entry.is_controller, entry.is_sensor):
-            _run(
+            run(
                 conn,
                 loc,
                 "UPDATE device_types SET is_controller = %s, is_sensor = %s"
@@ -219,7 +210,7 @@ def _apply_templates(
         wanted = (entry.model, entry.description, type_ids[entry.device_type], entry.frame_check)
         have = current.get(entry.name)
         if have is None:
-            rows = _run(
+            rows = run(
                 conn,
                 loc,
                 "INSERT INTO device_templates"
@@ -230,7 +221,7 @@ def _apply_templates(
             ids[entry.name] = rows[0][0]
             changes.add("templates", "created")
         elif tuple(have[1:]) != wanted:
-            _run(
+            run(
                 conn,
                 loc,
                 "UPDATE device_templates SET model = %s, description = %s, device_type_id = %s,"
@@ -266,7 +257,7 @@ def _apply_datapoints(
         )
         have = current.get(dp.label)
         if have is None:
-            _run(
+            run(
                 conn,
                 dp_loc,
                 "INSERT INTO datapoints (device_template_id, label, data_encoding, byte_offset,"
@@ -276,7 +267,7 @@ def _apply_datapoints(
             )
             changes.add("datapoints", "created")
         elif (str(have[1]).lower(), *have[2:]) != wanted:
-            _run(
+            run(
                 conn,
                 dp_loc,
                 "UPDATE datapoints SET data_encoding = %s, byte_offset = %s, byte_length = %s,"
@@ -291,13 +282,13 @@ def _apply_datapoints(
         if label not in {d.label for d in entry.datapoints}
     ]
     if gone:
-        _run(conn, loc, "DELETE FROM datapoints WHERE datapoint_id = ANY(%s)", (gone,))
+        run(conn, loc, "DELETE FROM datapoints WHERE datapoint_id = ANY(%s)", (gone,))
         for _ in gone:
             changes.add("datapoints", "deleted")
 
 
 def _apply_controllers(
-    conn: Conn, fleet: Fleet, template_ids: dict[str, int], changes: Changes
+    conn: Conn, fleet: Fleet, template_ids: dict[str, int], changes: Changes, progress: Progress
 ) -> dict[str, int]:
     macs = [c.mac for c in fleet.controllers]
     current = {
@@ -309,37 +300,44 @@ def _apply_controllers(
         )
     }
     ids: dict[str, int] = {}
+    inserts: list[Row] = []
+    updates: list[Row] = []
     for i, entry in enumerate(fleet.controllers):
         loc: Loc = ("controllers", i)
         have = current.get(entry.mac)
         wanted = (entry.name, template_ids[entry.template], entry.timezone, entry.serial_number)
         if have is None:
-            rows = _run(
-                conn,
-                loc,
-                "INSERT INTO devices (name, device_template_id, timezone, serial_number,"
-                " claiming_code, mac_address) VALUES (%s, %s, %s, %s, %s, %s) RETURNING device_id",
-                (*wanted, entry.claiming_code, entry.mac),
-            )
-            ids[entry.mac] = rows[0][0]
-            changes.add("controllers", "created")
+            inserts.append((loc, (*wanted, entry.claiming_code, entry.mac)))
             continue
         ids[entry.mac] = have[0]
         code = have[5] if entry.claiming_code is None else entry.claiming_code
         if (*have[1:5], have[5]) != (*wanted, code):
-            _run(
-                conn,
-                loc,
-                "UPDATE devices SET name = %s, device_template_id = %s, timezone = %s,"
-                " serial_number = %s, claiming_code = %s WHERE device_id = %s",
-                (*wanted, code, have[0]),
-            )
-            changes.add("controllers", "updated")
+            updates.append((loc, (*wanted, code, have[0])))
+    progress.advance(len(fleet.controllers) - len(inserts) - len(updates))
+    for mac, device_id in bulk(conn, inserts, _INSERT_CONTROLLERS, progress):
+        ids[mac] = device_id
+        changes.add("controllers", "created")
+    bulk(conn, updates, _UPDATE_CONTROLLERS, progress)
+    for _ in updates:
+        changes.add("controllers", "updated")
     return ids
 
 
+_INSERT_CONTROLLERS = (
+    "INSERT INTO devices (name, device_template_id, timezone, serial_number, claiming_code,"
+    " mac_address) SELECT n, t, z, s, c, m FROM unnest(%s::text[], %s::int[], %s::text[],"
+    " %s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS u(n, t, z, s, c, m, o)"
+    " ORDER BY o RETURNING mac_address, device_id"
+)
+_UPDATE_CONTROLLERS = (
+    "UPDATE devices d SET name = u.n, device_template_id = u.t, timezone = u.z,"
+    " serial_number = u.s, claiming_code = u.c FROM unnest(%s::text[], %s::int[], %s::text[],"
+    " %s::text[], %s::text[], %s::int[]) AS u(n, t, z, s, c, id) WHERE d.device_id = u.id"
+)
+
+
 def _apply_sensors(
-    conn: Conn, fleet: Fleet, template_ids: dict[str, int], changes: Changes
+    conn: Conn, fleet: Fleet, template_ids: dict[str, int], changes: Changes, progress: Progress
 ) -> dict[str, int]:
     names = [s.name for s in fleet.sensors]
     current: dict[str, list[tuple[Any, ...]]] = {}
@@ -350,40 +348,46 @@ def _apply_sensors(
     ):
         current.setdefault(row[0], []).append(row[1:])
     ids: dict[str, int] = {}
+    inserts: list[Row] = []
+    updates: list[Row] = []
     for i, entry in enumerate(fleet.sensors):
         loc: Loc = ("sensors", i)
         matches = current.get(entry.name, [])
         wanted = (template_ids[entry.template], entry.serial_number)
         if len(matches) > 1:
             listed = ", ".join(str(m[0]) for m in matches)
-            raise _Refused(
+            raise Refused(
                 (*loc, "name"),
                 f"{len(matches)} sensors in the database are named {entry.name!r}"
                 f" (device ids {listed}); rename them so the name says which one is meant",
             )
         if not matches:
-            rows = _run(
-                conn,
-                loc,
-                "INSERT INTO devices (name, device_template_id, serial_number) VALUES (%s, %s, %s)"
-                " RETURNING device_id",
-                (entry.name, *wanted),
-            )
-            ids[entry.name] = rows[0][0]
-            changes.add("sensors", "created")
+            inserts.append((loc, (entry.name, *wanted)))
             continue
         have = matches[0]
         ids[entry.name] = have[0]
         if tuple(have[1:]) != wanted:
-            _run(
-                conn,
-                loc,
-                "UPDATE devices SET device_template_id = %s, serial_number = %s"
-                " WHERE device_id = %s",
-                (*wanted, have[0]),
-            )
-            changes.add("sensors", "updated")
+            updates.append((loc, (*wanted, have[0])))
+    progress.advance(len(fleet.sensors) - len(inserts) - len(updates))
+    # Sensor names are unique in a checked fleet, so the name says which row is which.
+    for name, device_id in bulk(conn, inserts, _INSERT_SENSORS, progress):
+        ids[name] = device_id
+        changes.add("sensors", "created")
+    bulk(conn, updates, _UPDATE_SENSORS, progress)
+    for _ in updates:
+        changes.add("sensors", "updated")
     return ids
+
+
+_INSERT_SENSORS = (
+    "INSERT INTO devices (name, device_template_id, serial_number)"
+    " SELECT n, t, s FROM unnest(%s::text[], %s::int[], %s::text[]) WITH ORDINALITY"
+    " AS u(n, t, s, o) ORDER BY o RETURNING name, device_id"
+)
+_UPDATE_SENSORS = (
+    "UPDATE devices d SET device_template_id = u.t, serial_number = u.s"
+    " FROM unnest(%s::int[], %s::text[], %s::int[]) AS u(t, s, id) WHERE d.device_id = u.id"
+)
 
 
 def _apply_wiring(
@@ -392,63 +396,81 @@ def _apply_wiring(
     controller_ids: dict[str, int],
     sensor_ids: dict[str, int],
     changes: Changes,
+    progress: Progress,
 ) -> None:
+    ids = list(controller_ids.values())
+    connectors = {
+        (row[0], row[1]): row[2]
+        for row in conn.execute(
+            "SELECT controller_id, connector_number, connector_id FROM connectors"
+            " WHERE controller_id = ANY(%s)",
+            (ids,),
+        )
+    }
+    current_of: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
+    for row in conn.execute(
+        "SELECT c.controller_id, c.connector_number, p.position, p.pin_id, p.device_id"
+        " FROM pins p JOIN connectors c USING (connector_id) WHERE c.controller_id = ANY(%s)",
+        (ids,),
+    ):
+        current_of.setdefault(row[0], {})[(row[1], row[2])] = (row[3], row[4])
+    wanted_of: dict[str, dict[tuple[int, int], tuple[int, int]]] = {}
+    for i, w in enumerate(fleet.wiring):
+        wanted_of.setdefault(w.controller, {})[(w.connector, w.pin)] = (i, sensor_ids[w.sensor])
+    removals: list[Row] = []
+    rewires: list[Row] = []
+    new_connectors: list[Row] = []
+    new_pins: list[tuple[Loc, tuple[int, int], int, int]] = []  # loc, connector, position, device
     for ctl_index, ctl in enumerate(fleet.controllers):
         controller_id = controller_ids[ctl.mac]
-        connectors = {
-            row[0]: row[1]
-            for row in conn.execute(
-                "SELECT connector_number, connector_id FROM connectors WHERE controller_id = %s",
-                (controller_id,),
-            )
-        }
-        current = {
-            (row[0], row[1]): (row[2], row[3])
-            for row in conn.execute(
-                "SELECT c.connector_number, p.position, p.pin_id, p.device_id"
-                " FROM pins p JOIN connectors c USING (connector_id) WHERE c.controller_id = %s",
-                (controller_id,),
-            )
-        }
-        wanted = {
-            (w.connector, w.pin): (i, sensor_ids[w.sensor])
-            for i, w in enumerate(fleet.wiring)
-            if w.controller == ctl.mac
-        }
-        # Removals first, so a sensor moved between pins never sits on two at once.
-        gone = [pin_id for key, (pin_id, _) in current.items() if key not in wanted]
-        if gone:
-            _run(
-                conn, ("controllers", ctl_index), "DELETE FROM pins WHERE pin_id = ANY(%s)", (gone,)
-            )
-            for _ in gone:
-                changes.add("wiring", "removed")
+        wanted = wanted_of.get(ctl.mac, {})
+        current = current_of.get(controller_id, {})
+        removals += [
+            (("controllers", ctl_index), (pin_id,))
+            for key, (pin_id, _) in current.items()
+            if key not in wanted
+        ]
         for (number, position), (i, device_id) in sorted(wanted.items()):
             loc: Loc = ("wiring", i)
             have = current.get((number, position))
             if have is not None:
                 if have[1] != device_id:
-                    _run(
-                        conn,
-                        loc,
-                        "UPDATE pins SET device_id = %s WHERE pin_id = %s",
-                        (device_id, have[0]),
-                    )
-                    changes.add("wiring", "rewired")
+                    rewires.append((loc, (device_id, have[0])))
                 continue
-            if number not in connectors:
-                rows = _run(
-                    conn,
-                    loc,
-                    "INSERT INTO connectors (controller_id, connector_number) VALUES (%s, %s)"
-                    " RETURNING connector_id",
-                    (controller_id, number),
-                )
-                connectors[number] = rows[0][0]
-            _run(
-                conn,
-                loc,
-                "INSERT INTO pins (connector_id, position, device_id) VALUES (%s, %s, %s)",
-                (connectors[number], position, device_id),
-            )
-            changes.add("wiring", "created")
+            key = (controller_id, number)
+            if key not in connectors:
+                connectors[key] = -1  # created below, once
+                new_connectors.append((loc, key))
+            new_pins.append((loc, key, position, device_id))
+    progress.advance(len(fleet.wiring) - len(rewires) - len(new_pins))
+    # Removals first, so a sensor moved between pins never sits on two at once.
+    bulk(conn, removals, "DELETE FROM pins WHERE pin_id = ANY(%s::int[])", progress, count=False)
+    for _ in removals:
+        changes.add("wiring", "removed")
+    bulk(conn, rewires, _REWIRE, progress)
+    for _ in rewires:
+        changes.add("wiring", "rewired")
+    for controller_id, number, connector_id in bulk(
+        conn, new_connectors, _INSERT_CONNECTORS, progress, count=False
+    ):
+        connectors[(controller_id, number)] = connector_id
+    pins = [(loc, (connectors[key], position, device)) for loc, key, position, device in new_pins]
+    bulk(conn, pins, _INSERT_PINS, progress)
+    for _ in pins:
+        changes.add("wiring", "created")
+
+
+_REWIRE = (
+    "UPDATE pins p SET device_id = u.d FROM unnest(%s::int[], %s::int[]) AS u(d, id)"
+    " WHERE p.pin_id = u.id"
+)
+_INSERT_CONNECTORS = (
+    "INSERT INTO connectors (controller_id, connector_number)"
+    " SELECT c, n FROM unnest(%s::int[], %s::int[]) WITH ORDINALITY AS u(c, n, o) ORDER BY o"
+    " RETURNING controller_id, connector_number, connector_id"
+)
+_INSERT_PINS = (
+    "INSERT INTO pins (connector_id, position, device_id)"
+    " SELECT c, p, d FROM unnest(%s::int[], %s::int[], %s::int[]) WITH ORDINALITY"
+    " AS u(c, p, d, o) ORDER BY o"
+)
