@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import io
+import json
 import math
 import secrets
 from collections.abc import Callable
@@ -9,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import psycopg
 import pytest
 import yaml
@@ -18,6 +22,7 @@ from f2pipe import cli
 from f2pipe.core.topics import normalize_mac
 from f2pipe.errors import FleetError
 from f2pipe.metadata.database import seed_demo
+from f2pipe.metadata.fleet.cli import ProgressLine
 from f2pipe.metadata.fleet.demo import demo_fleet
 from f2pipe.metadata.fleet.document import code_strength, weak_code
 from f2pipe.metadata.fleet.exporter import export_fleet
@@ -608,3 +613,65 @@ def test_a_refusal_in_a_bulk_statement_names_its_entry(fresh_db: str, tmp_path: 
     assert f"fleet.yaml:{line_with(text, 'Mars/Olympus')}: controllers[637]:" in message
     assert "database refused it" in message
     assert counts(fresh_db) == (0, 0, 0, 0)
+
+
+# --- the JSON Schema and the progress line ------------------------------------------------
+
+
+def test_the_schema_accepts_the_demo_fleet_and_refuses_a_bad_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert cli.main(["fleet", "schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    shipped = resources.files("f2pipe.metadata") / "demo-fleet.yaml"
+    demo = yaml.safe_load(shipped.read_text(encoding="utf-8"))
+    assert list(validator.iter_errors(demo)) == []
+    small = yaml.safe_load(SMALL.replace("mac: 001122334455", "mac: '001122334455'"))
+    small["controllers"][0]["serial_number"] = "0012345"
+    assert list(validator.iter_errors(small)) == []
+
+    bad = copy.deepcopy(demo)
+    bad["wiring"][0]["pin"] = 7
+    bad["controllers"][1]["mac"] = "aa:bb:cc:dd:ee"
+    bad["controllers"][2]["claiming_code"] = "short"
+    bad["templates"][1]["datapoints"][0]["data_encoding"] = "int24"
+    bad["templates"][1]["colour"] = "red"
+    errors = {tuple(e.absolute_path) for e in validator.iter_errors(bad)}
+    assert errors == {
+        ("wiring", 0, "pin"),
+        ("controllers", 1, "mac"),
+        ("controllers", 2, "claiming_code"),
+        ("templates", 1, "datapoints", 0, "data_encoding"),
+        ("templates", 1),
+    }
+    # Case-insensitive, as the importer reads them.
+    demo["templates"][1]["datapoints"][0].update(data_encoding="INT16", byte_order="dcba")
+    assert list(validator.iter_errors(demo)) == []
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_shows_only_on_a_terminal() -> None:
+    piped = io.StringIO()
+    line = ProgressLine(piped)
+    line.note("reading")
+    line(5, 10)
+    line(10, 10)
+    line.close()
+    assert piped.getvalue() == ""
+
+    terminal = _Terminal()
+    line = ProgressLine(terminal, interval=3600)
+    line(1, 10)  # within the interval: not shown
+    line(10, 10)  # the last is always shown
+    line.close()
+    shown = terminal.getvalue()
+    assert "fleet import: 10 of 10 entries" in shown
+    assert "1 of 10" not in shown
+    assert shown.endswith(" s)\n")

@@ -1,14 +1,18 @@
-"""``f2pipe fleet import FILE.yaml`` and ``f2pipe fleet export [FILE]``."""
+"""``f2pipe fleet import FILE.yaml``, ``f2pipe fleet export [FILE]`` and ``f2pipe fleet schema``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import TextIO
 
 from f2pipe.metadata.fleet.exporter import export_fleet
 from f2pipe.metadata.fleet.importer import import_fleet
+from f2pipe.metadata.fleet.schema import fleet_json_schema
 from f2pipe.settings import get_settings
 
 
@@ -30,10 +34,56 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="include the controllers' claiming codes (credentials: the file is written 0600)",
     )
     exp.set_defaults(func=_cmd_export)
+    sub.add_parser(
+        "schema", help="print the JSON Schema (draft 2020-12) of fleet files, for editors"
+    ).set_defaults(func=_cmd_schema)
+
+
+class ProgressLine:
+    """``entries done / total`` on one rewritten line of ``stream``, at most once a second.
+
+    Only a person at a terminal wants it: nothing is written unless ``stream``
+    is a TTY, so logs and pipes stay clean.
+    """
+
+    def __init__(self, stream: TextIO, interval: float = 1.0) -> None:
+        self.stream = stream
+        self.active = stream.isatty()
+        self.interval = interval
+        self.start = self.last = time.monotonic()
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.active or (now - self.last < self.interval and done < total):
+            return
+        self.last = now
+        self.stream.write(f"\rfleet import: {done:,} of {total:,} entries written or checked")
+        self.stream.flush()
+        self.shown = True
+
+    def note(self, text: str) -> None:
+        """Say what is happening before there is a count (reading a large file)."""
+        if self.active:
+            self.stream.write(f"\rfleet import: {text}")
+            self.stream.flush()
+            self.shown = True
+
+    def close(self) -> None:
+        if self.shown:
+            self.stream.write(f" ({time.monotonic() - self.start:.1f} s)\n")
+            self.stream.flush()
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
-    changes = import_fleet(get_settings().metadata_dsn, args.file, dry_run=args.dry_run)
+    progress = ProgressLine(sys.stderr)
+    progress.note(f"reading and checking {args.file}")
+    try:
+        changes = import_fleet(
+            get_settings().metadata_dsn, args.file, dry_run=args.dry_run, progress=progress
+        )
+    finally:
+        progress.close()
     prefix = "dry run, would write: " if args.dry_run and changes.total else ""
     print(f"{args.file}: {prefix}{changes.summary()}")
     return 0
@@ -48,4 +98,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    print(json.dumps(fleet_json_schema(), indent=2, ensure_ascii=False))
     return 0
