@@ -83,7 +83,7 @@ class Settler:
         rejected += [(msg, detail, "parse") for msg, detail in batch.unparsed]
         if rejected:
             self.dead_letter(rejected)
-        self.commit(batch.offsets)
+        self.commit_offsets(batch.offsets)
 
     def dead_letter(self, rejected: Sequence[tuple[Message, str, str]]) -> None:
         """Dead-letter each ``(record, detail, cause)`` and wait until Kafka acknowledged all.
@@ -131,8 +131,11 @@ class Settler:
         if err is not None:
             self._delivery_errors.append(str(err))
 
-    def commit(self, offsets: dict[tuple[str, int], int]) -> None:
+    def commit_offsets(self, offsets: dict[tuple[str, int], int]) -> None:
         """Commit ``offsets`` (last offset seen + 1) synchronously; wait while Kafka is down.
+
+        The one place the sink commits offsets, always after the batch's
+        database commit and its dead letters' acknowledgement.
 
         Gives up without committing after a rebalance took the partitions (their
         new owner re-reads into the idempotent write) or when stopping.
