@@ -369,9 +369,12 @@ class Connector:
                 want_read = [sock] if client.wants_read() else []
                 want_write = [sock] if client.pending_output() else []
                 # Once a round may be acknowledged, short waits keep PUBACK latency low;
-                # before that, waking up only to find it unacknowledged costs CPU.
+                # before that, waking up only to find it unacknowledged costs CPU. A round
+                # long overdue (Kafka slow or down) is checked on less often: a tenth of
+                # its lateness, at most 0.1 s, instead of spinning through an outage.
                 if self._round_size:
-                    timeout = max(0.001, self._round_due - time.monotonic())
+                    due = self._round_due - time.monotonic()
+                    timeout = due if due > 0.001 else min(0.1, max(0.001, -due / 10))
                 else:
                     timeout = 0.001 if self._next else 0.1
                 try:
