@@ -15,6 +15,7 @@ __all__ = [
     "BATCH_ROWS",
     "CONSUMED",
     "DB_RETRIES",
+    "DB_TIMEOUTS",
     "DUPLICATES",
     "FALLBACKS",
     "LAG",
@@ -57,3 +58,5 @@ LAG = Gauge("f2pipe_sink_consumer_lag", "records not yet committed", ["partition
 ASSIGNED = Gauge("f2pipe_sink_assigned_partitions", "partitions assigned to this sink")
 # Failed write attempts because the database was unavailable.
 DB_RETRIES = Counter("f2pipe_sink_db_retries", "write attempts retried after a database error")
+# Database waits cut short by lock_timeout or statement_timeout (then retried).
+DB_TIMEOUTS = Counter("f2pipe_sink_db_timeouts", "database waits ended by a timeout", ["kind"])

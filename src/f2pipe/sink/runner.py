@@ -19,6 +19,10 @@ Guarantees (SPEC sections 5 and 7):
 - Database down: the partitions are paused, the batch is kept, the write is
   retried with jittered exponential backoff, then consumption resumes.
   Kafka down: the loop waits (consume returns nothing, commits are retried).
+- No deadlock: a batch's rows reach the table only once the batch before it
+  takes no more locks there (see :meth:`Sink._flush`); every database wait is bounded
+  (:class:`~f2pipe.sink.writer.Timeouts`). A sink that cannot progress
+  answers ``/readyz`` with 503 (:class:`~f2pipe.sink.progress.Progress`).
 """
 
 from __future__ import annotations
@@ -43,9 +47,10 @@ from f2pipe.runtime.shutdown import stop_on_signals
 from f2pipe.settings import Settings, get_settings
 from f2pipe.sink.batching import Batch, CommitPolicy, retry_backoff
 from f2pipe.sink.metrics import ASSIGNED, BATCH_AGE, BATCH_ROWS, CONSUMED, DB_RETRIES, WRITE_SECONDS
+from f2pipe.sink.progress import Progress
 from f2pipe.sink.settle import Settler
 from f2pipe.sink.stage import parse_batch, parse_reading
-from f2pipe.sink.writer import Writer, WriteResult
+from f2pipe.sink.writer import Timeouts, Writer, WriteResult
 
 __all__ = ["Sink", "configure", "tune_gc"]
 
@@ -59,8 +64,9 @@ class Sink:
     then writes the open batch, commits, and closes everything.
 
     Two batches overlap: while one commits on a background thread (its own
-    connection), the next is consumed and streamed into a COPY on the other
-    connection. Everything that touches Kafka stays on the loop's thread, and
+    connection), the next is consumed and encoded for the other connection,
+    which sends it into the table once every row of the first is there (see
+    :meth:`_flush`). Everything that touches Kafka stays on the loop's thread, and
     batches are settled (counted, dead-lettered, offsets committed) strictly
     in order: a batch's offsets are committed only after its own database
     commit and after every earlier batch's.
@@ -84,10 +90,12 @@ class Sink:
         self.policy = policy or CommitPolicy.from_settings(settings)
         self.database_backoff = retry_backoff(settings.sink_backoff_max_ms / 1000)
         self._on_settled = on_settled
+        timeouts = Timeouts.from_settings(settings, self.policy.max_age_s)
         self._writers = (
-            Writer(settings.timeseries_dsn),
-            Writer(settings.timeseries_dsn, announce=False),
+            Writer(settings.timeseries_dsn, timeouts=timeouts),
+            Writer(settings.timeseries_dsn, announce=False, timeouts=timeouts),
         )
+        self.progress = Progress(settings.sink_stall_s)
         self.writer = self._writers[0]  # the open batch streams into this one
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sink-commit")
         # The batch committing in the background: (batch, its writer, its outcome).
@@ -133,7 +141,12 @@ class Sink:
         return frozenset(self._assigned)
 
     def ready(self) -> bool:
-        """Both dependencies answer: the database (a fresh connection) and Kafka."""
+        """The sink progresses (:attr:`progress`), the database and Kafka answer.
+
+        Safe from another thread; a fresh database connection, a Kafka metadata request.
+        """
+        if self.progress.stalled():
+            return False
         with psycopg.connect(self.settings.timeseries_dsn, connect_timeout=2) as conn:
             conn.execute("SELECT 1")
         # Its own client: the consumer's handle is busy in the loop's consume().
@@ -200,6 +213,8 @@ class Sink:
                 self._settle()  # commit its offsets now, not when the next batch is full
             else:
                 timeout = 0.02
+                if self._inflight[1].rows_in_table:  # it takes no more locks we could hold
+                    self.writer.release()
         batch = self.batch
         room = max(self.policy.max_rows - len(batch), 1)
         if len(batch):
@@ -279,6 +294,12 @@ class Sink:
             return
         writer = self.writer
         self.writer = self._writers[1] if writer is self._writers[0] else self._writers[0]
+        # The next batch stays out of the table until this one is all in it
+        # (_poll_once) or committed (_complete): else a duplicate straddling them
+        # could make this one wait for the next one's row lock, held until after
+        # this commit; a deadlock no database sees, the loop being one of its parties.
+        self.writer.hold()
+        self.progress.flushed()
         future = self._committer.submit(self._timed_finish, writer, batch)
         self._inflight = (batch, writer, future)
 
@@ -301,6 +322,8 @@ class Sink:
         try:
             result = future.result()
         except DatabaseUnavailable as exc:
+            self.progress.failed(str(exc))
+            self.writer.abandon()  # out of the table while this one is retried: see _flush
             written = self._write_with_backpressure(batch, writer, exc)
             if written is None:
                 return False
@@ -309,7 +332,12 @@ class Sink:
         return True
 
     def _complete(self, batch: Batch, result: WriteResult) -> None:
-        """After the database commit: count, dead-letter the rejects, commit offsets."""
+        """After the database commit: count, dead-letter the rejects, commit offsets.
+
+        The open batch may reach the table from now on (see :meth:`_flush`).
+        """
+        self.progress.settled()
+        self.writer.release()
         self.settler.settle(batch, result)
         if self._on_settled is not None:
             self._on_settled(batch, result)
@@ -347,6 +375,7 @@ class Sink:
                 try:
                     result = self._timed_finish(writer, batch)
                 except DatabaseUnavailable as exc:
+                    self.progress.failed(str(exc))
                     error = exc
                     continue
                 if self._in_backpressure:

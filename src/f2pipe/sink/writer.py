@@ -16,6 +16,11 @@ Guarantees (SPEC sections 5 and 7), one transaction per batch:
   reported in :attr:`WriteResult.rejected`; the rest of the batch lands.
 - Any failure that is not the data's fault raises
   :class:`~f2pipe.errors.DatabaseUnavailable` and commits nothing.
+- Every wait is bounded: connecting (``connect_timeout``, TCP keepalives and
+  ``tcp_user_timeout`` against a silent peer), a lock (``lock_timeout``) and
+  a statement (``statement_timeout``), as session settings. A timeout is a
+  :class:`~f2pipe.errors.DatabaseUnavailable` like any other, counted in
+  :data:`~f2pipe.sink.metrics.DB_TIMEOUTS`.
 """
 
 from __future__ import annotations
@@ -29,8 +34,11 @@ from typing import Any, NoReturn
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg.copy import QueuedLibpqWriter
 
 from f2pipe.errors import DatabaseUnavailable
+from f2pipe.settings import Settings
+from f2pipe.sink.metrics import DB_TIMEOUTS
 from f2pipe.sink.stage import (
     COPY_HEADER,
     COPY_TRAILER,
@@ -40,7 +48,7 @@ from f2pipe.sink.stage import (
     newest_per_key,
 )
 
-__all__ = ["COPY_DIRECT", "WriteResult", "Writer"]
+__all__ = ["COPY_DIRECT", "Timeouts", "WriteResult", "Writer"]
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +78,29 @@ class WriteResult:
     fallback: bool = False  # some rows were stored already: the staging path ran
 
 
+@dataclass(frozen=True)
+class Timeouts:
+    """How long a writer waits for the database, in seconds (see the module docstring)."""
+
+    connect_s: float = 5.0
+    lock_s: float = 10.0
+    statement_s: float = 60.0  # also how long sent data may go unacknowledged (TCP)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, batch_age_s: float) -> Timeouts:
+        """The sink's settings; the COPY that streams a batch also runs while it fills up."""
+        return cls(
+            settings.sink_connect_timeout_s,
+            settings.sink_lock_timeout_s,
+            settings.sink_statement_timeout_s + batch_age_s,
+        )
+
+    def __post_init__(self) -> None:
+        for name in ("connect_s", "lock_s", "statement_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
 class Writer:
     """Writes batches into ``decoded_data`` over one connection (re-opened after failure).
 
@@ -89,20 +120,50 @@ class Writer:
     broke during COMMIT, the outcome is unknown, which the idempotent retry absorbs).
     """
 
-    def __init__(self, dsn: str, *, direct_copy: bool = True, announce: bool = True) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        direct_copy: bool = True,
+        announce: bool = True,
+        timeouts: Timeouts | None = None,
+    ) -> None:
         self._dsn = dsn
         self._conn: psycopg.Connection[Any] | None = None
         self._direct_copy = direct_copy
         self._connected_once = not announce
+        self.timeouts = timeouts or Timeouts()
         self._stream: ExitStack | None = None  # the open direct COPY of the current batch
         self._streamed = 0  # rows sent into it
         self._stream_failed = False
         self._copy: Any = None  # psycopg Copy of the open stream
+        self._held = False  # see hold()
+        self._pending: list[bytes] = []  # rows encoded while held, not sent yet
+        self._pending_rows = 0
+        # True while finish (on its thread) has every row of the batch in the table
+        # and takes no more locks there: only latest_readings and the commit to go.
+        self.rows_in_table = False
 
     def connection(self) -> psycopg.Connection[Any]:
         if self._conn is None or self._conn.closed:
+            t = self.timeouts
             try:
-                conn = psycopg.connect(self._dsn, connect_timeout=5)
+                conn = psycopg.connect(
+                    self._dsn,
+                    connect_timeout=max(1, round(t.connect_s)),
+                    # A peer that vanished without a reset would otherwise be waited
+                    # for forever: probes after 10 s idle, dead after 3 more unanswered.
+                    keepalives=1,
+                    keepalives_idle=10,
+                    keepalives_interval=5,
+                    keepalives_count=3,
+                    tcp_user_timeout=round(t.statement_s * 1000),
+                )
+                conn.execute(
+                    "SELECT set_config('lock_timeout', %s, false),"
+                    " set_config('statement_timeout', %s, false)",
+                    (f"{round(t.lock_s * 1000)}ms", f"{round(t.statement_s * 1000)}ms"),
+                )
                 # Per session, outside any batch (a batch's rollback would drop it).
                 conn.execute(_CREATE_LATEST_TABLE)
                 conn.commit()
@@ -124,6 +185,8 @@ class Writer:
         self._stream = None
         self._streamed = 0
         self._stream_failed = False
+        self._held = False
+        self._pending, self._pending_rows = [], 0
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -133,28 +196,69 @@ class Writer:
     def stream(self, rows: Sequence[Row]) -> None:
         """Send ``rows`` (the next rows of the current batch) to the server. Never raises.
 
-        A failure only disables streaming for this batch: :meth:`finish` then
-        writes the whole batch through :meth:`write`.
+        While the writer is held (:meth:`hold`) the rows are only encoded and
+        kept. A failure only disables streaming for this batch: :meth:`finish`
+        then writes the whole batch through :meth:`write`.
         """
         if self._stream_failed or not self._direct_copy or not rows:
             return
+        data = encode_rows(rows)
+        if self._held:
+            self._pending.append(data)
+            self._pending_rows += len(rows)
+            return
+        self._send([data], len(rows))
+
+    def hold(self) -> None:
+        """Keep this batch's rows out of the table until :meth:`release` (or :meth:`finish`).
+
+        For as long as the previous batch's transaction may still take a lock
+        in ``decoded_data`` (until its :attr:`rows_in_table` or its end): rows
+        streamed meanwhile are encoded and kept here, and this connection
+        holds no lock at all (no transaction is open). Two batches in flight
+        at once can then never wait for each other.
+        """
+        if self._stream is None:
+            self._held = True
+
+    def release(self) -> None:
+        """End :meth:`hold`: send the rows kept meanwhile into the COPY. Never raises."""
+        if not self._held:
+            return
+        self._held = False
+        pending, rows = self._pending, self._pending_rows
+        self._pending, self._pending_rows = [], 0
+        if pending and not self._stream_failed:
+            self._send(pending, rows)
+
+    def _send(self, chunks: list[bytes], rows: int) -> None:
         try:
             if self._stream is None:
                 conn = self.connection()
                 conn.execute("SAVEPOINT f2pipe_direct")
                 stack = ExitStack()
                 cursor = stack.enter_context(conn.cursor())
-                self._copy = stack.enter_context(cursor.copy(COPY_DIRECT))
+                # Written from a thread of psycopg's: the loop never waits on the
+                # socket (a backlog sent on release, a server slower than the parse).
+                writer = QueuedLibpqWriter(cursor)
+                self._copy = stack.enter_context(cursor.copy(COPY_DIRECT, writer=writer))
                 self._stream = stack
                 self._copy.write(COPY_HEADER)
-            self._copy.write(encode_rows(rows))
-            self._streamed += len(rows)
+            for data in chunks:
+                self._copy.write(data)
+            self._streamed += rows
         except (psycopg.Error, DatabaseUnavailable) as exc:
+            _count_timeout(exc)
             log.debug("streaming COPY failed; the batch will be written whole", exc_info=exc)
             self._abandon_stream()
 
     def finish(self, rows: Sequence[Row]) -> WriteResult:
-        """Commit the current batch (``rows``: all of its rows, in stream order)."""
+        """Commit the current batch (``rows``: all of its rows, in stream order).
+
+        Releases the writer first if it was held: the caller says by finishing
+        that nothing written before this batch is outstanding.
+        """
+        self.release()
         stream, streamed = self._stream, self._streamed
         self._stream, self._streamed = None, 0
         failed, self._stream_failed = self._stream_failed, False
@@ -170,6 +274,7 @@ class Writer:
                 self._copy.write(COPY_TRAILER)
                 stream.close()  # ends the COPY; raises what the server refused
                 conn.execute("RELEASE SAVEPOINT f2pipe_direct")
+                self.rows_in_table = True
                 result = WriteResult(len(rows), [])
                 self._update_latest(conn, rows, stored_equals_batch=True)
             except _REJECTIONS as exc:
@@ -181,15 +286,18 @@ class Writer:
             conn.commit()
         except psycopg.Error as exc:
             self._fail(conn, exc)
+        finally:
+            self.rows_in_table = False
         return result
 
     def abandon(self) -> None:
         """Give up the open stream (its batch changed); the next finish writes whole."""
-        if self._stream is not None:
+        if self._stream is not None or self._pending:
             self._abandon_stream()
 
     def _abandon_stream(self) -> None:
         self._stream_failed = True
+        self._pending, self._pending_rows = [], 0
         stream, self._stream = self._stream, None
         if stream is None:
             self._rollback_quietly()
@@ -229,7 +337,8 @@ class Writer:
         return result
 
     def _fail(self, conn: psycopg.Connection[Any], exc: psycopg.Error) -> NoReturn:
-        if isinstance(exc, psycopg.OperationalError) or conn.broken:
+        timed_out = _count_timeout(exc)
+        if conn.broken or (isinstance(exc, psycopg.OperationalError) and not timed_out):
             self.close()
         else:
             self._rollback_quietly()
@@ -322,6 +431,18 @@ class Writer:
             log.info(
                 "TimescaleDB extension absent: writing to a plain PostgreSQL table decoded_data"
             )
+
+
+def _count_timeout(exc: BaseException) -> bool:
+    """Count ``exc`` (or what it was raised from) if a timeout ended the wait."""
+    cause = exc.__cause__ if isinstance(exc, DatabaseUnavailable) else exc
+    if isinstance(cause, pgerrors.LockNotAvailable):
+        DB_TIMEOUTS.labels(kind="lock").inc()
+        return True
+    if isinstance(cause, pgerrors.QueryCanceled):
+        DB_TIMEOUTS.labels(kind="statement").inc()
+        return True
+    return False
 
 
 # The newest row per key of the batch being written; emptied by every commit.
