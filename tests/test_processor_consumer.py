@@ -7,6 +7,7 @@ under it); PostgreSQL for the outage is a dedicated server that the test stops.
 
 from __future__ import annotations
 
+import json
 import re
 import time
 import urllib.request
@@ -14,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from confluent_kafka import KafkaException, Producer
+from confluent_kafka import KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from conftest import unique, wait_until
 from f2pipe.metadata.database import migrate
@@ -46,12 +48,12 @@ def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
         server.stop()
 
 
-def _new_topics(bootstrap: str) -> Topics:
+def _new_topics(bootstrap: str, raw_partitions: int = 4) -> Topics:
     names = Topics(unique("raw"), unique("processed"), unique("dead"), unique("grp"))
 
     def created() -> bool:
         try:
-            create_topics(bootstrap, names.raw, partitions=4)
+            create_topics(bootstrap, names.raw, partitions=raw_partitions)
             create_topics(bootstrap, names.processed, names.dead, partitions=1)
         except KafkaException:
             return False  # the broker is still starting
@@ -62,7 +64,8 @@ def _new_topics(bootstrap: str) -> Topics:
 
 
 def _metric(port: int, name: str, text: str | None = None) -> float:
-    """An unlabelled sample of ``name`` from the processor's /metrics (-1: not served)."""
+    """A sample of ``name`` (with its labels, if any) from the processor's /metrics
+    (-1: not served)."""
     if text is None:
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as resp:
@@ -110,6 +113,10 @@ def _assigned(proc: ProcessorProcess) -> float:
 
 def _paused(proc: ProcessorProcess) -> float:
     return _metric(proc.port, "f2pipe_processor_paused")
+
+
+def _lag_s(proc: ProcessorProcess) -> float:
+    return _metric(proc.port, 'f2pipe_consumer_lag_seconds{stage="processor"}')
 
 
 def _consumed(*procs: ProcessorProcess) -> float:
@@ -164,6 +171,8 @@ def test_metadata_outage_with_rebalances_holds_one_batch_and_processes_each_reco
         total = 3000
         _publish(kafka.bootstrap, topics.raw, macs, 41, total - 40)
         watch_until("both paused", lambda: _paused(first) == _paused(second) == 1)
+        # The records waiting meanwhile grow older: the lag, as an age, shows it.
+        watch_until("the lag grows during the outage", lambda: _lag_s(first) >= 4, 30)
         # One replica leaves: the paused one is assigned partitions it never owned, with
         # about 700 records waiting in each; watch through a few of its polls.
         second.stop()
@@ -188,6 +197,7 @@ def test_metadata_outage_with_rebalances_holds_one_batch_and_processes_each_reco
         total += 400
         readings = read_topic(kafka.bootstrap, topics.processed, 3 * total, 120, partitions=1)
         assert len(readings) >= 3 * total
+        wait_until(lambda: _lag_s(first) == 0, 30, what="no lag once caught up")
     finally:
         for proc in procs:
             proc.stop()
@@ -197,3 +207,49 @@ def test_metadata_outage_with_rebalances_holds_one_batch_and_processes_each_reco
     assert len(set(keys)) == 3 * total  # every record decoded
     assert len(keys) == 3 * total  # and none twice: revoked records were dropped, not produced
     assert read_topic(kafka.bootstrap, topics.dead, 0, 2, partitions=1) == []
+
+
+def test_an_offset_out_of_retention_is_counted_and_logged_as_an_error(
+    kafka: KafkaServer, fresh_db: str, tmp_path: Path
+) -> None:
+    topics = _new_topics(kafka.bootstrap, raw_partitions=1)
+    macs = [f"0a7a9f0000{i:02x}" for i in range(4)]
+    _wired_fleet(fresh_db, macs)
+    env = processor_env(fresh_db, topics, F2PIPE_KAFKA_BOOTSTRAP=kafka.bootstrap)
+    log_path = tmp_path / "processor.log"
+    proc = ProcessorProcess(env, log_path)
+    resets = 'f2pipe_offset_resets_total{stage="processor"}'
+    try:
+        _publish(kafka.bootstrap, topics.raw, macs, 1, 100)
+        wait_until(
+            lambda: _metric(proc.port, "f2pipe_processor_consumed_total") >= 100,
+            60,
+            what="the first 100 records processed",
+        )
+        assert proc.stop() == 0  # offset 100 committed
+        # While it is away, 100 more arrive and retention deletes up to offset 150.
+        _publish(kafka.bootstrap, topics.raw, macs, 101, 100)
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+        deleted = admin.delete_records([TopicPartition(topics.raw, 0, 150)])
+        for future in deleted.values():
+            future.result(30)
+        proc.start()
+        wait_until(lambda: _metric(proc.port, resets) == 1, 60, what="the reset counted")
+        wait_until(
+            lambda: _metric(proc.port, "f2pipe_processor_consumed_total") >= 50,
+            60,
+            what="the records still kept processed",
+        )
+        assert _metric(proc.port, resets) == 1  # once, not again when the client resets
+    finally:
+        proc.stop()
+    errors = [
+        json.loads(line)
+        for line in log_path.read_text().splitlines()
+        if line.startswith("{") and "out of range" in line
+    ]
+    assert len(errors) == 1, errors
+    assert errors[0]["level"] == "error"
+    assert (errors[0]["offset"], errors[0]["low"]) == (100, 150)
+    readings = read_topic(kafka.bootstrap, topics.processed, 3 * 150, 30, partitions=1)
+    assert len(readings) == 3 * 150  # 100 before, the 50 retention kept after

@@ -69,7 +69,7 @@ from f2pipe.processor.metrics import (
 from f2pipe.processor.stage import Stage
 from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.gctune import quiet_gc
-from f2pipe.runtime.kafka import Stopping, consume_available, consumer_config
+from f2pipe.runtime.kafka import ConsumerWatch, Stopping, consume_available, consumer_config
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.metrics import DEAD_LETTERS
 from f2pipe.runtime.opsserver import OpsServer
@@ -110,6 +110,7 @@ class Processor:
             )
         )
         self.delivery = Delivery(settings, self.consumer, self._stop.is_set, self._abandoning)
+        self.watch = ConsumerWatch("processor")  # lag as an age, offsets out of retention
         self.alarm = DeadLetterAlarm(
             settings.dlq_alarm_ratio, settings.dlq_alarm_window_s, settings.dlq_alarm_min_messages
         )
@@ -161,6 +162,7 @@ class Processor:
             self._held[:] = [m for m in self._held if m.partition() not in revoked]
             BUFFERED.set(len(self._held))
         self.delivery.forget(partitions)
+        self.watch.revoked(partitions)
         if self._paused:
             # The client keeps a partition's pause across assignments: one paused here
             # and assigned back after the outage would otherwise never be fetched again.
@@ -172,6 +174,7 @@ class Processor:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
         ASSIGNED.inc(len(partitions))
+        self.watch.assigned(consumer, partitions)
 
     # --- main loop ---
 
@@ -223,7 +226,7 @@ class Processor:
                 good.append(msg)
             elif err.fatal():
                 raise KafkaException(err)
-            else:
+            elif not self.watch.reset_reported(err):
                 log.warning("consumer error", extra={"error": str(err)})
         return good
 
@@ -384,6 +387,7 @@ class Processor:
                 self._last_misses[tier] = misses[tier]
 
     def _update_lag(self) -> None:
+        self.watch.update(self.consumer)
         now = time.monotonic()
         if now - self._lag_at < 2.0:
             return

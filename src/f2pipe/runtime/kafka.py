@@ -15,14 +15,20 @@ bypasses them.
 
 from __future__ import annotations
 
+import bisect
+import logging
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import Counter, Gauge
 
 from f2pipe.errors import ConfigError, F2PipeError
 from f2pipe.settings import Settings
+
+log = logging.getLogger(__name__)
 
 # Properties that have an F2PIPE variable, or that f2pipe's guarantees fix: the
 # properties file may not set them (a silent override would be worse than an error).
@@ -239,3 +245,147 @@ def produce(
                 raise Stopping(
                     f"stopped while waiting for room in the {topic} producer queue"
                 ) from None
+
+
+# Partitions whose committed offset Kafka no longer held, so the consumer restarted from
+# the earliest one it has: the records in between were never consumed (retention).
+OFFSET_RESETS = Counter(
+    "f2pipe_offset_resets",
+    "partitions whose committed offset was out of range (records lost to retention)",
+    ["stage"],
+)
+# Age of the oldest record the stage has not consumed yet, the worst of its partitions.
+CONSUMER_LAG_SECONDS = Gauge(
+    "f2pipe_consumer_lag_seconds", "age of the oldest record not consumed yet", ["stage"]
+)
+# A lag this old is logged as an error (Kafka's default retention is 7 days).
+LAG_ALARM_S = 3600.0
+
+
+class ConsumerWatch:
+    """A stage's consumer lag as an age, and offsets that fell out of retention.
+
+    Nothing here runs per record. :meth:`assigned` (from the ``on_assign``
+    callback) compares each newly assigned partition's committed offset with
+    its low watermark: below it, retention deleted records this group never
+    consumed, and the client is about to restart from the earliest offset.
+    :meth:`update` (from the loop; it does work at most every ``every_s``)
+    samples each partition's high watermark from the client's cache, so the
+    age of the record at the consumer's position is the time since the high
+    watermark first passed it; a position found below the low watermark is
+    counted as a reset too. Samples are kept only for records not consumed
+    yet, thinned to ``samples`` per partition (the age stays exact to within
+    the spacing of what is kept).
+    """
+
+    def __init__(self, stage: str, every_s: float = 2.0, samples: int = 512) -> None:
+        self.stage = stage
+        self.every_s = every_s
+        self.max_samples = samples
+        self.lag_s = 0.0
+        """The age last exported (seconds)."""
+        self.resets = 0
+        """Partitions found out of range since start."""
+        self._history: dict[tuple[str, int], list[tuple[float, int]]] = {}
+        self._flagged: set[tuple[str, int]] = set()  # counted, not yet back in range
+        self._at = 0.0
+        self._alarmed = False
+
+    def assigned(self, consumer: Consumer, partitions: list[TopicPartition]) -> int:
+        """Count the partitions whose committed offset is below their low watermark
+        (or beyond the high one); return how many. Blocks for one round trip."""
+        found = 0
+        self.revoked(partitions)  # whatever was known of them is stale
+        try:
+            committed = consumer.committed(partitions, timeout=10)
+            for tp in committed:
+                if tp.offset < 0:  # nothing committed: a first start, not a reset
+                    continue
+                low, high = consumer.get_watermark_offsets(tp, timeout=10)
+                if not low <= tp.offset <= high:
+                    found += self._reset(tp.topic, tp.partition, tp.offset, low, high)
+        except KafkaException as exc:
+            log.warning(
+                "committed offsets not checked against retention", extra={"error": str(exc)}
+            )
+        return found
+
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:
+            self._history.pop((tp.topic, tp.partition), None)
+            self._flagged.discard((tp.topic, tp.partition))
+
+    def reset_reported(self, err: KafkaError) -> bool:
+        """Count a reset the client reports as an error (``auto.offset.reset=error``);
+        return whether ``err`` was one."""
+        if err.code() != KafkaError._AUTO_OFFSET_RESET:
+            return False
+        self.resets += 1
+        OFFSET_RESETS.labels(self.stage).inc()
+        log.error("consumer offset reset", extra={"stage": self.stage, "error": str(err)})
+        return True
+
+    def update(self, consumer: Consumer, now: float | None = None) -> float:
+        """Export the lag age if ``every_s`` passed since the last export; return it."""
+        now = time.time() if now is None else now
+        if now - self._at < self.every_s:
+            return self.lag_s
+        self._at = now
+        worst = 0.0
+        try:
+            assignment = consumer.assignment()
+            positions = consumer.position(assignment) if assignment else []
+            for tp in positions:
+                low, high = consumer.get_watermark_offsets(tp, cached=True)
+                if high < 0:
+                    continue  # no fetch answered yet
+                worst = max(worst, self._age(tp, low, high, now))
+        except KafkaException as exc:
+            log.debug("lag not available", extra={"error": str(exc)})
+            return self.lag_s
+        self.lag_s = worst
+        CONSUMER_LAG_SECONDS.labels(self.stage).set(worst)
+        if (worst >= LAG_ALARM_S) != self._alarmed:
+            self._alarmed = not self._alarmed
+            level = logging.ERROR if self._alarmed else logging.INFO
+            text = "consumer lag above alarm" if self._alarmed else "consumer lag back to normal"
+            log.log(level, text, extra={"stage": self.stage, "lag_s": round(worst, 1)})
+        return worst
+
+    def _age(self, tp: TopicPartition, low: int, high: int, now: float) -> float:
+        key = (tp.topic, tp.partition)
+        history = self._history.setdefault(key, [])
+        if not history or history[-1][1] != high:
+            history.append((now, high))
+        position = tp.offset
+        if position < 0:  # not fetched yet: the committed offset is checked on assignment
+            return 0.0
+        if position < low:
+            if key not in self._flagged:
+                self._reset(tp.topic, tp.partition, position, low, high)
+        else:
+            self._flagged.discard(key)
+        # Samples at or below the position are of consumed records: the first one
+        # above it is when the oldest unconsumed record was already there.
+        del history[: bisect.bisect_right(history, position, key=lambda sample: sample[1])]
+        if len(history) > self.max_samples:
+            del history[1:-1:2]  # thin out, keeping the oldest and the newest
+        return now - history[0][0] if history and position < high else 0.0
+
+    def _reset(self, topic: str, partition: int, offset: int, low: int, high: int) -> int:
+        self._flagged.add((topic, partition))
+        self.resets += 1
+        OFFSET_RESETS.labels(self.stage).inc()
+        log.error(
+            "committed offset out of range: consuming from the earliest record kept;"
+            " the records before it were never consumed",
+            extra={
+                "stage": self.stage,
+                "topic": topic,
+                "partition": partition,
+                "offset": offset,
+                "low": low,
+                "high": high,
+            },
+        )
+        return 1

@@ -40,7 +40,13 @@ from confluent_kafka.admin import AdminClient
 
 from f2pipe.errors import DatabaseUnavailable
 from f2pipe.runtime.gctune import quiet_gc
-from f2pipe.runtime.kafka import admin_config, consume_available, consumer_config, producer_config
+from f2pipe.runtime.kafka import (
+    ConsumerWatch,
+    admin_config,
+    consume_available,
+    consumer_config,
+    producer_config,
+)
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.opsserver import OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
@@ -128,6 +134,7 @@ class Sink:
         self._stopping = False
         self._in_backpressure = False
         self._assigned: set[tuple[str, int]] = set()
+        self.watch = ConsumerWatch("sink")  # lag as an age, offsets out of retention
 
     # -- lifecycle --
 
@@ -230,6 +237,7 @@ class Sink:
             messages = self.consumer.consume(num_messages=room, timeout=timeout)
         if messages:
             self._add(messages)
+        self.watch.update(self.consumer)  # every few seconds, not per poll
         batch = self.batch  # a rebalance callback inside consume() may have replaced it
         if len(batch) and (
             len(batch) >= self.policy.max_rows
@@ -416,6 +424,7 @@ class Sink:
         self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
         ASSIGNED.set(len(self._assigned))
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
+        self.watch.assigned(consumer, partitions)
         if self._in_backpressure and partitions:
             consumer.pause(partitions)
 
