@@ -74,7 +74,6 @@ def test_config_has_one_tls_listener_and_the_spec_acl(settings: Settings, broker
         "tls_version tlsv1.2",
         "persistence true",
         "max_packet_size 262144",
-        "retain_available false",
     ]:
         assert line in conf.splitlines()
     # The running broker opened exactly that one socket.

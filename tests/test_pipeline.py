@@ -279,8 +279,8 @@ def chaos_size() -> int:
     return int(os.environ.get("CHAOS_MESSAGES", "4000"))
 
 
-@pytest.fixture
-def own_pipeline(tmp_path: Path) -> Iterator[Settings]:
+@contextlib.contextmanager
+def own_stack(**overrides: Any) -> Iterator[Settings]:
     """``f2pipe up`` of the three stages on dedicated servers in a temporary state folder."""
     pg, redis, kafka, controller, mqtt, connector, processor, sink, certgen = free_ports(9)
     # Outside pytest's 0700 temporary folder: PostgreSQL's account must reach its data.
@@ -306,6 +306,7 @@ def own_pipeline(tmp_path: Path) -> Iterator[Settings]:
         # A killed replica's partitions wait this long for the group to notice.
         processor_session_timeout_s=6,
         sink_batch_age_ms=200,
+        **overrides,
     )
     try:
         pipeline.up(settings, STAGES, quiet=True)
@@ -313,6 +314,12 @@ def own_pipeline(tmp_path: Path) -> Iterator[Settings]:
     finally:
         pipeline.down(settings, quiet=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.fixture
+def own_pipeline() -> Iterator[Settings]:
+    with own_stack() as settings:
+        yield settings
 
 
 def _service(settings: Settings, name: str) -> services.Service:
@@ -443,6 +450,70 @@ def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
     assert not extra, f"{len(extra)} rows not in the ledger"
 
 
+def ledger_messages(entries: Sequence[dict[str, Any]], dsn: str) -> list[set[Row]]:
+    """The readings of each acknowledged message, one set per ledger entry."""
+    return [expected_rows([entry], dsn) for entry in entries if entry["readings"]]
+
+
+@pytest.mark.slow
+def test_broker_drops_past_its_queue_bound_are_reported(tmp_path: Path) -> None:
+    # A 20 kB queue and a 50-message connector window: with Kafka stopped, 600 messages
+    # of about 90 bytes overflow what the broker may queue for the connector's session.
+    with own_stack(broker_max_queued_bytes=20_000, connector_receive_maximum=50) as settings:
+        dsn = settings.timeseries_dsn
+        warm, ledger = tmp_path / "warm.jsonl", tmp_path / "ledger.jsonl"
+        finish(simulate(settings, warm, 20), timeout=120)
+        wait_until(lambda: row_count(dsn) > 0, timeout=60, what="the first rows")
+        kafka = _server(settings, "kafka")
+        assert kafka.stop()
+
+        summary = finish(simulate(settings, ledger, 600, "--window", "100"), timeout=300)
+        assert summary["acknowledged"] == summary["published"] == 600
+        observer = status.Observer(settings)
+
+        def reported() -> dict[str, int | None] | None:
+            found = observer.broker(None)
+            return found if (found.get("dropped_messages") or 0) > 0 else None
+
+        broker = wait_until(
+            reported, timeout=30, interval=1.0, what="the broker to report dropped messages"
+        )
+        dropped = int(broker["dropped_messages"] or 0)
+        assert 0 < dropped < 600
+        out = subprocess.run(
+            [sys.executable, "-m", "f2pipe.cli", "status", "--json", "--interval", "0.5"],
+            env={**os.environ, **services.settings_env(settings)},
+            capture_output=True,
+            check=False,
+            timeout=120,
+        )
+        report = json.loads(out.stdout)
+        assert out.returncode == 1
+        assert report["broker"]["dropped_messages"] == dropped, out.stderr
+        assert report["broker"]["queued_messages"] > 0
+        assert any("broker dropped" in problem for problem in report["problems"])
+
+        kafka.prepare()
+        kafka.start()
+        kafka.wait_healthy()
+        messages = ledger_messages(read_ledger(warm, ledger), dsn)
+        seen: list[int] = []
+
+        def settled() -> bool:
+            # Every stage committed its input and the table stopped growing.
+            seen.append(row_count(dsn))
+            quiet = len(seen) >= 3 and seen[-1] == seen[-2] == seen[-3]
+            return quiet and all(lag == 0 for lag in lags(settings).values())
+
+        wait_until(settled, timeout=180, interval=2.0, what="the pipeline to drain")
+        stored = stored_rows(dsn)
+        assert stored <= set().union(*messages), "rows that the ledger does not hold"
+        landed = [rows for rows in messages if rows <= stored]
+        partial = [rows for rows in messages if rows & stored and not rows <= stored]
+        assert not partial, "a message landed only in part"
+        assert len(landed) == len(messages) - dropped, failure_logs(settings)
+
+
 def test_up_revives_a_killed_stage_and_status_sees_it(shared_pipeline: Settings) -> None:
     settings = shared_pipeline
     sink = _service(settings, "sink")
@@ -499,3 +570,18 @@ def test_up_starts_certgen_and_the_live_demo_and_status_exits_zero(
     assert {h["name"] for h in report["health"] if h["up"]} >= {*services.NAMES, "mosquitto"}
     assert report["rates"]["mqtt_received"] > 0
     assert report["alarms"] == []
+    assert report["broker"]["dropped_messages"] == 0
+    assert report["broker"]["connected_clients"] >= 2  # the connector and the simulator
+
+    # certgen keeps the broker's counters in its metrics, as svc-monitor.
+    certgen = _service(settings, "certgen")
+    metrics = wait_until(
+        lambda: (found := status.scrape(certgen.url("/metrics")))
+        and status.total(found, "f2pipe_broker_up") == 1
+        and found,
+        timeout=30,
+        what="certgen's broker monitor",
+    )
+    assert status.total(metrics, "f2pipe_broker_dropped_messages") == 0
+    assert status.total(metrics, "f2pipe_broker_queued_messages") >= 0
+    assert status.total(metrics, "f2pipe_build_info") == 1

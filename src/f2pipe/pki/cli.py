@@ -25,7 +25,10 @@ from f2pipe.pki.local import (
 )
 from f2pipe.pki.renewal import CrlRenewer
 from f2pipe.pki.state import ensure_pki, issue_service_files
+from f2pipe.runtime import tls
+from f2pipe.runtime.brokerstats import MONITOR_IDENTITY, BrokerMonitor
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
+from f2pipe.runtime.metrics import register_build_info
 from f2pipe.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -144,6 +147,27 @@ def server_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvi
     return config
 
 
+def start_broker_monitor(settings: Settings) -> BrokerMonitor | None:
+    """Keep the broker's ``$SYS`` counters in certgen's /metrics (``f2pipe_broker_*``).
+
+    certgen runs whether or not Kafka and the connectors do, which is exactly when
+    the broker queues and may drop, so the counters live here.
+    """
+    from prometheus_client import REGISTRY
+
+    context = None
+    if settings.mqtt_tls:
+        try:
+            context = tls.service_context(settings.pki_dir, MONITOR_IDENTITY)
+        except ConfigError as exc:
+            log.warning("broker statistics are not exported", extra={"error": str(exc)})
+            return None
+    monitor = BrokerMonitor(settings.mqtt_host, settings.mqtt_port, context)
+    REGISTRY.register(monitor)
+    monitor.start()
+    return monitor
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -176,10 +200,14 @@ def _serve(args: argparse.Namespace) -> int:
     stop = threading.Event()
     thread = threading.Thread(target=renewer.run, args=(stop,), daemon=True, name="crl-renewal")
     thread.start()
+    register_build_info()
+    monitor = start_broker_monitor(settings)
     try:
         uvicorn.Server(config).run()
     finally:
         stop.set()
+        if monitor is not None:
+            monitor.stop()
     return 0
 
 

@@ -35,8 +35,10 @@ Sizing (all overridable through settings):
 - ``max_packet_size`` 256 KiB: larger packets are refused and the sender
   disconnected (payloads between ``F2PIPE_MAX_PAYLOAD_BYTES`` and this reach
   the pipeline and are dead-lettered as ``payload_too_large``).
-- ``retain_available false``: no client may leave a retained message, so a
-  device cannot make the broker keep data for nobody.
+- Retained messages stay available: Mosquitto 2.0's only switch,
+  ``retain_available false``, also stops it retaining its own ``$SYS``
+  counters, and a counter it publishes only on change (the drop count) would
+  then be unknown to every reader that connected after the change.
 """
 
 from __future__ import annotations
@@ -144,7 +146,6 @@ def render_conf(settings: Settings, pki: PkiPaths) -> str:
             f"max_queued_bytes {max_queued_bytes(settings)}",
             f"max_inflight_messages {settings.mqtt_max_inflight_messages}",
             f"max_packet_size {MAX_PACKET_BYTES}",
-            "retain_available false",
             # The monitor identity reads the queue and drop counters from $SYS.
             "sys_interval 5",
             "log_dest stderr",
