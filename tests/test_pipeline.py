@@ -576,9 +576,11 @@ def test_up_starts_certgen_and_the_live_demo_and_status_exits_zero(
     # certgen keeps the broker's counters in its metrics, as svc-monitor.
     certgen = _service(settings, "certgen")
     metrics = wait_until(
-        lambda: (found := status.scrape(certgen.url("/metrics")))
-        and status.total(found, "f2pipe_broker_up") == 1
-        and found,
+        lambda: (
+            (found := status.scrape(certgen.url("/metrics")))
+            and status.total(found, "f2pipe_broker_up") == 1
+            and found
+        ),
         timeout=30,
         what="certgen's broker monitor",
     )
