@@ -106,3 +106,21 @@ def test_scrape_parses_prometheus_text(tmp_path: Path) -> None:
         "invalid_json": 2.0,
     }
     assert status.scrape("http://127.0.0.1:1/metrics") is None
+
+
+def test_a_crl_near_its_end_is_an_alarm_in_the_snapshot(tmp_path: Path) -> None:
+    from f2pipe.pki.ca import CertificateAuthority, pki_paths
+    from f2pipe.pki.state import ensure_pki, write_crl
+    from f2pipe.settings import load_settings
+
+    # Nothing answers on these ports: the snapshot still carries the PKI's state.
+    settings = load_settings(
+        state_dir=tmp_path,
+        **dict.fromkeys(("connector_port", "processor_port", "sink_port", "certgen_port"), 1),
+        mqtt_port=1,
+    )
+    ensure_pki(settings)
+    paths = pki_paths(settings)
+    write_crl(CertificateAuthority.load(paths, None), paths, [], days=3)
+    alarms = status.Observer(settings).snapshot(with_health=False).alarms
+    assert any("crl.pem expires in 3 days" in alarm for alarm in alarms), alarms

@@ -11,10 +11,11 @@ labels and units (``latest_readings_named``).
 
 The processor's dead-letter alarm (too large a share of its input
 dead-lettered) is shown as an alarm, not as a failure: what devices send must
-not read as an outage. The broker's own statistics (queued messages, and
-messages it acknowledged to devices but dropped at its queue bound) come from
-certgen's ``f2pipe_broker_*`` metrics, which its ``svc-monitor`` connection
-keeps current, or from one ``$SYS`` read when certgen cannot say.
+not read as an outage. So is a CRL or CA less than a week from expiry. The
+broker's own statistics (queued messages, and messages it acknowledged to
+devices but dropped at its queue bound) come from certgen's ``f2pipe_broker_*``
+metrics, which its ``svc-monitor`` connection keeps current, or from one
+``$SYS`` read when certgen cannot say.
 ``f2pipe status`` exits 1 when a server or service is down, when a stage's
 lag keeps growing (see :func:`growing`) or when the broker dropped messages,
 else 0. ``--json`` prints the same report as one JSON object.
@@ -39,6 +40,7 @@ from f2pipe.errors import ConfigError
 from f2pipe.operations import services as svc
 from f2pipe.operations import stack
 from f2pipe.operations.stack import Paths
+from f2pipe.pki.expiry import expiry_warnings
 from f2pipe.runtime import brokerstats, tls
 from f2pipe.settings import Settings, load_settings
 
@@ -289,6 +291,7 @@ class Observer:
         if total(processor, "f2pipe_processor_dead_letter_alarm") > 0:
             ratio = total(processor, "f2pipe_processor_dead_letter_ratio")
             alarms.append(f"dead-letter ratio {ratio:.0%} is above the alarm threshold")
+        alarms += expiry_warnings(self.settings.state_dir)
         return Snapshot(
             time.monotonic(),
             self.health() if with_health else [],

@@ -68,10 +68,14 @@ class BrokerMonitor(Collector):
     ``f2pipe_broker_queued_bytes`` and ``f2pipe_broker_connected_clients``.
     """
 
-    def __init__(self, host: str, port: int, context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, host: str, port: int, context: ssl.SSLContext | None, reconnect: bool = True
+    ) -> None:
         self.host, self.port = host, port
         self._values: dict[str, int] = {}
         self._seen_uptime = False
+        self._failed = False  # a connection attempt failed (and no retry follows)
+        self._reconnect = reconnect
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self.connected = False
@@ -80,12 +84,14 @@ class BrokerMonitor(Collector):
             client_id=MONITOR_IDENTITY,
             protocol=mqtt.MQTTv311,
             clean_session=True,
+            reconnect_on_failure=reconnect,
         )
         if context is not None:
             self._client.tls_set_context(context)
         self._client.reconnect_delay_set(1, 30)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
+        self._client.on_connect_fail = self._on_connect_fail
         self._client.on_message = self._on_message
 
     def start(self) -> None:
@@ -104,7 +110,7 @@ class BrokerMonitor(Collector):
     def wait_complete(self, timeout: float) -> BrokerStats:
         """The stats once the broker sent them, or whatever arrived within ``timeout`` s."""
         with self._changed:
-            self._changed.wait_for(lambda: self._seen_uptime, timeout)
+            self._changed.wait_for(lambda: self._seen_uptime or self._failed, timeout)
             return self._stats()
 
     def _stats(self) -> BrokerStats:
@@ -120,9 +126,15 @@ class BrokerMonitor(Collector):
                 "the broker refused the monitor identity",
                 extra={"reason": str(reason), "identity": MONITOR_IDENTITY},
             )
+            self._on_connect_fail(client, userdata)
             return
         self.connected = True
         client.subscribe([(topic, 0) for topic in (*SYS_TOPICS, _UPTIME)])
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        with self._changed:
+            self._failed = not self._reconnect
+            self._changed.notify_all()
 
     def _on_disconnect(
         self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
@@ -181,7 +193,7 @@ def read_once(
     host: str, port: int, context: ssl.SSLContext | None, timeout: float = 8.0
 ) -> BrokerStats:
     """One reading of the broker's statistics; fields not received in ``timeout`` s are None."""
-    monitor = BrokerMonitor(host, port, context)
+    monitor = BrokerMonitor(host, port, context, reconnect=False)
     monitor.start()
     try:
         return monitor.wait_complete(timeout)
