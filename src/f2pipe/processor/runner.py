@@ -6,7 +6,8 @@ the I/O around it: a Kafka consumer on the raw topic, an idempotent producer to
 the processed and dead-letter topics, the metadata
 :class:`~f2pipe.metadata.resolver.Resolver`, metrics
 (:mod:`f2pipe.processor.metrics`), the dead-letter alarm
-(:mod:`f2pipe.processor.alarm`) and signals.
+(:mod:`f2pipe.processor.alarm`), the consumer's lag as an age and offsets out
+of retention (:class:`~f2pipe.runtime.kafka.ConsumerWatch`) and signals.
 
 Delivery (SPEC section 7): a batch is polled, run through the stage, its
 readings and dead letters are produced, the producer is flushed (every record
