@@ -21,6 +21,9 @@ def test_migrate_is_idempotent(fresh_db: str) -> None:
 
 
 def test_seed_demo_loads_the_fleet_of_the_spec_once(fresh_db: str, tmp_path: Path) -> None:
+    codes = tmp_path / "claiming-codes.json"
+    codes.write_text("{}")
+    codes.chmod(0o644)  # left readable by an older version: the seed closes it
     first = seed_demo(fresh_db, tmp_path)
     second = seed_demo(fresh_db, tmp_path)
     assert first == second

@@ -506,6 +506,8 @@ def test_the_cli_exits_non_zero_with_the_line(
         assert cli.main(["fleet", "import", str(EXAMPLE)]) == 0
         assert "controllers: 4 created" in capsys.readouterr().out
         out = tmp_path / "out.yaml"
+        out.write_text("")
+        out.chmod(0o644)  # an existing file: the codes must not stay readable to others
         assert cli.main(["fleet", "export", str(out), "--with-claiming-codes"]) == 0
         assert out.stat().st_mode & 0o777 == 0o600
         assert cli.main(["fleet", "import", "--dry-run", str(out)]) == 0

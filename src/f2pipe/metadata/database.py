@@ -209,6 +209,7 @@ def seed_demo(dsn: str, state_dir: Path) -> dict[str, str]:
             )
     state_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(codes_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an existing file keeps its mode through open()
     with os.fdopen(fd, "w") as out:
         json.dump(codes, out, indent=2)
     return codes

@@ -96,6 +96,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         return 0
     mode = 0o600 if args.with_claiming_codes else 0o644
     fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    if args.with_claiming_codes:
+        os.fchmod(fd, mode)  # an existing file keeps its mode through open()
     with os.fdopen(fd, "w", encoding="utf-8") as out:
         out.write(text)
     return 0
