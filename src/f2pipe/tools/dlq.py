@@ -3,6 +3,9 @@
 The dead-letter topic is read with *assigned* partitions from their low to
 their high watermark as of the start of the command, so a listing ends, and no
 consumer group state is created or committed (listing twice shows the same).
+Only committed records are read: dead letters of a transaction a crashed
+processor left open or aborted (``F2PIPE_PROCESSOR_TRANSACTIONS``) are not
+letters, its batch is dead-lettered again when consumed again.
 
 Replay sends each selected dead letter back to its stage's input, with its
 original key, value and headers (the ``dlq.*`` headers dropped):
