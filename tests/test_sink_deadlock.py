@@ -300,6 +300,7 @@ def test_a_lock_held_elsewhere_makes_the_sink_not_ready_then_it_writes_everythin
             other.execute("LOCK TABLE decoded_data IN SHARE MODE")
             produce(topics.processed, records)
             wait_until(lambda: readyz(ops) == 503, timeout=30, what="not ready while stuck")
+            assert "not ready: database failed 3 times in a row" in readyz_body(ops)
             assert count(fresh_db) == 0
             assert timeouts_counted("lock") >= lock_timeouts + 3
             assert (REGISTRY.get_sample_value("f2pipe_sink_db_retries_total") or 0) >= retries + 3
@@ -313,6 +314,14 @@ def test_a_lock_held_elsewhere_makes_the_sink_not_ready_then_it_writes_everythin
     reasons = [getattr(r, "reason", "") for r in caplog.records if "not ready" in r.getMessage()]
     assert len(reasons) == 1
     assert reasons[0].startswith("database failed 3 times in a row: LockNotAvailable")
+
+
+def readyz_body(ops: OpsServer) -> str:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{ops.port}/readyz", timeout=5) as r:
+            return str(r.read().decode())
+    except urllib.error.HTTPError as exc:
+        return str(exc.read().decode())
 
 
 def readyz(ops: OpsServer) -> int:

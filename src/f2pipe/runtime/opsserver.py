@@ -1,7 +1,8 @@
 """Health and metrics endpoints every long-running service serves.
 
 ``/healthz`` answers 200 while the process is alive, ``/readyz`` 200 only while
-the service's readiness check passes (its dependencies are reachable), and
+the service's readiness check passes (its dependencies are reachable; a check
+that raises :class:`NotReady` puts its reason in the 503's body), and
 ``/metrics`` is the Prometheus text exposition of the default registry. The
 server runs in a daemon thread so it never blocks a service's main loop.
 """
@@ -17,6 +18,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 ReadyCheck = Callable[[], bool]
 
 
+class NotReady(Exception):
+    """Raised by a readiness check to say why the service is not ready."""
+
+
 class OpsServer:
     """Serves /healthz, /readyz and /metrics on ``host:port`` until :meth:`close`."""
 
@@ -28,10 +33,9 @@ class OpsServer:
                 if self.path == "/healthz":
                     self._send(200, b"ok\n", "text/plain")
                 elif self.path == "/readyz":
-                    ok = _safe(check)
-                    self._send(
-                        200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain"
-                    )
+                    why = _not_ready(check)
+                    body = b"ready\n" if why is None else f"not ready: {why}\n".encode()
+                    self._send(200 if why is None else 503, body, "text/plain")
                 elif self.path == "/metrics":
                     self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
                 else:
@@ -61,8 +65,12 @@ class OpsServer:
         self._server.server_close()
 
 
-def _safe(check: ReadyCheck) -> bool:
+def _not_ready(check: ReadyCheck) -> str | None:
+    """None when ready, else why not (the exception's class for an unexpected failure,
+    whose message may hold addresses or names that do not belong in an HTTP answer)."""
     try:
-        return bool(check())
-    except Exception:
-        return False
+        return None if check() else "the readiness check failed"
+    except NotReady as exc:
+        return str(exc)
+    except Exception as exc:  # any failure means not ready
+        return f"{type(exc).__name__} from the readiness check"

@@ -48,7 +48,7 @@ from f2pipe.runtime.kafka import (
     producer_config,
 )
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
-from f2pipe.runtime.opsserver import OpsServer
+from f2pipe.runtime.opsserver import NotReady, OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
 from f2pipe.settings import Settings, get_settings
 from f2pipe.sink.batching import Batch, CommitPolicy, retry_backoff
@@ -152,8 +152,8 @@ class Sink:
 
         Safe from another thread; a fresh database connection, a Kafka metadata request.
         """
-        if self.progress.stalled():
-            return False
+        if reason := self.progress.stalled():
+            raise NotReady(reason)
         with psycopg.connect(self.settings.timeseries_dsn, connect_timeout=2) as conn:
             conn.execute("SELECT 1")
         # Its own client: the consumer's handle is busy in the loop's consume().
