@@ -1,5 +1,6 @@
 """The processor's consumer against a private Kafka: a metadata outage with rebalances,
-and committed offsets that fell out of retention.
+and committed offsets that fell out of retention (for the sink too, which reports
+them through the same ConsumerWatch).
 
 The Kafka here is started for this module alone (it has its records deleted
 under it); PostgreSQL for the outage is a dedicated server that the test stops.
@@ -8,12 +9,16 @@ under it); PostgreSQL for the outage is a dedicated server that the test stops.
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 from confluent_kafka import KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
@@ -23,6 +28,7 @@ from f2pipe.metadata.database import migrate
 from f2pipe.testing.servers import KafkaServer, create_topics, read_topic
 from pipeline_helpers import (
     ENV_DATAPOINTS,
+    VENV_BIN,
     Fleet,
     ProcessorProcess,
     Topics,
@@ -253,3 +259,61 @@ def test_an_offset_out_of_retention_is_counted_and_logged_as_an_error(
     assert (errors[0]["offset"], errors[0]["low"]) == (100, 150)
     readings = read_topic(kafka.bootstrap, topics.processed, 3 * 150, 30, partitions=1)
     assert len(readings) == 3 * 150  # 100 before, the 50 retention kept after
+
+
+def test_the_sink_counts_an_offset_out_of_retention_with_the_same_watch(
+    kafka: KafkaServer, fresh_db: str, tmp_path: Path
+) -> None:
+    """The sink reports through the processor's ConsumerWatch: its reset is counted too."""
+    topics = _new_topics(kafka.bootstrap, raw_partitions=1)  # processed: one partition
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("F2PIPE_")}
+    env.update(
+        F2PIPE_KAFKA_BOOTSTRAP=kafka.bootstrap,
+        F2PIPE_TIMESERIES_DSN=fresh_db,
+        F2PIPE_METADATA_DSN=fresh_db,
+        F2PIPE_TOPIC_PROCESSED=topics.processed,
+        F2PIPE_TOPIC_DEAD_LETTER=topics.dead,
+        F2PIPE_SINK_GROUP=topics.group,
+        F2PIPE_SINK_PORT=str(port),
+    )
+    producer = Producer({"bootstrap.servers": kafka.bootstrap})
+
+    def send(first: int, count: int) -> None:
+        for i in range(first, first + count):
+            value = {"v": 1, "ts": f"2024-07-15T00:00:{i // 60:02d}.{i % 60:06d}+00:00"}
+            value.update(device_id=1 + i % 60, datapoint_id=1, value=float(i))
+            producer.produce(topics.processed, json.dumps(value).encode(), b"1:1")
+        assert producer.flush(30) == 0
+
+    def rows() -> int:
+        with psycopg.connect(fresh_db) as conn:
+            row = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
+        return int(row[0]) if row else 0
+
+    resets = 'f2pipe_offset_resets_total{stage="sink"}'
+    log_path = tmp_path / "sink.log"
+    sink: subprocess.Popen[bytes] | None = None
+
+    def start() -> subprocess.Popen[bytes]:
+        with log_path.open("ab") as log:
+            return subprocess.Popen([str(VENV_BIN / "f2pipe"), "sink"], env=env, stderr=log)
+
+    try:
+        sink = start()
+        send(0, 100)
+        wait_until(lambda: rows() == 100, 60, what="the first 100 readings stored")
+        sink.send_signal(signal.SIGTERM)
+        assert sink.wait(60) == 0  # offset 100 committed
+        send(100, 100)
+        admin = AdminClient({"bootstrap.servers": kafka.bootstrap})
+        for future in admin.delete_records([TopicPartition(topics.processed, 0, 150)]).values():
+            future.result(30)
+        sink = start()
+        wait_until(lambda: _metric(port, resets) == 1, 60, what="the sink's reset counted")
+        wait_until(lambda: rows() == 150, 60, what="the readings retention kept stored")
+    finally:
+        if sink is not None and sink.poll() is None:
+            sink.send_signal(signal.SIGTERM)
+            sink.wait(60)
+    assert "committed offset out of range" in log_path.read_text()
