@@ -3,7 +3,10 @@
 Run as root on Debian, missing packages are installed with apt-get unless
 ``F2PIPE_STACK_INSTALL=false``; otherwise the error says what to install. The
 Kafka broker is not a Debian package: its jars come from Maven Central through
-``deploy/kafka/pom.xml`` into a cache outside the checkout.
+``deploy/kafka/pom.xml`` into a cache outside the checkout. The wheel carries a
+copy of that pom (``kafka-pom.xml`` next to this module), so an installed
+``f2pipe stack up`` needs no checkout. Each download says what it fetches
+before it starts, and how long it took and how much it fetched once done.
 """
 
 from __future__ import annotations
@@ -15,16 +18,35 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from f2pipe.errors import StackError
 from f2pipe.operations.stack.supervise import Paths, log_tail, running_as_root
 
-# src/f2pipe/operations/stack/install.py -> the checkout that holds deploy/.
-_CHECKOUT = Path(__file__).resolve().parents[4]
-KAFKA_POM = _CHECKOUT / "deploy" / "kafka" / "pom.xml"
+# src/f2pipe/operations/stack/install.py -> the checkout that holds deploy/. The
+# checkout's pom wins, so an edit to it takes effect in a checkout without a rebuild;
+# an installed wheel reads its own copy (pyproject.toml's force-include).
+_CHECKOUT_POM = Path(__file__).resolve().parents[4] / "deploy" / "kafka" / "pom.xml"
+_PACKAGED_POM = Path(__file__).resolve().with_name("kafka-pom.xml")
+KAFKA_POM = _CHECKOUT_POM if _CHECKOUT_POM.is_file() else _PACKAGED_POM
+
+
+def _say(text: str, quiet: bool) -> None:
+    """One progress line on stderr, where it never mixes with a command's output."""
+    if not quiet:
+        print(text, file=sys.stderr, flush=True)
+
+
+def human_size(count: float) -> str:
+    """``12.3 MB``: a size for a person, in decimal units as apt-get prints them."""
+    for unit in ("B", "kB", "MB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} GB"
 
 
 # --------------------------------------------------------------------------- Debian packages
@@ -35,8 +57,14 @@ class Program:
     name: str
     package: str
     path: str = ""  # absolute path when it is not looked up on PATH
+    # Where it is once installed, asked again after apt-get (PostgreSQL's folder
+    # names the major, which is known only once the package is in).
+    locate: Callable[[], str | None] | None = field(default=None, compare=False)
 
     def find(self) -> str | None:
+        if self.locate is not None:
+            found = self.locate()
+            return found if found is not None and os.access(found, os.X_OK) else None
         if self.path:
             return self.path if os.access(self.path, os.X_OK) else None
         # /usr/sbin holds mosquitto, and is not on a normal user's PATH.
@@ -48,7 +76,9 @@ def _is_debian() -> bool:
     return Path("/etc/debian_version").is_file() and shutil.which("apt-get") is not None
 
 
-def ensure_programs(programs: Sequence[Program], paths: Paths, install: bool) -> None:
+def ensure_programs(
+    programs: Sequence[Program], paths: Paths, install: bool, quiet: bool = False
+) -> None:
     """Install missing programs' packages (root on Debian) or raise naming what to install."""
     missing = list(dict.fromkeys(p for p in programs if p.find() is None))
     if not missing:
@@ -62,15 +92,17 @@ def ensure_programs(programs: Sequence[Program], paths: Paths, install: bool) ->
             f"missing {names}; install with: {prefix}apt-get install -y {' '.join(packages)}"
             f" (Debian package names){hint}"
         )
-    _apt_install(packages, paths.log / "apt.log")
+    _apt_install(packages, paths.log / "apt.log", quiet)
     still = [p.name for p in missing if p.find() is None]
     if still:
         raise StackError(f"{', '.join(still)} still missing after apt-get install (see apt.log)")
 
 
-def _apt_install(packages: list[str], log: Path) -> None:
-    print(f"installing {' '.join(packages)} with apt-get ...", file=sys.stderr)
-    if "postgresql-15" in packages and not Path("/etc/postgresql-common").exists():
+def _apt_install(packages: list[str], log: Path, quiet: bool = False) -> None:
+    _say(f"installing {' '.join(packages)} with apt-get (log: {log}) ...", quiet)
+    began, logged = time.monotonic(), log.stat().st_size if log.exists() else 0
+    postgres = any(p == "postgresql" or p.startswith("postgresql-") for p in packages)
+    if postgres and not Path("/etc/postgresql-common").exists():
         # The postgresql package creates and starts a system cluster on 5432 unless told
         # not to, which would take the port our own cluster needs.
         _apt(["postgresql-common"], log)
@@ -79,6 +111,20 @@ def _apt_install(packages: list[str], log: Path) -> None:
         with conf.open("a") as out:
             out.write("\ncreate_main_cluster = false\n")
     _apt(packages, log)
+    with log.open("rb") as written:
+        written.seek(logged)
+        fetched = apt_fetched(written.read().decode(errors="replace"))
+    _say(f"installed {' '.join(packages)} in {time.monotonic() - began:.0f} s ({fetched})", quiet)
+
+
+def apt_fetched(output: str) -> str:
+    """How much apt-get downloaded, from its own words in ``output``; "" if it never said.
+
+    apt-get prints ``Need to get 45.2 MB of archives.`` (or ``Need to get
+    1,024 kB/45.2 MB of archives.`` when part is cached) before it downloads.
+    """
+    sizes = re.findall(r"^Need to get (?:[\d.,]+ \w?B/)?([\d.,]+ \w?B) of archives", output, re.M)
+    return " + ".join(f"{size} fetched" for size in sizes) if sizes else "nothing fetched"
 
 
 def _apt(packages: list[str], log: Path) -> None:
@@ -128,7 +174,9 @@ def kafka_version() -> str:
     try:
         pom = KAFKA_POM.read_text()
     except OSError:
-        raise StackError(f"{KAFKA_POM} is missing; run f2pipe from its checkout") from None
+        raise StackError(
+            f"{KAFKA_POM} is missing: reinstall f2pipe, or run it from its checkout"
+        ) from None
     match = re.search(r"<kafka\.version>([^<]+)</kafka\.version>", pom)
     if match is None:
         raise StackError(f"{KAFKA_POM} does not set <kafka.version>")
@@ -151,7 +199,7 @@ def kafka_libs_current(libs: Path) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == _pom_digest()
 
 
-def fetch_kafka_libs(version: str, libs: Path, log: Path) -> None:
+def fetch_kafka_libs(version: str, libs: Path, log: Path, quiet: bool = False) -> None:
     """Copy the broker's jars from Maven Central into ``libs`` unless the pom is unchanged.
 
     The jars land in a fresh folder that then replaces ``libs`` in one rename, so
@@ -161,7 +209,10 @@ def fetch_kafka_libs(version: str, libs: Path, log: Path) -> None:
         return
     fresh = libs.with_name("libs.new")
     shutil.rmtree(fresh, ignore_errors=True)
-    print(f"fetching Kafka {version} jars from Maven Central into {libs} ...", file=sys.stderr)
+    _say(
+        f"fetching the Kafka {version} jars from Maven Central into {libs} (log: {log}) ...", quiet
+    )
+    began = time.monotonic()
     with log.open("ab") as out:
         result = subprocess.run(
             ["mvn", "-q", "-B", "-f", str(KAFKA_POM), "dependency:copy-dependencies",
@@ -179,3 +230,6 @@ def fetch_kafka_libs(version: str, libs: Path, log: Path) -> None:
         libs.rename(old)
     fresh.rename(libs)
     shutil.rmtree(old, ignore_errors=True)
+    jars = list(libs.glob("*.jar"))
+    size = human_size(sum(jar.stat().st_size for jar in jars))
+    _say(f"fetched {len(jars)} jars, {size}, in {time.monotonic() - began:.0f} s", quiet)

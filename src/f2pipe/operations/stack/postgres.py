@@ -1,12 +1,15 @@
-"""PostgreSQL 15: the metadata and time-series database of the local stack.
+"""PostgreSQL 15 or newer: the metadata and time-series database of the local stack.
 
-Data in ``<state>/pg``, trust authentication on loopback only. Run as root,
-the server and initdb run as the ``postgres`` user (PostgreSQL refuses root).
+Data in ``<state>/pg`` (or where :mod:`.pgcluster` places it), trust
+authentication on loopback only. Run as root, the server and initdb run as the
+``postgres`` user (PostgreSQL refuses root). The major, TimescaleDB's preload
+and the data folder's place are chosen in :mod:`.pgcluster`.
 Once healthy, the database named by ``F2PIPE_METADATA_DSN`` is created if missing.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import shutil
@@ -17,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from f2pipe.errors import StackError
+from f2pipe.operations.stack import pgcluster
 from f2pipe.operations.stack.install import Program
 from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import (
@@ -34,11 +38,10 @@ if TYPE_CHECKING:
 
 
 class Postgres(Server):
-    """PostgreSQL 15 from the Debian package, data in ``<state>/pg``, trust auth on loopback."""
+    """PostgreSQL from the Debian packages, data in ``<state>/pg``, trust auth on loopback."""
 
     name = "postgres"
     stop_signal = signal.SIGINT  # "fast" shutdown; SIGTERM would wait for clients to leave
-    BIN = Path("/usr/lib/postgresql/15/bin")
     MAX_CONNECTIONS = 200
     # The same in docker-compose.yml's postgres command (its timescaledb image sizes
     # shared_buffers itself, with timescaledb-tune, at initdb). README "Sink performance".
@@ -50,15 +53,40 @@ class Postgres(Server):
         self.port = settings.pg_port()
         self.user = unquote(dsn.username or "postgres")
         self.database = unquote(dsn.path.lstrip("/")) or "postgres"
-        self.data = paths.state / "pg"
+        self.data = pgcluster.data_folder(paths.state, self._account())
+
+    def _account(self) -> pwd.struct_passwd | None:
+        return user_account("postgres") if running_as_root() else None
+
+    def release(self) -> pgcluster.Release | None:
+        """The installed major that runs this cluster (None: not installed)."""
+        return pgcluster.choose(self.data)
+
+    def _release(self) -> pgcluster.Release:
+        release = self.release()
+        if release is None:
+            raise StackError(f"no PostgreSQL {pgcluster.MIN_MAJOR} or newer is installed")
+        return release
+
+    def _bin(self) -> Path:
+        return self._release().bin
+
+    def _locate(self, program: str) -> str | None:
+        release = self.release()
+        return None if release is None else str(release.bin / program)
 
     def ports(self) -> dict[int, str]:
         return {self.port: "F2PIPE_METADATA_DSN"}
 
     def programs(self) -> list[Program]:
+        made_by = pgcluster.cluster_major(self.data)
+        if made_by is None:  # the distribution's default major, 15 or newer
+            version, package = f"PostgreSQL {pgcluster.MIN_MAJOR} or newer", "postgresql"
+        else:  # only the major that made the cluster can open it
+            version, package = f"PostgreSQL {made_by}, its cluster's", f"postgresql-{made_by}"
         return [
-            Program("postgres (PostgreSQL 15)", "postgresql-15", str(self.BIN / "postgres")),
-            Program("initdb (PostgreSQL 15)", "postgresql-15", str(self.BIN / "initdb")),
+            Program(f"{name} ({version})", package, locate=functools.partial(self._locate, name))
+            for name in ("postgres", "initdb")
         ]
 
     def run_as(self) -> pwd.struct_passwd | None:
@@ -66,7 +94,7 @@ class Postgres(Server):
             return None
         account = user_account("postgres")
         if account is None:
-            raise StackError("user postgres is missing; reinstall: apt-get install postgresql-15")
+            raise StackError("user postgres is missing; reinstall: apt-get install postgresql")
         return account
 
     def describe(self) -> str:
@@ -76,21 +104,25 @@ class Postgres(Server):
         return self.data
 
     def prepare(self) -> None:
+        account = self.run_as()
+        # Placed again now that the postgres account surely exists (apt-get may just have
+        # made it): a folder it cannot reach moves the cluster to one it can.
+        self.data = pgcluster.data_folder(self.paths.state, account)
         if (self.data / "PG_VERSION").is_file():
             return
-        account = self.run_as()
+        if account is not None and self.data != self.paths.state / "pg":
+            pgcluster.make_outside(self.paths.state, self.data, account)
         # initdb into a scratch folder renamed on success, so an interrupted initdb
         # never leaves a half-made cluster that the next `up` would refuse.
         scratch = self.data.with_name("pg.initdb")
         shutil.rmtree(scratch, ignore_errors=True)
         scratch.mkdir(mode=0o700)
         if account is not None:
-            self._check_reachable(account)
             os.chown(scratch, account.pw_uid, account.pw_gid)
         init_log = self.paths.log / "postgres-initdb.log"
         with init_log.open("ab") as out:
             result = subprocess.run(
-                [str(self.BIN / "initdb"), "-D", str(scratch), "-U", self.user,
+                [str(self._bin() / "initdb"), "-D", str(scratch), "-U", self.user,
                  "--auth=trust", "--encoding=UTF8", "--no-locale"],
                 stdout=out, stderr=out, cwd=scratch, check=False,
                 user=None if account is None else account.pw_uid,
@@ -118,19 +150,9 @@ class Postgres(Server):
             ) from None
         scratch.rename(self.data)
 
-    def _check_reachable(self, account: pwd.struct_passwd) -> None:
-        # The postgres account must be able to walk down to its data folder.
-        for folder in reversed(self.data.parents):
-            mode = folder.stat()
-            if folder.owner() != account.pw_name and not mode.st_mode & 0o001:
-                raise StackError(
-                    f"user postgres cannot enter {folder}; run `chmod o+x {folder}` or set "
-                    "F2PIPE_STATE_DIR to a folder it can reach"
-                )
-
     def command(self) -> list[str]:
         return [
-            str(self.BIN / "postgres"), "-D", str(self.data),
+            str(self._bin() / "postgres"), "-D", str(self.data),
             "-c", f"listen_addresses={LOOPBACK}",
             "-c", f"port={self.port}",
             # TCP only: a socket path under a deep state folder can exceed the 107-byte limit.
@@ -139,6 +161,7 @@ class Postgres(Server):
             # The default 128MB fills with the sink's dirty pages in seconds, and the
             # COPY backend then writes out every page it evicts itself.
             "-c", f"shared_buffers={self.SHARED_BUFFERS}",
+            *pgcluster.server_options(self._release()),
         ]  # fmt: skip
 
     def _connect(self, dbname: str) -> psycopg.Connection[tuple[Any, ...]]:
