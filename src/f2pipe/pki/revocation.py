@@ -1,19 +1,32 @@
-"""Revocation: record it, rewrite the CRL, make the broker reload it, close the live session.
+"""Revocation: record it, rewrite the CRL, have the broker load it, close the live session.
 
 Facts about Mosquitto 2.0.11 this module works around (each verified against
 the real broker in the tests):
 
 - The CRL is checked only while a client connects; ``crlfile`` is re-read on
   SIGHUP, so no restart is needed, but a client that is already connected
-  stays connected. :func:`close_session` therefore takes the revoked
-  identity's session over: the client id is the certificate CN
-  (``use_identity_as_username`` + ``use_username_as_clientid``), so a
-  connection under the same CN makes the broker drop the old one. The
-  identity used for that is a certificate minted for the purpose, valid for
-  ten minutes, whose key exists only in this process (and briefly in a 0700
-  temporary directory), recorded in the register and revoked right after. The
-  takeover resumes the session rather than clearing it and acknowledges
-  nothing, so a rotated service certificate loses no queued message.
+  stays connected. The revoked identity's session is therefore taken over:
+  the client id is the certificate CN (``use_identity_as_username`` +
+  ``use_username_as_clientid``), so a connection under the same CN makes the
+  broker drop the old one. The identity used for that is a certificate minted
+  for the purpose, valid for ten minutes, whose key exists only in this
+  process (and briefly in a 0700 temporary directory), recorded in the
+  register and revoked right after. The takeover resumes the session rather
+  than clearing it and acknowledges nothing, so a rotated service certificate
+  loses no queued message.
+- certgen need not be able to signal the broker. Where it can (the local
+  stack: the pid in ``<state>/mosquitto/mosquitto.pid``, same machine, same
+  user) it sends SIGHUP at once; elsewhere the broker's own start script
+  (``deploy/mosquitto/broker.sh``, rendered by :mod:`f2pipe.operations.deploy`)
+  sends it SIGHUP within seconds of the CRL file changing. Either way certgen
+  learns that the broker has loaded the new CRL from the broker itself: every
+  CRL written for a reload also lists a *probe*, a certificate minted and
+  revoked in the same write, and once the broker refuses the probe's handshake
+  it has loaded that CRL (:func:`await_reload`).
+- Until then the revoked device could simply reconnect, so the takeover
+  connection is held (and taken over again each time the device comes back)
+  until the reload is seen, then made once more: from then on the device's
+  handshake is refused. All of it within :data:`RELOAD_WITHIN` seconds.
 - A reload drops the ``user`` ACL entries of every *offline* persistent
   session until that client reconnects; meanwhile messages routed to it are
   silently discarded. Device sessions are unaffected (their rules are
@@ -31,11 +44,16 @@ runs it in a worker thread.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import os
 import signal
+import ssl
 import tempfile
 import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +63,31 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from f2pipe.errors import ConfigError
-from f2pipe.pki.ca import CertificateAuthority, key_pem, pki_paths, write_private
+from f2pipe.pki.ca import (
+    CertificateAuthority,
+    Issued,
+    key_pem,
+    pki_paths,
+    utc_now,
+    write_private,
+)
 from f2pipe.pki.state import broker_pid_path, connector_identities, crl_entries, read_crl, write_crl
 from f2pipe.pki.store import CertificateStore
 from f2pipe.runtime.tls import client_context
 from f2pipe.settings import Settings
+
+__all__ = [
+    "PROBE_IDENTITY",
+    "RELOAD_WITHIN",
+    "RevokeResult",
+    "await_reload",
+    "close_session",
+    "refresh_crl",
+    "refresh_service_sessions",
+    "reload_and_refresh",
+    "reload_broker",
+    "revoke",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +98,12 @@ _CONNECT_TIMEOUT = 10.0
 # How long the broker keeps the session the takeover leaves behind; the rightful
 # owner's next connect sets its own expiry again.
 _KEEP_SESSION_SECONDS = 7 * 24 * 3600
+#: Seconds certgen waits for the broker to load a new CRL (SPEC: a live session of
+#: a revoked identity is closed within 60 s; the broker script reloads within 2).
+RELOAD_WITHIN = 45.0
+#: The identity of the reload probes: no ACL rule names it, so it can do nothing.
+PROBE_IDENTITY = "svc-crl-probe"
+_POLL = 0.5
 
 
 @dataclass(frozen=True)
@@ -74,17 +118,20 @@ class RevokeResult:
 
 
 def reload_broker(settings: Settings) -> bool:
-    """Send SIGHUP to the broker named in ``<state>/mosquitto/mosquitto.pid``; True if sent."""
+    """SIGHUP the broker named in ``<state>/mosquitto/mosquitto.pid``; True if sent.
+
+    An optimisation where certgen and the broker share a machine and a user:
+    a broker elsewhere reloads on its own when the CRL file changes (see the
+    module docstring), so a missing or foreign pid is not an error.
+    """
     path = broker_pid_path(settings)
     try:
         pid = int(path.read_text().strip())
         os.kill(pid, signal.SIGHUP)
-    except FileNotFoundError:
-        log.warning("broker not reloaded: no pid file", extra={"pid_file": str(path)})
-        return False
-    except (ValueError, ProcessLookupError, PermissionError) as exc:
-        log.warning(
-            "broker not reloaded", extra={"pid_file": str(path), "error": type(exc).__name__}
+    except (OSError, ValueError) as exc:
+        log.info(
+            "broker not signalled; its CRL watcher reloads it",
+            extra={"pid_file": str(path), "error": type(exc).__name__},
         )
         return False
     return True
@@ -124,17 +171,26 @@ def refresh_crl(
     """Rewrite the CRL from the register (plus what it already lists); True if reloaded.
 
     Without a register (``None``) the CRL is renewed from its own entries. The
-    broker is reloaded only when the list of revoked serials changed, or with
-    ``force`` (a renewed CRL must reach the broker before the old expires).
+    broker is made to reload only when the list of revoked serials changed, or
+    with ``force`` (a renewed CRL must reach the broker before the old
+    expires); the CRL then lists a new probe, and this waits (up to
+    :data:`RELOAD_WITHIN` s) until the broker refuses it.
     """
     paths = pki_paths(settings)
     with _LOCK:
         before = set(crl_entries(read_crl(paths.crl)))
         revoked = store.revoked() if store is not None else []
-        crl = write_crl(ca, paths, revoked, settings.crl_days)
-        if force or set(crl_entries(crl)) != before:
-            return reload_and_refresh(settings)
-    return False
+        if not force and {serial for serial, _ in revoked} <= before:
+            write_crl(ca, paths, revoked, settings.crl_days)
+            return False
+        with _probe(settings, ca, store) as probe:
+            write_crl(ca, paths, [*revoked, probe.entry], settings.crl_days)
+            signalled = reload_broker(settings)
+            seen = await_reload(settings, probe.context, time.monotonic() + RELOAD_WITHIN)
+        reloaded = signalled if seen is None else seen
+        if reloaded:
+            refresh_service_sessions(settings)
+        return reloaded
 
 
 def revoke(
@@ -146,19 +202,22 @@ def revoke(
 ) -> RevokeResult | None:
     """Revoke ``serial`` (lowercase hex); None if the register does not know it.
 
-    Revoking twice is harmless: the CRL is rewritten and the session closed
-    again. Raises psycopg.Error if the register is unreachable (nothing changed
-    then) and CertError if the CRL cannot be written.
+    Blocks until the broker has loaded the new CRL and any live session of the
+    identity is closed, at most about :data:`RELOAD_WITHIN` s (a broker that
+    cannot be reached returns at once: it has no session to close and loads
+    the CRL when it starts). Revoking twice is harmless: the CRL is rewritten
+    and the session closed again. Raises psycopg.Error if the register is
+    unreachable (nothing changed then) and CertError if the CRL cannot be written.
     """
     record = store.revoke(serial, reason)
     if record is None:
         return None
-    with _LOCK:
-        write_crl(ca, pki_paths(settings), store.revoked(), settings.crl_days)
-        reloaded = reload_and_refresh(settings)
-        closed = False
+    with _LOCK, _probe(settings, ca, store) as probe:
+        write_crl(ca, pki_paths(settings), [*store.revoked(), probe.entry], settings.crl_days)
+        reload_broker(settings)
+        reloaded, closed = close_session(settings, ca, store, record.common_name, probe.context)
         if reloaded:
-            closed = close_session(settings, ca, store, record.common_name)
+            refresh_service_sessions(settings)
     log.info(
         "certificate revoked",
         extra={
@@ -172,26 +231,56 @@ def revoke(
 
 
 def close_session(
-    settings: Settings, ca: CertificateAuthority, store: CertificateStore, common_name: str
-) -> bool:
-    """Drop any live MQTT session of ``common_name`` by taking it over; True on success.
+    settings: Settings,
+    ca: CertificateAuthority,
+    store: CertificateStore,
+    common_name: str,
+    probe: ssl.SSLContext,
+) -> tuple[bool, bool]:
+    """Close any live session of ``common_name`` for good; (broker reloaded, session closed).
 
-    Caller holds ``_LOCK`` (the takeover identity is revoked in the CRL file
-    afterwards). Never raises for broker trouble: a broker that cannot be
-    reached has no session to close, and the failure is logged.
+    The CRL on disk already revokes the identity and lists ``probe`` (a context
+    with a revoked certificate). The identity's client id is taken over and
+    held, and taken over again whenever the device reconnects, until the broker
+    refuses the probe; then it is taken over once more and released. Caller
+    holds ``_LOCK`` (the takeover identity is revoked in the CRL file
+    afterwards). Never raises for broker trouble: the failure is logged.
     """
     issued = ca.issue_client(common_name, _TAKEOVER_DAYS)
-    assert issued.private_key is not None
     mac = common_name[3:] if common_name.startswith("f2-") else None
     store.record(issued, mac, "revocation")
     paths = pki_paths(settings)
     try:
-        with tempfile.TemporaryDirectory(prefix="f2pipe-takeover-") as tmp:
-            cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-            write_private(key_file, key_pem(issued.private_key))
-            write_private(cert_file, issued.certificate_pem().encode())
-            context = client_context(paths.ca_cert, cert_file, key_file)
-        return _take_over(settings, context, common_name)
+        context = _context_of(settings, issued)
+        deadline = time.monotonic() + RELOAD_WITHIN
+        holder = _Holder(settings, context, common_name)
+        try:
+            reloaded = None
+            while reloaded is None and time.monotonic() < deadline:
+                if not holder.held():
+                    holder.take_over()
+                seen = accepts(settings, probe)
+                if seen is False:
+                    reloaded = True
+                elif seen is None and not holder.reached:
+                    break  # nothing answers: no session to close, the CRL loads at start
+                else:
+                    holder.dropped.wait(_POLL)
+        finally:
+            holder.release()
+        if not reloaded:
+            log.warning(
+                "the broker did not load the new CRL in time; the revoked identity can "
+                "still connect until it does (is deploy/mosquitto/broker.sh its start command?)",
+                extra={"common_name": common_name, "waited_s": RELOAD_WITHIN},
+            )
+            return False, False
+        # The device may have come back between the last takeover and the reload: once
+        # more, now that its handshake is refused from here on.
+        closed = _take_over(settings, context, common_name)
+        if not closed:
+            log.warning("could not close the revoked session", extra={"common_name": common_name})
+        return True, closed
     finally:
         # Listed in the CRL file now; the broker picks it up at the next reload. No
         # reload just for it: its key is gone with this process, it expires in ten
@@ -200,16 +289,149 @@ def close_session(
         write_crl(ca, paths, store.revoked(), settings.crl_days)
 
 
-def _take_over(settings: Settings, context: object, common_name: str) -> bool:
-    connected = threading.Event()
-    outcome: list[str] = []
+def await_reload(settings: Settings, probe: ssl.SSLContext, deadline: float) -> bool | None:
+    """Wait until the broker refuses ``probe``: True, False at ``deadline``, None if unreachable."""
+    while True:
+        seen = accepts(settings, probe)
+        if seen is None:
+            return None
+        if not seen:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        threading.Event().wait(_POLL)
+
+
+def accepts(settings: Settings, context: ssl.SSLContext) -> bool | None:
+    """Does the broker let this certificate in? None when the broker cannot be reached.
+
+    True on a successful CONNACK; False when the broker ends the connection
+    during or right after the TLS handshake (a revoked certificate; with TLS 1.3
+    the refusal arrives after the client's side of the handshake is done). The
+    connection is clean and closed at once, so it leaves no session behind.
+    """
+    answered = threading.Event()
+    outcome: list[bool] = []
 
     def on_connect(
         client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
     ) -> None:
-        outcome.append(str(reason))
-        connected.set()
+        outcome.append(not getattr(reason, "is_failure", True))
+        answered.set()
 
+    def on_disconnect(*args: object) -> None:
+        outcome.append(False)
+        answered.set()
+
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=PROBE_IDENTITY,
+        protocol=mqtt.MQTTv5,
+        reconnect_on_failure=False,
+    )
+    client.tls_set_context(context)
+    client.on_connect = on_connect
+    client.on_disconnect = on_disconnect
+    try:
+        client.connect(settings.mqtt_host, settings.mqtt_port, keepalive=30, clean_start=True)
+    except ssl.SSLCertVerificationError as exc:
+        log.warning("the broker's certificate is refused", extra={"error": str(exc)})
+        return None
+    except ssl.SSLError:
+        return False  # TLS 1.2: the broker's alert ends the handshake itself
+    except OSError:
+        return None
+    client.loop_start()
+    try:
+        if not answered.wait(_CONNECT_TIMEOUT):
+            return None
+        return outcome[0]
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+@dataclass(frozen=True)
+class _Probe:
+    entry: tuple[int, dt.datetime]
+    context: ssl.SSLContext
+
+
+@contextmanager
+def _probe(
+    settings: Settings, ca: CertificateAuthority, store: CertificateStore | None
+) -> Iterator[_Probe]:
+    """A certificate minted to be revoked in the next CRL: its refusal proves the reload."""
+    issued = ca.issue_client(PROBE_IDENTITY, _TAKEOVER_DAYS)
+    if store is not None:
+        store.record(issued, None, "revocation")
+        store.revoke(issued.serial, "CRL reload probe")
+    yield _Probe((issued.certificate.serial_number, utc_now()), _context_of(settings, issued))
+
+
+def _context_of(settings: Settings, issued: Issued) -> ssl.SSLContext:
+    """A client TLS context for a freshly minted identity; its key never stays on disk."""
+    assert issued.private_key is not None
+    with tempfile.TemporaryDirectory(prefix="f2pipe-takeover-") as tmp:
+        cert_file, key_file = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
+        write_private(key_file, key_pem(issued.private_key))
+        write_private(cert_file, issued.certificate_pem().encode())
+        return client_context(pki_paths(settings).ca_cert, cert_file, key_file)
+
+
+class _Holder:
+    """Holds a client id on the broker with a live connection, until released.
+
+    ``dropped`` is set when the broker ends the connection (the rightful owner
+    came back and took the client id over); :meth:`take_over` takes it back.
+    """
+
+    def __init__(self, settings: Settings, context: ssl.SSLContext, common_name: str) -> None:
+        self.settings = settings
+        self.context = context
+        self.common_name = common_name
+        self.dropped = threading.Event()
+        self.reached = False
+        self._client: mqtt.Client | None = None
+        self._up = threading.Event()
+
+    def held(self) -> bool:
+        return self._client is not None and self._up.is_set() and not self.dropped.is_set()
+
+    def take_over(self) -> bool:
+        self.release()
+        self.dropped.clear()
+        self._up.clear()
+        client = _session_client(self.common_name, self.context)
+
+        def on_connect(
+            client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
+        ) -> None:
+            if getattr(reason, "is_failure", True):
+                self.dropped.set()
+            else:
+                self._up.set()
+
+        def on_disconnect(*args: object) -> None:
+            self.dropped.set()
+
+        client.on_connect = on_connect
+        client.on_disconnect = on_disconnect
+        if not _connect_resuming(self.settings, client, self.common_name):
+            return False
+        self.reached = True
+        self._client = client
+        client.loop_start()
+        return self._up.wait(_CONNECT_TIMEOUT)
+
+    def release(self) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+
+def _session_client(common_name: str, context: ssl.SSLContext) -> mqtt.Client:
     # The session is resumed, not cleared, and nothing delivered meanwhile is
     # acknowledged: if the identity is a service whose certificate is being
     # rotated (revoke the old one after issuing the new), its persistent session
@@ -221,8 +443,11 @@ def _take_over(settings: Settings, context: object, common_name: str) -> bool:
         reconnect_on_failure=False,
         manual_ack=True,
     )
-    client.tls_set_context(context)  # type: ignore[arg-type]
-    client.on_connect = on_connect
+    client.tls_set_context(context)
+    return client
+
+
+def _connect_resuming(settings: Settings, client: mqtt.Client, common_name: str) -> bool:
     properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
     properties.SessionExpiryInterval = _KEEP_SESSION_SECONDS
     try:
@@ -235,16 +460,34 @@ def _take_over(settings: Settings, context: object, common_name: str) -> bool:
         )
     except OSError as exc:
         log.warning(
-            "could not close the revoked session: broker unreachable",
+            "could not take the session over: broker unreachable",
             extra={"common_name": common_name, "error": str(exc)},
         )
+        return False
+    return True
+
+
+def _take_over(settings: Settings, context: ssl.SSLContext, common_name: str) -> bool:
+    """Connect once as ``common_name`` (dropping its live connection) and leave; True if done."""
+    connected = threading.Event()
+    outcome: list[str] = []
+
+    def on_connect(
+        client: mqtt.Client, userdata: object, flags: object, reason: object, props: object
+    ) -> None:
+        outcome.append(str(reason))
+        connected.set()
+
+    client = _session_client(common_name, context)
+    client.on_connect = on_connect
+    if not _connect_resuming(settings, client, common_name):
         return False
     client.loop_start()
     try:
         ok = connected.wait(_CONNECT_TIMEOUT) and outcome == ["Success"]
         if not ok:
             log.warning(
-                "could not close the revoked session: takeover refused",
+                "could not take the session over: refused",
                 extra={"common_name": common_name, "reason": outcome[:1]},
             )
         return ok

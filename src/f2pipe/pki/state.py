@@ -1,16 +1,34 @@
-"""The ``<state>/pki`` folder made and kept current, the CRL file on disk, and the
-two facts about the broker that the certificate authority acts on.
+"""The ``<state>/pki`` folder made and kept current, the CRL file on disk, the
+shares handed to the broker and the services, and the two facts about the
+broker that the certificate authority acts on.
 
-:func:`ensure_pki` (run by ``certgen init`` and ``stack up``) creates whatever is
-missing of the CA, the CRL, the broker's and certgen's server certificates and
-the service certificates, and renews what is due; :func:`write_crl` rewrites the
-CRL without ever dropping an entry. The certificate primitives are in
-:mod:`f2pipe.pki.ca`.
+:func:`ensure_pki` (run by ``certgen init``, ``certgen serve`` and ``stack up``)
+creates whatever is missing of the CA, the CRL, the broker's and certgen's
+server certificates and the service certificates, and renews what is due;
+:func:`write_crl` rewrites the CRL without ever dropping an entry. The
+certificate primitives are in :mod:`f2pipe.pki.ca`.
+
+Shares: where the broker and the services run apart from the CA (containers,
+hosts), each gets a folder of its own under ``<state>/shares/<party>/`` laid
+out like ``<state>/pki`` but holding only ``ca.pem``, ``crl.pem`` and that
+party's certificate and key: ``broker.pem``/``.key`` for ``broker``,
+``services/<name>.pem``/``.key`` for a service identity ``svc-<name>``, nothing
+more for any other party (a scraper, a simulator). The party mounts its folder,
+read-only, as its own ``<state>/pki``; the CA key never leaves ``<state>/pki``.
+:func:`sync_shares` keeps every existing share folder current; it runs after
+:func:`ensure_pki`, every CRL written and every service certificate issued, so
+a revocation reaches the broker's share at once. Share keys are mode 0640: the
+parties run as their own users in the group of the CA's owner, and only their
+own share is mounted in their container. Without a ``shares`` folder (the
+local stack) nothing happens.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
+import stat
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +65,15 @@ __all__ = [
     "issue_service_files",
     "read_crl",
     "server_names",
+    "sync_shares",
     "write_crl",
 ]
+
+#: The folder beside ``pki`` that holds one partial PKI folder per party.
+SHARES = "shares"
+_SHARED_KEY_MODE = 0o640
+_PUBLIC_MODE = 0o644
+_SHARE_DIR_MODE = 0o750
 
 
 def server_names(settings: Settings) -> list[str]:
@@ -88,6 +113,7 @@ def write_crl(
         entries.setdefault(serial, when)
     crl = ca.build_crl(entries.items(), days)
     write_public(paths.crl, crl.public_bytes(serialization.Encoding.PEM))
+    sync_shares(paths)
     return crl
 
 
@@ -176,6 +202,7 @@ def ensure_pki(settings: Settings, services: Iterable[str] = SERVICE_NAMES) -> P
         if _needs_client_cert(ca, cert_path, key_path):
             issued.append(issue_service_files(ca, paths, name, settings.service_cert_days))
             created.append(str(cert_path))
+    created.extend(str(path) for path in sync_shares(paths))
     return PkiReport(ca, created, issued)
 
 
@@ -189,7 +216,62 @@ def issue_service_files(
     paths.services.mkdir(parents=True, exist_ok=True)
     write_private(paths.service_key(name), key_pem(result.private_key))
     write_public(paths.service_cert(name), cert_pem(result.certificate))
+    sync_shares(paths)
     return result
+
+
+def sync_shares(paths: PkiPaths) -> list[Path]:
+    """Bring every folder under ``<state>/shares`` up to date; return the files written.
+
+    See the module docstring for what a share holds. Files are replaced
+    atomically and only when their content changed (the broker's start script
+    reloads the broker when its CRL file changes). Keys issued straight into a
+    share's ``devices/`` folder (a simulator's) are made readable to the group.
+    Raises OSError when a share cannot be written.
+    """
+    root = paths.root.parent / SHARES
+    if not root.is_dir():
+        return []
+    written: list[Path] = []
+    for share in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
+        share.chmod(_SHARE_DIR_MODE)
+        wanted = {
+            share / "ca.pem": (paths.ca_cert, _PUBLIC_MODE),
+            share / "crl.pem": (paths.crl, _PUBLIC_MODE),
+        }
+        if share.name == "broker":
+            wanted[share / "broker.pem"] = (paths.broker_cert, _PUBLIC_MODE)
+            wanted[share / "broker.key"] = (paths.broker_key, _SHARED_KEY_MODE)
+        elif share.name.startswith("svc-"):
+            own = share / "services"
+            wanted[own / f"{share.name}.pem"] = (paths.service_cert(share.name), _PUBLIC_MODE)
+            wanted[own / f"{share.name}.key"] = (paths.service_key(share.name), _SHARED_KEY_MODE)
+        for target, (source, mode) in wanted.items():
+            if source.is_file() and _copy_if_changed(source, target, mode):
+                written.append(target)
+        for key in share.glob("devices/*.key"):
+            key.chmod(_SHARED_KEY_MODE)
+    return written
+
+
+def _copy_if_changed(source: Path, target: Path, mode: int) -> bool:
+    data = source.read_bytes()
+    try:
+        if target.read_bytes() == data and stat.S_IMODE(target.stat().st_mode) == mode:
+            return False
+    except FileNotFoundError:
+        pass
+    target.parent.mkdir(mode=_SHARE_DIR_MODE, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
 
 
 def broker_pid_path(settings: Settings) -> Path:

@@ -10,6 +10,11 @@ listener exists. :class:`Mosquitto` also writes the broker's pid to
 where the certificate authority sends SIGHUP to reload the CRL after a
 revocation.
 
+The same renderers serve a broker elsewhere (``f2pipe deploy render``): a
+:class:`BrokerSite` says where its files are and how it runs, and
+:func:`render_start_script` is the start command of a broker that certgen
+cannot signal, which reloads the CRL by itself when the file changes.
+
 Sizing (all overridable through settings):
 
 - ``max_queued_bytes`` (``F2PIPE_BROKER_MAX_QUEUED_BYTES``, default 1/32 of
@@ -46,6 +51,7 @@ from __future__ import annotations
 import getpass
 import os
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 
 from f2pipe.operations.stack.install import Program
@@ -125,25 +131,62 @@ def render_acl(connectors: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def render_conf(settings: Settings, pki: PkiPaths) -> str:
-    """The broker configuration for ``settings`` (pure; see the module docstring)."""
-    mdir = settings.mosquitto_dir
-    user = getpass.getuser()
+@dataclass(frozen=True)
+class BrokerSite:
+    """Where and how one broker runs: what differs between the local stack and a container.
+
+    ``user`` and ``pid_file`` are left out of the configuration when None (a
+    container starts the broker as its own non-root user, and nothing signals
+    it by pid); ``listen_host`` None listens on every interface.
+    """
+
+    acl_file: Path
+    persistence: Path
+    max_queued_bytes: int
+    max_queued_messages: int
+    user: str | None = None
+    pid_file: Path | None = None
+    listen_host: str | None = None
+
+
+def local_site(settings: Settings) -> BrokerSite:
+    """The local stack's broker: under ``<state>/mosquitto``, as this user, on ``mqtt_host``."""
+    return BrokerSite(
+        acl_file=acl_path(settings),
+        persistence=settings.mosquitto_dir / "data",
+        max_queued_bytes=max_queued_bytes(settings),
+        max_queued_messages=max_queued_messages(settings),
+        # The broker must keep reading the 0600 keys and the CRL after dropping
+        # privileges (the CRL is re-read on SIGHUP), so it runs as their owner.
+        user=getpass.getuser(),
+        pid_file=broker_pid_path(settings),
+        listen_host=settings.mqtt_host,
+    )
+
+
+def render_conf(settings: Settings, pki: PkiPaths, site: BrokerSite | None = None) -> str:
+    """The broker configuration for ``settings`` at ``site`` (the local stack's by default).
+
+    Pure but for the local site's defaults (this user, this machine's memory);
+    see the module docstring for the values.
+    """
+    site = site or local_site(settings)
+    listener = f"listener {settings.mqtt_port}"
+    if site.listen_host is not None:
+        listener += f" {site.listen_host}"
     return "\n".join(
         [
             "# Written by f2pipe (f2pipe.operations.stack.mosquitto); changes are overwritten.",
-            # The broker must keep reading the 0600 keys and the CRL after dropping
-            # privileges (the CRL is re-read on SIGHUP), so it runs as their owner.
-            f"user {user}",
-            f"pid_file {broker_pid_path(settings)}",
+            *([f"user {site.user}"] if site.user is not None else []),
+            *([f"pid_file {site.pid_file}"] if site.pid_file is not None else []),
             "per_listener_settings false",
             "allow_anonymous false",
-            f"acl_file {acl_path(settings)}",
+            f"acl_file {site.acl_file}",
             "persistence true",
-            f"persistence_location {mdir / 'data'}/",
+            f"persistence_location {site.persistence}/",
             f"autosave_interval {settings.mqtt_autosave_interval_s}",
-            f"max_queued_messages {max_queued_messages(settings)}",
-            f"max_queued_bytes {max_queued_bytes(settings)}",
+            f"max_queued_messages {site.max_queued_messages}",
+            f"max_queued_bytes {site.max_queued_bytes}",
             f"max_inflight_messages {settings.mqtt_max_inflight_messages}",
             f"max_packet_size {MAX_PACKET_BYTES}",
             # The monitor identity reads the queue and drop counters from $SYS.
@@ -156,7 +199,7 @@ def render_conf(settings: Settings, pki: PkiPaths) -> str:
             "connection_messages true",
             "log_timestamp_format %Y-%m-%dT%H:%M:%S",
             "",
-            f"listener {settings.mqtt_port} {settings.mqtt_host}",
+            listener,
             f"max_connections {settings.mqtt_max_connections}",
             f"cafile {pki.ca_cert}",
             f"certfile {pki.broker_cert}",
@@ -172,6 +215,46 @@ def render_conf(settings: Settings, pki: PkiPaths) -> str:
             "",
         ]
     )
+
+
+#: Seconds between two looks of the start script at the CRL file.
+CRL_WATCH_SECONDS = 2
+
+
+def render_start_script() -> str:
+    """``broker.sh CONF``: run Mosquitto, SIGHUP it when its CRL file changes, pass stops on.
+
+    For a broker that certgen cannot signal by pid (another container, host or
+    user): Mosquitto re-reads ``crlfile`` only on SIGHUP, so this POSIX shell
+    script (busybox is enough) looks at the file's checksum every
+    :data:`CRL_WATCH_SECONDS` seconds and signals its own child when it
+    changed. TERM and INT reach the broker, which then saves its queued
+    messages; the script exits with the broker's status.
+    """
+    return f"""#!/bin/sh
+# Written by f2pipe (f2pipe.operations.stack.mosquitto); changes are overwritten.
+# Usage: broker.sh MOSQUITTO_CONF. Starts Mosquitto with that configuration and
+# sends it SIGHUP within {CRL_WATCH_SECONDS} s of its CRL file (the conf's crlfile) changing:
+# Mosquitto re-reads the CRL only then, and certgen, which rewrites the file when
+# it revokes a certificate, need not be able to signal this process.
+set -u
+conf=${{1:?usage: broker.sh MOSQUITTO_CONF}}
+crl=$(sed -n 's/^crlfile //p' "$conf")
+${{MOSQUITTO:-mosquitto}} -c "$conf" &
+broker=$!
+trap 'kill -TERM "$broker" 2>/dev/null; wait "$broker"; exit $?' TERM INT
+seen=$(cksum < "$crl" 2>/dev/null)
+while kill -0 "$broker" 2>/dev/null; do
+    sleep {CRL_WATCH_SECONDS} &
+    wait $!
+    now=$(cksum < "$crl" 2>/dev/null)
+    if [ "$now" != "$seen" ]; then
+        seen=$now
+        kill -HUP "$broker"
+    fi
+done
+wait "$broker"
+"""
 
 
 def ensure_config(settings: Settings) -> Path:
