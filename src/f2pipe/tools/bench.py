@@ -3,6 +3,8 @@
 The benchmark reuses the stage benchmarks in the checkout's ``bench/`` (they are
 not part of the installed package), so it runs from a checkout only.
 Arguments after ``bench`` are passed through (``f2pipe bench --duration 90``).
+The script logs each phase with its time; this command says where it starts and
+how long the whole took, on stderr (``--help`` of the script prints neither).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from f2pipe.errors import ConfigError
@@ -19,8 +22,25 @@ SCRIPT = Path(__file__).resolve().parents[3] / "bench" / "pipeline_bench.py"
 
 def _run(args: argparse.Namespace) -> int:
     if not SCRIPT.is_file():
-        raise ConfigError(f"{SCRIPT} is missing: run `f2pipe bench` from an f2pipe checkout")
-    return subprocess.run([sys.executable, str(SCRIPT), *args.rest], check=False).returncode
+        raise ConfigError(
+            "needs an f2pipe checkout: it runs bench/pipeline_bench.py, "
+            "which the installed package does not include"
+        )
+    talk = not {"-h", "--help"} & set(args.rest)
+    began = time.monotonic()
+    if talk:
+        print(
+            "bench: starting its own servers, warming up, then measuring; "
+            "the phases follow; report.json and report.md go to bench/ (or --out)",
+            file=sys.stderr,
+            flush=True,
+        )
+    code = subprocess.run([sys.executable, str(SCRIPT), *args.rest], check=False).returncode
+    if talk:
+        minutes, seconds = divmod(round(time.monotonic() - began), 60)
+        outcome = "done" if code == 0 else f"failed (exit {code})"
+        print(f"bench: {outcome} in {minutes} min {seconds} s", file=sys.stderr, flush=True)
+    return code
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
