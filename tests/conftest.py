@@ -8,6 +8,7 @@ with a deadline (:func:`wait_until`), never by sleeping.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,25 @@ import pytest
 from f2pipe import testing
 
 T = TypeVar("T")
+
+
+def _operator_settings() -> None:
+    """The shared stack's operator credentials (``<state>/admin.env``) for every test.
+
+    The secured stack refuses a client without a password; tests act as the
+    operator. A variable already set in the environment wins, so a run pointed
+    at other servers keeps its own.
+    """
+    from f2pipe.operations.stack.security import ADMIN_ENV, read_admin_env
+    from f2pipe.settings import load_settings
+
+    path = load_settings().state_dir / ADMIN_ENV
+    if path.is_file():
+        for key, value in read_admin_env(path).items():
+            os.environ.setdefault(key, value)
+
+
+_operator_settings()
 
 # The decoding vectors (SPEC sections 1, 2 and 7 in examples): the repository's own copy,
 # and the shared original it must equal whenever a checkout has it beside it.

@@ -43,6 +43,7 @@ from confluent_kafka.admin import AdminClient
 from conftest import unique, wait_until
 from f2pipe.metadata.fleet.demo import demo_fleet
 from f2pipe.operations import pipeline, services, stack, status
+from f2pipe.operations.stack import security
 from f2pipe.settings import Settings, get_settings, load_settings
 from f2pipe.testing.ledger import datapoint_map
 
@@ -310,7 +311,8 @@ def own_stack(**overrides: Any) -> Iterator[Settings]:
     )
     try:
         pipeline.up(settings, STAGES, quiet=True)
-        yield settings
+        # The stack is secured: the test acts as the operator, the stages as themselves.
+        yield security.admin_settings(settings)
     finally:
         pipeline.down(settings, quiet=True)
         shutil.rmtree(state, ignore_errors=True)

@@ -280,6 +280,11 @@ class Settings(BaseSettings):
     stack_install: bool = Field(
         default=True, description="Local stack: root may apt-get install missing servers."
     )
+    stack_secured: bool = Field(
+        default=True,
+        description="Local stack: passwords, TLS and one user per service on every server "
+        "(false: trust on loopback, for experiments only).",
+    )
     # Certificates (section 6). The file form keeps the passphrase out of the environment.
     ca_passphrase: SecretStr | None = Field(
         default=None, description="Passphrase encrypting the CA key."

@@ -33,7 +33,7 @@ from pathlib import Path
 from f2pipe.errors import StackError
 from f2pipe.operations import stack
 from f2pipe.operations.services import NAMES, Service, services
-from f2pipe.operations.stack import Paths
+from f2pipe.operations.stack import Paths, security
 from f2pipe.settings import Settings, load_settings
 
 RECORD = "up.servers"
@@ -60,8 +60,13 @@ def prepare_data(settings: Settings) -> None:
     )
     from f2pipe.pki.state import ensure_pki
 
+    paths = Paths(settings.state_dir)
+    # The operator's credentials when this state folder runs PostgreSQL or Redis secured.
+    settings = security.admin_settings(settings)
     for dsn in dict.fromkeys([settings.metadata_dsn, settings.timeseries_dsn]):
         migrate(dsn, settings)
+        if security.is_secured(paths, "postgres"):
+            security.grant(settings, dsn)
     seed_demo(settings.metadata_dsn, settings.state_dir)
     ensure_pki(settings)
     admin_token(settings)
@@ -77,6 +82,7 @@ def prepare_data(settings: Settings) -> None:
                 issue_device_files(settings, mac, devices, ca=ca, store=store)
     finally:
         store.close()
+    security.write_admin_env(settings, paths)
 
 
 def _record(paths: Paths) -> Path:
@@ -189,7 +195,7 @@ def _say(text: str) -> None:
 
 def _run_foreground(args: argparse.Namespace) -> int:
     """``up``, a live view until Ctrl-C (or SIGTERM, SIGHUP), then stop what this call started."""
-    from f2pipe.operations.status import live
+    from f2pipe.operations.statusview import live
 
     settings = load_settings()
 

@@ -67,11 +67,16 @@ KafkaOperation = Literal["READ", "WRITE", "DESCRIBE", "CREATE", "IDEMPOTENT_WRIT
 
 
 class _SettingsLike(Protocol):
-    topic_raw: str
-    topic_processed: str
-    topic_dead_letter: str
-    processor_group: str
-    sink_group: str
+    @property
+    def topic_raw(self) -> str: ...
+    @property
+    def topic_processed(self) -> str: ...
+    @property
+    def topic_dead_letter(self) -> str: ...
+    @property
+    def processor_group(self) -> str: ...
+    @property
+    def sink_group(self) -> str: ...
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,19 @@ from typing import ClassVar
 
 from pydantic import SecretStr
 
-from f2pipe.operations.stack import LOOPBACK, Paths, Program, Server, port_accepts
+from f2pipe.operations.stack import LOOPBACK, Paths, Program, Server, port_accepts, security
 from f2pipe.settings import Settings
 
 #: Settings only certgen may hold: with them, anyone issues any identity.
 CERTGEN_SECRETS = frozenset(
     {"admin_token", "admin_token_file", "ca_passphrase", "ca_passphrase_file"}
+)
+
+#: Variables naming files of the operator's credentials (``F2PIPE_<NAME>_FILE``): a service
+#: gets its own credentials as settings, and must not inherit the caller's files.
+CREDENTIAL_FILES = frozenset(
+    f"F2PIPE_{name}_FILE"
+    for name in ("METADATA_DSN", "TIMESERIES_DSN", "REDIS_URL", "KAFKA_SASL_PASSWORD")
 )
 
 
@@ -96,11 +103,14 @@ class Service(Server):
         return list(self.arguments)
 
     def environment(self) -> dict[str, str]:
-        return settings_env(self.settings, without=CERTGEN_SECRETS)
+        env = settings_env(self.settings, without=CERTGEN_SECRETS)
+        env.update(security.service_env(self.settings, self.paths, self.name))
+        return env
 
     def withheld(self) -> frozenset[str]:
-        # Nor inherited from the caller: only certgen holds the admin token and the CA key.
-        return frozenset(f"F2PIPE_{name.upper()}" for name in CERTGEN_SECRETS)
+        # Nor inherited from the caller: only certgen holds the admin token and the CA key,
+        # and each service's credentials are its own, never the operator's files.
+        return frozenset(f"F2PIPE_{name.upper()}" for name in CERTGEN_SECRETS) | CREDENTIAL_FILES
 
     def workdir(self) -> Path:
         return self.paths.state
@@ -137,10 +147,12 @@ class Certgen(Service):
         return _probe_host(self.settings.certgen_host)
 
     def environment(self) -> dict[str, str]:
-        return settings_env(self.settings)
+        env = settings_env(self.settings)
+        env.update(security.service_env(self.settings, self.paths, self.name))
+        return env
 
     def withheld(self) -> frozenset[str]:
-        return frozenset()
+        return CREDENTIAL_FILES
 
     def url(self, path: str) -> str:
         scheme = "https" if self.settings.certgen_tls else "http"

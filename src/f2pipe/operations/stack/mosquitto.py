@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from f2pipe.operations.stack.install import Program
+from f2pipe.operations.stack.security import PKI_LOCK
 from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import Paths, port_accepts
 from f2pipe.pki.ca import PkiPaths, pki_paths
@@ -264,7 +265,8 @@ def ensure_config(settings: Settings) -> Path:
     :func:`f2pipe.pki.state.ensure_pki`); the two files are rewritten only when
     their content changes. Raises CertError if the PKI cannot be read.
     """
-    ensure_pki(settings)
+    with PKI_LOCK:  # the other servers' certificates are made side by side
+        ensure_pki(settings)
     pki = pki_paths(settings)
     mdir = settings.mosquitto_dir
     (mdir / "data").mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from f2pipe.errors import StackError
-from f2pipe.operations.stack import pgcluster
+from f2pipe.operations.stack import pgcluster, security
 from f2pipe.operations.stack.install import Program
 from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import (
@@ -167,9 +167,12 @@ class Postgres(Server):
     def _connect(self, dbname: str) -> psycopg.Connection[tuple[Any, ...]]:
         import psycopg
 
+        secured = security.is_secured(self.paths, self.name)
         return psycopg.connect(
             host=LOOPBACK, port=self.port, user=self.user, dbname=dbname,
             connect_timeout=2, autocommit=True,
+            password=security.pg_admin_password(self.paths) if secured else None,
+            sslmode="require" if secured else "prefer",
         )  # fmt: skip
 
     def healthy(self) -> bool:
@@ -193,3 +196,13 @@ class Postgres(Server):
             ).fetchone()
             if found is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
+            if security.is_secured(self.paths, self.name):
+                security.create_roles(conn, self.settings, self.paths)
+        security.write_admin_env(self.settings, self.paths)
+
+    def start(self) -> None:
+        # Authentication and TLS are set before every start, so the mode always follows
+        # F2PIPE_STACK_SECURED and a cluster made by an older f2pipe is secured too.
+        postgres = Path(self.command()[0])
+        security.secure_postgres(self.settings, self.paths, self.data, postgres, self.run_as())
+        super().start()

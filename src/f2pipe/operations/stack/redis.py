@@ -1,7 +1,15 @@
-"""Redis 7: the lookup cache of the local stack, append-only file in ``<state>/redis``."""
+"""Redis 7: the lookup cache of the local stack, append-only file in ``<state>/redis``.
+
+Secured (``F2PIPE_STACK_SECURED``, the default), the default user is off and
+every client logs in as an ACL user of ``<state>/redis/users.acl`` (0600),
+rewritten at each start from :mod:`f2pipe.operations.principals`: the
+operator, and the processor limited to the lookup cache's keys.
+"""
 
 from __future__ import annotations
 
+from f2pipe.operations.principals import ADMIN
+from f2pipe.operations.stack import security
 from f2pipe.operations.stack.install import Program
 from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import LOOPBACK
@@ -19,10 +27,19 @@ class Redis(Server):
     def programs(self) -> list[Program]:
         return [Program("redis-server", "redis-server")]
 
+    def _acl_file(self) -> str:
+        return str(self.paths.state / self.name / "users.acl")
+
     def prepare(self) -> None:
         (self.paths.state / self.name).mkdir(exist_ok=True)
+        secured = self.settings.stack_secured
+        if secured:
+            acl = security.redis_acl(self.settings, self.paths)
+            security.write_private_text(self.paths.state / self.name / "users.acl", acl)
+        security.mark(self.paths, self.name, secured)
 
     def command(self) -> list[str]:
+        acl = ["--aclfile", self._acl_file()] if security.is_secured(self.paths, self.name) else []
         return [
             "redis-server",
             "--bind", LOOPBACK,
@@ -32,14 +49,17 @@ class Redis(Server):
             "--daemonize", "no",
             "--protected-mode", "yes",
             "--logfile", "",
+            *acl,
         ]  # fmt: skip
 
     def healthy(self) -> bool:
         import redis
 
+        secured = security.is_secured(self.paths, self.name)
         client = redis.Redis(
             host=LOOPBACK, port=self.settings.redis_port(), socket_connect_timeout=1,
-            socket_timeout=1,
+            socket_timeout=1, username=ADMIN if secured else None,
+            password=security.password(self.paths, f"redis-{ADMIN}") if secured else None,
         )  # fmt: skip
         try:
             return bool(client.ping())
@@ -48,3 +68,6 @@ class Redis(Server):
             return False
         finally:
             client.close()
+
+    def after_healthy(self) -> None:
+        security.write_admin_env(self.settings, self.paths)

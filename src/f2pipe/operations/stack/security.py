@@ -1,0 +1,441 @@
+"""The secured local stack (SPEC section 10): generated passwords, server certificates,
+the services' own credentials and the operator's ``<state>/admin.env``.
+
+With ``F2PIPE_STACK_SECURED`` (the default) every server the stack starts
+requires a password: PostgreSQL scram-sha-256 over TLS only (``hostssl``, no
+``trust`` even on loopback), Redis ACL users with the default user switched
+off. The rights are those of :mod:`f2pipe.operations.principals`.
+
+Contracts:
+
+- Passwords are generated once into ``<state>/secrets/<name>.password``
+  (folder 0700, files 0600) and kept; deleting a file makes the next ``up``
+  generate and apply a new one.
+- A server records the mode it was started in (``<state>/secrets/<server>.secured``),
+  so probes, the services' environments and ``admin.env`` follow the running
+  server, not the current settings: a stack started plain stays reachable
+  until it is restarted.
+- Server certificates come from f2pipe's own CA (:func:`f2pipe.pki.state.ensure_pki`)
+  and are re-issued when missing, near expiry or signed by another CA.
+- No message here holds a secret.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pwd
+import secrets
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+
+from f2pipe.errors import StackError
+from f2pipe.operations.principals import ADMIN, Names, Principal, principal, principals
+from f2pipe.operations.stack.supervise import Paths
+from f2pipe.settings import Settings
+
+__all__ = [
+    "PKI_LOCK",
+    "admin_env",
+    "is_secured",
+    "mark",
+    "password",
+    "pg_admin_password",
+    "read_admin_env",
+    "roles",
+    "secrets_dir",
+    "server_tls",
+    "service_env",
+    "with_credentials",
+    "write_admin_env",
+    "write_private_text",
+]
+
+#: Held around :func:`f2pipe.pki.state.ensure_pki`: servers are prepared side by side,
+#: and two threads creating the CA at once would leave certificates of a lost CA.
+PKI_LOCK = threading.Lock()
+
+ADMIN_ENV = "admin.env"
+
+
+def secrets_dir(paths: Paths) -> Path:
+    folder = paths.state / "secrets"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return folder
+
+
+def password(paths: Paths, name: str) -> str:
+    """The password ``name`` (generated on first use, 0600); StackError if unreadable."""
+    path = secrets_dir(paths) / f"{name}.password"
+    for _attempt in range(2):
+        try:
+            text = path.read_text().strip()
+        except FileNotFoundError:
+            text = ""
+        except OSError as exc:
+            raise StackError(
+                f"cannot read the password file {path} ({exc.strerror}); fix its permissions, "
+                "or delete it and run up again to generate a new password"
+            ) from None
+        if text:
+            return text
+        _create_secret(path, secrets.token_urlsafe(24))
+    raise StackError(f"the password file {path} is empty; delete it and run up again")
+
+
+def _create_secret(path: Path, value: str) -> None:
+    """Write ``value`` to ``path`` (0600) unless another process just did; never half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(value + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        with contextlib.suppress(FileExistsError):  # the other writer's password stands
+            os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def pg_admin_password(paths: Paths) -> str:
+    return password(paths, "postgres-admin")
+
+
+def mark(paths: Paths, server: str, secured: bool) -> None:
+    """Record whether ``server`` is being started secured."""
+    marker = secrets_dir(paths) / f"{server}.secured"
+    if secured:
+        marker.touch(mode=0o600)
+    else:
+        marker.unlink(missing_ok=True)
+
+
+def is_secured(paths: Paths, server: str) -> bool:
+    """True when ``server`` was last started secured from this state folder."""
+    return (paths.state / "secrets" / f"{server}.secured").is_file()
+
+
+def server_tls(
+    settings: Settings, folder: Path, common_name: str, owner: pwd.struct_passwd | None
+) -> tuple[Path, Path]:
+    """``folder/server.crt`` and ``server.key`` (0600, owned by ``owner``) from f2pipe's CA."""
+    from f2pipe.pki.ca import (
+        RENEW_BEFORE,
+        cert_pem,
+        key_pem,
+        load_cert,
+        utc_now,
+        write_private,
+        write_public,
+    )
+    from f2pipe.pki.state import ensure_pki, server_names
+
+    with PKI_LOCK:
+        ca = ensure_pki(settings).ca
+    cert, key = folder / "server.crt", folder / "server.key"
+    fresh = cert.is_file() and key.is_file()
+    if fresh:
+        current = load_cert(cert)
+        fresh = ca.issued_by_me(current) and (
+            current.not_valid_after_utc - utc_now() >= RENEW_BEFORE
+        )
+    if not fresh:
+        issued = ca.issue_server(common_name, server_names(settings), settings.service_cert_days)
+        assert issued.private_key is not None
+        write_private(key, key_pem(issued.private_key))
+        write_public(cert, cert_pem(issued.certificate))
+    if owner is not None:
+        for path in (cert, key):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    return cert, key
+
+
+def ca_file(settings: Settings) -> Path:
+    from f2pipe.pki.ca import pki_paths
+
+    return pki_paths(settings).ca_cert
+
+
+def with_credentials(url: str, user: str | None, secret: str | None, **query: str) -> str:
+    """``url`` with its user and password replaced (None: left out) and ``query`` added."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    if user is not None:
+        userinfo = quote(user, safe="")
+        if secret is not None:
+            userinfo += ":" + quote(secret, safe="")
+        netloc = f"{userinfo}@{netloc}"
+    kept = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in query]
+    joined = urlencode([*kept, *query.items()], safe="/")
+    return urlunsplit((parts.scheme, netloc, parts.path, joined, parts.fragment))
+
+
+def _pg_user(settings: Settings) -> str:
+    from urllib.parse import unquote
+
+    return unquote(urlsplit(settings.metadata_dsn).username or "postgres")
+
+
+def _pg_dsn(settings: Settings, dsn: str, user: str | None, secret: str | None) -> str:
+    return with_credentials(
+        dsn, user, secret, sslmode="verify-full", sslrootcert=str(ca_file(settings))
+    )
+
+
+def service_env(settings: Settings, paths: Paths, service: str) -> dict[str, str]:
+    """The ``F2PIPE_*`` credentials ``service`` runs with: its own, and no one else's.
+
+    Only for servers this state folder started secured; for the others the
+    caller's settings stand (a test stack sharing servers started elsewhere).
+    """
+    env: dict[str, str] = {}
+    try:
+        who: Principal | None = principal(service, Names.from_settings(settings))
+    except ValueError:
+        who = None  # the simulator: no server rights at all
+    if is_secured(paths, "postgres"):
+        role = None if who is None else who.pg_role
+        secret = None if role is None else password(paths, f"postgres-{role}")
+        for name, dsn in (
+            ("METADATA_DSN", settings.metadata_dsn),
+            ("TIMESERIES_DSN", settings.timeseries_dsn),
+        ):
+            env[f"F2PIPE_{name}"] = _pg_dsn(settings, dsn, role, secret)
+    if is_secured(paths, "redis"):
+        user = None if who is None else who.redis_user
+        secret = None if user is None else password(paths, f"redis-{user}")
+        env["F2PIPE_REDIS_URL"] = with_credentials(settings.redis_url, user, secret)
+    return env
+
+
+def admin_env(settings: Settings, paths: Paths) -> dict[str, str]:
+    """The operator's full-rights settings for the servers this state folder runs."""
+    env = {"F2PIPE_STATE_DIR": str(paths.state)}
+    if is_secured(paths, "postgres"):
+        # No sslrootcert here: tools cut DSNs at their last "/" to change the database.
+        # The server takes TLS only (hostssl), which libpq's default sslmode negotiates.
+        user, secret = _pg_user(settings), pg_admin_password(paths)
+        for key, dsn in (
+            ("F2PIPE_METADATA_DSN", settings.metadata_dsn),
+            ("F2PIPE_TIMESERIES_DSN", settings.timeseries_dsn),
+        ):
+            env[key] = with_credentials(dsn, user, secret)
+    else:
+        env["F2PIPE_METADATA_DSN"] = settings.metadata_dsn
+        env["F2PIPE_TIMESERIES_DSN"] = settings.timeseries_dsn
+    if is_secured(paths, "redis"):
+        secret = password(paths, f"redis-{ADMIN}")
+        env["F2PIPE_REDIS_URL"] = with_credentials(settings.redis_url, ADMIN, secret)
+    else:
+        env["F2PIPE_REDIS_URL"] = settings.redis_url
+    env["F2PIPE_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+    env["F2PIPE_CERTGEN_URL"] = settings.certgen_url
+    return env
+
+
+def write_admin_env(settings: Settings, paths: Paths) -> Path:
+    """Write :func:`admin_env` to ``<state>/admin.env`` (0600, atomically); its path."""
+    from f2pipe.pki.ca import write_private
+
+    lines = [
+        "# Written by `f2pipe stack up`: an operator's full rights on this stack.",
+        "# `set -a; . ./admin.env; set +a` gives a shell (and every f2pipe command) the same.",
+        f"# CA certificate: {ca_file(settings)}",
+    ]
+    lines += [f"{key}={_shell_quote(value)}" for key, value in admin_env(settings, paths).items()]
+    path = paths.state / ADMIN_ENV
+    write_private(path, ("\n".join(lines) + "\n").encode())
+    return path
+
+
+def _shell_quote(value: str) -> str:
+    # Generated passwords are URL-safe, so only paths or URLs could need quoting.
+    if all(ch.isalnum() or ch in "@%+=:,./-_?&[]" for ch in value):
+        return value
+    return "'" + value.replace("'", "'\"'\"'") + "'"
+
+
+def read_admin_env(path: Path) -> dict[str, str]:
+    """The ``F2PIPE_*`` lines of an ``admin.env`` (comments and blanks skipped)."""
+    env: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or line.startswith("#"):
+            continue
+        if len(value) >= 2 and value[0] == value[-1] == "'":
+            value = value[1:-1].replace("'\"'\"'", "'")
+        env[key.strip()] = value
+    return env
+
+
+def roles(settings: Settings) -> Iterator[Principal]:
+    """The principals holding a PostgreSQL role."""
+    return (p for p in principals(Names.from_settings(settings)) if p.pg_role is not None)
+
+
+def admin_settings(settings: Settings) -> Settings:
+    """``settings`` with the operator's credentials of the servers its state folder runs."""
+    env = admin_env(settings, Paths(settings.state_dir))
+    return settings.model_copy(
+        update={
+            "metadata_dsn": env["F2PIPE_METADATA_DSN"],
+            "timeseries_dsn": env["F2PIPE_TIMESERIES_DSN"],
+            "redis_url": env["F2PIPE_REDIS_URL"],
+        }
+    )
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+_PG_CONF = "f2pipe-security.conf"
+_HBA = {
+    True: "# Written by `f2pipe stack` at each start: a password (scram-sha-256) over TLS,\n"
+    "# on loopback only; no trust, no clear text.\n"
+    "hostssl all all 127.0.0.1/32 scram-sha-256\n"
+    "hostssl all all ::1/128 scram-sha-256\n",
+    False: "# Written by `f2pipe stack` at each start: F2PIPE_STACK_SECURED=false, so trust\n"
+    "# on loopback only (experiments); nothing else may connect.\n"
+    "host all all 127.0.0.1/32 trust\n"
+    "host all all ::1/128 trust\n",
+}
+
+
+def _write_owned(path: Path, text: str, owner: pwd.struct_passwd | None) -> None:
+    from f2pipe.pki.ca import write_private
+
+    write_private(path, text.encode())
+    if owner is not None:
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
+def secure_postgres(
+    settings: Settings, paths: Paths, data: Path, postgres: Path, owner: pwd.struct_passwd | None
+) -> None:
+    """Before each start of the cluster in ``data``: authentication and TLS for the mode.
+
+    Secured: ``hostssl`` + scram-sha-256 only, the server certificate from the
+    CA, and the superuser's password (run through single-user mode, so the
+    server never runs a moment without it). Plain: trust on loopback.
+    """
+    secured = settings.stack_secured
+    main = data / "postgresql.conf"
+    include = f"include_if_exists = '{_PG_CONF}'\n"
+    text = main.read_text()
+    if include not in text:
+        main.write_text(text + ("" if text.endswith("\n") else "\n") + include)
+    if secured:
+        server_tls(settings, data, "f2pipe postgres", owner)
+        conf = (
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+            "ssl_min_protocol_version = 'TLSv1.2'\npassword_encryption = 'scram-sha-256'\n"
+        )
+    else:
+        conf = "ssl = off\n"
+    _write_owned(data / _PG_CONF, "# Written by `f2pipe stack` at each start.\n" + conf, owner)
+    _write_owned(data / "pg_hba.conf", _HBA[secured], owner)
+    if secured:
+        _set_pg_password(postgres, data, _pg_user(settings), pg_admin_password(paths), owner)
+    mark(paths, "postgres", secured)
+
+
+def _set_pg_password(
+    postgres: Path, data: Path, user: str, secret: str, owner: pwd.struct_passwd | None
+) -> None:
+    import subprocess
+
+    from psycopg import sql
+
+    statement = sql.SQL("ALTER ROLE {} PASSWORD {};\n").format(
+        sql.Identifier(user), sql.Literal(secret)
+    )
+    result = subprocess.run(
+        # log_min_error_statement=panic: a failing statement is never echoed with its password.
+        [str(postgres), "--single", "-D", str(data), "-c", "log_min_error_statement=panic",
+         "-c", "ssl=off", "postgres"],
+        input=statement.as_string(None).encode(), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, cwd=data, check=False,
+        user=None if owner is None else owner.pw_uid,
+        group=None if owner is None else owner.pw_gid,
+        extra_groups=None if owner is None else [],
+    )  # fmt: skip
+    errors = [line for line in result.stderr.decode(errors="replace").splitlines() if line]
+    failed = next((line for line in errors if "ERROR" in line or "FATAL" in line), None)
+    if result.returncode != 0 or failed:
+        why = failed or (errors[-1] if errors else f"exit code {result.returncode}")
+        raise StackError(f"setting the PostgreSQL password of {user} failed: {why}")
+
+
+def create_roles(conn: object, settings: Settings, paths: Paths) -> None:
+    """Each service's login role with its generated password (created or updated)."""
+    from psycopg import Connection, sql
+
+    assert isinstance(conn, Connection)
+    for who in roles(settings):
+        assert who.pg_role is not None
+        secret = password(paths, f"postgres-{who.pg_role}")
+        found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (who.pg_role,))
+        verb = "ALTER" if found.fetchone() else "CREATE"
+        conn.execute(
+            sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
+                sql.SQL(verb), sql.Identifier(who.pg_role), sql.Literal(secret)
+            )
+        )
+
+
+def grant(settings: Settings, dsn: str) -> None:
+    """Give each service's role its grants on the tables that exist in ``dsn``'s database."""
+    import dataclasses
+
+    import psycopg
+
+    from f2pipe.operations.principals import pg_grant_sql
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        known = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles")}
+        for who in roles(settings):
+            if who.pg_role not in known:
+                continue
+            grants = tuple(
+                dataclasses.replace(g, tables=tables)
+                for g in who.pg_grants
+                if (tables := tuple(t for t in g.tables if _table_exists(conn, t)))
+            )
+            with conn.transaction():
+                for statement in pg_grant_sql(dataclasses.replace(who, pg_grants=grants)):
+                    conn.execute(statement.encode())
+
+
+def _table_exists(conn: object, table: str) -> bool:
+    from psycopg import Connection
+
+    assert isinstance(conn, Connection)
+    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'public."{table}"',)).fetchone()
+    return bool(row and row[0])
+
+
+# --------------------------------------------------------------------------- Redis
+def redis_acl(settings: Settings, paths: Paths) -> str:
+    """The Redis ACL file: the default user off, the operator, each service's user."""
+    import hashlib
+
+    from f2pipe.operations.principals import redis_acl_line
+
+    def digest(name: str) -> str:
+        return hashlib.sha256(password(paths, f"redis-{name}").encode()).hexdigest()
+
+    lines = ["user default off resetkeys resetchannels -@all"]
+    lines.append(f"user {ADMIN} on #{digest(ADMIN)} ~* &* +@all")
+    for who in principals(Names.from_settings(settings)):
+        if who.redis_user is not None:
+            lines.append(redis_acl_line(who, digest(who.redis_user)))
+    return "\n".join(lines) + "\n"
+
+
+def write_private_text(path: Path, text: str) -> None:
+    """``text`` to ``path``, mode 0600, atomically."""
+    _write_owned(path, text, None)

@@ -1,0 +1,276 @@
+"""The secured local stack (SPEC section 10; issue #14 item 2, #13 item 5).
+
+A private PostgreSQL and Redis in a temporary state folder, started as
+``f2pipe stack up`` starts them by default: each test asserts what a client
+observes, a refused connection or an authorization error, never a setting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import stat
+import tempfile
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from f2pipe.errors import StackError
+from f2pipe.metadata.database import migrate
+from f2pipe.operations import services, stack
+from f2pipe.operations.stack import security
+from f2pipe.settings import Settings, load_settings
+
+pytestmark = pytest.mark.servers
+
+SERVERS = ["postgres", "redis"]
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _settings(state: Path, **overrides: object) -> Settings:
+    pg, rd, kafka, controller, mqtt = _free_ports(5)
+    return load_settings(
+        state_dir=state,
+        metadata_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
+        timeseries_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
+        redis_url=f"redis://127.0.0.1:{rd}/0",
+        kafka_bootstrap=f"127.0.0.1:{kafka}",
+        kafka_controller_port=controller,
+        mqtt_port=mqtt,
+        stack_install=False,
+        **overrides,
+    )
+
+
+@pytest.fixture(scope="module")
+def secured() -> Iterator[Settings]:
+    """A secured PostgreSQL and Redis of their own, migrated and granted; the caller's
+    settings (no password: the stack makes its own)."""
+    # Outside pytest's 0700 temporary folder: PostgreSQL's account must reach its data.
+    state = Path(tempfile.mkdtemp(prefix="f2pipe-secured-"))
+    state.chmod(0o711)
+    settings = _settings(state)
+    try:
+        stack.up(settings, SERVERS)
+        admin = security.admin_settings(settings)
+        migrate(admin.metadata_dsn, admin)
+        security.grant(settings, admin.metadata_dsn)
+        yield settings
+    finally:
+        stack.down(settings, SERVERS)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+def _admin(settings: Settings) -> dict[str, str]:
+    return security.read_admin_env(settings.state_dir / security.ADMIN_ENV)
+
+
+def _as(settings: Settings, service: str) -> dict[str, str]:
+    return security.service_env(settings, stack.Paths(settings.state_dir), service)
+
+
+def test_admin_env_is_private_and_reaches_everything(secured: Settings) -> None:
+    path = secured.state_dir / security.ADMIN_ENV
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    env = _admin(secured)
+    with psycopg.connect(env["F2PIPE_METADATA_DSN"]) as conn:
+        assert conn.pgconn.ssl_in_use
+        user, superuser = conn.execute(
+            "SELECT current_user, rolsuper FROM pg_roles WHERE rolname = current_user"
+        ).fetchone() or ("", False)
+        assert (user, superuser) == ("postgres", True)
+    client = redis.Redis.from_url(env["F2PIPE_REDIS_URL"])
+    try:
+        client.set("anything", "1")
+        assert client.get("anything") == b"1"
+    finally:
+        client.close()
+    passwords = secured.state_dir / "secrets"
+    assert stat.S_IMODE(passwords.stat().st_mode) == 0o700
+    for secret in passwords.glob("*.password"):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def _refusal(dsn: str) -> str:
+    with pytest.raises(psycopg.OperationalError) as failure:
+        psycopg.connect(dsn, connect_timeout=5).close()
+    return str(failure.value)
+
+
+def test_postgres_refuses_no_password_a_wrong_one_and_clear_text(secured: Settings) -> None:
+    dsn = _admin(secured)["F2PIPE_METADATA_DSN"]
+    assert "no password supplied" in _refusal(secured.metadata_dsn)
+    wrong = security.with_credentials(dsn, "postgres", "not-the-password")
+    assert "password authentication failed" in _refusal(wrong)
+    assert "no encryption" in _refusal(dsn + "?sslmode=disable")
+
+
+def test_services_verify_the_server_certificate(secured: Settings) -> None:
+    dsn = _as(secured, "processor")["F2PIPE_METADATA_DSN"]
+    assert "sslmode=verify-full" in dsn
+    with psycopg.connect(dsn) as conn:
+        assert conn.pgconn.ssl_in_use
+    # Another CA's view of the same server: verification fails.
+    other = security.with_credentials(dsn, None, None, sslrootcert="system")
+    assert "certificate verify failed" in _refusal(other)
+
+
+def test_each_role_gets_only_its_grants(secured: Settings) -> None:
+    with psycopg.connect(_as(secured, "processor")["F2PIPE_METADATA_DSN"]) as conn:
+        assert conn.execute("SELECT count(*) FROM devices").fetchone() == (0,)
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="decoded_data"):
+            conn.execute("INSERT INTO decoded_data VALUES (now(), 1, 1, 1)")
+    with psycopg.connect(_as(secured, "sink")["F2PIPE_METADATA_DSN"]) as conn:
+        conn.execute("INSERT INTO decoded_data VALUES (now(), 1, 1, 1)")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="devices"):
+            conn.execute("SELECT claiming_code FROM devices")
+    with (
+        psycopg.connect(_as(secured, "certgen")["F2PIPE_METADATA_DSN"]) as conn,
+        pytest.raises(psycopg.errors.InsufficientPrivilege, match="decoded_data"),
+    ):
+        conn.execute("SELECT * FROM decoded_data")
+    # The connector holds no database credentials at all.
+    assert "no password supplied" in _refusal(_as(secured, "connector")["F2PIPE_METADATA_DSN"])
+
+
+def test_redis_refuses_the_default_user_and_bounds_the_processor(secured: Settings) -> None:
+    anonymous = redis.Redis.from_url(secured.redis_url)
+    processor = redis.Redis.from_url(_as(secured, "processor")["F2PIPE_REDIS_URL"])
+    try:
+        with pytest.raises(redis.RedisError):
+            anonymous.get("f2pipe:meta:x")
+        processor.set("f2pipe:meta:x", "1", ex=60)
+        assert processor.get("f2pipe:meta:x") == b"1"
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            processor.set("elsewhere", "1")
+        with pytest.raises(redis.exceptions.NoPermissionError):
+            processor.flushall()
+    finally:
+        anonymous.close()
+        processor.close()
+
+
+def test_each_service_is_given_only_its_own_secrets(secured: Settings) -> None:
+    admin = security.pg_admin_password(stack.Paths(secured.state_dir))
+    for service in services.services(secured):
+        env = service.environment()
+        joined = "\n".join(env.values())
+        assert admin not in joined, f"{service.name} holds the operator's password"
+        for other in services.services(secured):
+            mine = _as(secured, service.name)
+            theirs = _as(secured, other.name)
+            if other.name != service.name and theirs.get("F2PIPE_REDIS_URL") != mine.get(
+                "F2PIPE_REDIS_URL"
+            ):
+                assert theirs["F2PIPE_REDIS_URL"] not in joined
+
+
+def test_an_unreadable_password_file_is_named_without_its_content(tmp_path: Path) -> None:
+    paths = stack.Paths(tmp_path)
+    secret = security.password(paths, "example")
+    path = tmp_path / "secrets" / "example.password"
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads anything: make it unreadable another way
+        path.unlink()
+        path.mkdir()
+    with pytest.raises(StackError) as failure:
+        security.password(paths, "example")
+    message = str(failure.value)
+    assert str(path) in message
+    assert "delete it" in message
+    assert secret not in message
+    assert "\n" not in message
+
+
+def test_a_password_is_generated_once(tmp_path: Path) -> None:
+    paths = stack.Paths(tmp_path)
+    first = security.password(paths, "example")
+    assert len(first) >= 32
+    assert security.password(paths, "example") == first
+
+
+def test_restarts_keep_the_passwords_and_plain_mode_turns_security_off() -> None:
+    state = Path(tempfile.mkdtemp(prefix="f2pipe-secured-"))
+    state.chmod(0o711)
+    settings = _settings(state)
+    try:
+        stack.up(settings, ["postgres"])
+        dsn = _admin(settings)["F2PIPE_METADATA_DSN"]
+        stack.down(settings, ["postgres"])
+        stack.up(settings, ["postgres"])
+        assert _admin(settings)["F2PIPE_METADATA_DSN"] == dsn
+        psycopg.connect(dsn).close()
+        assert "no password supplied" in _refusal(settings.metadata_dsn)
+        stack.down(settings, ["postgres"])
+        plain = settings.model_copy(update={"stack_secured": False})
+        stack.up(plain, ["postgres"])
+        psycopg.connect(plain.metadata_dsn).close()  # trust, for experiments
+        assert _admin(plain)["F2PIPE_METADATA_DSN"] == plain.metadata_dsn
+    finally:
+        stack.down(settings, ["postgres"])
+        shutil.rmtree(state, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path) -> None:
+    """Readings land through certgen, connector, processor and sink, each with its own role."""
+    from conftest import wait_until
+    from f2pipe.operations import pipeline
+    from test_pipeline import expected_rows, finish, read_ledger, simulate, stored_rows
+
+    state = Path(tempfile.mkdtemp(prefix="f2pipe-secured-"))
+    state.chmod(0o711)
+    connector, processor, sink, certgen = _free_ports(4)
+    settings = _settings(
+        state, kafka_heap="512m", connector_port=connector, processor_port=processor,
+        sink_port=sink, certgen_port=certgen, data_topic_partitions=2, sink_batch_age_ms=200,
+    )  # fmt: skip
+    try:
+        pipeline.up(settings, ("certgen", "connector", "processor", "sink"), quiet=True)
+        admin = security.admin_settings(settings)
+        ledger = tmp_path / "ledger.jsonl"
+        finish(simulate(admin, ledger, 200), timeout=120)
+        expected = expected_rows(read_ledger(ledger), admin.timeseries_dsn)
+        assert expected
+        wait_until(
+            lambda: stored_rows(admin.timeseries_dsn) == expected, timeout=120, what="every row"
+        )
+        with psycopg.connect(admin.metadata_dsn) as conn:
+            users = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT usename FROM pg_stat_activity WHERE datname = 'f2pipe'"
+                )
+            }
+        assert {"f2pipe_processor", "f2pipe_sink"} <= users
+        # certgen issues and records a certificate as f2pipe_certgen.
+        token = (state / "admin-token").read_text().strip()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{certgen}/v1/devices/aabbccddee01/certificate",
+            data=b"{}", method="POST",
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback
+            serial = json.loads(response.read())["serial"]
+        with psycopg.connect(admin.metadata_dsn) as conn:
+            found = conn.execute("SELECT 1 FROM certificates WHERE serial = %s", (serial,))
+            assert found.fetchone() == (1,)
+    finally:
+        pipeline.down(settings, quiet=True)
+        shutil.rmtree(state, ignore_errors=True)
