@@ -42,7 +42,7 @@ from confluent_kafka.admin import AdminClient
 
 from conftest import unique, wait_until
 from f2pipe.metadata.fleet.demo import demo_fleet
-from f2pipe.operations import pipeline, services, stack, status
+from f2pipe.operations import pipeline, services, stack, status, statusview
 from f2pipe.operations.stack import security
 from f2pipe.settings import Settings, get_settings, load_settings
 from f2pipe.testing.ledger import datapoint_map
@@ -333,13 +333,62 @@ def _server(settings: Settings, name: str) -> stack.Server:
     return cls(settings, stack.Paths(settings.state_dir))
 
 
+def _kill(server: stack.Server) -> None:
+    """SIGKILL a process and everything it started (its own process group)."""
+    pid = server.pid()
+    assert pid is not None, f"{server.name} is not running"
+    os.killpg(pid, signal.SIGKILL)
+    wait_until(lambda: server.pid() is None, timeout=30, what=f"{server.name} to die")
+    server.pidfile.remove()
+
+
 def kill_and_restart(settings: Settings, name: str) -> None:
     """SIGKILL a stage (no chance to flush or commit), then start it again."""
     service = _service(settings, name)
-    pid = service.pid()
-    assert pid is not None, f"{name} is not running"
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: service.pid() is None, timeout=10, what=f"{name} to die")
+    _kill(service)
+    service.start()
+    service.wait_healthy()
+
+
+def kill_server_and_restart(settings: Settings, name: str) -> None:
+    """SIGKILL a server with all its processes, as a power cut would, then start it."""
+    server = _server(settings, name)
+    _kill(server)
+    server.prepare()
+    server.start()
+    server.wait_healthy()
+
+
+# Where a stage is killed by the test-only fault hook (tests/faults/sitecustomize.py):
+# between the step that makes its output durable and the step that says so.
+COMMIT_POINTS = {
+    # after Kafka acknowledged a round of records, before their PUBACKs
+    "connector": "f2pipe.connector.runner:Connector.send_pubacks",
+    # after the batch's outputs were flushed to Kafka, before its input offsets
+    "processor": "f2pipe.processor.delivery:Delivery.commit_offsets",
+    # after the database commit, before the offset commit
+    "sink": "f2pipe.sink.settle:Settler.commit_offsets",
+}
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def crash_at_commit_point(settings: Settings, name: str, call: int = 3) -> None:
+    """Restart a stage so that it kills itself at its ``call``-th commit point, then
+    start it again normally."""
+    service = _service(settings, name)
+    _kill(service)
+    before = dict(os.environ)
+    os.environ["F2PIPE_TEST_KILL_AT"] = f"{COMMIT_POINTS[name]}:{call}"
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(FAULTS), before.get("PYTHONPATH", "")) if p
+    )
+    try:
+        service.start()
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+    wait_until(lambda: service.pid() is None, timeout=180, what=f"{name} to die at its commit")
+    assert "fault hook: SIGKILL" in service.log_file.read_text(errors="replace")
     service.pidfile.remove()
     service.start()
     service.wait_healthy()
@@ -361,9 +410,12 @@ class Publisher(threading.Thread):
     them; each run writes its own ledger.
     """
 
-    def __init__(self, settings: Settings, folder: Path, minimum: int, rate: float) -> None:
+    def __init__(
+        self, settings: Settings, folder: Path, minimum: int, rate: float, faults: float = 0.0
+    ) -> None:
         super().__init__(daemon=True)
         self.settings, self.folder, self.minimum, self.rate = settings, folder, minimum, rate
+        self.faults = faults
         self.chunk = max(100, int(rate * 10))
         self.ledgers: list[Path] = []
         self.published = 0
@@ -376,8 +428,9 @@ class Publisher(threading.Thread):
                 ledger = self.folder / f"ledger-{len(self.ledgers) + 1}.jsonl"
                 self.ledgers.append(ledger)
                 process = simulate(
-                    self.settings, ledger, self.chunk, "--rate", str(self.rate), "--window", "2000"
-                )
+                    self.settings, ledger, self.chunk, "--rate", str(self.rate),
+                    "--window", "2000", "--faults", str(self.faults),
+                )  # fmt: skip
                 summary = finish(process, timeout=600)
                 if summary["acknowledged"] != summary["published"]:
                     self.failure = f"unacknowledged messages: {summary}"
@@ -393,8 +446,9 @@ def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
     dsn = settings.timeseries_dsn
     total = chaos_size()
     first = int(total * 0.7)
-    # Phase one streams through every event; it lasts about 100 s however large it is.
-    publisher = Publisher(settings, tmp_path, first, rate=max(30.0, first / 100))
+    # Phase one streams through every event, a fifth of its messages faulty; it lasts
+    # about 100 s however large it is.
+    publisher = Publisher(settings, tmp_path, first, rate=max(30.0, first / 100), faults=0.2)
     publisher.start()
 
     def flowing(label: str, more: int = 20) -> None:
@@ -414,10 +468,22 @@ def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
     for name in STAGES:
         kill_and_restart(settings, name)
         flowing(f"kill -9 {name}")
-    restart_server(settings, "postgres")
-    flowing("restarting postgres")
+    for name in STAGES:
+        crash_at_commit_point(settings, name)
+        flowing(f"{name} killed at its commit point")
+    for name in ("postgres", "kafka"):
+        kill_server_and_restart(settings, name)
+        flowing(f"kill -9 {name}")
     restart_server(settings, "kafka")
     flowing("restarting kafka")
+    # Redis down: the processor reads its metadata from PostgreSQL meanwhile.
+    redis = _server(settings, "redis")
+    _kill(redis)
+    flowing("kill -9 redis")
+    redis.prepare()
+    redis.start()
+    redis.wait_healthy()
+    flowing("redis back")
     publisher.stop.set()
     publisher.join(timeout=900)
     assert publisher.failure is None, publisher.failure
@@ -450,6 +516,17 @@ def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
     missing, extra = expected - stored, stored - expected
     assert not missing, f"{len(missing)} readings lost\n{failure_logs(settings)}"
     assert not extra, f"{len(extra)} rows not in the ledger"
+
+    # The dead letters are exactly the faulty messages (a crash may repeat one).
+    entries = read_ledger(*ledgers)
+    malformed = {
+        (entry["payload"].encode(), FAULT_REASONS[entry["fault"]])
+        for entry in entries
+        if entry["fault"] in FAULT_REASONS
+    }
+    assert len(malformed) > total * 0.1
+    found = dead_letters(settings, len(malformed), timeout=60)
+    assert {(value, reason) for value, _stage, reason in found} == malformed
 
 
 def ledger_messages(entries: Sequence[dict[str, Any]], dsn: str) -> list[set[Row]]:
@@ -552,7 +629,7 @@ def test_up_starts_certgen_and_the_live_demo_and_status_exits_zero(
     demo_sensors = {sensor.name for sensor in demo_fleet().sensors}
 
     def every_sensor() -> list[tuple[Any, ...]] | None:
-        rows = status.latest_readings(settings, limit=50) or []
+        rows = statusview.latest_readings(settings, limit=50) or []
         devices = {device for _ts, device, _label, _value, _unit in rows}
         return rows if demo_sensors <= devices else None
 

@@ -67,6 +67,8 @@ def test_problems_name_what_is_down_and_what_grows() -> None:
     ]
     found = status.problems(health, {"processor": True, "sink": False}, {"dropped_messages": 0})
     assert found == ["sink is down (/healthz: refused)", "processor lag keeps growing"]
+    (reset,) = status.problems([], {}, {}, {"processor": 0, "sink": 2})
+    assert reset.startswith("sink reset 2 partition offsets past Kafka's retention")
     dropped = status.problems([], {}, {"dropped_messages": 1200, "queued_messages": 5})
     assert len(dropped) == 1
     assert "broker dropped 1,200 messages" in dropped[0]

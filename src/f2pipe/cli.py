@@ -34,7 +34,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "write processed readings from Kafka into the time-series database",
     ),
     "status": (
-        "f2pipe.operations.status",
+        "f2pipe.operations.statusview",
         "each service up or down, throughput, lag, dead letters",
     ),
     "stack": ("f2pipe.operations.stack", "install, start, stop or inspect the local servers"),

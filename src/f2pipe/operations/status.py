@@ -23,10 +23,7 @@ else 0. ``--json`` prints the same report as one JSON object.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import itertools
-import json
 import time
 import urllib.request
 from collections.abc import Iterable
@@ -42,7 +39,7 @@ from f2pipe.operations import stack
 from f2pipe.operations.stack import Paths
 from f2pipe.pki.expiry import expiry_warnings
 from f2pipe.runtime import brokerstats, tls
-from f2pipe.settings import Settings, load_settings
+from f2pipe.settings import Settings
 
 # Counters turned into rates: label in the report -> (service, metric family).
 THROUGHPUT = {
@@ -63,6 +60,8 @@ LAG_FLOOR = 1000
 DEAD_LETTERS = ("connector", "processor", "sink")
 DEAD_LETTER_FAMILY = "f2pipe_dead_letters"
 LAG_SAMPLES = 3
+# A stage whose oldest unconsumed record is this old is an alarm (retention: 7 days).
+LAG_AGE_ALARM_S = 3600
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -166,6 +165,8 @@ class Snapshot:
     lag: dict[str, int | None]
     alarms: list[str] = field(default_factory=list)
     broker: dict[str, int | None] = field(default_factory=dict)
+    lag_seconds: dict[str, float | None] = field(default_factory=dict)
+    offset_resets: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -183,6 +184,9 @@ class Report:
     alarms: list[str] = field(default_factory=list)
     # brokerstats.BrokerStats as a dict: dropped_messages, queued_messages, ...
     broker: dict[str, int | None] = field(default_factory=dict)
+    # Per stage: the age of its oldest unconsumed record, and offsets reset past retention.
+    lag_seconds: dict[str, float | None] = field(default_factory=dict)
+    offset_resets: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -292,6 +296,16 @@ class Observer:
             ratio = total(processor, "f2pipe_processor_dead_letter_ratio")
             alarms.append(f"dead-letter ratio {ratio:.0%} is above the alarm threshold")
         alarms += expiry_warnings(self.settings.state_dir)
+        ages: dict[str, float | None] = {}
+        resets: dict[str, int] = {}
+        for stage in STAGE_INPUT:
+            samples = scraped.get(stage)
+            ages[stage] = total(samples, "f2pipe_consumer_lag_seconds") if samples else None
+            resets[stage] = int(total(samples, "f2pipe_offset_resets", stage=stage))
+            if (ages[stage] or 0) >= LAG_AGE_ALARM_S:
+                alarms.append(
+                    f"{stage} is {ages[stage]:,.0f} s behind (the data topics keep 7 days)"
+                )
         return Snapshot(
             time.monotonic(),
             self.health() if with_health else [],
@@ -300,6 +314,8 @@ class Observer:
             self.lag(),
             alarms,
             self.broker(certgen_metrics),
+            ages,
+            resets,
         )
 
 
@@ -325,10 +341,19 @@ def growing(history: Iterable[dict[str, int | None]], rates: dict[str, float]) -
 
 
 def problems(
-    health: list[Health], lag_growing: dict[str, bool], broker: dict[str, int | None]
+    health: list[Health],
+    lag_growing: dict[str, bool],
+    broker: dict[str, int | None],
+    offset_resets: dict[str, int] | None = None,
 ) -> list[str]:
     found = [f"{h.name} is down ({h.detail})" for h in health if not h.up]
     found += [f"{stage} lag keeps growing" for stage, grows in lag_growing.items() if grows]
+    found += [
+        f"{stage} reset {count} partition offsets past Kafka's retention: records between"
+        " were never consumed (its log says which: committed offset out of range)"
+        for stage, count in (offset_resets or {}).items()
+        if count
+    ]
     if dropped := broker.get("dropped_messages"):
         found.append(
             f"the broker dropped {dropped:,} messages since it started: its queue reached"
@@ -357,148 +382,9 @@ def report(settings: Settings, interval: float = 2.0) -> Report:
         lag_growing=trend,
         dead_letters=last.dead_letters,
         interval_s=interval,
-        problems=problems(last.health, trend, last.broker),
+        problems=problems(last.health, trend, last.broker, last.offset_resets),
         alarms=last.alarms,
         broker=last.broker,
+        lag_seconds=last.lag_seconds,
+        offset_resets=last.offset_resets,
     )
-
-
-# --------------------------------------------------------------------------- rendering
-def _tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
-    from rich.columns import Columns
-    from rich.console import Group
-    from rich.table import Table
-
-    health = Table(title="services and servers", title_justify="left", expand=False)
-    for column in ("name", "state", "pid", "rss MB", "detail"):
-        health.add_column(column)
-    for h in rep.health:
-        state = "[green]up[/]" if h.up else "[red]down[/]"
-        if h.up and h.ready is False:
-            state = "[yellow]up, not ready[/]"
-        rss = "" if h.rss_mb is None else f"{h.rss_mb:.0f}"
-        health.add_row(h.name, state, str(h.pid or ""), rss, h.detail)
-
-    flow = Table(title=f"throughput (per s, over {rep.interval_s:.0f} s)", title_justify="left")
-    flow.add_column("counter")
-    flow.add_column("rate", justify="right")
-    for key, value in rep.rates.items():
-        flow.add_row(key.replace("_", " "), f"{value:,.1f}")
-
-    lag = Table(title="consumer lag (records)", title_justify="left")
-    lag.add_column("stage")
-    lag.add_column("lag", justify="right")
-    lag.add_column("trend")
-    for stage, behind in rep.lag.items():
-        trend = "[red]growing[/]" if rep.lag_growing.get(stage) else ""
-        lag.add_row(stage, "?" if behind is None else f"{behind:,}", trend)
-
-    if rep.broker:
-        dropped = rep.broker.get("dropped_messages")
-        queued = rep.broker.get("queued_messages") or 0
-        note = f"[red]{dropped:,} dropped[/]" if dropped else ""
-        lag.add_row("broker queue", f"{queued:,}", note)
-
-    dead = Table(title="dead letters by reason (since start)", title_justify="left")
-    dead.add_column("stage/reason")
-    dead.add_column("count", justify="right")
-    for key, value in sorted(rep.dead_letters.items()):
-        dead.add_row(key, f"{value:,.0f}")
-    if not rep.dead_letters:
-        dead.add_row("none", "0")
-
-    # Side by side where the terminal is wide enough, so the view fits one screen.
-    parts: list[Any] = [Columns([health, flow]), Columns([lag, dead])]
-    if readings is not None:
-        latest = Table(title="latest readings", title_justify="left")
-        for column in ("time (UTC)", "device", "datapoint", "value", "unit"):
-            latest.add_column(column, justify="right" if column == "value" else "left")
-        for ts, device, label, value, unit in readings:
-            shown = "" if value is None else f"{value:g}"
-            latest.add_row(f"{ts:%H:%M:%S.%f}"[:-3], device or "?", label or "?", shown, unit or "")
-        parts.append(latest)
-    if rep.problems:
-        parts.append("[red]" + "; ".join(rep.problems) + "[/]")
-    if rep.alarms:
-        parts.append("[yellow]alarm: " + "; ".join(rep.alarms) + "[/]")
-    return Group(*parts)
-
-
-def latest_readings(settings: Settings, limit: int = 10) -> list[tuple[Any, ...]] | None:
-    """The newest value per datapoint with names, labels and units; None if unreachable."""
-    import psycopg
-
-    try:
-        with psycopg.connect(settings.timeseries_dsn, connect_timeout=2) as conn:
-            rows = conn.execute(
-                "SELECT timestamp AT TIME ZONE 'UTC', device_name, datapoint_label, value, unit"
-                " FROM latest_readings_named ORDER BY timestamp DESC LIMIT %s",
-                (limit,),
-            ).fetchall()
-    except psycopg.Error:
-        return None
-    return [tuple(row) for row in rows]
-
-
-def live(settings: Settings, refresh: float = 2.0, readings_every: float = 5.0) -> None:
-    """Redraw the picture every ``refresh`` s until KeyboardInterrupt.
-
-    On a terminal the view is redrawn in place; otherwise (a pipe, a log file)
-    each picture is printed after the previous one.
-    """
-    from rich.console import Console
-    from rich.live import Live
-
-    console = Console()
-    observer = Observer(settings)
-    previous = observer.snapshot()
-    lags = [previous.lag]
-    readings = latest_readings(settings)
-    readings_at = time.monotonic()
-    with contextlib.ExitStack() as stack_:
-        view = stack_.enter_context(Live(console=console)) if console.is_terminal else None
-        while True:
-            time.sleep(refresh)
-            current = observer.snapshot()
-            lags = [*lags, current.lag][-LAG_SAMPLES:]
-            per_s = rates(previous, current)
-            trend = growing(lags, per_s)
-            if time.monotonic() - readings_at >= readings_every:
-                readings = latest_readings(settings) or readings
-                readings_at = time.monotonic()
-            rep = Report(
-                health=current.health,
-                rates=per_s,
-                lag=current.lag,
-                lag_growing=trend,
-                dead_letters=current.dead_letters,
-                interval_s=current.taken - previous.taken,
-                problems=problems(current.health, trend, current.broker),
-                alarms=current.alarms,
-                broker=current.broker,
-            )
-            if view is not None:
-                view.update(_tables(rep, readings))
-            else:
-                console.print(_tables(rep, readings))
-            previous = current
-
-
-def _run(args: argparse.Namespace) -> int:
-    rep = report(load_settings(), args.interval)
-    if args.json:
-        print(json.dumps(rep.as_dict(), indent=2))
-    else:
-        from rich.console import Console
-
-        Console().print(_tables(rep))
-    return 0 if rep.ok else 1
-
-
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument(
-        "--interval", type=float, default=2.0,
-        help="seconds between the two scrapes that give the rates (default 2)",
-    )  # fmt: skip
-    parser.set_defaults(func=_run)
