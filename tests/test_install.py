@@ -250,6 +250,8 @@ def test_postgresql_runs_from_a_private_state_folder_without_chmod(
     assert stack.up(private_state, ["postgres"]) == ["postgres"]
     assert (data / "PG_VERSION").stat().st_ino == made
     assert stack.status(private_state, ["postgres"])
+    with pytest.raises(StackError, match="stop it first"):
+        pgcluster.discard(state, account)  # never under a running server
     stack.down(private_state, ["postgres"])
 
     # Removing the cluster removes exactly the folder up made, and the record.

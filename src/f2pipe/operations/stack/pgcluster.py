@@ -176,12 +176,15 @@ def make_outside(state: Path, data: Path, account: pwd.struct_passwd) -> None:
 
 
 def discard(state: Path, account: pwd.struct_passwd | None) -> Path | None:
-    """Delete the cluster of ``state`` (its server must be stopped); returns what went.
+    """Delete the cluster of ``state``; returns what went, None when there was none.
 
-    Outside the state folder, only a folder whose note names ``state`` is
-    deleted, so a wrong record can never remove someone else's files.
+    Raises StackError while a server runs on it (its ``postmaster.pid`` is
+    there) and, outside the state folder, unless the folder's note names
+    ``state``, so a wrong record can never remove someone else's files.
     """
     data = data_folder(state, account)
+    if (data / "postmaster.pid").exists():
+        raise StackError(f"PostgreSQL runs on {data}; stop it first (f2pipe stack down postgres)")
     if data == state / "pg":
         if not data.exists():
             return None
