@@ -129,7 +129,7 @@ def test_apt_get_says_what_it_installs_and_how_much_it_fetched(
     lines = capsys.readouterr().err.splitlines()
     assert lines[0].startswith("installing redis-server with apt-get")
     assert lines[1].startswith("installed redis-server in ")
-    assert lines[1].endswith("(45.2 MB fetched)")
+    assert lines[1].endswith("(1,024 kB fetched)")  # the rest of the 45.2 MB was cached
 
     install._apt_install(["redis-server"], log, quiet=True)
     assert capsys.readouterr().err == ""
@@ -137,6 +137,8 @@ def test_apt_get_says_what_it_installs_and_how_much_it_fetched(
 
 def test_apt_output_is_read_for_the_size_it_fetched() -> None:
     assert install.apt_fetched("Need to get 45.2 MB of archives.\n") == "45.2 MB fetched"
+    two_runs = "Need to get 2,048 B of archives.\nNeed to get 3.1 MB/3.2 MB of archives.\n"
+    assert install.apt_fetched(two_runs) == "2,048 B + 3.1 MB fetched"
     assert install.apt_fetched("0 upgraded, 0 newly installed.\n") == "nothing fetched"
 
 

@@ -118,13 +118,14 @@ def _apt_install(packages: list[str], log: Path, quiet: bool = False) -> None:
 
 
 def apt_fetched(output: str) -> str:
-    """How much apt-get downloaded, from its own words in ``output``; "" if it never said.
+    """How much apt-get downloaded, in its own words from ``output``.
 
-    apt-get prints ``Need to get 45.2 MB of archives.`` (or ``Need to get
-    1,024 kB/45.2 MB of archives.`` when part is cached) before it downloads.
+    apt-get prints ``Need to get 45.2 MB of archives.`` before it downloads, or
+    ``Need to get 1,024 kB/45.2 MB of archives.`` when the rest is cached: the
+    first size is the download. Each run's size is kept, joined by ``+``.
     """
-    sizes = re.findall(r"^Need to get (?:[\d.,]+ \w?B/)?([\d.,]+ \w?B) of archives", output, re.M)
-    return " + ".join(f"{size} fetched" for size in sizes) if sizes else "nothing fetched"
+    sizes = re.findall(r"^Need to get ([\d.,]+ \w?B)(?:/[\d.,]+ \w?B)? of archives", output, re.M)
+    return f"{' + '.join(sizes)} fetched" if sizes else "nothing fetched"
 
 
 def _apt(packages: list[str], log: Path) -> None:
