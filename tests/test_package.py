@@ -120,6 +120,11 @@ def test_the_wheel_carries_the_kafka_pom_and_bench_says_it_needs_a_checkout(
     assert path.startswith(str(installed.venv))
     assert version == kafka_version()
 
+    # `stack` reads the pom when it describes Kafka: an installed one needs no checkout.
+    status = installed.run("f2pipe", "stack", "status", "kafka")
+    assert status.stderr == ""
+    assert status.stdout.split()[0] == "kafka"
+
     bench = installed.run("f2pipe", "bench")
     assert bench.returncode == 1
     assert bench.stdout == ""
