@@ -274,3 +274,35 @@ def test_discard_refuses_a_record_that_points_at_someone_elses_folder(tmp_path: 
     with pytest.raises(StackError):
         pgcluster.discard(state, account)
     assert foreign.is_dir()
+
+
+def test_nothing_the_postgres_account_planted_is_written_through(reachable_tmp: Path) -> None:
+    real = _postgres_account()
+    home = reachable_tmp / "home"
+    home.mkdir()
+    account = pwd.struct_passwd((*real[:5], str(home), real.pw_shell))
+    state = reachable_tmp / "state"
+    state.mkdir(mode=0o700)
+    data = pgcluster.data_folder(state, account)
+    assert data.parent.parent == home
+    precious = reachable_tmp / "precious"
+    precious.write_text("keep\n")
+
+    # The cluster's folder replaced by a link to elsewhere: refused, nothing chowned.
+    data.parent.symlink_to(reachable_tmp / "elsewhere")
+    (reachable_tmp / "elsewhere").mkdir()
+    with pytest.raises(StackError, match="not a folder the stack made"):
+        pgcluster.make_outside(state, data, account)
+    assert (reachable_tmp / "elsewhere").stat().st_uid == 0
+    data.parent.unlink()
+
+    # The note replaced by a link to a file: the link goes, the file stays as it was.
+    pgcluster.make_outside(state, data, account)
+    note = data.parent / pgcluster.NOTE
+    note.unlink()
+    note.symlink_to(precious)
+    pgcluster.make_outside(state, data, account)
+    assert precious.read_text() == "keep\n"
+    assert not note.is_symlink()
+    assert note.read_text() == f"{state.resolve()}\n"
+    assert (state / pgcluster.RECORD).read_text() == f"{data}\n"

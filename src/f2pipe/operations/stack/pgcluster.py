@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pwd
@@ -154,21 +155,29 @@ def data_folder(state: Path, account: pwd.struct_passwd | None) -> Path:
 
 
 def make_outside(state: Path, data: Path, account: pwd.struct_passwd) -> None:
-    """Make the folder that holds ``data`` outside ``state`` and record it there; idempotent."""
-    home = data.parent.parent
-    if not (home.is_dir() and reachable(data.parent, account)):
-        raise StackError(
-            f"user {account.pw_name} cannot enter {state} and its home {home} is missing; "
-            f"run `chmod o+x` on the folders above {state} or set F2PIPE_STATE_DIR "
-            "to a folder it can reach"
-        )
+    """Make the folder that holds ``data`` outside ``state`` and record it there; idempotent.
+
+    Root writes into a folder ``account`` owns, so nothing is followed there: a
+    symbolic link planted in its place is refused, never written through.
+    """
     folder = data.parent
-    folder.mkdir(mode=0o700, exist_ok=True)
-    os.chown(folder, account.pw_uid, account.pw_gid)
+    if not (folder.parent.is_dir() and reachable(folder, account)):
+        raise StackError(
+            f"user {account.pw_name} can enter neither {state} nor {folder.parent}; run "
+            f"`chmod o+x` on the folders above {state} or set F2PIPE_STATE_DIR to one it can"
+        )
+    with contextlib.suppress(FileExistsError):
+        folder.mkdir(mode=0o700)
+    if folder.is_symlink() or not folder.is_dir():
+        raise StackError(f"{folder} is not a folder the stack made; move it away and run up again")
+    os.chown(folder, account.pw_uid, account.pw_gid, follow_symlinks=False)
     folder.chmod(0o700)
     note = folder / NOTE
-    note.write_text(f"{state.resolve()}\n")
-    os.chown(note, account.pw_uid, account.pw_gid)
+    note.unlink(missing_ok=True)
+    descriptor = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(descriptor, "w") as out:
+        out.write(f"{state.resolve()}\n")
+    os.chown(note, account.pw_uid, account.pw_gid, follow_symlinks=False)
     record = state / RECORD
     scratch = record.with_name(RECORD + ".new")
     scratch.write_text(f"{data}\n")

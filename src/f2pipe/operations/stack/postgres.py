@@ -108,10 +108,10 @@ class Postgres(Server):
         # Placed again now that the postgres account surely exists (apt-get may just have
         # made it): a folder it cannot reach moves the cluster to one it can.
         self.data = pgcluster.data_folder(self.paths.state, account)
+        if account is not None and self.data != self.paths.state / "pg":
+            pgcluster.make_outside(self.paths.state, self.data, account)  # also records it
         if (self.data / "PG_VERSION").is_file():
             return
-        if account is not None and self.data != self.paths.state / "pg":
-            pgcluster.make_outside(self.paths.state, self.data, account)
         # initdb into a scratch folder renamed on success, so an interrupted initdb
         # never leaves a half-made cluster that the next `up` would refuse.
         scratch = self.data.with_name("pg.initdb")
