@@ -12,10 +12,13 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 import f2pipe
 from f2pipe.operations.stack import kafka_version
@@ -157,3 +160,14 @@ def test_the_sdist_holds_what_a_wheel_is_built_from(installed: Installed) -> Non
         cwd=installed.outside, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert shown.stdout.split() == [f2pipe.__version__, "True"]
+
+
+def test_every_runtime_dependency_is_bounded_to_the_major_the_lock_tests() -> None:
+    project = tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]
+    lock = tomllib.loads((CHECKOUT / "uv.lock").read_text())
+    locked = {canonicalize_name(p["name"]): p["version"] for p in lock["package"]}
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        version = locked[canonicalize_name(requirement.name)]
+        assert any(spec.operator == "<" for spec in requirement.specifier), text
+        assert requirement.specifier.contains(version), f"{text} excludes the locked {version}"
