@@ -156,7 +156,7 @@ def test_the_sdist_holds_what_a_wheel_is_built_from(installed: Installed) -> Non
     shown = subprocess.run(
         [str(venv / "bin" / "python"), "-c",
          "import importlib.metadata as m; print(m.version('f2pipe'), "
-         "any(f.name == 'kafka-pom.xml' for f in m.files('f2pipe') or ()))"],
+         "any(f.match('f2pipe/operations/stack/maven/pom.xml') for f in m.files('f2pipe')))"],
         cwd=installed.outside, capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert shown.stdout.split() == [f2pipe.__version__, "True"]
@@ -171,3 +171,19 @@ def test_every_runtime_dependency_is_bounded_to_the_major_the_lock_tests() -> No
         version = locked[canonicalize_name(requirement.name)]
         assert any(spec.operator == "<" for spec in requirement.specifier), text
         assert requirement.specifier.contains(version), f"{text} excludes the locked {version}"
+
+
+def test_the_image_builds_its_wheel_from_what_dockerignore_lets_in(tmp_path: Path) -> None:
+    # The Dockerfile's build stage sees only these (.dockerignore); the pom is not needed
+    # in the image, and its absence must not fail the build.
+    for name in ("pyproject.toml", "uv.lock", "README.md"):
+        shutil.copy(CHECKOUT / name, tmp_path / name)
+    shutil.copytree(
+        CHECKOUT / "src", tmp_path / "src", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    result = subprocess.run(
+        [*_uv(), "build", "--quiet", "--wheel", "--out-dir", str(tmp_path / "dist")],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "dist").glob("f2pipe-*.whl"))) == 1

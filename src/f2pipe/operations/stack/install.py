@@ -4,7 +4,7 @@ Run as root on Debian, missing packages are installed with apt-get unless
 ``F2PIPE_STACK_INSTALL=false``; otherwise the error says what to install. The
 Kafka broker is not a Debian package: its jars come from Maven Central through
 ``deploy/kafka/pom.xml`` into a cache outside the checkout. The wheel carries a
-copy of that pom (``kafka-pom.xml`` next to this module), so an installed
+copy of that pom (``maven/pom.xml`` next to this module), so an installed
 ``f2pipe stack up`` needs no checkout. Each download says what it fetches
 before it starts, and how long it took and how much it fetched once done.
 """
@@ -28,9 +28,9 @@ from f2pipe.operations.stack.supervise import Paths, log_tail, running_as_root
 
 # src/f2pipe/operations/stack/install.py -> the checkout that holds deploy/. The
 # checkout's pom wins, so an edit to it takes effect in a checkout without a rebuild;
-# an installed wheel reads its own copy (pyproject.toml's force-include).
+# an installed wheel reads its own copy (pyproject.toml's wheel sources).
 _CHECKOUT_POM = Path(__file__).resolve().parents[4] / "deploy" / "kafka" / "pom.xml"
-_PACKAGED_POM = Path(__file__).resolve().with_name("kafka-pom.xml")
+_PACKAGED_POM = Path(__file__).resolve().with_name("maven") / "pom.xml"
 KAFKA_POM = _CHECKOUT_POM if _CHECKOUT_POM.is_file() else _PACKAGED_POM
 
 
