@@ -225,9 +225,11 @@ def private_state() -> Iterator[Settings]:
     try:
         yield settings
     finally:
-        stack.down(settings, ["postgres"])
-        pgcluster.discard(state, account)
-        shutil.rmtree(state, ignore_errors=True)
+        try:
+            stack.down(settings, ["postgres"])
+            pgcluster.discard(state, account)
+        finally:
+            shutil.rmtree(state, ignore_errors=True)
 
 
 def test_postgresql_runs_from_a_private_state_folder_without_chmod(
