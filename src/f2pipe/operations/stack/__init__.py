@@ -1,4 +1,4 @@
-"""The local stack: PostgreSQL 15, Redis 7, Kafka 4 (KRaft) and Mosquitto 2 on loopback.
+"""The local stack: PostgreSQL 15 or newer, Redis 7, Kafka 4 (KRaft) and Mosquitto 2 on loopback.
 
 ``f2pipe stack up [SERVER...]`` starts what is not running yet and returns once
 every server answers its health probe (and the database and topics exist);
