@@ -1,17 +1,23 @@
-"""The deployment files agree with the Compose specification and with f2pipe itself.
+"""The deployment files are f2pipe's own render, and hold what SPEC sections 8 and 10 ask.
 
-No container engine runs on the development machine, so this is what can be
-proven without one: docker-compose.yml is valid against the Compose
-specification's JSON schema (the copy that the check-jsonschema package ships,
-read at test time), every f2pipe command in it parses with the real CLI parser,
-every F2PIPE_ variable is a setting with a valid value, the published ports are
-the settings' defaults, and the image runs as a non-root user from a pinned base.
+The committed docker-compose.yml, .env.example and deploy/ files are byte for
+byte what ``f2pipe deploy render --target compose`` writes for the default
+settings, so nothing in them is copied by hand. No container engine runs on
+the development machine, so the rest is proven without one: the compose file
+is valid against the Compose specification's JSON schema (the copy the
+check-jsonschema package ships), every f2pipe command in it parses with the
+real CLI, every F2PIPE_ variable is a setting with a valid value, and the
+least-privilege layout holds (the CA key only in certgen's volume, a user per
+service, /readyz probes, the local stack's server versions). The broker's
+rendered configuration and start script run on a real Mosquitto.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shlex
+import subprocess
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,12 +27,18 @@ import pytest
 import yaml
 
 from f2pipe.cli import COMMANDS, build_parser
+from f2pipe.operations.deploy.containers import PARTIES, USERS
+from f2pipe.operations.deploy.render import render_files
+from f2pipe.operations.stack.install import kafka_version
+from f2pipe.operations.stack.pgcluster import MIN_MAJOR
 from f2pipe.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 F2PIPE_IMAGE = "f2pipe:latest"
+CA_VOLUME = "certgen"
+CERTGEN_UID = USERS["certgen"].split(":")[0]
 
 # f2pipe service -> (subcommand words, Settings field of its health and metrics port)
 LONG_RUNNING = {
@@ -36,10 +48,13 @@ LONG_RUNNING = {
     "sink": (["sink"], "sink_port"),
 }
 ONE_SHOT = {
-    "certgen-init": ["certgen", "init"],
+    "certgen-init": ["deploy", "shares"],
     "db-migrate": ["db", "migrate"],
     "db-seed": ["db", "seed-demo"],
+    "simulator-certs": ["certgen", "issue-device"],
 }
+# One-shots that act as certgen: its user and its volume.
+AS_CERTGEN = {"certgen", "certgen-init", "simulator-certs"}
 # A load source: no ops port, and nothing waits for it.
 NO_HEALTHCHECK = {"simulator": "load generator without an ops port; nothing depends on it"}
 
@@ -58,6 +73,28 @@ def services() -> dict[str, dict[str, Any]]:
 
 def f2pipe_services() -> dict[str, dict[str, Any]]:
     return {name: svc for name, svc in services().items() if svc.get("image") == F2PIPE_IMAGE}
+
+
+def f2pipe_argv(svc: dict[str, Any]) -> list[str]:
+    """The f2pipe words a service runs: its command, or the `f2pipe ...` line of its script."""
+    command = [str(word) for word in svc["command"]]
+    if svc.get("entrypoint") != ["sh", "-c"]:
+        return command
+    lines = [line for line in command[0].splitlines() if "f2pipe " in line]
+    assert len(lines) == 1, command
+    words = shlex.split(lines[0][lines[0].index("f2pipe ") :].replace('"$', '"x'))
+    return [w for w in words[1:] if not w.startswith("$")]
+
+
+def volume_sources(svc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Volume name or host path -> the long form of its mount."""
+    found = {}
+    for volume in svc.get("volumes", []):
+        if isinstance(volume, str):
+            source, target, *mode = volume.split(":")
+            volume = {"source": source, "target": target, "read_only": mode == ["ro"]}
+        found.setdefault(volume["source"], volume)
+    return found
 
 
 def compose_schema() -> dict[str, Any]:
@@ -84,7 +121,7 @@ def env_example() -> dict[str, str]:
     for line in (ROOT / ".env.example").read_text(encoding="utf-8").splitlines():
         if line.strip() and not line.lstrip().startswith("#"):
             key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
+            values[key.strip()] = value.strip() or "x" * 40
     return values
 
 
@@ -96,6 +133,61 @@ def interpolate(text: str, values: dict[str, str]) -> str:
     return _INTERPOLATION.sub(lambda m: values[m.group(1)], text)
 
 
+# --- one source: the committed files are a fresh render -------------------------------------
+
+
+def test_the_committed_files_are_a_fresh_render(tmp_path: Path) -> None:
+    """`f2pipe deploy render --target compose .` changes nothing in the checkout."""
+    from f2pipe.cli import main
+
+    assert main(["deploy", "render", "--target", "compose", str(tmp_path)]) == 0
+    expected = render_files(Settings.model_construct())
+    rendered = {
+        str(p.relative_to(tmp_path)): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+    }
+    assert set(rendered) == set(expected)
+    stale = [name for name, data in rendered.items() if (ROOT / name).read_bytes() != data]
+    assert not stale, f"re-render with `f2pipe deploy render --target compose .`: {stale}"
+    # Nothing rendered holds a secret, and no key or certificate is committed.
+    committed = subprocess.run(
+        ["git", "ls-files", "deploy", "docker-compose.yml", ".env.example"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert not [n for n in committed if n.endswith((".key", ".pem", ".crt"))]
+    for name, data in rendered.items():
+        assert b"PRIVATE KEY" not in data, name
+        assert b"CERTIFICATE" not in data, name
+
+
+def test_the_render_is_deterministic_and_follows_the_settings() -> None:
+    defaults = Settings.model_construct()
+    assert render_files(defaults) == render_files(defaults)
+    moved = defaults.model_copy(update={"topic_raw": "plant-a-raw", "mqtt_port": 18883})
+    files = render_files(moved, connectors=3)
+    assert "create plant-a-raw 6 604800000" in files["deploy/kafka/topics.sh"]
+    assert "listener 18883\n" in files["deploy/mosquitto/mosquitto.conf"]
+    assert "user svc-connector-3\ntopic read stat/#" in files["deploy/mosquitto/acl"]
+    assert "'18883:18883'" in files["docker-compose.yml"]
+
+
+def test_the_broker_files_are_the_local_stacks_renderers_output() -> None:
+    """The drift of issue #14: queue bound, in-flight window, autosave, identities."""
+    from f2pipe.operations.stack.mosquitto import SERVICE_ACL, render_acl
+
+    defaults = Settings.model_construct()
+    conf = (ROOT / "deploy/mosquitto/mosquitto.conf").read_text(encoding="utf-8")
+    assert f"max_inflight_messages {defaults.mqtt_max_inflight_messages}\n" in conf
+    assert f"autosave_interval {defaults.mqtt_autosave_interval_s}\n" in conf
+    queued = int(re.search(r"^max_queued_bytes (\d+)$", conf, re.MULTILINE)[1])  # type: ignore[index]
+    assert queued == services()["mosquitto"]["mem_limit"] // 32
+    assert "pid_file" not in conf
+    assert "\nuser " not in conf
+    acl = (ROOT / "deploy/mosquitto/acl").read_text(encoding="utf-8")
+    assert acl == render_acl(["svc-connector"])
+    for identity in SERVICE_ACL:
+        assert f"user {identity}\n" in acl
+
+
 # --- the Compose specification ------------------------------------------------------------
 
 
@@ -105,7 +197,7 @@ def test_compose_file_is_valid_against_the_compose_spec_schema() -> None:
 
 def test_the_schema_check_is_not_vacuous() -> None:
     broken = compose()
-    broken["services"]["sink"]["depends_on"]["db-migrate"]["condition"] = "service_ready"
+    broken["services"]["sink"]["depends_on"]["db-roles"]["condition"] = "service_ready"
     broken["services"]["sink"]["healthcheck"]["retries"] = "many"
     broken["services"]["kafka"]["restarts"] = "always"  # a typo the schema must catch
     errors = schema_errors(broken)
@@ -122,6 +214,8 @@ def test_every_variable_compose_interpolates_is_in_env_example() -> None:
     assert used <= set(env_example()), used - set(env_example())
     ignored = (ROOT / ".gitignore").read_text(encoding="utf-8").split()
     assert "/.env" in ignored or ".env" in ignored
+    # Every secret is read from .env or a script's environment, never written out.
+    assert not re.search(r"(PASSWORD|TOKEN): (?!\$\{)", text)
 
 
 # --- f2pipe services against the CLI and the settings ---------------------------------------
@@ -133,7 +227,7 @@ def test_the_f2pipe_services_are_the_expected_ones() -> None:
 
 @pytest.mark.parametrize("name", sorted([*LONG_RUNNING, *ONE_SHOT, "simulator"]))
 def test_every_f2pipe_command_parses_with_the_real_cli(name: str) -> None:
-    argv = [str(word) for word in f2pipe_services()[name]["command"]]
+    argv = f2pipe_argv(f2pipe_services()[name])
     expected = {**{k: v[0] for k, v in LONG_RUNNING.items()}, **ONE_SHOT, "simulator": ["simulate"]}
     assert argv[: len(expected[name])] == expected[name]
     if argv[0] not in COMMANDS:
@@ -149,18 +243,17 @@ def test_every_f2pipe_command_parses_with_the_real_cli(name: str) -> None:
 
 def test_every_f2pipe_variable_is_a_setting_with_a_valid_value() -> None:
     text = COMPOSE_FILE.read_text(encoding="utf-8")
-    names = set(re.findall(r"\bF2PIPE_[A-Z0-9_]+", text))
+    names = set(re.findall(r"\bF2PIPE_[A-Z0-9_]+", text)) - {"F2PIPE_ADMIN_TOKEN"}
     unknown = {n for n in names if n.removeprefix("F2PIPE_").lower() not in Settings.model_fields}
-    # F2PIPE_OPS_HOST comes with the connector; until it is merged this fails, loudly.
     assert not unknown, f"not settings: {sorted(unknown)}"
     values = env_example()
     for name, svc in f2pipe_services().items():
         env = {k: interpolate(str(v), values) for k, v in svc["environment"].items()}
         fields = {k.removeprefix("F2PIPE_").lower(): v for k, v in env.items()}
-        fields.pop("admin_token_file")  # a secret mounted at run time
+        fields.pop("admin_token_file", None)  # a secret mounted at run time
         settings = Settings.model_validate(fields)  # raises, naming the field, when invalid
-        assert settings.kafka_bootstrap == "kafka:19092", name
-        assert str(settings.state_dir) == "/var/lib/f2pipe"
+        if "kafka_bootstrap" in fields:
+            assert settings.kafka_bootstrap == "kafka:19092", name
 
 
 def test_published_ports_are_the_settings_defaults() -> None:
@@ -173,7 +266,7 @@ def test_published_ports_are_the_settings_defaults() -> None:
     for name, (_, field) in LONG_RUNNING.items():
         port = getattr(defaults, field)
         assert published[name] == {(port, port)}, name
-        assert f"127.0.0.1:{port}/healthz" in " ".join(services()[name]["healthcheck"]["test"])
+        assert f"127.0.0.1:{port}/readyz" in " ".join(services()[name]["healthcheck"]["test"])
     assert published["mosquitto"] == {(defaults.mqtt_port, defaults.mqtt_port)}
     assert published["postgres"] == {(defaults.pg_port(), 5432)}
     assert published["redis"] == {(defaults.redis_port(), 6379)}
@@ -185,9 +278,94 @@ def test_published_ports_are_the_settings_defaults() -> None:
         for job in scrape["scrape_configs"]
     }
     assert targets == {n: [f"{n}:{getattr(defaults, f)}"] for n, (_, f) in LONG_RUNNING.items()}
+    assert scrape["rule_files"] == ["alerts.yml"]
 
 
-# --- health, ordering, users, images ---------------------------------------------------------
+# --- least privilege (SPEC section 10) -----------------------------------------------------
+
+
+def test_the_ca_key_lives_only_in_certgens_volume() -> None:
+    """Only certgen (and the one-shots acting as it) mount its volume or all the shares."""
+    for name, svc in services().items():
+        mounts = volume_sources(svc)
+        if CA_VOLUME in mounts or ("shares" in mounts and "volume" not in mounts["shares"]):
+            assert name in AS_CERTGEN, f"{name} can read the CA key or every share"
+            assert str(svc["user"]).split(":")[0] == CERTGEN_UID, name
+        elif "shares" in mounts:
+            share = mounts["shares"]
+            assert share["read_only"] is True, name
+            assert PARTIES[share["volume"]["subpath"]] == name, name
+    # Every mount of the state folder is certgen's volume, or a one-shot's own.
+    state_mounts = {
+        name: source
+        for name, svc in services().items()
+        for source, mount in volume_sources(svc).items()
+        if mount["target"] == "/var/lib/f2pipe"
+    }
+    assert state_mounts == {
+        "certgen": CA_VOLUME,
+        "certgen-init": CA_VOLUME,
+        "simulator-certs": CA_VOLUME,
+        "db-seed": "claiming-codes",
+    }
+    # The broker and the services get the CA certificate, the CRL and their own key.
+    assert {PARTIES[p] for p in PARTIES} == {"mosquitto", "connector", "simulator", "prometheus"}
+
+
+def test_only_certgen_holds_the_admin_token() -> None:
+    holders = {name for name, svc in services().items() if svc.get("secrets")}
+    assert holders == {"certgen"}
+    text = COMPOSE_FILE.read_text(encoding="utf-8")
+    assert text.count("F2PIPE_ADMIN_TOKEN_FILE") == 1
+
+
+def test_each_service_runs_as_its_own_non_root_user() -> None:
+    users: dict[str, str] = {}
+    for name, svc in services().items():
+        user = str(svc.get("user", ""))
+        assert user, f"{name} does not name its user"
+        assert user.split(":")[0] not in ("0", "root"), f"{name} runs as root"
+        if svc.get("image") == F2PIPE_IMAGE or name == "mosquitto":
+            uid = user.split(":")[0]
+            owner = "certgen" if name in AS_CERTGEN else name
+            assert users.setdefault(uid, owner) == owner, (
+                f"{name} shares uid {uid} with {users[uid]}"
+            )
+    assert len(set(users.values())) == len(users)
+    # The servers run as their image's own user.
+    for name, user in {"postgres": "postgres", "redis": "redis", "kafka": "appuser"}.items():
+        assert services()[name]["user"] == user
+
+
+def test_certgen_serves_https_and_everyone_checks_it_against_the_ca() -> None:
+    certgen = services()["certgen"]
+    env = certgen["environment"]
+    assert env["F2PIPE_CERTGEN_TLS"] == "true"
+    assert env["F2PIPE_CERTGEN_URL"].startswith("https://certgen:")
+    probe = " ".join(certgen["healthcheck"]["test"])
+    assert "https://127.0.0.1:8080/readyz" in probe
+    assert "cafile=" in probe
+    scrape = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text("utf-8"))
+    job = next(j for j in scrape["scrape_configs"] if j["job_name"] == "certgen")
+    assert job["scheme"] == "https"
+    ca_file = job["tls_config"]["ca_file"]
+    share = volume_sources(services()["prometheus"])["shares"]
+    assert ca_file == f"{share['target']}/ca.pem"
+    for name, svc in f2pipe_services().items():
+        url = svc["environment"].get("F2PIPE_CERTGEN_URL")
+        assert url is None or url.startswith("https://"), name
+
+
+def test_the_broker_certificate_names_the_host_the_services_connect_to() -> None:
+    for name in ("certgen-init", "certgen"):
+        names = services()[name]["environment"]["F2PIPE_BROKER_NAMES"].split(",")
+        assert {"mosquitto", "certgen"} <= set(names), name
+    for name, svc in f2pipe_services().items():
+        host = svc["environment"].get("F2PIPE_MQTT_HOST")
+        assert host in (None, "mosquitto"), name
+
+
+# --- health, ordering, images ----------------------------------------------------------------
 
 
 def test_every_long_running_service_has_a_health_check_and_waits_properly() -> None:
@@ -207,16 +385,12 @@ def test_every_long_running_service_has_a_health_check_and_waits_properly() -> N
             assert set(target.get("profiles", [])) <= set(svc.get("profiles", [])), (name, dep)
     for name in ("prometheus", "grafana"):
         assert all_services[name]["profiles"] == ["observability"]
+    for name in LONG_RUNNING:
+        assert "/readyz" in " ".join(all_services[name]["healthcheck"]["test"]), name
+    assert "/healthz" not in COMPOSE_FILE.read_text(encoding="utf-8")
 
 
-def test_every_container_runs_as_a_non_root_user() -> None:
-    for name, svc in services().items():
-        user = str(svc.get("user", ""))
-        assert user, f"{name} does not name its user"
-        assert user.split(":")[0] not in ("0", "root"), f"{name} runs as root"
-
-
-def test_server_images_are_the_official_ones_pinned() -> None:
+def test_server_images_are_the_local_stacks_versions_pinned() -> None:
     images = {name: svc["image"] for name, svc in services().items()}
     expected_repos = {
         "postgres": "postgres",
@@ -233,11 +407,13 @@ def test_server_images_are_the_official_ones_pinned() -> None:
         tag = image.partition(":")[2]
         assert re.search(r"\d", tag), f"{name}: {image} is not pinned to a version"
         assert "latest" not in tag, f"{name}: {image} is not pinned"
-    assert images["kafka"].split(":")[1].startswith("4.")
-    assert images["mosquitto"].split(":")[1].startswith("2.")
-    assert images["postgres"].split(":")[1].startswith("15")
-    assert images["timescaledb"].endswith("-pg15")
-    assert images["redis"].split(":")[1].startswith("7")
+    # The same servers as the local stack: Kafka exactly the pom's, the others' majors.
+    assert images["kafka"] == f"apache/kafka:{kafka_version()}"
+    assert images["kafka-topics"] == images["kafka"]
+    assert images["postgres"].split(":")[1].split("-")[0] == str(MIN_MAJOR)
+    assert images["timescaledb"].endswith(f"-pg{MIN_MAJOR}")
+    assert images["redis"].split(":")[1].split(".")[0] == "7"
+    assert images["mosquitto"].split(":")[1].split(".")[0] == "2"
 
 
 def test_kafka_runs_kraft_and_redis_keeps_its_data() -> None:
@@ -246,9 +422,9 @@ def test_kafka_runs_kraft_and_redis_keeps_its_data() -> None:
     assert kafka["KAFKA_CONTROLLER_QUORUM_VOTERS"].startswith("1@")
     assert not any("ZOOKEEPER" in key for key in kafka)
     assert kafka["KAFKA_AUTO_CREATE_TOPICS_ENABLE"] == "false"
-    redis = services()["redis"]
-    assert "--appendonly yes" in " ".join(redis["command"])
-    assert any(v.endswith(":/data") for v in redis["volumes"])
+    redis = (ROOT / "deploy/redis/redis.sh").read_text(encoding="utf-8")
+    assert "--appendonly yes" in redis
+    assert any(v.endswith(":/data") for v in services()["redis"]["volumes"])
 
 
 def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
@@ -269,7 +445,9 @@ def test_dockerfile_is_multi_stage_pinned_and_non_root() -> None:
     assert users[-1].split(":")[0] not in ("0", "root")
     assert "uv sync --locked" in text
     assert re.search(r'^ENTRYPOINT \["f2pipe"\]', runtime, re.MULTILINE)
-    assert services()["sink"]["user"].split(":")[0] == users[-1].split(":")[0]
+    assert users[-1] == services()["certgen"]["user"]
+    # The folders certgen's volumes are mounted on exist in the image, owned by certgen.
+    assert "install -d -o 10001 -g 10001 -m 0750 /var/lib/f2pipe/shares" in text
 
 
 # --- observability files ---------------------------------------------------------------------
@@ -306,173 +484,94 @@ def test_grafana_dashboard_and_provisioning_agree() -> None:
 # --- the broker configuration, on a real Mosquitto ---------------------------------------------
 
 
-class _TestCA:
-    """A throw-away CA writing the PKI layout the broker reads: CA, CRL, broker and clients."""
-
-    def __init__(self, folder: Path) -> None:
-        import datetime as dt
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes
-        from cryptography.hazmat.primitives.asymmetric import ec
-
-        self.folder = folder
-        self.now = dt.datetime.now(dt.UTC)
-        self.key = ec.generate_private_key(ec.SECP256R1())
-        self.serials: dict[str, int] = {}
-        self.cert = (
-            self._builder("test CA", self.key.public_key(), self._name("test CA"))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(False, False, False, False, False, True, True, False, False),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
-        )
-        self._write("ca.pem", self.cert)
-        self.write_crl(revoked=[])
-
-    @staticmethod
-    def _name(cn: str) -> Any:
-        from cryptography import x509
-        from cryptography.x509.oid import NameOID
-
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def _builder(self, cn: str, public_key: Any, issuer: Any) -> Any:
-        import datetime as dt
-
-        from cryptography import x509
-
-        return (
-            x509.CertificateBuilder()
-            .subject_name(self._name(cn))
-            .issuer_name(issuer)
-            .public_key(public_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(self.now - dt.timedelta(minutes=5))
-            .not_valid_after(self.now + dt.timedelta(days=1))
-        )
-
-    def _write(self, name: str, cert: Any) -> None:
-        from cryptography.hazmat.primitives import serialization
-
-        (self.folder / name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    def issue(self, cn: str) -> None:
-        """``<cn>.pem`` and ``<cn>.key`` (0600); ``broker`` gets a server certificate."""
-        import ipaddress
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import ExtendedKeyUsageOID
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        server = cn == "broker"
-        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-        builder = self._builder(cn, key.public_key(), self.cert.subject).add_extension(
-            x509.ExtendedKeyUsage([usage]), critical=False
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                critical=False,
-            )
-        cert = builder.sign(self.key, hashes.SHA256())
-        self.serials[cn] = cert.serial_number
-        self._write(f"{cn}.pem", cert)
-        path = self.folder / f"{cn}.key"
-        path.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-        path.chmod(0o600)
-
-    def write_crl(self, revoked: list[str]) -> None:
-        import datetime as dt
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-
-        builder = (
-            x509.CertificateRevocationListBuilder()
-            .issuer_name(self.cert.subject)
-            .last_update(self.now - dt.timedelta(minutes=5))
-            .next_update(self.now + dt.timedelta(days=1))
-        )
-        for cn in revoked:
-            builder = builder.add_revoked_certificate(
-                x509.RevokedCertificateBuilder()
-                .serial_number(self.serials[cn])
-                .revocation_date(self.now - dt.timedelta(minutes=1))
-                .build()
-            )
-        crl = builder.sign(self.key, hashes.SHA256())
-        # Written beside and renamed, as a CA writes it: the broker never reads half a file.
-        part = self.folder / "crl.pem.part"
-        part.write_bytes(crl.public_bytes(serialization.Encoding.PEM))
-        part.replace(self.folder / "crl.pem")
-
-
 def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Path) -> None:
-    """The shipped mosquitto.conf, aclfile and start command, on a private Mosquitto."""
+    """The committed mosquitto.conf, acl and broker.sh, with the broker's share of the PKI.
+
+    As in the compose file, certgen's PKI is made by `deploy shares`; the broker
+    reads only its share; a revocation reaches it through the share and the start
+    script's reload, with no pid known to anyone.
+    """
+    import datetime as dt
     import getpass
+    import os
     import signal
     import socket
     import ssl
-    import subprocess
     import threading
 
     import paho.mqtt.client as mqtt
 
     from conftest import wait_until
+    from f2pipe.operations.deploy.cli import make_shares
+    from f2pipe.pki.ca import key_pem, pki_paths, write_private, write_public
+    from f2pipe.pki.local import load_ca
+    from f2pipe.pki.state import write_crl
+    from f2pipe.settings import load_settings
 
     state = tmp_path / "state"
-    (state / "pki").mkdir(parents=True)
-    (state / "mosquitto").mkdir()
+    init = services()["certgen-init"]
+    settings = load_settings(
+        state_dir=state, broker_names=init["environment"]["F2PIPE_BROKER_NAMES"]
+    )
+    argv = f2pipe_argv(init)
+    assert argv[:2] == ["deploy", "shares"]
+    assert make_shares(settings, argv[2:])
+    share = state / "shares" / "broker"
+    assert sorted(p.name for p in share.iterdir()) == [
+        "broker.key", "broker.pem", "ca.pem", "crl.pem",
+    ]  # fmt: skip
+    ca, paths = load_ca(settings), pki_paths(settings)
     device, other, connector = "f2-aabbccddee01", "f2-aabbccddee02", "svc-connector"
-    ca = _TestCA(state / "pki")
-    for identity in ("broker", device, connector):
-        ca.issue(identity)
+    issued = ca.issue_device("aabbccddee01", None, 1)
+    assert issued.private_key is not None
+    clients_dir = tmp_path / "clients"
+    write_private(clients_dir / f"{device}.key", key_pem(issued.private_key))
+    write_public(clients_dir / f"{device}.pem", issued.certificate_pem().encode())
+
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    (tmp_path / "data").mkdir()
     conf = (ROOT / "deploy/mosquitto/mosquitto.conf").read_text(encoding="utf-8")
     assert "listener 8883\n" in conf
     conf = (
-        conf.replace("/var/lib/f2pipe/", f"{state}/")
-        .replace("/mosquitto/config/aclfile", str(ROOT / "deploy/mosquitto/aclfile"))
+        conf.replace("/mosquitto/pki/", f"{share}/")
+        .replace("/mosquitto/config/acl", str(ROOT / "deploy/mosquitto/acl"))
+        .replace("/mosquitto/data/", f"{tmp_path / 'data'}/")
         .replace("listener 8883\n", f"listener {port} 127.0.0.1\n")
     )
-    # In the container the broker runs as the owner of its key; here, as whoever runs the test.
+    # In the container the broker runs as its own user; here, as whoever runs the test.
     conf += f"user {getpass.getuser()}\n"
     (tmp_path / "mosquitto.conf").write_text(conf, encoding="utf-8")
-    # The compose start command itself, with the paths of this test.
-    shell, flag, script = services()["mosquitto"]["command"]
-    script = (
-        script.replace("$$", "$")
-        .replace("/var/lib/f2pipe/", f"{state}/")
-        .replace("/mosquitto/config/mosquitto.conf", str(tmp_path / "mosquitto.conf"))
-    )
+    mosquitto = services()["mosquitto"]
+    shell, script, _ = mosquitto["command"]
+    assert script == "/mosquitto/config/broker.sh"
     broker = subprocess.Popen(
-        [shell, flag, script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [shell, str(ROOT / "deploy/mosquitto/broker.sh"), str(tmp_path / "mosquitto.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "MOSQUITTO": "/usr/sbin/mosquitto"},
+        start_new_session=True,
     )
     clients: list[mqtt.Client] = []
 
+    def context_of(identity: str | None) -> ssl.SSLContext:
+        context = ssl.create_default_context(cafile=str(share / "ca.pem"))
+        if identity == connector:
+            context.load_cert_chain(paths.service_cert(identity), paths.service_key(identity))
+        elif identity:
+            context.load_cert_chain(
+                clients_dir / f"{identity}.pem", clients_dir / f"{identity}.key"
+            )
+        return context
+
     def client(identity: str | None) -> tuple[mqtt.Client, threading.Event]:
-        context = ssl.create_default_context(cafile=str(state / "pki/ca.pem"))
-        if identity:
-            context.load_cert_chain(state / f"pki/{identity}.pem", state / f"pki/{identity}.key")
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=identity or "anonymous",
             protocol=mqtt.MQTTv311,
         )
-        c.tls_set_context(context)
+        c.tls_set_context(context_of(identity))
         connected = threading.Event()
 
         def on_connect(*args: Any) -> None:
@@ -495,6 +594,10 @@ def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Pa
             )
         except (ssl.SSLError, OSError):
             return True  # refused during the handshake
+        finally:
+            sock = c.socket()
+            if sock is not None:  # a refused connection is left open by paho
+                sock.close()
         return not connected.is_set()
 
     try:
@@ -505,6 +608,13 @@ def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Pa
                 return s.connect_ex(("127.0.0.1", port)) == 0
 
         wait_until(listening, timeout=15, what="mosquitto to listen")
+        # The services check the broker's name: the compose host name is in its certificate.
+        checked = context_of(None)
+        with (
+            socket.create_connection(("127.0.0.1", port)) as raw,
+            checked.wrap_socket(raw, server_hostname="mosquitto") as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
         assert refused(None), "a client without a certificate was let in"
 
         received: list[str] = []
@@ -528,12 +638,13 @@ def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Pa
         wait_until(lambda: received, timeout=10, what="the device's telemetry")
         assert received == [f"tele/{device}/sensor-mode/J1/sensor-1"]
 
-        # Revoked: once the CRL changes, the broker refuses the device's new connections.
-        ca.write_crl(revoked=[device])
+        # Revoked in certgen's CRL: the share follows, the script reloads the broker.
+        write_crl(ca, paths, [(issued.certificate.serial_number, dt.datetime.now(dt.UTC))], 90)
+        assert (share / "crl.pem").read_bytes() == paths.crl.read_bytes()
         wait_until(lambda: refused(device), timeout=30, what="the broker to apply the new CRL")
         assert not refused(connector)
 
-        # A stop reaches the broker through the wrapper, which exits with it.
+        # A stop reaches the broker through the script, which exits with it.
         broker.send_signal(signal.SIGTERM)
         assert broker.wait(timeout=20) == 0
     finally:
@@ -541,7 +652,7 @@ def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Pa
             c.loop_stop()
             c.disconnect()
         if broker.poll() is None:
-            broker.kill()
+            os.killpg(broker.pid, signal.SIGKILL)
             broker.wait(timeout=10)
 
 

@@ -41,6 +41,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "db": ("f2pipe.metadata.database", "migrate the database schema and seed the demo fleet"),
     "dlq": ("f2pipe.tools.dlq", "list, show or replay dead letters"),
     "config": ("f2pipe.operations.config", "show, check or list the settings"),
+    "deploy": (
+        "f2pipe.operations.deploy",
+        "write a deployment's configuration (compose file, deploy/) from f2pipe's own code",
+    ),
     "fleet": ("f2pipe.metadata.fleet.cli", "import or export a fleet description (YAML)"),
     "simulate": (
         "f2pipe.tools.simulator.cli",
@@ -55,7 +59,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # What a person is doing -> the commands for it, in the order the help lists them.
 GROUPS: dict[str, tuple[str, ...]] = {
     "run the pipeline": ("up", "down", "run", "connector", "processor", "sink"),
-    "operate it": ("status", "stack", "db", "dlq", "config"),
+    "operate it": ("status", "stack", "db", "dlq", "config", "deploy"),
     "manage the fleet": ("fleet", "simulate", "cmnd"),
     "certificates": ("certgen",),
     "tools": ("decode", "bench"),

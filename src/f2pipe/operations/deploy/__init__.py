@@ -1,0 +1,22 @@
+"""Production configuration from the code the local stack runs (SPEC section 10, issue #14).
+
+``f2pipe deploy render --target compose DIR`` writes the compose file, its
+``.env.example`` and ``deploy/``: the Mosquitto configuration, ACL and start
+script, the Kafka topics, the database roles and grants, the Redis users and
+the Prometheus configuration, each from the same functions ``f2pipe stack``
+uses or from :mod:`f2pipe.operations.principals`. ``f2pipe deploy shares
+PARTY...`` (run where the CA is, as compose's certgen-init does) makes the PKI
+and one share folder per party (:func:`f2pipe.pki.state.sync_shares`).
+
+- :mod:`.images`: the server images, pinned to the local stack's versions;
+- :mod:`.configs`: the servers' configuration files;
+- :mod:`.containers`: users, shares, probes and the server containers;
+- :mod:`.compose`: docker-compose.yml with the f2pipe services;
+- :mod:`.yamltext`: YAML text with comments, deterministic;
+- :mod:`.render`: every file of a target, written to a folder;
+- :mod:`.cli`: the ``f2pipe deploy`` command.
+"""
+
+from f2pipe.operations.deploy.cli import configure
+
+__all__ = ["configure"]

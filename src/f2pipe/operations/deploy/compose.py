@@ -1,0 +1,349 @@
+"""docker-compose.yml for f2pipe with the official server images (SPEC sections 8 and 10).
+
+Least privilege, container by container:
+
+- The CA key lives only in certgen's volume (``certgen``, mounted by certgen
+  and by the one-shots that act as certgen). certgen keeps one share per party
+  in the ``shares`` volume (:func:`f2pipe.pki.state.sync_shares`); the broker,
+  the connector, the simulator and Prometheus each mount only their own share,
+  read-only: the CA certificate, the CRL and their own key.
+- Each long-running service runs as a user of its own; the f2pipe services
+  and the parties holding a share are in the group ``10001`` (certgen's),
+  which may read a share's key. Servers run as their image's own user.
+- Each service has its own PostgreSQL role and Redis user
+  (:mod:`f2pipe.operations.principals`), with passwords from ``.env``; only
+  certgen gets the admin token.
+- The broker reloads its CRL by itself when certgen changes it
+  (``deploy/mosquitto/broker.sh``), so revocation needs no shared pid.
+
+Gap: Kafka runs without authentication or ACLs here; the services' Kafka
+principals and ACLs of :mod:`f2pipe.operations.principals` are not applied yet.
+"""
+
+from __future__ import annotations
+
+from f2pipe.metadata.fleet.demo import demo_fleet
+from f2pipe.operations.deploy.configs import PASSWORD_VARIABLES
+from f2pipe.operations.deploy.containers import (
+    KAFKA_INTERNAL,
+    PARTIES,
+    PKI,
+    SHARES,
+    STATE,
+    USERS,
+    done,
+    dsn,
+    env,
+    f2pipe_service,
+    healthy,
+    observability,
+    probe,
+    readyz,
+    servers,
+    share,
+)
+from f2pipe.operations.deploy.images import Images
+from f2pipe.operations.deploy.yamltext import Commented, document
+from f2pipe.settings import Settings
+
+__all__ = ["render_compose", "shares_command"]
+
+
+def shares_command() -> list[str]:
+    """certgen-init: the PKI, and a share folder for every party."""
+    return ["deploy", "shares", *PARTIES]
+
+
+def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
+    owner = {
+        "F2PIPE_METADATA_DSN": dsn("f2pipe", "POSTGRES_PASSWORD", "postgres"),
+        "F2PIPE_TIMESERIES_DSN": dsn("f2pipe", "TIMESCALE_PASSWORD", "timescaledb"),
+    }
+    macs = " ".join(c.mac for c in demo_fleet().controllers)
+    devices = f"{SHARES}/simulator/devices"
+    roles = (
+        "set -eu\n"
+        'PGPASSWORD="$POSTGRES_PASSWORD" psql -h postgres -U f2pipe -d f2pipe -q '
+        '-v certgen_password="$CERTGEN_DB_PASSWORD" '
+        '-v processor_password="$PROCESSOR_DB_PASSWORD" -f /etc/f2pipe/metadata-roles.sql\n'
+        'PGPASSWORD="$TIMESCALE_PASSWORD" psql -h timescaledb -U f2pipe -d f2pipe -q '
+        '-v sink_password="$SINK_DB_PASSWORD" -f /etc/f2pipe/timeseries-roles.sql\n'
+    )
+    return {
+        "certgen-init": Commented(
+            f2pipe_service(
+                images,
+                "certgen",
+                shares_command(),
+                build=True,
+                restart="no",
+                environment={
+                    "F2PIPE_STATE_DIR": STATE,
+                    "F2PIPE_BROKER_NAMES": _server_names(settings),
+                },
+                volumes=[f"certgen:{STATE}", f"shares:{SHARES}"],
+            ),
+            [
+                "The CA, the broker's, certgen's and the services' certificates, in certgen's",
+                "volume, and one share per party (deploy shares).",
+            ],
+        ),
+        "db-migrate": Commented(
+            f2pipe_service(
+                images,
+                "db-migrate",
+                ["db", "migrate"],
+                restart="no",
+                environment=owner,
+                depends_on=healthy("postgres", "timescaledb"),
+            ),
+        ),
+        "db-roles": Commented(
+            {
+                "image": images.postgres,
+                "user": USERS["db-roles"],
+                "restart": "no",
+                "entrypoint": ["sh", "-c"],
+                "command": [roles],
+                "environment": {
+                    "POSTGRES_PASSWORD": env("POSTGRES_PASSWORD"),
+                    "TIMESCALE_PASSWORD": env("TIMESCALE_PASSWORD"),
+                    **{
+                        variable: env(variable)
+                        for (server, _), variable in PASSWORD_VARIABLES.items()
+                        if server == "postgres"
+                    },
+                },
+                "volumes": ["./deploy/postgres:/etc/f2pipe:ro"],
+                "depends_on": done("db-migrate"),
+            },
+            ["Each service's role and grants (deploy/postgres, from the principals)."],
+        ),
+        "db-seed": Commented(
+            f2pipe_service(
+                images,
+                "db-seed",
+                ["db", "seed-demo"],
+                restart="no",
+                environment={**owner, "F2PIPE_STATE_DIR": STATE},
+                volumes=[f"claiming-codes:{STATE}"],
+                depends_on=done("db-migrate"),
+            ),
+            ["The demo fleet; its claiming codes stay in this service's own volume."],
+        ),
+        "simulator-certs": Commented(
+            f2pipe_service(
+                images,
+                "certgen",
+                [
+                    "set -eu\n"
+                    f"out={devices}\n"
+                    'mkdir -p "$out"\n'
+                    f"for mac in {macs}; do\n"
+                    '    [ -f "$out/f2-$mac.pem" ] ||\n'
+                    '        f2pipe certgen issue-device "$mac" --out "$out"\n'
+                    "done\n"
+                    'chmod 0640 "$out"/*.key\n'
+                ],
+                entrypoint=["sh", "-c"],
+                restart="no",
+                environment={
+                    "F2PIPE_STATE_DIR": STATE,
+                    "F2PIPE_METADATA_DSN": dsn(
+                        "f2pipe_certgen", PASSWORD_VARIABLES[("postgres", "certgen")], "postgres"
+                    ),
+                },
+                volumes=[f"certgen:{STATE}", f"shares:{SHARES}"],
+                depends_on=done("certgen-init", "db-seed", "db-roles"),
+            ),
+            ["The demo controllers' certificates, issued by certgen into the simulator's share."],
+        ),
+        "kafka-topics": Commented(
+            {
+                "image": images.kafka,
+                "user": "appuser",
+                "restart": "no",
+                "command": ["bash", "/etc/f2pipe/topics.sh", KAFKA_INTERNAL],
+                "volumes": ["./deploy/kafka/topics.sh:/etc/f2pipe/topics.sh:ro"],
+                "depends_on": healthy("kafka"),
+            },
+            ["The three topics with their partitions and retention (deploy/kafka/topics.sh)."],
+        ),
+    }
+
+
+def _server_names(settings: Settings) -> str:
+    """The broker's and certgen's certificate names: their compose names and the given ones."""
+    return ",".join(dict.fromkeys(["mosquitto", "certgen", *settings.extra_server_names()]))
+
+
+def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
+    # Probes and Prometheus reach the ops endpoints from outside the container.
+    ops = {"F2PIPE_OPS_HOST": "0.0.0.0"}  # noqa: S104
+    mqtt = {"F2PIPE_MQTT_HOST": "mosquitto", "F2PIPE_MQTT_PORT": str(settings.mqtt_port)}
+    kafka = {"F2PIPE_KAFKA_BOOTSTRAP": KAFKA_INTERNAL}
+    certgen_url = f"https://certgen:{settings.certgen_port}"
+    port = settings.certgen_port
+    certgen_probe = (
+        "import ssl, urllib.request as u; "
+        f"u.urlopen('https://127.0.0.1:{port}/readyz', timeout=3, "
+        f"context=ssl.create_default_context(cafile='{PKI}/ca.pem'))"
+    )
+    processor_redis = PASSWORD_VARIABLES[("redis", "processor")]
+    return {
+        "certgen": Commented(
+            f2pipe_service(
+                images,
+                "certgen",
+                ["certgen", "serve"],
+                environment={
+                    "F2PIPE_STATE_DIR": STATE,
+                    "F2PIPE_METADATA_DSN": dsn(
+                        "f2pipe_certgen", PASSWORD_VARIABLES[("postgres", "certgen")], "postgres"
+                    ),
+                    "F2PIPE_ADMIN_TOKEN_FILE": "/run/secrets/admin_token",
+                    "F2PIPE_CERTGEN_HOST": "0.0.0.0",  # noqa: S104 (HTTPS only)
+                    "F2PIPE_CERTGEN_TLS": "true",
+                    "F2PIPE_CERTGEN_URL": certgen_url,
+                    "F2PIPE_BROKER_NAMES": _server_names(settings),
+                    **mqtt,
+                },
+                secrets=["admin_token"],
+                volumes=[f"certgen:{STATE}", f"shares:{SHARES}"],
+                ports=[f"127.0.0.1:{port}:{port}"],
+                healthcheck=probe(["CMD", "python", "-c", certgen_probe]),
+                depends_on=done("certgen-init", "db-roles"),
+                restart="unless-stopped",
+            ),
+            [
+                "The certificate API over HTTPS (F2PIPE_CERTGEN_TLS): the only holder of the CA",
+                "key and the admin token. It rewrites the CRL in every share at a revocation.",
+            ],
+        ),
+        "connector": Commented(
+            f2pipe_service(
+                images,
+                "connector",
+                ["connector"],
+                environment={"F2PIPE_STATE_DIR": STATE, **kafka, **mqtt, **ops},
+                volumes=[share("svc-connector", PKI)],
+                ports=[f"127.0.0.1:{settings.connector_port}:{settings.connector_port}"],
+                healthcheck=readyz(settings.connector_port),
+                depends_on={**healthy("mosquitto"), **done("kafka-topics")},
+                restart="unless-stopped",
+            ),
+        ),
+        "processor": Commented(
+            f2pipe_service(
+                images,
+                "processor",
+                ["processor"],
+                environment={
+                    "F2PIPE_METADATA_DSN": dsn(
+                        "f2pipe_processor",
+                        PASSWORD_VARIABLES[("postgres", "processor")],
+                        "postgres",
+                    ),
+                    "F2PIPE_REDIS_URL": f"redis://f2pipe-processor:{env(processor_redis)}"
+                    "@redis:6379/0",
+                    **kafka,
+                    **ops,
+                },
+                ports=[f"127.0.0.1:{settings.processor_port}:{settings.processor_port}"],
+                healthcheck=readyz(settings.processor_port),
+                depends_on={**healthy("redis"), **done("kafka-topics", "db-seed", "db-roles")},
+                restart="unless-stopped",
+            ),
+        ),
+        "sink": Commented(
+            f2pipe_service(
+                images,
+                "sink",
+                ["sink"],
+                environment={
+                    "F2PIPE_TIMESERIES_DSN": dsn(
+                        "f2pipe_sink", PASSWORD_VARIABLES[("postgres", "sink")], "timescaledb"
+                    ),
+                    **kafka,
+                    **ops,
+                },
+                ports=[f"127.0.0.1:{settings.sink_port}:{settings.sink_port}"],
+                healthcheck=readyz(settings.sink_port),
+                depends_on=done("kafka-topics", "db-roles"),
+                restart="unless-stopped",
+            ),
+        ),
+        "simulator": Commented(
+            f2pipe_service(
+                images,
+                "simulator",
+                ["simulate"],
+                environment={"F2PIPE_STATE_DIR": STATE, **mqtt},
+                volumes=[share("simulator", PKI)],
+                depends_on={
+                    **done("simulator-certs"),
+                    **healthy("certgen", "connector", "processor", "sink"),
+                },
+                restart="unless-stopped",
+            ),
+            [
+                "The demo fleet's four controllers, one reading per sensor every 30 s, over mTLS.",
+                "A load source: no ops port, and nothing waits for it.",
+            ],
+        ),
+    }
+
+
+_HEADER = [
+    "Written by `f2pipe deploy render --target compose .`; changes are overwritten.",
+    "f2pipe with the official server images: the same servers, configuration and rights",
+    "as the local stack (SPEC sections 8 and 10).",
+    "",
+    "  cp .env.example .env   # then set every secret in it",
+    "  docker compose up -d --wait",
+    "  docker compose --profile observability up -d --wait    # plus Prometheus and Grafana",
+    "",
+    "Needs Docker Engine 26+ and Compose 2.23+ (volume subpaths). Start order: the servers",
+    "become healthy; one-shot services make the PKI and the shares, the schema, the roles,",
+    "the demo fleet and the topics; then certgen, the broker, connector, processor, sink and",
+    "the simulator. Ports are published on loopback, except the broker's device port.",
+]
+
+
+def render_compose(settings: Settings, images: Images) -> str:
+    """The compose file's text (deterministic: the same settings give the same bytes)."""
+    services = {
+        **servers(images, settings),
+        **_oneshots(images, settings),
+        **_pipeline(images, settings),
+        **observability(images),
+    }
+    return document(
+        _HEADER,
+        {
+            "name": Commented("f2pipe"),
+            "services": Commented(services),
+            "secrets": Commented(
+                {"admin_token": {"environment": "F2PIPE_ADMIN_TOKEN"}},
+                ["certgen's admin token, read from .env by name, mounted only into certgen."],
+            ),
+            "volumes": Commented(
+                {
+                    name: None
+                    for name in (
+                        "certgen",
+                        "shares",
+                        "claiming-codes",
+                        "metadata",
+                        "timeseries",
+                        "cache",
+                        "kafka",
+                        "mosquitto",
+                        "prometheus",
+                        "grafana",
+                    )
+                },
+                ["certgen: the CA and its key; shares: one folder per party, kept by certgen."],
+            ),
+        },
+    )

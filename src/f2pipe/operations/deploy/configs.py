@@ -1,0 +1,226 @@
+"""The servers' configuration for a deployment, from the code the local stack uses.
+
+Each function returns the text of one file under ``deploy/``; none holds a
+secret (passwords are read from the environment when the file runs) or a
+timestamp, so a render is the same wherever and whenever it runs.
+
+- Mosquitto: the configuration and ACL of :mod:`f2pipe.operations.stack.mosquitto`
+  for a broker in a container (:data:`BROKER_SITE`), and its start script,
+  which reloads the CRL when certgen changes it.
+- Kafka: the topics the local stack creates (:func:`topic_plan`), as a script.
+- PostgreSQL and Redis: each service's role, grants and user, from
+  :mod:`f2pipe.operations.principals`.
+- Prometheus: the scrape configuration of the four services.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path, PurePosixPath
+
+from f2pipe.operations.principals import ADMIN, Names, Principal, pg_grant_sql, principals
+from f2pipe.operations.principals import redis_acl_line as _redis_acl_line
+from f2pipe.operations.stack.kafka import DATA_RETENTION_MS, DEAD_LETTER_RETENTION_MS
+from f2pipe.operations.stack.mosquitto import (
+    BrokerSite,
+    render_acl,
+    render_conf,
+    render_start_script,
+)
+from f2pipe.pki.ca import PkiPaths
+from f2pipe.settings import Settings
+
+__all__ = [
+    "BROKER_CONF",
+    "BROKER_MEMORY_BYTES",
+    "BROKER_PKI",
+    "DATABASES",
+    "PASSWORD_VARIABLES",
+    "broker_site",
+    "mosquitto_acl",
+    "mosquitto_conf",
+    "mosquitto_start",
+    "postgres_roles",
+    "prometheus_config",
+    "redis_start",
+    "topic_plan",
+    "topics_script",
+]
+
+# In the eclipse-mosquitto image: configuration (read-only), the broker's share of
+# the PKI (read-only, kept current by certgen) and its persistence.
+BROKER_CONF = PurePosixPath("/mosquitto/config")
+BROKER_PKI = PurePosixPath("/mosquitto/pki")
+_BROKER_DATA = PurePosixPath("/mosquitto/data")
+#: The broker container's memory limit; its queue bound is 1/32 of it, as the local
+#: stack's is of the machine's (see f2pipe.operations.stack.mosquitto).
+BROKER_MEMORY_BYTES = 4 * 1024**3
+
+#: Which database each service with a PostgreSQL role uses: the DSN it is given.
+DATABASES = {"certgen": "metadata", "processor": "metadata", "sink": "timeseries"}
+
+#: The environment variable (from .env) holding each service's password on a server.
+PASSWORD_VARIABLES = {
+    ("postgres", "certgen"): "CERTGEN_DB_PASSWORD",
+    ("postgres", "processor"): "PROCESSOR_DB_PASSWORD",
+    ("postgres", "sink"): "SINK_DB_PASSWORD",
+    ("redis", "processor"): "PROCESSOR_REDIS_PASSWORD",
+}
+
+
+def broker_site(settings: Settings) -> BrokerSite:
+    """The broker in its container: its own user, no pid file, every interface."""
+    queued = settings.broker_max_queued_bytes or BROKER_MEMORY_BYTES // 32
+    return BrokerSite(
+        acl_file=Path(BROKER_CONF / "acl"),
+        persistence=Path(_BROKER_DATA),
+        max_queued_bytes=queued,
+        max_queued_messages=settings.mqtt_max_queued_messages or min(queued, 2**31 - 1),
+    )
+
+
+def mosquitto_conf(settings: Settings) -> str:
+    return render_conf(settings, PkiPaths(Path(BROKER_PKI)), broker_site(settings))
+
+
+def mosquitto_acl(connectors: int) -> str:
+    """The ACL with ``connectors`` connector identities (svc-connector, svc-connector-2...)."""
+    return render_acl(connector_identities(connectors))
+
+
+def connector_identities(connectors: int) -> list[str]:
+    return ["svc-connector", *(f"svc-connector-{n}" for n in range(2, connectors + 1))]
+
+
+def mosquitto_start() -> str:
+    return render_start_script()
+
+
+def topic_plan(settings: Settings) -> dict[str, tuple[int, int]]:
+    """Topic -> (partitions, retention ms): what ``stack up`` creates (SPEC section 4)."""
+    return {
+        settings.topic_raw: (settings.data_topic_partitions, DATA_RETENTION_MS),
+        settings.topic_processed: (settings.data_topic_partitions, DATA_RETENTION_MS),
+        settings.topic_dead_letter: (settings.dead_letter_partitions, DEAD_LETTER_RETENTION_MS),
+    }
+
+
+def topics_script(settings: Settings) -> str:
+    """``topics.sh BOOTSTRAP``: create the missing topics with the apache/kafka image's tools."""
+    lines = [
+        "#!/bin/bash",
+        "# Written by `f2pipe deploy render`; changes are overwritten.",
+        "# The pipeline's topics, as `f2pipe stack up` creates them (SPEC section 4): explicit",
+        "# partitions, the delete cleanup policy (the sink needs every record), 7 days for the",
+        "# data topics and 30 for dead letters. Existing topics are left as they are.",
+        "set -euo pipefail",
+        "bootstrap=${1:?usage: topics.sh BOOTSTRAP}",
+        "create() {",
+        '    /opt/kafka/bin/kafka-topics.sh --bootstrap-server "$bootstrap" --create \\',
+        '        --if-not-exists --topic "$1" --partitions "$2" --replication-factor 1 \\',
+        '        --config cleanup.policy=delete --config retention.ms="$3"',
+        "}",
+    ]
+    for topic, (partitions, retention) in topic_plan(settings).items():
+        lines.append(f"create {shlex.quote(topic)} {partitions} {retention}")
+    return "\n".join(lines) + "\n"
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def postgres_roles(settings: Settings, database: str) -> str:
+    """``psql`` script giving each service of ``database`` its login role and grants.
+
+    Run by the owner after the migrations, with ``-v <service>_password=...``
+    for each role (from .env); idempotent: roles are created once, passwords
+    and grants set again on every run.
+    """
+    lines = [
+        "-- Written by `f2pipe deploy render`; changes are overwritten.",
+        f"-- The {database} database's service roles (SPEC section 10), from",
+        "-- f2pipe.operations.principals.",
+        "-- Run after `f2pipe db migrate`, as the owner, with psql -v <service>_password=...",
+        r"\set ON_ERROR_STOP on",
+    ]
+    for who in _principals(settings):
+        if who.pg_role is None or DATABASES.get(who.service) != database:
+            continue
+        role = who.pg_role
+        lines += [
+            "",
+            f"-- {who.service}",
+            f"SELECT format('CREATE ROLE %I LOGIN', {_sql_literal(role)})",
+            f"WHERE NOT EXISTS (SELECT FROM pg_roles WHERE rolname = {_sql_literal(role)})\\gexec",
+            f"ALTER ROLE \"{role}\" LOGIN PASSWORD :'{who.service}_password';",
+            *(f"{statement};" for statement in pg_grant_sql(who)),
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def redis_start(settings: Settings) -> str:
+    """The Redis start script: the ACL users file from the environment's passwords, then Redis.
+
+    The default user is off; the operator's user has every right, each service
+    user its rules from the principals. Passwords enter the file only as their
+    SHA-256, and the file lives in the container's /tmp. Arguments are passed on to
+    ``redis-server``.
+    """
+    lines = [
+        "#!/bin/sh",
+        "# Written by `f2pipe deploy render`; changes are overwritten.",
+        "# Redis with one ACL user per service (f2pipe.operations.principals) and the",
+        "# operator's; the passwords come from the environment, as SHA-256 in the users file.",
+        "set -eu",
+        'hash() { printf %s "$1" | sha256sum | cut -c1-64; }',
+        "umask 077",
+        "acl=$(mktemp)",
+        "{",
+        '    echo "user default off"',
+        f'    echo "user {ADMIN} on #$(hash "$REDIS_PASSWORD") ~* &* +@all"',
+    ]
+    for who in _principals(settings):
+        if who.redis_user is None:
+            continue
+        variable = PASSWORD_VARIABLES[("redis", who.service)]
+        line = _redis_acl_line(who, f'$(hash "${variable}")')
+        lines.append(f'    echo "{line}"')
+    lines += [
+        '} > "$acl"',
+        "# The cache keeps its data across restarts (append-only file), as the brief asks.",
+        'exec redis-server --appendonly yes --appendfsync everysec --aclfile "$acl" "$@"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def prometheus_config(settings: Settings, ca_file: str) -> str:
+    """prometheus.yml: the four services by their compose names; certgen over HTTPS."""
+    jobs = [
+        ("certgen", settings.certgen_port),
+        ("connector", settings.connector_port),
+        ("processor", settings.processor_port),
+        ("sink", settings.sink_port),
+    ]
+    lines = [
+        "# Written by `f2pipe deploy render`; changes are overwritten.",
+        "# Prometheus for f2pipe: every service serves /metrics on its ops port (SPEC section 8);",
+        "# certgen serves HTTPS only, checked against the f2pipe CA. For the native stack",
+        "# (`make run`) replace the targets with 127.0.0.1.",
+        "global:",
+        "  scrape_interval: 5s",
+        "  evaluation_interval: 15s",
+        "",
+        "scrape_configs:",
+    ]
+    for name, port in jobs:
+        lines.append(f"  - job_name: {name}")
+        if name == "certgen":
+            lines += ["    scheme: https", "    tls_config:", f"      ca_file: {ca_file}"]
+        lines += ["    static_configs:", f'      - targets: ["{name}:{port}"]']
+    lines += ["", "rule_files:", "  - alerts.yml"]
+    return "\n".join(lines) + "\n"
+
+
+def _principals(settings: Settings) -> tuple[Principal, ...]:
+    return principals(Names.from_settings(settings))

@@ -1,0 +1,303 @@
+"""The compose file's building blocks: users, shares, probes, and the server containers.
+
+:mod:`.compose` puts the f2pipe services beside these; the servers here are
+the official images the local stack's versions pin (:mod:`.images`), each
+run as its image's own user, plus Prometheus and Grafana.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from f2pipe.operations.deploy.configs import (
+    BROKER_CONF,
+    BROKER_MEMORY_BYTES,
+    BROKER_PKI,
+    PASSWORD_VARIABLES,
+)
+from f2pipe.operations.deploy.images import Images
+from f2pipe.operations.deploy.yamltext import Commented
+from f2pipe.settings import Settings
+
+__all__ = [
+    "F2PIPE_GROUP",
+    "KAFKA_INTERNAL",
+    "PARTIES",
+    "PKI",
+    "SHARES",
+    "STATE",
+    "USERS",
+    "done",
+    "dsn",
+    "env",
+    "f2pipe_service",
+    "healthy",
+    "observability",
+    "probe",
+    "readyz",
+    "servers",
+    "share",
+]
+
+STATE = "/var/lib/f2pipe"
+SHARES = f"{STATE}/shares"
+PKI = f"{STATE}/pki"
+KAFKA_INTERNAL = "kafka:19092"
+_PROMETHEUS_PKI = "/etc/prometheus/pki"
+
+#: The group of certgen's user, which may read the keys in the shares.
+F2PIPE_GROUP = 10001
+#: Each container's user (uid:gid). One-shots acting for certgen or a server run as it.
+USERS = {
+    "certgen": f"{F2PIPE_GROUP}:{F2PIPE_GROUP}",
+    "connector": f"10002:{F2PIPE_GROUP}",
+    "processor": f"10003:{F2PIPE_GROUP}",
+    "sink": f"10004:{F2PIPE_GROUP}",
+    "simulator": f"10005:{F2PIPE_GROUP}",
+    "db-migrate": f"10006:{F2PIPE_GROUP}",
+    "db-seed": f"10007:{F2PIPE_GROUP}",
+    "db-roles": "10008:10008",
+    "mosquitto": "1883:1883",  # the eclipse-mosquitto image's own user
+    "prometheus": "65534:65534",  # the prom/prometheus image's own user
+    "grafana": "472:0",  # the grafana image's own user
+}
+#: Share name -> the service that mounts it as its PKI folder.
+PARTIES = {
+    "broker": "mosquitto",
+    "svc-connector": "connector",
+    "simulator": "simulator",
+    "prometheus": "prometheus",
+}
+
+_PROBE = {"interval": "10s", "timeout": "5s", "retries": 6, "start_period": "30s"}
+
+
+def env(name: str) -> str:
+    return f"${{{name}:?set it in .env}}"
+
+
+def healthy(*names: str) -> dict[str, dict[str, str]]:
+    return {name: {"condition": "service_healthy"} for name in names}
+
+
+def done(*names: str) -> dict[str, dict[str, str]]:
+    return {name: {"condition": "service_completed_successfully"} for name in names}
+
+
+def probe(test: list[str], **more: object) -> dict[str, object]:
+    return {**_PROBE, **more, "test": test}
+
+
+def readyz(port: int) -> dict[str, object]:
+    code = f"import urllib.request as u; u.urlopen('http://127.0.0.1:{port}/readyz', timeout=3)"
+    return probe(["CMD", "python", "-c", code])
+
+
+def share(party: str, target: str) -> dict[str, object]:
+    """A party's share, read-only (Compose volume subpath: Docker Engine 26+, Compose 2.23+)."""
+    return {
+        "type": "volume",
+        "source": "shares",
+        "target": target,
+        "read_only": True,
+        "volume": {"subpath": party},
+    }
+
+
+def dsn(user: str, password: str, host: str) -> str:
+    return f"postgresql://{user}:{env(password)}@{host}:5432/f2pipe"
+
+
+def f2pipe_service(images: Images, user: str, command: list[str], **more: Any) -> dict[str, Any]:
+    service: dict[str, Any] = {"image": images.f2pipe}
+    if more.pop("build", False):
+        service["build"] = {"context": ".", "dockerfile": "Dockerfile"}
+    service.update({"user": USERS[user], "command": command, **more})
+    return service
+
+
+def servers(images: Images, settings: Settings) -> dict[str, Commented]:
+    pg_probe = ["CMD", "pg_isready", "--host=127.0.0.1", "--username=f2pipe", "--dbname=f2pipe"]
+    database = {
+        "POSTGRES_USER": "f2pipe",
+        "POSTGRES_DB": "f2pipe",
+    }
+    return {
+        "postgres": Commented(
+            {
+                "image": images.postgres,
+                "user": "postgres",
+                "command": ["postgres", "-c", "shared_buffers=1GB"],
+                "environment": {**database, "POSTGRES_PASSWORD": env("POSTGRES_PASSWORD")},
+                "volumes": ["metadata:/var/lib/postgresql/data"],
+                "ports": ["127.0.0.1:5432:5432"],
+                "healthcheck": probe(pg_probe),
+                "restart": "unless-stopped",
+            },
+            [
+                "The metadata (host port 5432). The owner f2pipe runs the migrations; the",
+                "services log in with their own roles (db-roles).",
+            ],
+        ),
+        "timescaledb": Commented(
+            {
+                "image": images.timescaledb,
+                "user": "postgres",
+                "environment": {
+                    **database,
+                    "POSTGRES_PASSWORD": env("TIMESCALE_PASSWORD"),
+                    "TIMESCALEDB_TELEMETRY": "off",
+                },
+                "volumes": ["timeseries:/var/lib/postgresql/data"],
+                "ports": ["127.0.0.1:5433:5432"],
+                "healthcheck": probe(pg_probe),
+                "restart": "unless-stopped",
+            },
+            ["The time series (host port 5433), as in the original brief."],
+        ),
+        "redis": Commented(
+            {
+                "image": images.redis,
+                "user": "redis",
+                "command": ["sh", "/etc/f2pipe/redis.sh"],
+                "environment": {
+                    "REDIS_PASSWORD": env("REDIS_PASSWORD"),
+                    "PROCESSOR_REDIS_PASSWORD": env(PASSWORD_VARIABLES[("redis", "processor")]),
+                    "REDISCLI_AUTH": env("REDIS_PASSWORD"),
+                },
+                "volumes": ["./deploy/redis/redis.sh:/etc/f2pipe/redis.sh:ro", "cache:/data"],
+                "ports": ["127.0.0.1:6379:6379"],
+                "healthcheck": probe(["CMD", "redis-cli", "--user", "f2pipe-admin", "ping"]),
+                "restart": "unless-stopped",
+            },
+            ["The metadata cache: ACL users only (deploy/redis/redis.sh), append-only file."],
+        ),
+        "kafka": Commented(
+            {
+                "image": images.kafka,
+                "user": "appuser",
+                "environment": {
+                    "CLUSTER_ID": env("KAFKA_CLUSTER_ID"),
+                    "KAFKA_NODE_ID": "1",
+                    "KAFKA_PROCESS_ROLES": "broker,controller",
+                    "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@kafka:9093",
+                    "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
+                    "KAFKA_LISTENERS": "INTERNAL://:19092,EXTERNAL://:9092,CONTROLLER://:9093",
+                    "KAFKA_ADVERTISED_LISTENERS": (
+                        f"INTERNAL://{KAFKA_INTERNAL},EXTERNAL://127.0.0.1:{settings.kafka_port()}"
+                    ),
+                    "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": (
+                        "INTERNAL:PLAINTEXT,EXTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT"
+                    ),
+                    "KAFKA_INTER_BROKER_LISTENER_NAME": "INTERNAL",
+                    "KAFKA_LOG_DIRS": "/var/lib/kafka/data",
+                    "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
+                    "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
+                    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
+                    "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
+                    "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR": "1",
+                    "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR": "1",
+                    "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+                },
+                "volumes": ["kafka:/var/lib/kafka/data"],
+                "ports": [f"127.0.0.1:{settings.kafka_port()}:{settings.kafka_port()}"],
+                "healthcheck": probe(
+                    [
+                        "CMD-SHELL",
+                        "/opt/kafka/bin/kafka-broker-api-versions.sh --bootstrap-server "
+                        "127.0.0.1:19092 >/dev/null",
+                    ],
+                    timeout="20s",
+                ),
+                "restart": "unless-stopped",
+            },
+            [
+                "Single-node KRaft, the Kafka version of deploy/kafka/pom.xml; no ZooKeeper.",
+                "INTERNAL for the containers, EXTERNAL for tools on the host (status, dlq).",
+            ],
+        ),
+        "mosquitto": Commented(
+            {
+                "image": images.mosquitto,
+                "user": USERS["mosquitto"],
+                "group_add": [str(F2PIPE_GROUP)],
+                "command": ["sh", f"{BROKER_CONF}/broker.sh", f"{BROKER_CONF}/mosquitto.conf"],
+                "stop_grace_period": "30s",
+                "mem_limit": BROKER_MEMORY_BYTES,
+                "ulimits": {"nofile": settings.mqtt_max_connections + 1024},
+                "volumes": [
+                    f"./deploy/mosquitto:{BROKER_CONF}:ro",
+                    share("broker", str(BROKER_PKI)),
+                    "mosquitto:/mosquitto/data",
+                ],
+                "ports": [f"{settings.mqtt_port}:{settings.mqtt_port}"],
+                "healthcheck": probe(["CMD", "nc", "-z", "127.0.0.1", str(settings.mqtt_port)]),
+                "depends_on": done("certgen-init"),
+                "restart": "unless-stopped",
+            },
+            [
+                "The device broker, on every interface: mutual TLS only. Its configuration and",
+                "ACL are f2pipe's (deploy/mosquitto); broker.sh reloads the CRL within seconds of",
+                "certgen changing it. The probe only opens the TLS port: any MQTT identity would",
+                "take its owner's session over.",
+            ],
+        ),
+    }
+
+
+def observability(images: Images) -> dict[str, Commented]:
+    return {
+        "prometheus": Commented(
+            {
+                "image": images.prometheus,
+                "profiles": ["observability"],
+                "user": USERS["prometheus"],
+                "group_add": [str(F2PIPE_GROUP)],
+                "command": [
+                    "--config.file=/etc/prometheus/prometheus.yml",
+                    "--storage.tsdb.path=/prometheus",
+                    "--storage.tsdb.retention.time=15d",
+                ],
+                "volumes": [
+                    "./deploy/prometheus/prometheus.yml:/etc/prometheus/prometheus.yml:ro",
+                    "./deploy/prometheus/alerts.yml:/etc/prometheus/alerts.yml:ro",
+                    share("prometheus", _PROMETHEUS_PKI),
+                    "prometheus:/prometheus",
+                ],
+                "ports": ["127.0.0.1:9090:9090"],
+                "healthcheck": probe(
+                    ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:9090/-/healthy"]
+                ),
+                "restart": "unless-stopped",
+            },
+            [
+                "--- observability (docker compose --profile observability up) ---",
+                "Scrapes the four services (certgen over HTTPS, checked against the CA).",
+            ],
+        ),
+        "grafana": Commented(
+            {
+                "image": images.grafana,
+                "profiles": ["observability"],
+                "user": USERS["grafana"],
+                "environment": {
+                    "GF_SECURITY_ADMIN_PASSWORD": env("GRAFANA_ADMIN_PASSWORD"),
+                    "GF_USERS_ALLOW_SIGN_UP": "false",
+                    "GF_ANALYTICS_REPORTING_ENABLED": "false",
+                    "TIMESCALE_PASSWORD": env("TIMESCALE_PASSWORD"),
+                    "POSTGRES_PASSWORD": env("POSTGRES_PASSWORD"),
+                },
+                "volumes": [
+                    "./deploy/grafana/provisioning:/etc/grafana/provisioning:ro",
+                    "./deploy/grafana/dashboards:/var/lib/grafana/dashboards:ro",
+                    "grafana:/var/lib/grafana",
+                ],
+                "ports": ["127.0.0.1:3000:3000"],
+                "healthcheck": probe(
+                    ["CMD", "wget", "-q", "-O", "/dev/null", "http://127.0.0.1:3000/api/health"]
+                ),
+                "depends_on": healthy("prometheus", "timescaledb"),
+                "restart": "unless-stopped",
+            },
+        ),
+    }

@@ -1,0 +1,126 @@
+"""``f2pipe deploy render``: every file of a deployment target, and nothing else.
+
+:func:`render_files` maps each path (relative to the output folder) to its
+text; the committed ``docker-compose.yml``, ``.env.example`` and ``deploy/``
+files are exactly the render of the default settings, which
+``tests/test_deploy.py`` proves byte for byte. :func:`issue_broker_files`
+writes, only when asked, the broker's certificate and key with the names given
+into ``<out>/secrets`` (never committed: that folder ignores itself in git).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from f2pipe.operations.deploy import configs
+from f2pipe.operations.deploy.compose import render_compose
+from f2pipe.operations.deploy.images import images
+from f2pipe.settings import Settings
+
+__all__ = ["TARGETS", "issue_broker_files", "render_files", "write_files"]
+
+#: The deployment targets ``--target`` accepts.
+TARGETS = ("compose",)
+
+_ENV_EXAMPLE = """\
+# Written by `f2pipe deploy render --target compose .`; changes are overwritten.
+# Copy to .env (which git ignores) and replace every value before `docker compose up`.
+# Generate secrets with e.g. `openssl rand -hex 24`: the passwords go into
+# postgresql:// and redis:// URLs, so keep them to letters, digits, '-' and '_'.
+
+# PostgreSQL (metadata, host port 5432) and TimescaleDB (time series, host port 5433):
+# the owner f2pipe, which runs the migrations and is the operator's login.
+POSTGRES_PASSWORD=change-me-metadata
+TIMESCALE_PASSWORD=change-me-timeseries
+# The services' own database roles (deploy/postgres): certgen and the processor on
+# the metadata, the sink on the time series.
+CERTGEN_DB_PASSWORD=change-me-certgen
+PROCESSOR_DB_PASSWORD=change-me-processor
+SINK_DB_PASSWORD=change-me-sink
+# Redis: the operator's user f2pipe-admin, and the processor's own user.
+REDIS_PASSWORD=change-me-redis
+PROCESSOR_REDIS_PASSWORD=change-me-processor-cache
+# certgen's admin token (mounted as a secret into certgen only, read through
+# F2PIPE_ADMIN_TOKEN_FILE): at least 32 random characters, e.g. `openssl rand -hex 32`.
+# certgen refuses to start with a shorter token or a placeholder, so this one must be set.
+F2PIPE_ADMIN_TOKEN=
+# Kafka KRaft cluster id: 22 base64url characters, e.g. the output of
+# `docker run --rm {kafka} /opt/kafka/bin/kafka-storage.sh random-uuid`.
+KAFKA_CLUSTER_ID=5L6g3nShT-eMCtK--X86sw
+# Grafana (profile "observability") administrator.
+GRAFANA_ADMIN_PASSWORD=change-me-grafana
+"""
+
+
+def render_files(
+    settings: Settings, target: str = "compose", connectors: int = 1
+) -> dict[str, str]:
+    """Path -> text of every file of ``target`` for ``settings``; pure and deterministic.
+
+    ``connectors`` is how many connector identities the broker's ACL admits
+    (``svc-connector``, ``svc-connector-2``...). Raises ValueError for an
+    unknown target, StackError if the Kafka pom cannot be read.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    pinned = images()
+    return {
+        "docker-compose.yml": render_compose(settings, pinned),
+        ".env.example": _ENV_EXAMPLE.format(kafka=pinned.kafka),
+        "deploy/mosquitto/mosquitto.conf": configs.mosquitto_conf(settings),
+        "deploy/mosquitto/acl": configs.mosquitto_acl(connectors),
+        "deploy/mosquitto/broker.sh": configs.mosquitto_start(),
+        "deploy/kafka/topics.sh": configs.topics_script(settings),
+        "deploy/postgres/metadata-roles.sql": configs.postgres_roles(settings, "metadata"),
+        "deploy/postgres/timeseries-roles.sql": configs.postgres_roles(settings, "timeseries"),
+        "deploy/redis/redis.sh": configs.redis_start(settings),
+        "deploy/prometheus/prometheus.yml": configs.prometheus_config(
+            settings, "/etc/prometheus/pki/ca.pem"
+        ),
+    }
+
+
+def write_files(out: Path, files: dict[str, str]) -> list[Path]:
+    """Write ``files`` under ``out`` (only those whose content changed); return them all."""
+    written = []
+    for relative, text in files.items():
+        path = out / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            unchanged = path.read_text(encoding="utf-8") == text
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+        written.append(path)
+    return written
+
+
+def issue_broker_files(settings: Settings, out: Path, names: list[str]) -> list[Path]:
+    """Issue the broker's certificate for ``names`` (plus loopback) into ``<out>/secrets``.
+
+    Signed by the CA of ``settings.state_dir`` (run where the CA is); also
+    copies the CA certificate and the CRL, the rest of what the broker reads.
+    The key is written 0600. Raises CertError if the CA cannot be loaded.
+    """
+    from f2pipe.pki.ca import cert_pem, key_pem, pki_paths, write_private, write_public
+    from f2pipe.pki.local import load_ca
+    from f2pipe.pki.state import server_names
+
+    ca = load_ca(settings)
+    secrets = out / "secrets"
+    secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(secrets, 0o700)
+    (secrets / ".gitignore").write_text("# Keys and certificates: never committed.\n*\n")
+    all_names = list(dict.fromkeys([*server_names(settings), *names]))
+    issued = ca.issue_server("f2pipe broker", all_names, settings.service_cert_days)
+    assert issued.private_key is not None
+    paths = pki_paths(settings)
+    write_private(secrets / "broker.key", key_pem(issued.private_key))
+    write_public(secrets / "broker.pem", cert_pem(issued.certificate))
+    write_public(secrets / "ca.pem", paths.ca_cert.read_bytes())
+    write_public(secrets / "crl.pem", paths.crl.read_bytes())
+    return [secrets / name for name in ("broker.pem", "broker.key", "ca.pem", "crl.pem")]
