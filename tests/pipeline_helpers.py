@@ -20,8 +20,22 @@ from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from f2pipe.core.frames import encode_modbus_response
+from f2pipe.runtime.kafka import client_config
+from f2pipe.settings import get_settings
 
 BOOTSTRAP = os.environ.get("F2PIPE_KAFKA_BOOTSTRAP", "127.0.0.1:9092")
+
+
+def kafka_config(**extra: Any) -> dict[str, Any]:
+    """The shared stack's Kafka as the operator (``admin.env``, via conftest), plus ``extra``."""
+    return {**client_config(get_settings()), **extra}
+
+
+def kafka_env() -> dict[str, str]:
+    """The operator's ``F2PIPE_KAFKA_*`` variables, for a child process with a clean environment."""
+    return {k: v for k, v in os.environ.items() if k.startswith("F2PIPE_KAFKA_")}
+
+
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 
 
@@ -32,7 +46,7 @@ def free_port() -> int:
 
 
 def create_topics(names: Iterable[str], partitions: int = 1) -> None:
-    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    admin = AdminClient(kafka_config())
     futures = admin.create_topics(
         [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names]
     )
@@ -41,7 +55,7 @@ def create_topics(names: Iterable[str], partitions: int = 1) -> None:
 
 
 def delete_topics(names: Iterable[str]) -> None:
-    admin = AdminClient({"bootstrap.servers": BOOTSTRAP})
+    admin = AdminClient(kafka_config())
     for future in admin.delete_topics(list(names)).values():
         with contextlib.suppress(Exception):  # best-effort cleanup
             future.result(30)
@@ -68,7 +82,7 @@ class Publisher:
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
-        self.producer = Producer({"bootstrap.servers": BOOTSTRAP, "linger.ms": 1})
+        self.producer = Producer(kafka_config(**{"linger.ms": 1}))
 
     def send(
         self,
@@ -117,7 +131,7 @@ class TopicReader:
     def __post_init__(self) -> None:
         self.consumer = Consumer(
             {
-                "bootstrap.servers": BOOTSTRAP,
+                **kafka_config(),
                 "group.id": "unused",
                 "enable.auto.commit": False,
                 "isolation.level": "read_committed",
@@ -143,6 +157,8 @@ def processor_env(dsn: str, topics: Topics, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("F2PIPE_")}
     env.update(
         {
+            # The shared stack's Redis as the operator (secured: no default user).
+            "F2PIPE_REDIS_URL": get_settings().redis_url,
             "F2PIPE_METADATA_DSN": dsn,
             "F2PIPE_KAFKA_BOOTSTRAP": BOOTSTRAP,
             "F2PIPE_PROCESSOR_PORT": str(free_port()),
@@ -152,6 +168,8 @@ def processor_env(dsn: str, topics: Topics, **extra: str) -> dict[str, str]:
         }
     )
     env.update(extra)
+    if env["F2PIPE_KAFKA_BOOTSTRAP"] == BOOTSTRAP:  # the shared Kafka: the operator's credentials
+        env = {**kafka_env(), **env}
     return env
 
 

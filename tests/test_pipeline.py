@@ -44,6 +44,7 @@ from conftest import unique, wait_until
 from f2pipe.metadata.fleet.demo import demo_fleet
 from f2pipe.operations import pipeline, services, stack, status, statusview
 from f2pipe.operations.stack import security
+from f2pipe.runtime.kafka import admin_config, client_config
 from f2pipe.settings import Settings, get_settings, load_settings
 from f2pipe.testing.ledger import datapoint_map
 
@@ -130,7 +131,7 @@ def row_count(dsn: str) -> int:
 
 
 def lags(settings: Settings) -> dict[str, int | None]:
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap, "log_level": 2})
+    admin = AdminClient(admin_config(settings, log_level=2))
     return {
         "processor": status.consumer_lag(admin, settings.processor_group, settings.topic_raw),
         "sink": status.consumer_lag(admin, settings.sink_group, settings.topic_processed),
@@ -148,7 +149,7 @@ def dead_letters(settings: Settings, want: int, timeout: float) -> list[tuple[by
     """(value, dlq.stage, dlq.reason) of the dead-letter topic, once ``want`` are there."""
     consumer = Consumer(
         {
-            "bootstrap.servers": settings.kafka_bootstrap,
+            **client_config(settings),
             "group.id": unique("dlq-reader"),
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -173,7 +174,7 @@ def dead_letters(settings: Settings, want: int, timeout: float) -> list[tuple[by
 
 
 def create_topics(settings: Settings, partitions: int = 3) -> None:
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(admin_config(settings))
     day = stack.DAY_MS
     stack.create_topics(
         admin,
@@ -187,7 +188,7 @@ def create_topics(settings: Settings, partitions: int = 3) -> None:
 
 
 def delete_topics(settings: Settings) -> None:
-    admin = AdminClient({"bootstrap.servers": settings.kafka_bootstrap})
+    admin = AdminClient(admin_config(settings))
     topics = [settings.topic_raw, settings.topic_processed, settings.topic_dead_letter]
     for future in admin.delete_topics(topics).values():
         with contextlib.suppress(Exception):  # best-effort cleanup

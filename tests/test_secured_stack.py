@@ -13,6 +13,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,16 +21,20 @@ from pathlib import Path
 import psycopg
 import pytest
 import redis
+from confluent_kafka import Consumer, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from f2pipe.errors import StackError
 from f2pipe.metadata.database import migrate
 from f2pipe.operations import services, stack
-from f2pipe.operations.stack import security
+from f2pipe.operations.stack import rights, security
+from f2pipe.pki.ca import key_pem
 from f2pipe.settings import Settings, load_settings
 
 pytestmark = pytest.mark.servers
 
-SERVERS = ["postgres", "redis"]
+SERVERS = ["postgres", "redis", "kafka"]
 
 
 def _free_ports(count: int) -> list[int]:
@@ -54,6 +59,7 @@ def _settings(state: Path, **overrides: object) -> Settings:
         kafka_controller_port=controller,
         mqtt_port=mqtt,
         stack_install=False,
+        kafka_heap="512m",
         **overrides,
     )
 
@@ -70,7 +76,7 @@ def secured() -> Iterator[Settings]:
         stack.up(settings, SERVERS)
         admin = security.admin_settings(settings)
         migrate(admin.metadata_dsn, admin)
-        security.grant(settings, admin.metadata_dsn)
+        rights.grant(settings, admin.metadata_dsn)
         yield settings
     finally:
         stack.down(settings, SERVERS)
@@ -238,7 +244,7 @@ def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path) -> None:
     state.chmod(0o711)
     connector, processor, sink, certgen = _free_ports(4)
     settings = _settings(
-        state, kafka_heap="512m", connector_port=connector, processor_port=processor,
+        state, connector_port=connector, processor_port=processor,
         sink_port=sink, certgen_port=certgen, data_topic_partitions=2, sink_batch_age_ms=200,
     )  # fmt: skip
     try:
@@ -274,3 +280,102 @@ def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path) -> None:
     finally:
         pipeline.down(settings, quiet=True)
         shutil.rmtree(state, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- Kafka
+def _kafka(settings: Settings, service: str | None) -> dict[str, object]:
+    """A client configuration with what ``service`` is given (None: ``admin.env``)."""
+    env = _admin(settings) if service is None else _as(settings, service)
+    return {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "security.protocol": env["F2PIPE_KAFKA_SECURITY_PROTOCOL"],
+        "sasl.mechanism": env["F2PIPE_KAFKA_SASL_MECHANISM"],
+        "sasl.username": env["F2PIPE_KAFKA_SASL_USERNAME"],
+        "sasl.password": env["F2PIPE_KAFKA_SASL_PASSWORD"],
+        "ssl.ca.location": env["F2PIPE_KAFKA_SSL_CA_LOCATION"],
+        "log_level": 0,
+    }
+
+
+def _produce(config: dict[str, object], topic: str) -> str:
+    """The delivery error of one record (``""``: delivered)."""
+    producer = Producer({**config, "message.timeout.ms": 10_000})
+    errors: list[str] = []
+    producer.produce(
+        topic, b"probe", on_delivery=lambda e, _m: errors.append(e.name() if e else "")
+    )
+    producer.flush(15)
+    return errors[0] if errors else "no delivery report"
+
+
+def _consume(config: dict[str, object], topic: str, group: str) -> str:
+    """The first error a consumer of ``topic`` in ``group`` meets (``""``: none in 10 s)."""
+    consumer = Consumer({**config, "group.id": group, "auto.offset.reset": "earliest"})
+    try:
+        consumer.subscribe([topic])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is not None:
+                return str(message.error().name())
+        return ""
+    finally:
+        consumer.close()
+
+
+def test_each_kafka_principal_is_refused_what_it_must_not_do(secured: Settings) -> None:
+    raw, processed, dead = secured.topic_raw, secured.topic_processed, secured.topic_dead_letter
+    sink = _kafka(secured, "sink")
+    assert _produce(sink, raw) == "TOPIC_AUTHORIZATION_FAILED"
+    assert _produce(sink, dead) == ""
+    assert _consume(sink, raw, secured.sink_group) == "TOPIC_AUTHORIZATION_FAILED"
+    processor = _kafka(secured, "processor")
+    assert _produce(processor, raw) == "TOPIC_AUTHORIZATION_FAILED"
+    assert _produce(processor, processed) == ""
+    # Its own topic, but another group's offsets: refused too.
+    assert _consume(processor, raw, secured.sink_group) == "GROUP_AUTHORIZATION_FAILED"
+    connector = _kafka(secured, "connector")
+    assert _produce(connector, raw) == ""
+    assert _produce(connector, processed) == "TOPIC_AUTHORIZATION_FAILED"
+    assert _consume(connector, raw, secured.processor_group) != ""
+    # The operator may do anything.
+    assert _produce(_kafka(secured, None), processed) == ""
+
+
+def _session_errors(config: dict[str, object]) -> set[str]:
+    """The client errors met while asking for the topics; empty when it got them."""
+    errors: set[str] = set()
+    admin = AdminClient({**config, "error_cb": lambda e: errors.add(e.name())})
+    try:
+        admin.list_topics(timeout=8)
+    except KafkaException as exc:
+        errors.add(exc.args[0].name())
+        admin.poll(2)  # serves the error callbacks of what happened meanwhile
+        return errors
+    return set()
+
+
+def test_kafka_refuses_clear_text_a_wrong_password_and_a_device(secured: Settings) -> None:
+    from f2pipe.pki.local import load_ca
+
+    bootstrap = secured.kafka_bootstrap
+    assert _session_errors(_kafka(secured, None)) == set()
+    assert _session_errors({"bootstrap.servers": bootstrap, "log_level": 0})
+    wrong = {**_kafka(secured, None), "sasl.password": "not-the-password"}
+    assert "_AUTHENTICATION" in _session_errors(wrong)
+    # A device has no Kafka user: its name with any password is refused ...
+    as_device = {**_kafka(secured, None), "sasl.username": "f2-aabbccddee01"}
+    assert "_AUTHENTICATION" in _session_errors(as_device)
+    # ... and its certificate from the same CA opens TLS but no Kafka session.
+    ca = load_ca(security.admin_settings(secured))
+    device = ca.issue_device("aabbccddee01")
+    assert device.private_key is not None
+    cert, key = secured.state_dir / "device.pem", secured.state_dir / "device.key"
+    cert.write_bytes(device.certificate.public_bytes(Encoding.PEM))
+    key.write_bytes(key_pem(device.private_key))
+    tls_only = {
+        "bootstrap.servers": bootstrap, "security.protocol": "SSL", "log_level": 0,
+        "ssl.ca.location": str(security.ca_file(secured)),
+        "ssl.certificate.location": str(cert), "ssl.key.location": str(key),
+    }  # fmt: skip
+    assert _session_errors(tls_only)

@@ -28,7 +28,7 @@ from prometheus_client import REGISTRY
 
 from conftest import unique, wait_until
 from f2pipe.errors import DatabaseUnavailable
-from f2pipe.runtime.kafka import admin_config
+from f2pipe.runtime.kafka import admin_config, client_config
 from f2pipe.runtime.opsserver import OpsServer
 from f2pipe.settings import get_settings, load_settings
 from f2pipe.sink.batching import CommitPolicy
@@ -159,9 +159,7 @@ def test_duplicates_straddling_two_pipelined_batches_do_not_deadlock(
 
 def committed(topics: OnePartition) -> int:
     """The offset the sinks' group committed on the processed topic's one partition."""
-    consumer = Consumer(
-        {"bootstrap.servers": get_settings().kafka_bootstrap, "group.id": topics.group}
-    )
+    consumer = Consumer({**client_config(get_settings()), "group.id": topics.group})
     try:
         (tp,) = consumer.committed([TopicPartition(topics.processed, 0)], timeout=10)
     finally:

@@ -30,7 +30,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 
 from conftest import unique, wait_until
 from f2pipe.metadata.database import migrate
-from f2pipe.runtime.kafka import admin_config, producer_config
+from f2pipe.runtime.kafka import admin_config, client_config, producer_config
 from f2pipe.settings import get_settings, load_settings
 from f2pipe.sink.batching import Batch, CommitPolicy
 from f2pipe.sink.runner import Sink
@@ -209,7 +209,7 @@ def dead_letters(
 ) -> list[tuple[bytes | None, bytes | None, dict[str, bytes]]]:
     consumer = Consumer(
         {
-            "bootstrap.servers": get_settings().kafka_bootstrap,
+            **client_config(get_settings()),
             "group.id": unique("dlq-read"),
             "auto.offset.reset": "earliest",
             "enable.auto.commit": False,
@@ -228,9 +228,7 @@ def dead_letters(
 
 
 def high_watermarks(topic: str, partitions: int) -> int:
-    consumer = Consumer(
-        {"bootstrap.servers": get_settings().kafka_bootstrap, "group.id": unique("wm")}
-    )
+    consumer = Consumer({**client_config(get_settings()), "group.id": unique("wm")})
     total = 0
     for p in range(partitions):
         _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
@@ -519,9 +517,7 @@ def test_sigterm_writes_the_open_batch_and_commits_it(
     assert count(fresh_db) == 0
     assert sink.terminate() == 0
     assert stored(fresh_db) == expected_rows(records)
-    consumer = Consumer(
-        {"bootstrap.servers": get_settings().kafka_bootstrap, "group.id": topics.group}
-    )
+    consumer = Consumer({**client_config(get_settings()), "group.id": topics.group})
     committed = consumer.committed(
         [TopicPartition(topics.processed, p) for p in range(3)], timeout=10
     )
@@ -572,9 +568,7 @@ def _count_is(dsn: str, want: int) -> Callable[[], bool]:
 
 def committed_total(topics: Topics) -> int:
     """Offsets committed by the sinks' group over the processed topic's partitions."""
-    consumer = Consumer(
-        {"bootstrap.servers": get_settings().kafka_bootstrap, "group.id": topics.group}
-    )
+    consumer = Consumer({**client_config(get_settings()), "group.id": topics.group})
     try:
         committed = consumer.committed(
             [TopicPartition(topics.processed, p) for p in range(3)], timeout=10

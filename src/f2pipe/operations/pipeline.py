@@ -33,7 +33,7 @@ from pathlib import Path
 from f2pipe.errors import StackError
 from f2pipe.operations import stack
 from f2pipe.operations.services import NAMES, Service, services
-from f2pipe.operations.stack import Paths, security
+from f2pipe.operations.stack import Paths, rights, security
 from f2pipe.settings import Settings, load_settings
 
 RECORD = "up.servers"
@@ -66,7 +66,7 @@ def prepare_data(settings: Settings) -> None:
     for dsn in dict.fromkeys([settings.metadata_dsn, settings.timeseries_dsn]):
         migrate(dsn, settings)
         if security.is_secured(paths, "postgres"):
-            security.grant(settings, dsn)
+            rights.grant(settings, dsn)
     seed_demo(settings.metadata_dsn, settings.state_dir)
     ensure_pki(settings)
     admin_token(settings)

@@ -33,11 +33,10 @@ CERTGEN_SECRETS = frozenset(
     {"admin_token", "admin_token_file", "ca_passphrase", "ca_passphrase_file"}
 )
 
-#: Variables naming files of the operator's credentials (``F2PIPE_<NAME>_FILE``): a service
-#: gets its own credentials as settings, and must not inherit the caller's files.
+#: Variables of the operator's credentials a service must not inherit: it gets its own
+#: as settings (the Kafka ones are withheld only once Kafka is secured).
 CREDENTIAL_FILES = frozenset(
-    f"F2PIPE_{name}_FILE"
-    for name in ("METADATA_DSN", "TIMESERIES_DSN", "REDIS_URL", "KAFKA_SASL_PASSWORD")
+    f"F2PIPE_{name}_FILE" for name in ("METADATA_DSN", "TIMESERIES_DSN", "REDIS_URL")
 )
 
 
@@ -103,7 +102,8 @@ class Service(Server):
         return list(self.arguments)
 
     def environment(self) -> dict[str, str]:
-        env = settings_env(self.settings, without=CERTGEN_SECRETS)
+        without = CERTGEN_SECRETS | security.withheld_fields(self.paths)
+        env = settings_env(self.settings, without=without)
         env.update(security.service_env(self.settings, self.paths, self.name))
         return env
 
@@ -147,7 +147,7 @@ class Certgen(Service):
         return _probe_host(self.settings.certgen_host)
 
     def environment(self) -> dict[str, str]:
-        env = settings_env(self.settings)
+        env = settings_env(self.settings, without=security.withheld_fields(self.paths))
         env.update(security.service_env(self.settings, self.paths, self.name))
         return env
 

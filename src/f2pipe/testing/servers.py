@@ -4,6 +4,11 @@ Each server here is started as a real process on free loopback ports with its
 own data directory, and stopped by whoever started it. Waits poll with a
 deadline (:func:`wait_until`) and raise ``TimeoutError`` naming what they
 waited for.
+
+The Kafka here is plaintext on purpose: tests that need a broker to restart
+or lose use it, while the secured stack's own tests (SASL_SSL, ACLs) run
+against ``f2pipe stack up``'s servers. A connector pointed at it is given
+none of the operator's Kafka credentials from the environment.
 """
 
 from __future__ import annotations
@@ -197,6 +202,15 @@ def read_topic(
 
 # --- connector process ---
 
+#: The variables of a Kafka client's security, which a plaintext test Kafka must not get.
+KAFKA_SECURITY = frozenset(
+    f"F2PIPE_KAFKA_{name}"
+    for name in (
+        "SECURITY_PROTOCOL", "SASL_MECHANISM", "SASL_USERNAME", "SASL_PASSWORD",
+        "SASL_PASSWORD_FILE", "SSL_CA_LOCATION", "SSL_CERTIFICATE_LOCATION", "SSL_KEY_LOCATION",
+    )
+)  # fmt: skip
+
 
 @dataclass
 class ConnectorProcess:
@@ -210,6 +224,12 @@ class ConnectorProcess:
 
     def start(self) -> None:
         env = {**os.environ, **self.env, "F2PIPE_CONNECTOR_PORT": str(self.port)}
+        if self.env.get("F2PIPE_KAFKA_BOOTSTRAP", env.get("F2PIPE_KAFKA_BOOTSTRAP")) != (
+            os.environ.get("F2PIPE_KAFKA_BOOTSTRAP")
+        ):
+            # A Kafka of the test's own (KafkaServer: plaintext) takes none of the
+            # credentials a secured stack's admin.env put in this environment.
+            env = {k: v for k, v in env.items() if k in self.env or k not in KAFKA_SECURITY}
         out = self.log.open("ab") if self.log else subprocess.DEVNULL
         try:
             self.proc = subprocess.Popen(

@@ -5,6 +5,11 @@ its configuration and log4j2 setup are rewritten under ``<state>/kafka`` on
 every ``up``. Once healthy, the raw, processed and dead-letter topics are
 created with their partition counts and retention (SPEC section 3); existing
 topics are kept as they are.
+
+Secured (``F2PIPE_STACK_SECURED``, the default) the broker listens with
+SASL_SSL only: SCRAM-SHA-512 users for the operator and each service, ACLs
+enforced by the KRaft authorizer (:mod:`f2pipe.operations.principals`), its
+certificate from f2pipe's CA. Users and ACLs are set again after every start.
 """
 
 from __future__ import annotations
@@ -15,7 +20,11 @@ import time
 import uuid
 from typing import Any
 
+from pydantic import SecretStr
+
 from f2pipe.errors import StackError
+from f2pipe.operations.principals import ADMIN, KAFKA_BROKER_USER
+from f2pipe.operations.stack import rights, security
 from f2pipe.operations.stack.install import (
     Program,
     check_java,
@@ -74,6 +83,7 @@ class Kafka(Server):
         check_java()
         fetch_kafka_libs(self.version, self.libs, self.paths.log / "mvn.log")
         self.home.mkdir(exist_ok=True)
+        security.mark(self.paths, self.name, self.settings.stack_secured)
         self._write_config()
         if (self.home / "data" / "meta.properties").is_file():
             return
@@ -99,6 +109,10 @@ class Kafka(Server):
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        }
+        if security.is_secured(self.paths, self.name):
+            properties |= self._secured_properties()
+        properties |= {
             "log.dirs": str(self.home / "data"),
             # Topics are created explicitly with their partition counts and retention.
             "auto.create.topics.enable": "false",
@@ -113,7 +127,8 @@ class Kafka(Server):
         }
         text = "# Written by `f2pipe stack` on every `up`; edits are overwritten.\n"
         text += "".join(f"{key}={value}\n" for key, value in properties.items())
-        (self.home / "server.properties").write_text(text)
+        # 0600: when secured it holds the broker's own password.
+        security.write_private_text(self.home / "server.properties", text)
         log = self.paths.log / "kafka.log"
         (self.home / "log4j2.properties").write_text(
             "# Written by `f2pipe stack`: the broker logs to one rolling file under the state.\n"
@@ -132,6 +147,52 @@ class Kafka(Server):
             "rootLogger.level = INFO\n"
             "rootLogger.appenderRef.file.ref = file\n"
         )
+
+    def _secured_properties(self) -> dict[str, str]:
+        """SASL_SSL only (SPEC section 10): SCRAM-SHA-512 for clients, ACLs enforced.
+
+        The broker reaches its own controller and itself as :data:`KAFKA_BROKER_USER`
+        with PLAIN over TLS (SCRAM users live in the metadata the controller serves,
+        so they cannot authenticate the link that serves it); that user and the
+        operator are super users, everyone else holds only the ACLs of
+        :mod:`f2pipe.operations.principals`.
+        """
+        port, controller = self.settings.kafka_port(), self.settings.kafka_controller_port
+        cert, key = security.server_tls(self.settings, self.home, "f2pipe kafka", None)
+        ca = security.ca_file(self.settings)
+        keystore = self.home / "keystore.pem"
+        security.write_private_text(keystore, key.read_text() + cert.read_text())
+        secret = security.password(self.paths, f"kafka-{KAFKA_BROKER_USER}")
+        plain = (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'username="{KAFKA_BROKER_USER}" password="{secret}" '
+            f'user_{KAFKA_BROKER_USER}="{secret}";'
+        )
+        return {
+            "listeners": f"CLIENT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller}",
+            "advertised.listeners": f"CLIENT://{LOOPBACK}:{port}",
+            "controller.listener.names": "CONTROLLER",
+            "inter.broker.listener.name": "CLIENT",
+            "listener.security.protocol.map": "CLIENT:SASL_SSL,CONTROLLER:SASL_SSL",
+            "sasl.enabled.mechanisms": "SCRAM-SHA-512,PLAIN",
+            "listener.name.client.sasl.enabled.mechanisms": "SCRAM-SHA-512,PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+            "sasl.mechanism.inter.broker.protocol": "PLAIN",
+            "sasl.mechanism.controller.protocol": "PLAIN",
+            "listener.name.client.scram-sha-512.sasl.jaas.config": (
+                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+            ),
+            "listener.name.client.plain.sasl.jaas.config": plain,
+            "listener.name.controller.plain.sasl.jaas.config": plain,
+            "ssl.keystore.type": "PEM",
+            "ssl.keystore.location": str(keystore),
+            "ssl.truststore.type": "PEM",
+            "ssl.truststore.location": str(ca),
+            "ssl.enabled.protocols": "TLSv1.3,TLSv1.2",
+            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "super.users": f"User:{KAFKA_BROKER_USER};User:{ADMIN}",
+            "allow.everyone.if.no.acl.found": "false",
+        }
 
     def command(self) -> list[str]:
         java = self._java("kafka.Kafka", str(self.home / "server.properties"))
@@ -152,8 +213,27 @@ class Kafka(Server):
 
         from f2pipe.runtime.kafka import admin_config
 
+        settings = self.settings
+        if security.is_secured(self.paths, self.name):
+            # The stack acts as the broker's own super user, which exists from the start.
+            settings = settings.model_copy(
+                update={
+                    "kafka_security_protocol": "SASL_SSL",
+                    "kafka_sasl_mechanism": "PLAIN",
+                    "kafka_sasl_username": KAFKA_BROKER_USER,
+                    "kafka_sasl_password": SecretStr(
+                        security.password(self.paths, f"kafka-{KAFKA_BROKER_USER}")
+                    ),
+                    "kafka_sasl_password_file": None,
+                    "kafka_ssl_ca_location": security.ca_file(settings),
+                    "kafka_ssl_certificate_location": None,
+                    "kafka_ssl_key_location": None,
+                }
+            )
+        else:
+            settings = settings.model_copy(update=security.PLAIN_KAFKA)
         # log_level 2: librdkafka would print every refused connection while the JVM starts.
-        return AdminClient(admin_config(self.settings, log_level=2))
+        return AdminClient(admin_config(settings, log_level=2))
 
     def healthy(self) -> bool:
         if not port_accepts(self.settings.kafka_port()):
@@ -173,7 +253,11 @@ class Kafka(Server):
             s.topic_processed: (s.data_topic_partitions, DATA_RETENTION_MS),
             s.topic_dead_letter: (s.dead_letter_partitions, DEAD_LETTER_RETENTION_MS),
         }
-        create_topics(self._admin(), wanted, deadline=time.monotonic() + 60)
+        admin = self._admin()
+        if security.is_secured(self.paths, self.name):
+            rights.kafka_users_and_acls(admin, self.settings, self.paths)
+        create_topics(admin, wanted, deadline=time.monotonic() + 60)
+        security.write_admin_env(self.settings, self.paths)
 
 
 def create_topics(admin: Any, wanted: dict[str, tuple[int, int]], deadline: float) -> None:

@@ -1,10 +1,13 @@
 """PostgreSQL 15 or newer: the metadata and time-series database of the local stack.
 
-Data in ``<state>/pg`` (or where :mod:`.pgcluster` places it), trust
-authentication on loopback only. Run as root, the server and initdb run as the
-``postgres`` user (PostgreSQL refuses root). The major, TimescaleDB's preload
-and the data folder's place are chosen in :mod:`.pgcluster`.
-Once healthy, the database named by ``F2PIPE_METADATA_DSN`` is created if missing.
+Data in ``<state>/pg`` (or where :mod:`.pgcluster` places it), on loopback
+only. Secured (the default), scram-sha-256 passwords over TLS and one role per
+service (:mod:`.rights`); ``F2PIPE_STACK_SECURED=false``: trust. Run as root,
+the server and initdb run as the ``postgres`` user (PostgreSQL refuses root).
+The major, TimescaleDB's preload and the data folder's place are chosen in
+:mod:`.pgcluster`.
+Once healthy, the database named by ``F2PIPE_METADATA_DSN`` is created if missing
+and, secured, the services' login roles with their generated passwords.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from f2pipe.errors import StackError
-from f2pipe.operations.stack import pgcluster, security
+from f2pipe.operations.stack import pgcluster, rights, security
 from f2pipe.operations.stack.install import Program
 from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import (
@@ -38,7 +41,7 @@ if TYPE_CHECKING:
 
 
 class Postgres(Server):
-    """PostgreSQL from the Debian packages, data in ``<state>/pg``, trust auth on loopback."""
+    """PostgreSQL from the Debian packages, data in ``<state>/pg``, on loopback only."""
 
     name = "postgres"
     stop_signal = signal.SIGINT  # "fast" shutdown; SIGTERM would wait for clients to leave
@@ -197,12 +200,12 @@ class Postgres(Server):
             if found is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
             if security.is_secured(self.paths, self.name):
-                security.create_roles(conn, self.settings, self.paths)
+                rights.create_roles(conn, self.settings, self.paths)
         security.write_admin_env(self.settings, self.paths)
 
     def start(self) -> None:
         # Authentication and TLS are set before every start, so the mode always follows
         # F2PIPE_STACK_SECURED and a cluster made by an older f2pipe is secured too.
         postgres = Path(self.command()[0])
-        security.secure_postgres(self.settings, self.paths, self.data, postgres, self.run_as())
+        rights.secure_postgres(self.settings, self.paths, self.data, postgres, self.run_as())
         super().start()

@@ -9,7 +9,7 @@ operator, and the processor limited to the lookup cache's keys.
 from __future__ import annotations
 
 from f2pipe.operations.principals import ADMIN
-from f2pipe.operations.stack import security
+from f2pipe.operations.stack import rights, security
 from f2pipe.operations.stack.install import Program
 from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import LOOPBACK
@@ -34,7 +34,7 @@ class Redis(Server):
         (self.paths.state / self.name).mkdir(exist_ok=True)
         secured = self.settings.stack_secured
         if secured:
-            acl = security.redis_acl(self.settings, self.paths)
+            acl = rights.redis_acl(self.settings, self.paths)
             security.write_private_text(self.paths.state / self.name / "users.acl", acl)
         security.mark(self.paths, self.name, secured)
 

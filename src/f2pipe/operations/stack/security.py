@@ -32,25 +32,36 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
+from pydantic import SecretStr
+
 from f2pipe.errors import StackError
 from f2pipe.operations.principals import ADMIN, Names, Principal, principal, principals
 from f2pipe.operations.stack.supervise import Paths
 from f2pipe.settings import Settings
 
 __all__ = [
+    "ADMIN_ENV",
+    "KAFKA_CREDENTIAL_FIELDS",
     "PKI_LOCK",
+    "PLAIN_KAFKA",
     "admin_env",
+    "admin_settings",
+    "ca_file",
     "is_secured",
+    "kafka_env",
     "mark",
     "password",
     "pg_admin_password",
+    "pg_user",
     "read_admin_env",
     "roles",
     "secrets_dir",
     "server_tls",
     "service_env",
     "with_credentials",
+    "withheld_fields",
     "write_admin_env",
+    "write_owned",
     "write_private_text",
 ]
 
@@ -176,7 +187,7 @@ def with_credentials(url: str, user: str | None, secret: str | None, **query: st
     return urlunsplit((parts.scheme, netloc, parts.path, joined, parts.fragment))
 
 
-def _pg_user(settings: Settings) -> str:
+def pg_user(settings: Settings) -> str:
     from urllib.parse import unquote
 
     return unquote(urlsplit(settings.metadata_dsn).username or "postgres")
@@ -211,7 +222,14 @@ def service_env(settings: Settings, paths: Paths, service: str) -> dict[str, str
         user = None if who is None else who.redis_user
         secret = None if user is None else password(paths, f"redis-{user}")
         env["F2PIPE_REDIS_URL"] = with_credentials(settings.redis_url, user, secret)
+    if is_secured(paths, "kafka"):
+        env |= kafka_env(settings, paths, None if who is None else who.kafka_user)
     return env
+
+
+def withheld_fields(paths: Paths) -> frozenset[str]:
+    """Settings a service must not take from its caller: credentials it gets its own of."""
+    return KAFKA_CREDENTIAL_FIELDS if is_secured(paths, "kafka") else frozenset()
 
 
 def admin_env(settings: Settings, paths: Paths) -> dict[str, str]:
@@ -220,7 +238,7 @@ def admin_env(settings: Settings, paths: Paths) -> dict[str, str]:
     if is_secured(paths, "postgres"):
         # No sslrootcert here: tools cut DSNs at their last "/" to change the database.
         # The server takes TLS only (hostssl), which libpq's default sslmode negotiates.
-        user, secret = _pg_user(settings), pg_admin_password(paths)
+        user, secret = pg_user(settings), pg_admin_password(paths)
         for key, dsn in (
             ("F2PIPE_METADATA_DSN", settings.metadata_dsn),
             ("F2PIPE_TIMESERIES_DSN", settings.timeseries_dsn),
@@ -235,6 +253,10 @@ def admin_env(settings: Settings, paths: Paths) -> dict[str, str]:
     else:
         env["F2PIPE_REDIS_URL"] = settings.redis_url
     env["F2PIPE_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap
+    if is_secured(paths, "kafka"):
+        env |= kafka_env(settings, paths, ADMIN)
+    else:
+        env["F2PIPE_KAFKA_SECURITY_PROTOCOL"] = "PLAINTEXT"
     env["F2PIPE_CERTGEN_URL"] = settings.certgen_url
     return env
 
@@ -281,31 +303,25 @@ def roles(settings: Settings) -> Iterator[Principal]:
 
 def admin_settings(settings: Settings) -> Settings:
     """``settings`` with the operator's credentials of the servers its state folder runs."""
-    env = admin_env(settings, Paths(settings.state_dir))
-    return settings.model_copy(
-        update={
-            "metadata_dsn": env["F2PIPE_METADATA_DSN"],
-            "timeseries_dsn": env["F2PIPE_TIMESERIES_DSN"],
-            "redis_url": env["F2PIPE_REDIS_URL"],
+    paths = Paths(settings.state_dir)
+    env = admin_env(settings, paths)
+    update: dict[str, object] = {
+        "metadata_dsn": env["F2PIPE_METADATA_DSN"],
+        "timeseries_dsn": env["F2PIPE_TIMESERIES_DSN"],
+        "redis_url": env["F2PIPE_REDIS_URL"],
+    }
+    if is_secured(paths, "kafka"):
+        update |= PLAIN_KAFKA | {
+            "kafka_security_protocol": "SASL_SSL",
+            "kafka_sasl_mechanism": "SCRAM-SHA-512",
+            "kafka_sasl_username": ADMIN,
+            "kafka_sasl_password": SecretStr(env["F2PIPE_KAFKA_SASL_PASSWORD"]),
+            "kafka_ssl_ca_location": ca_file(settings),
         }
-    )
+    return settings.model_copy(update=update)
 
 
-# --------------------------------------------------------------------------- PostgreSQL
-_PG_CONF = "f2pipe-security.conf"
-_HBA = {
-    True: "# Written by `f2pipe stack` at each start: a password (scram-sha-256) over TLS,\n"
-    "# on loopback only; no trust, no clear text.\n"
-    "hostssl all all 127.0.0.1/32 scram-sha-256\n"
-    "hostssl all all ::1/128 scram-sha-256\n",
-    False: "# Written by `f2pipe stack` at each start: F2PIPE_STACK_SECURED=false, so trust\n"
-    "# on loopback only (experiments); nothing else may connect.\n"
-    "host all all 127.0.0.1/32 trust\n"
-    "host all all ::1/128 trust\n",
-}
-
-
-def _write_owned(path: Path, text: str, owner: pwd.struct_passwd | None) -> None:
+def write_owned(path: Path, text: str, owner: pwd.struct_passwd | None) -> None:
     from f2pipe.pki.ca import write_private
 
     write_private(path, text.encode())
@@ -313,129 +329,36 @@ def _write_owned(path: Path, text: str, owner: pwd.struct_passwd | None) -> None
         os.chown(path, owner.pw_uid, owner.pw_gid)
 
 
-def secure_postgres(
-    settings: Settings, paths: Paths, data: Path, postgres: Path, owner: pwd.struct_passwd | None
-) -> None:
-    """Before each start of the cluster in ``data``: authentication and TLS for the mode.
-
-    Secured: ``hostssl`` + scram-sha-256 only, the server certificate from the
-    CA, and the superuser's password (run through single-user mode, so the
-    server never runs a moment without it). Plain: trust on loopback.
-    """
-    secured = settings.stack_secured
-    main = data / "postgresql.conf"
-    include = f"include_if_exists = '{_PG_CONF}'\n"
-    text = main.read_text()
-    if include not in text:
-        main.write_text(text + ("" if text.endswith("\n") else "\n") + include)
-    if secured:
-        server_tls(settings, data, "f2pipe postgres", owner)
-        conf = (
-            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
-            "ssl_min_protocol_version = 'TLSv1.2'\npassword_encryption = 'scram-sha-256'\n"
-        )
-    else:
-        conf = "ssl = off\n"
-    _write_owned(data / _PG_CONF, "# Written by `f2pipe stack` at each start.\n" + conf, owner)
-    _write_owned(data / "pg_hba.conf", _HBA[secured], owner)
-    if secured:
-        _set_pg_password(postgres, data, _pg_user(settings), pg_admin_password(paths), owner)
-    mark(paths, "postgres", secured)
-
-
-def _set_pg_password(
-    postgres: Path, data: Path, user: str, secret: str, owner: pwd.struct_passwd | None
-) -> None:
-    import subprocess
-
-    from psycopg import sql
-
-    statement = sql.SQL("ALTER ROLE {} PASSWORD {};\n").format(
-        sql.Identifier(user), sql.Literal(secret)
-    )
-    result = subprocess.run(
-        # log_min_error_statement=panic: a failing statement is never echoed with its password.
-        [str(postgres), "--single", "-D", str(data), "-c", "log_min_error_statement=panic",
-         "-c", "ssl=off", "postgres"],
-        input=statement.as_string(None).encode(), stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, cwd=data, check=False,
-        user=None if owner is None else owner.pw_uid,
-        group=None if owner is None else owner.pw_gid,
-        extra_groups=None if owner is None else [],
-    )  # fmt: skip
-    errors = [line for line in result.stderr.decode(errors="replace").splitlines() if line]
-    failed = next((line for line in errors if "ERROR" in line or "FATAL" in line), None)
-    if result.returncode != 0 or failed:
-        why = failed or (errors[-1] if errors else f"exit code {result.returncode}")
-        raise StackError(f"setting the PostgreSQL password of {user} failed: {why}")
-
-
-def create_roles(conn: object, settings: Settings, paths: Paths) -> None:
-    """Each service's login role with its generated password (created or updated)."""
-    from psycopg import Connection, sql
-
-    assert isinstance(conn, Connection)
-    for who in roles(settings):
-        assert who.pg_role is not None
-        secret = password(paths, f"postgres-{who.pg_role}")
-        found = conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (who.pg_role,))
-        verb = "ALTER" if found.fetchone() else "CREATE"
-        conn.execute(
-            sql.SQL("{} ROLE {} LOGIN PASSWORD {}").format(
-                sql.SQL(verb), sql.Identifier(who.pg_role), sql.Literal(secret)
-            )
-        )
-
-
-def grant(settings: Settings, dsn: str) -> None:
-    """Give each service's role its grants on the tables that exist in ``dsn``'s database."""
-    import dataclasses
-
-    import psycopg
-
-    from f2pipe.operations.principals import pg_grant_sql
-
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        known = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles")}
-        for who in roles(settings):
-            if who.pg_role not in known:
-                continue
-            grants = tuple(
-                dataclasses.replace(g, tables=tables)
-                for g in who.pg_grants
-                if (tables := tuple(t for t in g.tables if _table_exists(conn, t)))
-            )
-            with conn.transaction():
-                for statement in pg_grant_sql(dataclasses.replace(who, pg_grants=grants)):
-                    conn.execute(statement.encode())
-
-
-def _table_exists(conn: object, table: str) -> bool:
-    from psycopg import Connection
-
-    assert isinstance(conn, Connection)
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'public."{table}"',)).fetchone()
-    return bool(row and row[0])
-
-
-# --------------------------------------------------------------------------- Redis
-def redis_acl(settings: Settings, paths: Paths) -> str:
-    """The Redis ACL file: the default user off, the operator, each service's user."""
-    import hashlib
-
-    from f2pipe.operations.principals import redis_acl_line
-
-    def digest(name: str) -> str:
-        return hashlib.sha256(password(paths, f"redis-{name}").encode()).hexdigest()
-
-    lines = ["user default off resetkeys resetchannels -@all"]
-    lines.append(f"user {ADMIN} on #{digest(ADMIN)} ~* &* +@all")
-    for who in principals(Names.from_settings(settings)):
-        if who.redis_user is not None:
-            lines.append(redis_acl_line(who, digest(who.redis_user)))
-    return "\n".join(lines) + "\n"
-
-
 def write_private_text(path: Path, text: str) -> None:
     """``text`` to ``path``, mode 0600, atomically."""
-    _write_owned(path, text, None)
+    write_owned(path, text, None)
+
+
+# --------------------------------------------------------------------------- Kafka
+#: Settings updates for a client of a Kafka without security.
+PLAIN_KAFKA: dict[str, object] = {
+    "kafka_security_protocol": "PLAINTEXT",
+    "kafka_sasl_mechanism": None,
+    "kafka_sasl_username": None,
+    "kafka_sasl_password": None,
+    "kafka_sasl_password_file": None,
+    "kafka_ssl_ca_location": None,
+    "kafka_ssl_certificate_location": None,
+    "kafka_ssl_key_location": None,
+}
+
+#: Settings no service inherits from its caller once Kafka is secured.
+KAFKA_CREDENTIAL_FIELDS = frozenset(name for name in PLAIN_KAFKA if name.startswith("kafka_s"))
+
+
+def kafka_env(settings: Settings, paths: Paths, user: str | None) -> dict[str, str]:
+    """``F2PIPE_KAFKA_*`` for ``user`` (None: TLS to the broker, but no credentials)."""
+    env = {
+        "F2PIPE_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+        "F2PIPE_KAFKA_SSL_CA_LOCATION": str(ca_file(settings)),
+    }
+    if user is not None:
+        env["F2PIPE_KAFKA_SASL_MECHANISM"] = "SCRAM-SHA-512"
+        env["F2PIPE_KAFKA_SASL_USERNAME"] = user
+        env["F2PIPE_KAFKA_SASL_PASSWORD"] = password(paths, f"kafka-{user}")
+    return env
