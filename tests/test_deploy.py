@@ -164,7 +164,7 @@ def test_the_render_is_deterministic_and_follows_the_settings() -> None:
     assert render_files(defaults) == render_files(defaults)
     moved = defaults.model_copy(update={"topic_raw": "plant-a-raw", "mqtt_port": 18883})
     files = render_files(moved, connectors=3)
-    assert "create plant-a-raw 6 604800000" in files["deploy/kafka/topics.sh"]
+    assert "topic plant-a-raw 6 604800000" in files["deploy/kafka/setup.sh"]
     assert "listener 18883\n" in files["deploy/mosquitto/mosquitto.conf"]
     assert "user svc-connector-3\ntopic read stat/#" in files["deploy/mosquitto/acl"]
     assert "'18883:18883'" in files["docker-compose.yml"]
@@ -186,6 +186,31 @@ def test_the_broker_files_are_the_local_stacks_renderers_output() -> None:
     assert acl == render_acl(["svc-connector"])
     for identity in SERVICE_ACL:
         assert f"user {identity}\n" in acl
+
+
+def test_kafka_users_and_acls_are_the_principals() -> None:
+    """Each service's SCRAM user holds exactly its ACLs; the services authenticate as it."""
+    from f2pipe.operations.principals import PRINCIPALS, kafka_acl_arguments
+
+    setup = (ROOT / "deploy/kafka/setup.sh").read_text(encoding="utf-8")
+    acls = [line for line in setup.splitlines() if line.startswith("acl ")]
+    wanted = [
+        "acl " + " ".join(shlex.quote(a) for a in arguments)
+        for who in PRINCIPALS
+        for arguments in kafka_acl_arguments(who)
+    ]
+    assert acls == wanted
+    kafka = services()["kafka"]["environment"]
+    assert kafka["KAFKA_ALLOW_EVERYONE_IF_NO_ACL_FOUND"] == "false"
+    assert "StandardAuthorizer" in kafka["KAFKA_AUTHORIZER_CLASS_NAME"]
+    assert "PLAINTEXT:" not in kafka["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].replace("SASL_", "")
+    for who in PRINCIPALS:
+        if who.kafka_user is None:
+            continue
+        env = services()[who.service]["environment"]
+        assert env["F2PIPE_KAFKA_SASL_USERNAME"] == who.kafka_user, who.service
+        assert env["F2PIPE_KAFKA_SASL_MECHANISM"] == "SCRAM-SHA-512"
+        assert f"user {who.kafka_user} " in setup
 
 
 # --- the Compose specification ------------------------------------------------------------
@@ -409,7 +434,7 @@ def test_server_images_are_the_local_stacks_versions_pinned() -> None:
         assert "latest" not in tag, f"{name}: {image} is not pinned"
     # The same servers as the local stack: Kafka exactly the pom's, the others' majors.
     assert images["kafka"] == f"apache/kafka:{kafka_version()}"
-    assert images["kafka-topics"] == images["kafka"]
+    assert images["kafka-setup"] == images["kafka"]
     assert images["postgres"].split(":")[1].split("-")[0] == str(MIN_MAJOR)
     assert images["timescaledb"].endswith(f"-pg{MIN_MAJOR}")
     assert images["redis"].split(":")[1].split(".")[0] == "7"

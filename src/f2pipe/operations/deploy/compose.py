@@ -10,14 +10,14 @@ Least privilege, container by container:
 - Each long-running service runs as a user of its own; the f2pipe services
   and the parties holding a share are in the group ``10001`` (certgen's),
   which may read a share's key. Servers run as their image's own user.
-- Each service has its own PostgreSQL role and Redis user
+- Each service has its own PostgreSQL role, Redis user
   (:mod:`f2pipe.operations.principals`), with passwords from ``.env``; only
   certgen gets the admin token.
 - The broker reloads its CRL by itself when certgen changes it
   (``deploy/mosquitto/broker.sh``), so revocation needs no shared pid.
 
-Gap: Kafka runs without authentication or ACLs here; the services' Kafka
-principals and ACLs of :mod:`f2pipe.operations.principals` are not applied yet.
+- Each service has its own Kafka user (SCRAM-SHA-512) holding only its ACLs
+  (:mod:`.kafka`).
 """
 
 from __future__ import annotations
@@ -43,10 +43,15 @@ from f2pipe.operations.deploy.containers import (
     share,
 )
 from f2pipe.operations.deploy.images import Images
+from f2pipe.operations.deploy.kafka import ADMIN_PASSWORD, BROKER_PASSWORD, password_variable
 from f2pipe.operations.deploy.yamltext import Commented, document
+from f2pipe.operations.principals import principal
 from f2pipe.settings import Settings
 
 __all__ = ["render_compose", "shares_command"]
+
+#: The services with a Kafka user of their own.
+KAFKA_SERVICES = ("connector", "processor", "sink")
 
 
 def shares_command() -> list[str]:
@@ -158,16 +163,27 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
             ),
             ["The demo controllers' certificates, issued by certgen into the simulator's share."],
         ),
-        "kafka-topics": Commented(
+        "kafka-setup": Commented(
             {
                 "image": images.kafka,
                 "user": "appuser",
                 "restart": "no",
-                "command": ["bash", "/etc/f2pipe/topics.sh", KAFKA_INTERNAL],
-                "volumes": ["./deploy/kafka/topics.sh:/etc/f2pipe/topics.sh:ro"],
+                "command": ["bash", "/etc/f2pipe/setup.sh", "apply", KAFKA_INTERNAL],
+                "environment": {
+                    name: env(name)
+                    for name in (
+                        BROKER_PASSWORD,
+                        ADMIN_PASSWORD,
+                        *(password_variable(s) for s in KAFKA_SERVICES),
+                    )
+                },
+                "volumes": ["./deploy/kafka/setup.sh:/etc/f2pipe/setup.sh:ro"],
                 "depends_on": healthy("kafka"),
             },
-            ["The three topics with their partitions and retention (deploy/kafka/topics.sh)."],
+            [
+                "The operator's and the services' SCRAM users, their ACLs and the three topics",
+                "with their partitions and retention (deploy/kafka/setup.sh).",
+            ],
         ),
     }
 
@@ -181,7 +197,16 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
     # Probes and Prometheus reach the ops endpoints from outside the container.
     ops = {"F2PIPE_OPS_HOST": "0.0.0.0"}  # noqa: S104
     mqtt = {"F2PIPE_MQTT_HOST": "mosquitto", "F2PIPE_MQTT_PORT": str(settings.mqtt_port)}
-    kafka = {"F2PIPE_KAFKA_BOOTSTRAP": KAFKA_INTERNAL}
+
+    def kafka(service: str) -> dict[str, str]:
+        return {
+            "F2PIPE_KAFKA_BOOTSTRAP": KAFKA_INTERNAL,
+            "F2PIPE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
+            "F2PIPE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+            "F2PIPE_KAFKA_SASL_USERNAME": principal(service).kafka_user or "",
+            "F2PIPE_KAFKA_SASL_PASSWORD": env(password_variable(service)),
+        }
+
     certgen_url = f"https://certgen:{settings.certgen_port}"
     port = settings.certgen_port
     certgen_probe = (
@@ -225,11 +250,11 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 images,
                 "connector",
                 ["connector"],
-                environment={"F2PIPE_STATE_DIR": STATE, **kafka, **mqtt, **ops},
+                environment={"F2PIPE_STATE_DIR": STATE, **kafka("connector"), **mqtt, **ops},
                 volumes=[share("svc-connector", PKI)],
                 ports=[f"127.0.0.1:{settings.connector_port}:{settings.connector_port}"],
                 healthcheck=readyz(settings.connector_port),
-                depends_on={**healthy("mosquitto"), **done("kafka-topics")},
+                depends_on={**healthy("mosquitto"), **done("kafka-setup")},
                 restart="unless-stopped",
             ),
         ),
@@ -246,12 +271,12 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                     ),
                     "F2PIPE_REDIS_URL": f"redis://f2pipe-processor:{env(processor_redis)}"
                     "@redis:6379/0",
-                    **kafka,
+                    **kafka("processor"),
                     **ops,
                 },
                 ports=[f"127.0.0.1:{settings.processor_port}:{settings.processor_port}"],
                 healthcheck=readyz(settings.processor_port),
-                depends_on={**healthy("redis"), **done("kafka-topics", "db-seed", "db-roles")},
+                depends_on={**healthy("redis"), **done("kafka-setup", "db-seed", "db-roles")},
                 restart="unless-stopped",
             ),
         ),
@@ -264,12 +289,12 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                     "F2PIPE_TIMESERIES_DSN": dsn(
                         "f2pipe_sink", PASSWORD_VARIABLES[("postgres", "sink")], "timescaledb"
                     ),
-                    **kafka,
+                    **kafka("sink"),
                     **ops,
                 },
                 ports=[f"127.0.0.1:{settings.sink_port}:{settings.sink_port}"],
                 healthcheck=readyz(settings.sink_port),
-                depends_on=done("kafka-topics", "db-roles"),
+                depends_on=done("kafka-setup", "db-roles"),
                 restart="unless-stopped",
             ),
         ),

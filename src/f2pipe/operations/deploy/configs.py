@@ -7,7 +7,8 @@ timestamp, so a render is the same wherever and whenever it runs.
 - Mosquitto: the configuration and ACL of :mod:`f2pipe.operations.stack.mosquitto`
   for a broker in a container (:data:`BROKER_SITE`), and its start script,
   which reloads the CRL when certgen changes it.
-- Kafka: the topics the local stack creates (:func:`topic_plan`), as a script.
+- Kafka: the topics the local stack creates (:func:`topic_plan`); the rest of
+  Kafka is in :mod:`.kafka`.
 - PostgreSQL and Redis: each service's role, grants and user, from
   :mod:`f2pipe.operations.principals`.
 - Prometheus: the scrape configuration of the four services.
@@ -15,7 +16,6 @@ timestamp, so a render is the same wherever and whenever it runs.
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path, PurePosixPath
 
 from f2pipe.operations.principals import ADMIN, Names, Principal, pg_grant_sql, principals
@@ -44,7 +44,6 @@ __all__ = [
     "prometheus_config",
     "redis_start",
     "topic_plan",
-    "topics_script",
 ]
 
 # In the eclipse-mosquitto image: configuration (read-only), the broker's share of
@@ -103,27 +102,6 @@ def topic_plan(settings: Settings) -> dict[str, tuple[int, int]]:
         settings.topic_processed: (settings.data_topic_partitions, DATA_RETENTION_MS),
         settings.topic_dead_letter: (settings.dead_letter_partitions, DEAD_LETTER_RETENTION_MS),
     }
-
-
-def topics_script(settings: Settings) -> str:
-    """``topics.sh BOOTSTRAP``: create the missing topics with the apache/kafka image's tools."""
-    lines = [
-        "#!/bin/bash",
-        "# Written by `f2pipe deploy render`; changes are overwritten.",
-        "# The pipeline's topics, as `f2pipe stack up` creates them (SPEC section 4): explicit",
-        "# partitions, the delete cleanup policy (the sink needs every record), 7 days for the",
-        "# data topics and 30 for dead letters. Existing topics are left as they are.",
-        "set -euo pipefail",
-        "bootstrap=${1:?usage: topics.sh BOOTSTRAP}",
-        "create() {",
-        '    /opt/kafka/bin/kafka-topics.sh --bootstrap-server "$bootstrap" --create \\',
-        '        --if-not-exists --topic "$1" --partitions "$2" --replication-factor 1 \\',
-        '        --config cleanup.policy=delete --config retention.ms="$3"',
-        "}",
-    ]
-    for topic, (partitions, retention) in topic_plan(settings).items():
-        lines.append(f"create {shlex.quote(topic)} {partitions} {retention}")
-    return "\n".join(lines) + "\n"
 
 
 def _sql_literal(text: str) -> str:

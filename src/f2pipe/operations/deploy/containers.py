@@ -16,6 +16,12 @@ from f2pipe.operations.deploy.configs import (
     PASSWORD_VARIABLES,
 )
 from f2pipe.operations.deploy.images import Images
+from f2pipe.operations.deploy.kafka import (
+    BROKER_PASSWORD,
+    INTERNAL_PORT,
+    image_environment,
+    server_properties,
+)
 from f2pipe.operations.deploy.yamltext import Commented
 from f2pipe.settings import Settings
 
@@ -42,7 +48,7 @@ __all__ = [
 STATE = "/var/lib/f2pipe"
 SHARES = f"{STATE}/shares"
 PKI = f"{STATE}/pki"
-KAFKA_INTERNAL = "kafka:19092"
+KAFKA_INTERNAL = f"kafka:{INTERNAL_PORT}"
 _PROMETHEUS_PKI = "/etc/prometheus/pki"
 
 #: The group of certgen's user, which may read the keys in the shares.
@@ -178,42 +184,25 @@ def servers(images: Images, settings: Settings) -> dict[str, Commented]:
                 "user": "appuser",
                 "environment": {
                     "CLUSTER_ID": env("KAFKA_CLUSTER_ID"),
-                    "KAFKA_NODE_ID": "1",
-                    "KAFKA_PROCESS_ROLES": "broker,controller",
-                    "KAFKA_CONTROLLER_QUORUM_VOTERS": "1@kafka:9093",
-                    "KAFKA_CONTROLLER_LISTENER_NAMES": "CONTROLLER",
-                    "KAFKA_LISTENERS": "INTERNAL://:19092,EXTERNAL://:9092,CONTROLLER://:9093",
-                    "KAFKA_ADVERTISED_LISTENERS": (
-                        f"INTERNAL://{KAFKA_INTERNAL},EXTERNAL://127.0.0.1:{settings.kafka_port()}"
-                    ),
-                    "KAFKA_LISTENER_SECURITY_PROTOCOL_MAP": (
-                        "INTERNAL:PLAINTEXT,EXTERNAL:PLAINTEXT,CONTROLLER:PLAINTEXT"
-                    ),
-                    "KAFKA_INTER_BROKER_LISTENER_NAME": "INTERNAL",
-                    "KAFKA_LOG_DIRS": "/var/lib/kafka/data",
-                    "KAFKA_AUTO_CREATE_TOPICS_ENABLE": "false",
-                    "KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR": "1",
-                    "KAFKA_TRANSACTION_STATE_LOG_REPLICATION_FACTOR": "1",
-                    "KAFKA_TRANSACTION_STATE_LOG_MIN_ISR": "1",
-                    "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_REPLICATION_FACTOR": "1",
-                    "KAFKA_SHARE_COORDINATOR_STATE_TOPIC_MIN_ISR": "1",
-                    "KAFKA_GROUP_INITIAL_REBALANCE_DELAY_MS": "0",
+                    **image_environment(server_properties(settings, env(BROKER_PASSWORD))),
+                    # Not KAFKA_*: the image would make it a broker property. For the probe.
+                    BROKER_PASSWORD: env(BROKER_PASSWORD),
                 },
-                "volumes": ["kafka:/var/lib/kafka/data"],
+                "volumes": [
+                    "./deploy/kafka/setup.sh:/etc/f2pipe/setup.sh:ro",
+                    "kafka:/var/lib/kafka/data",
+                ],
                 "ports": [f"127.0.0.1:{settings.kafka_port()}:{settings.kafka_port()}"],
                 "healthcheck": probe(
-                    [
-                        "CMD-SHELL",
-                        "/opt/kafka/bin/kafka-broker-api-versions.sh --bootstrap-server "
-                        "127.0.0.1:19092 >/dev/null",
-                    ],
+                    ["CMD", "bash", "/etc/f2pipe/setup.sh", "probe", f"127.0.0.1:{INTERNAL_PORT}"],
                     timeout="20s",
                 ),
                 "restart": "unless-stopped",
             },
             [
                 "Single-node KRaft, the Kafka version of deploy/kafka/pom.xml; no ZooKeeper.",
-                "INTERNAL for the containers, EXTERNAL for tools on the host (status, dlq).",
+                "INTERNAL for the containers, EXTERNAL for tools on the host (status, dlq);",
+                "SCRAM-SHA-512 users with ACLs only (deploy/kafka/setup.sh), as the local stack.",
             ],
         ),
         "mosquitto": Commented(

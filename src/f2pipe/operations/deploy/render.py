@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from f2pipe.operations.deploy import configs
+from f2pipe.operations.deploy import configs, kafka
 from f2pipe.operations.deploy.compose import render_compose
 from f2pipe.operations.deploy.images import images
 from f2pipe.settings import Settings
@@ -38,6 +38,13 @@ TIMESCALE_PASSWORD=change-me-timeseries
 CERTGEN_DB_PASSWORD=change-me-certgen
 PROCESSOR_DB_PASSWORD=change-me-processor
 SINK_DB_PASSWORD=change-me-sink
+# Kafka (SCRAM-SHA-512): the broker's own user, the operator's f2pipe-admin, and
+# each service's user (deploy/kafka/setup.sh).
+BROKER_KAFKA_PASSWORD=change-me-kafka-broker
+ADMIN_KAFKA_PASSWORD=change-me-kafka-admin
+CONNECTOR_KAFKA_PASSWORD=change-me-kafka-connector
+PROCESSOR_KAFKA_PASSWORD=change-me-kafka-processor
+SINK_KAFKA_PASSWORD=change-me-kafka-sink
 # Redis: the operator's user f2pipe-admin, and the processor's own user.
 REDIS_PASSWORD=change-me-redis
 PROCESSOR_REDIS_PASSWORD=change-me-processor-cache
@@ -71,7 +78,7 @@ def render_files(
         "deploy/mosquitto/mosquitto.conf": configs.mosquitto_conf(settings),
         "deploy/mosquitto/acl": configs.mosquitto_acl(connectors),
         "deploy/mosquitto/broker.sh": configs.mosquitto_start(),
-        "deploy/kafka/topics.sh": configs.topics_script(settings),
+        "deploy/kafka/setup.sh": kafka.setup_script(settings),
         "deploy/postgres/metadata-roles.sql": configs.postgres_roles(settings, "metadata"),
         "deploy/postgres/timeseries-roles.sql": configs.postgres_roles(settings, "timeseries"),
         "deploy/redis/redis.sh": configs.redis_start(settings),

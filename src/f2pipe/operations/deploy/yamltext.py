@@ -48,6 +48,8 @@ def _none(dumper: yaml.SafeDumper, value: None) -> yaml.ScalarNode:
 
 
 _FLOW_WIDTH = 72
+# Long values (commands, JAAS lines) stay on one line: folding would hide what runs.
+_NO_FOLDING = 10_000
 _Dumper.add_representer(type(None), _none)
 _Dumper.add_representer(str, _str)
 _Dumper.add_representer(list, _list)
@@ -55,7 +57,7 @@ _Dumper.add_representer(list, _list)
 
 def _dump(data: object, indent: int) -> str:
     text = yaml.dump(
-        data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=100,
+        data, Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=_NO_FOLDING,
         allow_unicode=True,
     )  # fmt: skip
     pad = " " * indent

@@ -1,0 +1,167 @@
+"""Kafka for a deployment: the broker's security settings, users, ACLs and topics.
+
+As the secured local stack does (SPEC section 10): the services authenticate
+with SCRAM-SHA-512 each as its own user from :mod:`f2pipe.operations.principals`
+and hold only its ACLs (``StandardAuthorizer``, nothing allowed without an
+ACL); the broker reaches its own controller and itself as
+:data:`~f2pipe.operations.principals.KAFKA_BROKER_USER` with PLAIN (SCRAM users
+live in the metadata the controller serves, so they cannot authenticate that
+link); that user and the operator are super users. In the compose file every
+Kafka link stays on one host's container network, so the listeners are
+SASL_PLAINTEXT; a deployment across hosts puts TLS under them (SASL_SSL).
+
+``deploy/kafka/setup.sh`` (run by the kafka-setup one-shot with the Kafka
+image's tools) creates the SCRAM users, the ACLs and the topics; all of it is
+idempotent. Passwords come from the environment (``.env``), never the file.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from f2pipe.operations.deploy.configs import topic_plan
+from f2pipe.operations.principals import ADMIN, KAFKA_BROKER_USER, Names, kafka_acl_arguments
+from f2pipe.operations.principals import principals as all_principals
+from f2pipe.settings import Settings
+
+__all__ = [
+    "ADMIN_PASSWORD",
+    "BROKER_PASSWORD",
+    "INTERNAL_PORT",
+    "image_environment",
+    "password_variable",
+    "server_properties",
+    "setup_script",
+]
+
+#: The environment variables (from .env) of the broker's and the operator's passwords.
+BROKER_PASSWORD = "BROKER_KAFKA_PASSWORD"  # noqa: S105 (a variable's name, not a password)
+ADMIN_PASSWORD = "ADMIN_KAFKA_PASSWORD"  # noqa: S105 (a variable's name, not a password)
+#: The listener the containers use; EXTERNAL (the settings' port) is for tools on the host.
+INTERNAL_PORT = 19092
+_CONTROLLER_PORT = 9093
+_SCRAM = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+
+
+def password_variable(service: str) -> str:
+    """The environment variable holding ``service``'s Kafka password (CONNECTOR_KAFKA_...)."""
+    return f"{service.upper()}_KAFKA_PASSWORD"
+
+
+def _plain_jaas(password: str) -> str:
+    user = KAFKA_BROKER_USER
+    return (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{user}" password="{password}" user_{user}="{password}";'
+    )
+
+
+def server_properties(settings: Settings, broker_password: str) -> dict[str, str]:
+    """The single-node KRaft broker's properties; ``broker_password`` as it should appear."""
+    port = settings.kafka_port()
+    plain = _plain_jaas(broker_password)
+    return {
+        "node.id": "1",
+        "process.roles": "broker,controller",
+        "controller.quorum.voters": f"1@kafka:{_CONTROLLER_PORT}",
+        "controller.listener.names": "CONTROLLER",
+        "listeners": f"INTERNAL://:{INTERNAL_PORT},EXTERNAL://:{port},"
+        f"CONTROLLER://:{_CONTROLLER_PORT}",
+        "advertised.listeners": f"INTERNAL://kafka:{INTERNAL_PORT},EXTERNAL://127.0.0.1:{port}",
+        "listener.security.protocol.map": "INTERNAL:SASL_PLAINTEXT,EXTERNAL:SASL_PLAINTEXT,"
+        "CONTROLLER:SASL_PLAINTEXT",
+        "inter.broker.listener.name": "INTERNAL",
+        "sasl.enabled.mechanisms": "SCRAM-SHA-512,PLAIN",
+        "listener.name.internal.sasl.enabled.mechanisms": "SCRAM-SHA-512,PLAIN",
+        "listener.name.external.sasl.enabled.mechanisms": "SCRAM-SHA-512",
+        "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
+        "sasl.mechanism.inter.broker.protocol": "PLAIN",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "listener.name.internal.scram-sha-512.sasl.jaas.config": _SCRAM,
+        "listener.name.external.scram-sha-512.sasl.jaas.config": _SCRAM,
+        "listener.name.internal.plain.sasl.jaas.config": plain,
+        "listener.name.controller.plain.sasl.jaas.config": plain,
+        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+        "super.users": f"User:{KAFKA_BROKER_USER};User:{ADMIN}",
+        "allow.everyone.if.no.acl.found": "false",
+        "log.dirs": "/var/lib/kafka/data",
+        # Topics are created explicitly (setup.sh), never by a typo.
+        "auto.create.topics.enable": "false",
+        # One node: internal topics cannot have more replicas than that.
+        "offsets.topic.replication.factor": "1",
+        "transaction.state.log.replication.factor": "1",
+        "transaction.state.log.min.isr": "1",
+        "share.coordinator.state.topic.replication.factor": "1",
+        "share.coordinator.state.topic.min.isr": "1",
+        "group.initial.rebalance.delay.ms": "0",
+    }
+
+
+def image_environment(properties: dict[str, str]) -> dict[str, str]:
+    """The apache/kafka image's variables for ``properties``: KAFKA_ + the name, upper case,
+    ``_`` doubled, ``-`` tripled, ``.`` as ``_`` (the image turns them back)."""
+    return {
+        "KAFKA_" + name.replace("_", "__").replace("-", "___").replace(".", "_").upper(): value
+        for name, value in properties.items()
+    }
+
+
+def setup_script(settings: Settings) -> str:
+    """``setup.sh apply|probe BOOTSTRAP``: users, ACLs and topics; or a health probe."""
+    services = [p for p in all_principals(Names.from_settings(settings)) if p.kafka_user]
+    lines = [
+        "#!/bin/bash",
+        "# Written by `f2pipe deploy render`; changes are overwritten.",
+        "# `setup.sh apply BOOTSTRAP`: the SCRAM-SHA-512 users of the operator and of each",
+        "# service, exactly the services' ACLs (f2pipe.operations.principals) and the topics,",
+        "# as `f2pipe stack up` makes them. `setup.sh probe BOOTSTRAP`: the broker answers.",
+        "# Connects as the broker's own super user (PLAIN); idempotent. Passwords come from",
+        f"# the environment: {BROKER_PASSWORD}, {ADMIN_PASSWORD} and <SERVICE>_KAFKA_PASSWORD.",
+        "set -euo pipefail",
+        "mode=${1:?usage: setup.sh apply|probe BOOTSTRAP}",
+        "bootstrap=${2:?usage: setup.sh apply|probe BOOTSTRAP}",
+        "bin=/opt/kafka/bin",
+        "umask 077",
+        "config=$(mktemp)",
+        'cat > "$config" <<EOF',
+        "security.protocol=SASL_PLAINTEXT",
+        "sasl.mechanism=PLAIN",
+        "sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{KAFKA_BROKER_USER}" password="${{{BROKER_PASSWORD}}}";',
+        "EOF",
+        'if [ "$mode" = probe ]; then',
+        '    exec "$bin/kafka-broker-api-versions.sh" --bootstrap-server "$bootstrap" \\',
+        '        --command-config "$config" >/dev/null',
+        "fi",
+        "user() {",
+        '    "$bin/kafka-configs.sh" --bootstrap-server "$bootstrap" --command-config "$config" \\',
+        '        --alter --entity-type users --entity-name "$1" \\',
+        '        --add-config "SCRAM-SHA-512=[iterations=8192,password=$2]" >/dev/null',
+        "}",
+        "acl() {",
+        '    "$bin/kafka-acls.sh" --bootstrap-server "$bootstrap" --command-config "$config" \\',
+        '        "$@" >/dev/null',
+        "}",
+        "topic() {",
+        '    "$bin/kafka-topics.sh" --bootstrap-server "$bootstrap" --command-config "$config" \\',
+        '        --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 1 \\',
+        '        --config cleanup.policy=delete --config retention.ms="$3"',
+        "}",
+        "",
+        "# Users: the operator (a super user) and every service.",
+        f'user {ADMIN} "${{{ADMIN_PASSWORD}}}"',
+    ]
+    for who in services:
+        lines.append(f'user {who.kafka_user} "${{{password_variable(who.service)}}}"')
+    lines += ["", "# ACLs: nothing else is allowed (allow.everyone.if.no.acl.found=false)."]
+    for who in services:
+        for arguments in kafka_acl_arguments(who):
+            lines.append("acl " + " ".join(shlex.quote(a) for a in arguments))
+    lines += [
+        "",
+        "# Topics: explicit partitions, the delete policy (the sink needs every record),",
+        "# 7 days for the data topics, 30 for dead letters (SPEC section 4).",
+    ]
+    for topic, (partitions, retention) in topic_plan(settings).items():
+        lines.append(f"topic {shlex.quote(topic)} {partitions} {retention}")
+    return "\n".join(lines) + "\n"
