@@ -58,16 +58,18 @@ class ProgressLine:
         if not self.active or (now - self.last < self.interval and done < total):
             return
         self.last = now
-        self.stream.write(f"\rfleet import: {done:,} of {total:,} entries written or checked")
-        self.stream.flush()
-        self.shown = True
+        self._show(f"{done:,} of {total:,} entries written or checked")
 
     def note(self, text: str) -> None:
         """Say what is happening before there is a count (reading a large file)."""
         if self.active:
-            self.stream.write(f"\rfleet import: {text}")
-            self.stream.flush()
-            self.shown = True
+            self._show(text)
+
+    def _show(self, text: str) -> None:
+        # Back to the line's start, and erase what a longer previous text left behind.
+        self.stream.write(f"\rfleet import: {text}\x1b[K")
+        self.stream.flush()
+        self.shown = True
 
     def close(self) -> None:
         if self.shown:
