@@ -7,13 +7,16 @@ observes, a refused connection or an authorization error, never a setting.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
 import socket
+import ssl
 import stat
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -233,6 +236,17 @@ def test_restarts_keep_the_passwords_and_plain_mode_turns_security_off() -> None
         shutil.rmtree(state, ignore_errors=True)
 
 
+def _answers(url: str) -> bool:
+    """True when ``url`` gives any HTTP answer."""
+    try:
+        urllib.request.urlopen(url, timeout=10).close()  # noqa: S310 - the test's own URL
+    except urllib.error.HTTPError:
+        return True
+    except (OSError, http.client.HTTPException):
+        return False
+    return True
+
+
 @pytest.mark.slow
 def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path) -> None:
     """Readings land through certgen, connector, processor and sink, each with its own role."""
@@ -265,14 +279,17 @@ def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path) -> None:
                 )
             }
         assert {"f2pipe_processor", "f2pipe_sink"} <= users
-        # certgen issues and records a certificate as f2pipe_certgen.
+        # certgen serves HTTPS only, and issues and records a certificate as f2pipe_certgen.
+        assert admin.certgen_url == f"https://127.0.0.1:{certgen}"
+        assert not _answers(f"http://127.0.0.1:{certgen}/healthz")
         token = (state / "admin-token").read_text().strip()
-        request = urllib.request.Request(
-            f"http://127.0.0.1:{certgen}/v1/devices/aabbccddee01/certificate",
+        trust = ssl.create_default_context(cafile=str(security.ca_file(settings)))
+        request = urllib.request.Request(  # noqa: S310 - https to loopback
+            f"{admin.certgen_url}/v1/devices/aabbccddee01/certificate",
             data=b"{}", method="POST",
             headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
         )  # fmt: skip
-        with urllib.request.urlopen(request, timeout=30) as response:  # noqa: S310 - loopback
+        with urllib.request.urlopen(request, timeout=30, context=trust) as response:  # noqa: S310
             serial = json.loads(response.read())["serial"]
         with psycopg.connect(admin.metadata_dsn) as conn:
             found = conn.execute("SELECT 1 FROM certificates WHERE serial = %s", (serial,))

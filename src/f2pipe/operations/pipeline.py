@@ -207,7 +207,8 @@ def _run_foreground(args: argparse.Namespace) -> int:
     started = Started()
     try:
         up(settings, started=started)
-        live(settings, refresh=args.refresh)
+        # The view reads every server as the operator (secured stack: admin.env's rights).
+        live(security.admin_settings(settings), refresh=args.refresh)
     except KeyboardInterrupt:
         pass
     finally:

@@ -16,6 +16,7 @@ A service is healthy when its ``/healthz`` answers 200 and ready when its
 
 from __future__ import annotations
 
+import ssl
 import sys
 import urllib.error
 import urllib.request
@@ -58,10 +59,11 @@ def settings_env(settings: Settings, without: frozenset[str] = frozenset()) -> d
     return env
 
 
-def http_ok(url: str, timeout: float = 1.0) -> tuple[bool, str]:
-    """(True, "") when ``url`` answers 200, else (False, why)."""
+def http_ok(url: str, timeout: float = 1.0, cafile: Path | None = None) -> tuple[bool, str]:
+    """(True, "") when ``url`` answers 200, else (False, why); HTTPS trusts ``cafile``."""
+    context = None if cafile is None else ssl.create_default_context(cafile=str(cafile))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http only
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310
             return response.status == 200, f"HTTP {response.status}"
     except urllib.error.HTTPError as exc:
         return False, f"HTTP {exc.code}"
@@ -154,16 +156,24 @@ class Certgen(Service):
     def withheld(self) -> frozenset[str]:
         return CREDENTIAL_FILES
 
+    def tls(self) -> bool:
+        """HTTPS: when asked (``F2PIPE_CERTGEN_TLS``) or on a secured stack."""
+        return self.settings.certgen_tls or security.stack_secured(self.paths)
+
     def url(self, path: str) -> str:
-        scheme = "https" if self.settings.certgen_tls else "http"
+        scheme = "https" if self.tls() else "http"
         return f"{scheme}://{self.host()}:{self.port()}{path}"
 
     def healthy(self) -> bool:
-        if self.settings.certgen_tls:
-            # Its certificate is the CA's; a TCP accept is the liveness we can check cheaply.
-            alive = port_accepts(int(self.port() or 0))
-            self.last_error = "" if alive else "port does not accept connections"
-            return alive
+        if self.tls():
+            ca = security.ca_file(self.settings)
+            if not ca.is_file():  # a CA of its own elsewhere: a TCP accept is what we can check
+                alive = port_accepts(int(self.port() or 0))
+                self.last_error = "" if alive else "port does not accept connections"
+                return alive
+            ok, why = http_ok(self.url("/healthz"), timeout=2.0, cafile=ca)
+            self.last_error = "" if ok else f"/healthz: {why}"
+            return ok
         return super().healthy()
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "admin_env",
     "admin_settings",
     "ca_file",
+    "certgen_url",
     "is_secured",
     "kafka_env",
     "mark",
@@ -58,6 +59,7 @@ __all__ = [
     "secrets_dir",
     "server_tls",
     "service_env",
+    "stack_secured",
     "with_credentials",
     "withheld_fields",
     "write_admin_env",
@@ -122,6 +124,20 @@ def mark(paths: Paths, server: str, secured: bool) -> None:
         marker.touch(mode=0o600)
     else:
         marker.unlink(missing_ok=True)
+
+
+def stack_secured(paths: Paths) -> bool:
+    """True when any server of this state folder was last started secured."""
+    return any((paths.state / "secrets").glob("*.secured"))
+
+
+def certgen_url(settings: Settings, paths: Paths) -> str:
+    """certgen's URL: HTTPS on a secured stack (its certificate is from f2pipe's CA)."""
+    if not (settings.certgen_tls or stack_secured(paths)):
+        return settings.certgen_url
+    host = settings.certgen_host
+    host = "127.0.0.1" if host in ("0.0.0.0", "", "::") else host  # noqa: S104 - compared
+    return f"https://{host}:{settings.certgen_port}"
 
 
 def is_secured(paths: Paths, server: str) -> bool:
@@ -224,6 +240,10 @@ def service_env(settings: Settings, paths: Paths, service: str) -> dict[str, str
         env["F2PIPE_REDIS_URL"] = with_credentials(settings.redis_url, user, secret)
     if is_secured(paths, "kafka"):
         env |= kafka_env(settings, paths, None if who is None else who.kafka_user)
+    if stack_secured(paths):
+        env["F2PIPE_CERTGEN_URL"] = certgen_url(settings, paths)
+        if service == "certgen":
+            env["F2PIPE_CERTGEN_TLS"] = "true"
     return env
 
 
@@ -257,7 +277,7 @@ def admin_env(settings: Settings, paths: Paths) -> dict[str, str]:
         env |= kafka_env(settings, paths, ADMIN)
     else:
         env["F2PIPE_KAFKA_SECURITY_PROTOCOL"] = "PLAINTEXT"
-    env["F2PIPE_CERTGEN_URL"] = settings.certgen_url
+    env["F2PIPE_CERTGEN_URL"] = certgen_url(settings, paths)
     return env
 
 
@@ -309,6 +329,7 @@ def admin_settings(settings: Settings) -> Settings:
         "metadata_dsn": env["F2PIPE_METADATA_DSN"],
         "timeseries_dsn": env["F2PIPE_TIMESERIES_DSN"],
         "redis_url": env["F2PIPE_REDIS_URL"],
+        "certgen_url": env["F2PIPE_CERTGEN_URL"],
     }
     if is_secured(paths, "kafka"):
         update |= PLAIN_KAFKA | {
