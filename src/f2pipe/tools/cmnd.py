@@ -17,9 +17,11 @@ topic of the connector and component the command named (``cmnd/...`` becomes
 ``period`` seconds later. The answers are read from the pipeline's own data:
 the connector forwards every ``stat/`` message to the raw Kafka topic (SPEC
 section 4), so the commander needs no broker subscription and no rights beyond
-writing ``cmnd/#`` (SPEC section 6). The raw topic's end offsets are taken
-before the command is sent, so only answers after it count. When no answer
-comes within the time it exits 1 and says so.
+writing ``cmnd/#`` (SPEC section 6). Kafka is read with the settings' Kafka
+credentials (an operator's, from ``<state>/admin.env`` on a secured stack), by
+assigned partitions: no consumer group is joined or committed. The raw topic's
+end offsets are taken before the command is sent, so only answers after it
+count. When no answer comes within the time it exits 1 and says so.
 """
 
 from __future__ import annotations
