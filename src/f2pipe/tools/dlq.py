@@ -1,11 +1,9 @@
 """Dead-letter tools (``f2pipe dlq list | show | replay``), SPEC sections 4 and 7.
 
-The dead-letter topic is read with *assigned* partitions from their low to
-their high watermark as of the start of the command, so a listing ends, and no
-consumer group state is created or committed (listing twice shows the same).
-Only committed records are read: dead letters of a transaction a crashed
-processor left open or aborted (``F2PIPE_PROCESSOR_TRANSACTIONS``) are not
-letters, its batch is dead-lettered again when consumed again.
+How the topic is read is :mod:`f2pipe.tools.dlqread`'s: committed records
+only, partitions assigned (no consumer group state), a listing from the low
+to the high watermark as of its start, so it ends; ``show`` reads the one
+record at its offset, however long the topic.
 
 Replay sends each selected dead letter back to its stage's input, with its
 original key, value and headers (the ``dlq.*`` headers dropped):
@@ -27,62 +25,32 @@ import re
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import Producer
 
-from f2pipe.core import deadletter
 from f2pipe.core.reasons import Reason
-from f2pipe.core.records import Headers
-from f2pipe.errors import F2PipeError
-from f2pipe.runtime.kafka import consumer_config, produce, producer_config
+from f2pipe.runtime.kafka import produce, producer_config
 from f2pipe.settings import Settings, get_settings
+from f2pipe.tools.dlqread import (
+    DeadLetter,
+    DeadLetterError,
+    parse_ref,
+    read_dead_letters,
+    read_one,
+)
+
+__all__ = [
+    "REPLAYABLE",
+    "DeadLetter",
+    "DeadLetterError",
+    "configure",
+    "parse_since",
+    "replay",
+    "select",
+]
 
 REPLAYABLE = {"processor", "sink"}
-
-
-class DeadLetterError(F2PipeError):
-    """The dead-letter topic could not be read, or a replay could not be delivered."""
-
-
-@dataclass(frozen=True)
-class DeadLetter:
-    """One record of the dead-letter topic."""
-
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: list[tuple[str, bytes]]
-
-    def header(self, name: str) -> str:
-        for key, value in self.headers:
-            if key == name:
-                return value.decode("utf-8", "replace")
-        return ""
-
-    @property
-    def stage(self) -> str:
-        return self.header("dlq.stage")
-
-    @property
-    def reason(self) -> str:
-        return self.header("dlq.reason")
-
-    @property
-    def ts_ms(self) -> int:
-        text = self.header("dlq.ts")
-        return int(text) if text.isdigit() else 0
-
-    @property
-    def ref(self) -> str:
-        """How ``dlq show`` names it: ``<partition>/<offset>``."""
-        return f"{self.partition}/{self.offset}"
-
-    def original_headers(self) -> Headers:
-        """The headers the record had before it was dead-lettered (no ``dlq.*`` ones)."""
-        return deadletter.original_headers(self.headers)
 
 
 def parse_since(text: str, now: float | None = None) -> int:
@@ -102,71 +70,6 @@ def parse_since(text: str, now: float | None = None) -> int:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return int(moment.timestamp() * 1000)
-
-
-def read_dead_letters(settings: Settings, timeout: float = 10.0) -> Iterator[DeadLetter]:
-    """Every dead letter present when called, partition by partition, in offset order."""
-    topic = settings.topic_dead_letter
-    # The group is required by the client; it is never joined or committed. Only
-    # committed dead letters are read, and a partition ends where the client says
-    # it does: with transactions the log ends in a commit marker (no record) and
-    # may hold aborted records, so no record need sit at high watermark - 1.
-    consumer = Consumer(
-        consumer_config(
-            settings,
-            "f2pipe-dlq-reader",
-            **{"enable.partition.eof": True, "isolation.level": "read_committed"},
-        )
-    )
-    try:
-        try:
-            meta = consumer.list_topics(topic, timeout=timeout)
-        except KafkaException as exc:
-            raise DeadLetterError(f"cannot reach Kafka: {exc}") from exc
-        info = meta.topics.get(topic)
-        if info is None or info.error is not None or not info.partitions:
-            return
-        ends: dict[int, int] = {}
-        starts: list[TopicPartition] = []
-        for partition in sorted(info.partitions):
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(topic, partition), timeout=timeout
-            )
-            if high > low:
-                ends[partition] = high
-                starts.append(TopicPartition(topic, partition, low))
-        if not starts:
-            return
-        consumer.assign(starts)
-        deadline = time.monotonic() + max(timeout, 30.0)
-        while ends:
-            msgs = consumer.consume(num_messages=1000, timeout=1.0)
-            if not msgs and time.monotonic() > deadline:
-                raise DeadLetterError(f"timed out reading {topic}")
-            for msg in msgs:
-                partition, offset = msg.partition() or 0, msg.offset() or 0
-                if partition not in ends:
-                    continue
-                err = msg.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:  # nothing more, for now
-                        del ends[partition]
-                        consumer.pause([TopicPartition(topic, partition)])
-                    continue
-                if offset >= ends[partition]:  # written after the command started
-                    del ends[partition]
-                    consumer.pause([TopicPartition(topic, partition)])
-                    continue
-                raw = msg.headers() or []
-                pairs = list(raw.items()) if isinstance(raw, dict) else raw
-                headers = [(k, v if isinstance(v, bytes) else (v or "").encode()) for k, v in pairs]
-                yield DeadLetter(partition, offset, msg.key(), msg.value(), headers)
-                if offset + 1 >= ends[partition]:
-                    del ends[partition]
-                    consumer.pause([TopicPartition(topic, partition)])
-            deadline = time.monotonic() + max(timeout, 30.0) if msgs else deadline
-    finally:
-        consumer.close()
 
 
 def select(
@@ -265,18 +168,13 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _cmd_show(args: argparse.Namespace) -> int:
     settings = get_settings()
-    partition, _, offset = args.ref.partition("/")
-    if not (partition.isdigit() and offset.isdigit()):
-        raise DeadLetterError(f"expected <partition>/<offset>, got {args.ref!r}")
-    for letter in read_dead_letters(settings):
-        if letter.partition == int(partition) and letter.offset == int(offset):
-            print(f"ref: {letter.ref}")
-            print(f"key: {_text(letter.key, 10_000)}")
-            for name, value in letter.headers:
-                print(f"header {name}: {_text(value, 10_000)}")
-            print(f"value: {_text(letter.value, 1_000_000)}")
-            return 0
-    raise DeadLetterError(f"no dead letter {args.ref} in {settings.topic_dead_letter}")
+    letter = read_one(settings, *parse_ref(args.ref))
+    print(f"ref: {letter.ref}")
+    print(f"key: {_text(letter.key, 10_000)}")
+    for name, value in letter.headers:
+        print(f"header {name}: {_text(value, 10_000)}")
+    print(f"value: {_text(letter.value, 1_000_000)}")
+    return 0
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
