@@ -8,7 +8,7 @@
 set -euo pipefail
 mode=${1:?usage: setup.sh apply|probe BOOTSTRAP}
 bootstrap=${2:?usage: setup.sh apply|probe BOOTSTRAP}
-bin=/opt/kafka/bin
+bin=${KAFKA_TOOLS:-/opt/kafka/bin}
 umask 077
 config=$(mktemp)
 cat > "$config" <<EOF

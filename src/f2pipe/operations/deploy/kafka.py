@@ -120,7 +120,7 @@ def setup_script(settings: Settings) -> str:
         "set -euo pipefail",
         "mode=${1:?usage: setup.sh apply|probe BOOTSTRAP}",
         "bootstrap=${2:?usage: setup.sh apply|probe BOOTSTRAP}",
-        "bin=/opt/kafka/bin",
+        "bin=${KAFKA_TOOLS:-/opt/kafka/bin}",
         "umask 077",
         "config=$(mktemp)",
         'cat > "$config" <<EOF',
