@@ -1,12 +1,13 @@
-"""``f2pipe dlq``: ``show`` reads one offset directly.
+"""``f2pipe dlq``: ``show`` reads one offset directly, ``list`` and ``replay`` show progress.
 
-The pure part (the reference syntax) is tested with plain asserts; the reader
-and the command against a private plaintext Kafka of this module, so they do
-not depend on the shared stack's security settings.
+The pure parts (the reference syntax, the progress line) are tested with plain
+asserts; the readers and the commands against a private plaintext Kafka of this
+module, so they do not depend on the shared stack's security settings.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 from collections.abc import Iterator
@@ -19,15 +20,16 @@ from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from conftest import unique, wait_until
 from f2pipe.settings import Settings, load_settings
-from f2pipe.testing.servers import KAFKA_SECURITY, KafkaServer, create_topics
-from f2pipe.tools.dlq import DeadLetterError
+from f2pipe.testing.servers import KAFKA_SECURITY, KafkaServer, create_topics, read_topic
+from f2pipe.tools.dlq import DeadLetterError, Watch
 from f2pipe.tools.dlqread import Scan, parse_ref, read_dead_letters, read_one
+from f2pipe.tools.progress import ERASE, Progress
 
 F2PIPE = Path(__file__).resolve().parents[1] / ".venv" / "bin" / "f2pipe"
 LETTERS = 5000
 
 
-# --- pure: the reference ---
+# --- pure: the reference and the progress line ---
 
 
 def test_a_reference_is_partition_slash_offset_as_list_prints_it() -> None:
@@ -36,6 +38,66 @@ def test_a_reference_is_partition_slash_offset_as_list_prints_it() -> None:
     for bad in ("0:12", "0/", "/3", "-1/2", "0/1/2", "a/b", "0/²", ""):
         with pytest.raises(DeadLetterError, match="expected <partition>/<offset>"):
             parse_ref(bad)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_lines_come_at_most_once_a_second_and_the_summary_always() -> None:
+    clock, err = Clock(), io.StringIO()
+    progress = Progress(err, enabled=True, clock=clock)
+    for step in range(12):  # three seconds of updates, four a second
+        progress.update(lambda seconds, step=step: f"step {step} at {seconds:.2f}")
+        clock.now += 0.25
+    progress.finish("done")
+    assert err.getvalue().splitlines() == [
+        "step 0 at 0.00",  # the first at once: the total is worth seeing early
+        "step 4 at 1.00",
+        "step 8 at 2.00",
+        "done",
+    ]
+    quiet = io.StringIO()  # not a terminal and not asked for: only the summary
+    progress = Progress(quiet, clock=clock)
+    progress.update(lambda _: "step")
+    progress.finish("done")
+    assert quiet.getvalue() == "done\n"
+
+
+def test_on_a_terminal_the_line_is_redrawn_and_output_goes_above_it() -> None:
+    clock, err = Clock(), Terminal()
+    progress = Progress(err, clock=clock, output=err)  # stdout and stderr on one terminal
+    progress.update(lambda _: "read 1 of 2")
+    progress.echo("a listing line")
+    clock.now += 1.0
+    progress.update(lambda _: "read 2 of 2")
+    progress.finish("2 listed")
+    assert err.getvalue() == (
+        f"{ERASE}read 1 of 2{ERASE}a listing line\nread 1 of 2{ERASE}read 2 of 2{ERASE}2 listed\n"
+    )
+    out = io.StringIO()  # stdout elsewhere (a file): its lines as print writes them
+    progress = Progress(Terminal(), clock=clock, output=out)
+    progress.update(lambda _: "read 1 of 2")
+    progress.echo("a listing line")
+    assert out.getvalue() == "a listing line\n"
+
+
+def test_the_line_has_records_read_of_the_total_replayed_and_the_rate() -> None:
+    watch = Watch("replay", Progress(io.StringIO(), enabled=True, clock=Clock()))
+    watch.scan.total, watch.scan.done, watch.replayed = 5000, 1250, 1200
+    assert watch.line(2.5) == "dlq replay: read 1,250 of 5,000 records (25%), replayed 1,200, 500/s"
+    watch = Watch("list", watch.progress)
+    watch.scan.total, watch.scan.done = 0, 0
+    assert watch.line(0.0) == "dlq list: read 0 of 0 records, -/s"
 
 
 # --- against a private Kafka ---
@@ -193,3 +255,49 @@ def test_show_of_a_marker_or_an_uncommitted_record_says_it_is_no_dead_letter(
             assert str(caught.value) == why
     finally:
         producer.abort_transaction(30)
+
+
+@pytest.mark.servers
+def test_progress_goes_to_stderr_and_leaves_stdout_as_it_was(
+    kafka: KafkaServer, letters: str
+) -> None:
+    raw = unique("raw")
+    wait_until(lambda: _create(kafka.bootstrap, raw), 60, 0.5, what="the raw topic")
+    env = _env(kafka, letters, raw)
+
+    plain, shown = _dlq(env, "list"), _dlq(env, "list", "--progress")
+    assert plain.returncode == shown.returncode == 0, shown.stderr
+    assert shown.stdout == plain.stdout
+    assert len(plain.stdout.splitlines()) == LETTERS
+    assert plain.stdout.splitlines()[0].split("\t")[:4] == [
+        "0/0",
+        "2023-11-14T22:13:20+00:00",
+        "processor",
+        "crc_mismatch",
+    ]
+    summary = (
+        f"{LETTERS} dead letter(s) in {letters} (unknown_device 4,000, crc_mismatch 1,000);"
+        f" read 5,000 records in "
+    )
+    assert plain.stderr.startswith(summary)  # the summary without --progress, alone
+    assert len(plain.stderr.splitlines()) == 1
+    lines = shown.stderr.splitlines()
+    assert lines[0].startswith("dlq list: read 0 of 5,000 records (0%), ")  # at once
+    assert all(line.startswith("dlq list: read ") for line in lines[:-1])
+    assert lines[-1].startswith(summary)
+
+    replayed = _dlq(env, "replay", "--reason", "crc_mismatch", "--progress")
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout == (
+        f"replayed 1000 to {raw}, 0 to unused-processed; 0 not replayable (connector)\n"
+    )
+    lines = replayed.stderr.splitlines()
+    assert lines[0].startswith("dlq replay: read 0 of 5,000 records (0%), replayed 0, ")
+    assert lines[-1].startswith(
+        f"replayed 1,000 of 1,000 dead letter(s) selected in {letters} (crc_mismatch 1,000);"
+        " read 5,000 records in "
+    )
+    records = read_topic(kafka.bootstrap, raw, 1000, partitions=1)
+    assert len(records) == 1000
+    assert {r.value() for r in records} == {b'{"seq": %d}' % seq for seq in range(0, LETTERS, 5)}
+    assert {k for k, _ in records[0].headers()} == {"mqtt.topic"}  # the dlq.* headers dropped
