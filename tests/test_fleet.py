@@ -555,23 +555,6 @@ def generated_fleet_text(controllers: int, sensors_each: int = 4) -> str:
     return "\n".join(out) + "\n"
 
 
-def quick_timezone_check(dsn: str) -> None:
-    """Give this test database a time-zone check that does not read the zone database per row.
-
-    The schema's CHECK runs ``pg_timezone_names`` for every device row written
-    (about 40 ms each), which alone makes 50,000 devices take half an hour; this
-    is the same rule over a copy of the names, so the test measures the importer.
-    """
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE timezone_names (name text PRIMARY KEY)")
-        conn.execute("INSERT INTO timezone_names SELECT DISTINCT name FROM pg_timezone_names")
-        conn.execute(
-            "CREATE OR REPLACE FUNCTION f2pipe_is_timezone(name text) RETURNS boolean"
-            " LANGUAGE sql STABLE AS"
-            " $$ SELECT EXISTS (SELECT 1 FROM timezone_names t WHERE t.name = $1) $$"
-        )
-
-
 def counts(dsn: str) -> tuple[object, ...]:
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
@@ -586,7 +569,6 @@ def counts(dsn: str) -> tuple[object, ...]:
 @pytest.mark.servers
 @pytest.mark.slow
 def test_ten_thousand_controllers_import_in_bulk(fresh_db: str, tmp_path: Path) -> None:
-    quick_timezone_check(fresh_db)
     path = write(tmp_path, generated_fleet_text(10_000))
     seen: list[tuple[int, int]] = []
     changes = import_fleet(fresh_db, path, progress=lambda done, total: seen.append((done, total)))
@@ -603,7 +585,6 @@ def test_ten_thousand_controllers_import_in_bulk(fresh_db: str, tmp_path: Path) 
 
 @pytest.mark.servers
 def test_a_refusal_in_a_bulk_statement_names_its_entry(fresh_db: str, tmp_path: Path) -> None:
-    quick_timezone_check(fresh_db)
     text = generated_fleet_text(1_000, sensors_each=1)
     bad = "{name: Controller 637, mac: 'a0000000027d', template: Ctl, timezone: Europe/Berlin"
     assert bad in text

@@ -68,6 +68,11 @@ def migrate(dsn: str, settings: Settings | None = None) -> list[str]:
                 except psycopg.Error as exc:
                     raise MigrationError(f"{name}: {exc}".strip()) from exc
                 applied.append(name)
+            # Zones a PostgreSQL upgrade added since the copy was taken (0005).
+            conn.execute(
+                "INSERT INTO timezone_names SELECT DISTINCT name FROM pg_timezone_names"
+                " ON CONFLICT DO NOTHING"
+            )
             _timescale_step(conn, settings)
             conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
     except psycopg.OperationalError as exc:
