@@ -170,6 +170,46 @@ def test_the_render_is_deterministic_and_follows_the_settings() -> None:
     assert "'18883:18883'" in files["docker-compose.yml"]
 
 
+def test_with_certificates_the_broker_gets_the_names_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only on request, into OUT/secrets, which keeps itself out of git."""
+    import stat
+
+    from cryptography import x509
+
+    from f2pipe.cli import main
+    from f2pipe.pki.state import ensure_pki
+    from f2pipe.settings import get_settings, load_settings
+
+    state = tmp_path / "state"
+    ensure_pki(load_settings(state_dir=state))
+    monkeypatch.setenv("F2PIPE_STATE_DIR", str(state))
+    get_settings.cache_clear()
+    try:
+        out = tmp_path / "out"
+        argv = ["deploy", "render", str(out), "--broker-name", "mqtt.example.com"]
+        assert main([*argv, "--broker-name", "192.0.2.7", "--with-certificates"]) == 0
+    finally:
+        get_settings.cache_clear()
+    secrets = out / "secrets"
+    assert sorted(p.name for p in secrets.iterdir()) == [
+        ".gitignore", "broker.key", "broker.pem", "ca.pem", "crl.pem",
+    ]  # fmt: skip
+    assert stat.S_IMODE((secrets / "broker.key").stat().st_mode) == 0o600
+    assert (secrets / ".gitignore").read_text().splitlines()[-1] == "*"
+    cert = x509.load_pem_x509_certificate((secrets / "broker.pem").read_bytes())
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {"mqtt.example.com", "mosquitto", "localhost"} <= set(
+        names.get_values_for_type(x509.DNSName)
+    )
+    assert "192.0.2.7" in {str(a) for a in names.get_values_for_type(x509.IPAddress)}
+    # The compose file names them too, so certgen's own broker certificate carries them.
+    compose_text = (out / "docker-compose.yml").read_text(encoding="utf-8")
+    assert "F2PIPE_BROKER_NAMES: mosquitto,certgen,mqtt.example.com,192.0.2.7" in compose_text
+    assert not (tmp_path / "out" / "deploy" / "secrets").exists()
+
+
 def test_the_broker_files_are_the_local_stacks_renderers_output() -> None:
     """The drift of issue #14: queue bound, in-flight window, autosave, identities."""
     from f2pipe.operations.stack.mosquitto import SERVICE_ACL, render_acl

@@ -31,6 +31,7 @@ from f2pipe.operations.deploy.containers import (
     SHARES,
     STATE,
     USERS,
+    broker_names,
     done,
     dsn,
     env,
@@ -84,7 +85,7 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
                 restart="no",
                 environment={
                     "F2PIPE_STATE_DIR": STATE,
-                    "F2PIPE_BROKER_NAMES": _server_names(settings),
+                    "F2PIPE_BROKER_NAMES": ",".join(broker_names(settings)),
                 },
                 volumes=[f"certgen:{STATE}", f"shares:{SHARES}"],
             ),
@@ -188,11 +189,6 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
     }
 
 
-def _server_names(settings: Settings) -> str:
-    """The broker's and certgen's certificate names: their compose names and the given ones."""
-    return ",".join(dict.fromkeys(["mosquitto", "certgen", *settings.extra_server_names()]))
-
-
 def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
     # Probes and Prometheus reach the ops endpoints from outside the container.
     ops = {"F2PIPE_OPS_HOST": "0.0.0.0"}  # noqa: S104
@@ -230,7 +226,7 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                     "F2PIPE_CERTGEN_HOST": "0.0.0.0",  # noqa: S104 (HTTPS only)
                     "F2PIPE_CERTGEN_TLS": "true",
                     "F2PIPE_CERTGEN_URL": certgen_url,
-                    "F2PIPE_BROKER_NAMES": _server_names(settings),
+                    "F2PIPE_BROKER_NAMES": ",".join(broker_names(settings)),
                     **mqtt,
                 },
                 secrets=["admin_token"],

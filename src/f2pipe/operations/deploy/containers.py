@@ -33,6 +33,7 @@ __all__ = [
     "SHARES",
     "STATE",
     "USERS",
+    "broker_names",
     "done",
     "dsn",
     "env",
@@ -76,6 +77,12 @@ PARTIES = {
 }
 
 _PROBE = {"interval": "10s", "timeout": "5s", "retries": 6, "start_period": "30s"}
+
+
+def broker_names(settings: Settings) -> list[str]:
+    """The broker's and certgen's certificate names: their compose host names, then the
+    settings' (``--broker-name``: what devices reach the broker by)."""
+    return list(dict.fromkeys(["mosquitto", "certgen", *settings.extra_server_names()]))
 
 
 def env(name: str) -> str:

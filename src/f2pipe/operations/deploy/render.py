@@ -15,6 +15,7 @@ from pathlib import Path
 
 from f2pipe.operations.deploy import configs, kafka
 from f2pipe.operations.deploy.compose import render_compose
+from f2pipe.operations.deploy.containers import broker_names
 from f2pipe.operations.deploy.images import images
 from f2pipe.settings import Settings
 
@@ -107,7 +108,8 @@ def write_files(out: Path, files: dict[str, str]) -> list[Path]:
 
 
 def issue_broker_files(settings: Settings, out: Path, names: list[str]) -> list[Path]:
-    """Issue the broker's certificate for ``names`` (plus loopback) into ``<out>/secrets``.
+    """Issue the broker's certificate into ``<out>/secrets``: for ``names``, the settings'
+    names, its compose host name and loopback.
 
     Signed by the CA of ``settings.state_dir`` (run where the CA is); also
     copies the CA certificate and the CRL, the rest of what the broker reads.
@@ -122,7 +124,7 @@ def issue_broker_files(settings: Settings, out: Path, names: list[str]) -> list[
     secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(secrets, 0o700)
     (secrets / ".gitignore").write_text("# Keys and certificates: never committed.\n*\n")
-    all_names = list(dict.fromkeys([*server_names(settings), *names]))
+    all_names = list(dict.fromkeys([*server_names(settings), *broker_names(settings), *names]))
     issued = ca.issue_server("f2pipe broker", all_names, settings.service_cert_days)
     assert issued.private_key is not None
     paths = pki_paths(settings)
