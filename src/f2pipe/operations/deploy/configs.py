@@ -151,18 +151,18 @@ def redis_start(settings: Settings) -> str:
         "# Redis with one ACL user per service (f2pipe.operations.principals) and the",
         "# operator's; the passwords come from the environment, as SHA-256 in the users file.",
         "set -eu",
-        'hash() { printf %s "$1" | sha256sum | cut -c1-64; }',
+        'digest() { printf %s "$1" | sha256sum | cut -c1-64; }',
         "umask 077",
         "acl=$(mktemp)",
         "{",
         '    echo "user default off"',
-        f'    echo "user {ADMIN} on #$(hash "$REDIS_PASSWORD") ~* &* +@all"',
+        f'    echo "user {ADMIN} on #$(digest "$REDIS_PASSWORD") ~* &* +@all"',
     ]
     for who in _principals(settings):
         if who.redis_user is None:
             continue
         variable = PASSWORD_VARIABLES[("redis", who.service)]
-        line = _redis_acl_line(who, f'$(hash "${variable}")')
+        line = _redis_acl_line(who, f'$(digest "${variable}")')
         lines.append(f'    echo "{line}"')
     lines += [
         '} > "$acl"',
