@@ -234,7 +234,7 @@ def sync_shares(paths: PkiPaths) -> list[Path]:
         return []
     written: list[Path] = []
     for share in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
-        share.chmod(_SHARE_DIR_MODE)
+        _tighten(share, _SHARE_DIR_MODE)
         wanted = {
             share / "ca.pem": (paths.ca_cert, _PUBLIC_MODE),
             share / "crl.pem": (paths.crl, _PUBLIC_MODE),
@@ -250,8 +250,15 @@ def sync_shares(paths: PkiPaths) -> list[Path]:
             if source.is_file() and _copy_if_changed(source, target, mode):
                 written.append(target)
         for key in share.glob("devices/*.key"):
-            key.chmod(_SHARED_KEY_MODE)
+            _tighten(key, _SHARED_KEY_MODE)
     return written
+
+
+def _tighten(path: Path, mode: int) -> None:
+    """Set ``mode`` on what this user owns; a folder an operator made for us is left as is."""
+    info = path.stat()
+    if stat.S_IMODE(info.st_mode) != mode and info.st_uid == os.getuid():
+        path.chmod(mode)
 
 
 def _copy_if_changed(source: Path, target: Path, mode: int) -> bool:
