@@ -136,10 +136,15 @@ def interpolate(text: str, values: dict[str, str]) -> str:
 # --- one source: the committed files are a fresh render -------------------------------------
 
 
-def test_the_committed_files_are_a_fresh_render(tmp_path: Path) -> None:
+def test_the_committed_files_are_a_fresh_render(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """`f2pipe deploy render --target compose .` changes nothing in the checkout."""
     from f2pipe.cli import main
+    from f2pipe.operations.deploy import cli
 
+    # The declared defaults, whatever this process's environment or earlier tests set.
+    monkeypatch.setattr(cli, "get_settings", Settings.model_construct)
     assert main(["deploy", "render", "--target", "compose", str(tmp_path)]) == 0
     expected = render_files(Settings.model_construct())
     rendered = {
