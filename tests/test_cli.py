@@ -182,3 +182,21 @@ def test_a_dsn_requiring_tls_against_a_plain_server_is_one_line(
     assert "SSL" in done.stderr
     assert SECRET not in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_command_quietly() -> None:
+    import subprocess
+    import sys
+
+    # `f2pipe config reference | head -0`: the reader has gone before the first write.
+    reader, writer = os.pipe()
+    os.close(reader)
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", "f2pipe.cli", "config", "reference"],
+            stdout=writer, stderr=subprocess.PIPE, text=True, check=False, timeout=60,
+        )  # fmt: skip
+    finally:
+        os.close(writer)
+    assert out.stderr == ""
+    assert out.returncode == 141

@@ -20,7 +20,7 @@ the one module that raises them (shown after the dash)::
     ├── Stopping                — runtime.kafka: a wait for Kafka ended by a stop at once
     ├── MalformedPacket         — runtime.mqttwire: bytes that are not an MQTT packet
     ├── DeadLettersUndelivered  — sink.settle: Kafka refused a sink dead letter
-    ├── DeadLetterError         — tools.dlq: dead letters cannot be read or replayed
+    ├── DeadLetterError         — tools.dlqread: dead letters cannot be read or replayed
     ├── CommandError            — tools.cmnd: a command could not be sent
     └── MqttError               — tools.simulator.client: the simulator's broker connection failed
 
