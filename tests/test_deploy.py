@@ -320,7 +320,8 @@ def test_every_f2pipe_variable_is_a_setting_with_a_valid_value() -> None:
     for name, svc in f2pipe_services().items():
         env = {k: interpolate(str(v), values) for k, v in svc["environment"].items()}
         fields = {k.removeprefix("F2PIPE_").lower(): v for k, v in env.items()}
-        fields.pop("admin_token_file", None)  # a secret mounted at run time
+        fields.pop("admin_token_file", None)  # secrets mounted at run time
+        fields.pop("kafka_sasl_password_file", None)
         settings = Settings.model_validate(fields)  # raises, naming the field, when invalid
         if "kafka_bootstrap" in fields:
             assert settings.kafka_bootstrap == "kafka:19092", name
@@ -382,9 +383,16 @@ def test_the_ca_key_lives_only_in_certgens_volume() -> None:
     assert {PARTIES[p] for p in PARTIES} == {"mosquitto", "connector", "simulator", "prometheus"}
 
 
-def test_only_certgen_holds_the_admin_token() -> None:
-    holders = {name for name, svc in services().items() if svc.get("secrets")}
-    assert holders == {"certgen"}
+def test_only_certgen_holds_the_admin_token_and_each_secret_one_service() -> None:
+    holders: dict[str, list[str]] = {}
+    for name, svc in services().items():
+        for secret in svc.get("secrets", []):
+            holders.setdefault(secret, []).append(name)
+    assert holders["admin_token"] == ["certgen"]
+    for service in ("connector", "processor", "sink"):
+        assert holders[f"{service}_kafka_password"] == [service]
+        env = services()[service]["environment"]
+        assert env["F2PIPE_KAFKA_SASL_PASSWORD_FILE"] == f"/run/secrets/{service}_kafka_password"
     text = COMPOSE_FILE.read_text(encoding="utf-8")
     assert text.count("F2PIPE_ADMIN_TOKEN_FILE") == 1
 

@@ -55,6 +55,10 @@ __all__ = ["render_compose", "shares_command"]
 KAFKA_SERVICES = ("connector", "processor", "sink")
 
 
+def _kafka_secret(service: str) -> str:
+    return f"{service}_kafka_password"
+
+
 def shares_command() -> list[str]:
     """certgen-init: the PKI, and a share folder for every party."""
     return ["deploy", "shares", *PARTIES]
@@ -200,7 +204,8 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
             "F2PIPE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
             "F2PIPE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
             "F2PIPE_KAFKA_SASL_USERNAME": principal(service).kafka_user or "",
-            "F2PIPE_KAFKA_SASL_PASSWORD": env(password_variable(service)),
+            # A compose secret (a file), so the password is not in the container's environment.
+            "F2PIPE_KAFKA_SASL_PASSWORD_FILE": f"/run/secrets/{_kafka_secret(service)}",
         }
 
     certgen_url = f"https://certgen:{settings.certgen_port}"
@@ -246,6 +251,7 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 images,
                 "connector",
                 ["connector"],
+                secrets=[_kafka_secret("connector")],
                 environment={"F2PIPE_STATE_DIR": STATE, **kafka("connector"), **mqtt, **ops},
                 volumes=[share("svc-connector", PKI)],
                 ports=[f"127.0.0.1:{settings.connector_port}:{settings.connector_port}"],
@@ -259,6 +265,7 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 images,
                 "processor",
                 ["processor"],
+                secrets=[_kafka_secret("processor")],
                 environment={
                     "F2PIPE_METADATA_DSN": dsn(
                         "f2pipe_processor",
@@ -281,6 +288,7 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 images,
                 "sink",
                 ["sink"],
+                secrets=[_kafka_secret("sink")],
                 environment={
                     "F2PIPE_TIMESERIES_DSN": dsn(
                         "f2pipe_sink", PASSWORD_VARIABLES[("postgres", "sink")], "timescaledb"
@@ -345,8 +353,17 @@ def render_compose(settings: Settings, images: Images) -> str:
             "name": Commented("f2pipe"),
             "services": Commented(services),
             "secrets": Commented(
-                {"admin_token": {"environment": "F2PIPE_ADMIN_TOKEN"}},
-                ["certgen's admin token, read from .env by name, mounted only into certgen."],
+                {
+                    "admin_token": {"environment": "F2PIPE_ADMIN_TOKEN"},
+                    **{
+                        _kafka_secret(s): {"environment": password_variable(s)}
+                        for s in KAFKA_SERVICES
+                    },
+                },
+                [
+                    "Read from .env by name; each is mounted only into the service it belongs",
+                    "to: the admin token into certgen, a Kafka password into its service.",
+                ],
             ),
             "volumes": Commented(
                 {
