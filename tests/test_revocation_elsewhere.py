@@ -133,3 +133,19 @@ def test_a_revoked_live_session_closes_without_the_brokers_pid(
         finally:
             device.close()
     assert detached_broker.poll() is None  # reloaded, never restarted
+
+
+def test_a_renewed_crl_reaches_the_broker_without_its_pid(
+    settings: Settings, detached_broker: subprocess.Popen[bytes]
+) -> None:
+    """The two other reloads certgen asks for: a renewal, and a CRL renewed before it served."""
+    from f2pipe.pki.local import load_ca
+    from f2pipe.pki.revocation import refresh_crl, reload_and_refresh
+
+    assert not broker_pid_path(settings).exists()
+    share_crl = settings.state_dir / SHARES / "broker" / "crl.pem"
+    before = share_crl.read_bytes()
+    assert refresh_crl(settings, load_ca(settings), None, force=True) is True
+    assert share_crl.read_bytes() != before
+    assert reload_and_refresh(settings) is True
+    assert detached_broker.poll() is None

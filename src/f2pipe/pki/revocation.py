@@ -66,6 +66,7 @@ from f2pipe.errors import ConfigError
 from f2pipe.pki.ca import (
     CertificateAuthority,
     Issued,
+    ca_passphrase,
     key_pem,
     pki_paths,
     utc_now,
@@ -138,11 +139,23 @@ def reload_broker(settings: Settings) -> bool:
 
 
 def reload_and_refresh(settings: Settings) -> bool:
-    """SIGHUP the broker, then restore the ACL of offline service sessions; True if reloaded."""
-    if not reload_broker(settings):
-        return False
-    refresh_service_sessions(settings)
-    return True
+    """Have the broker load the CRL on disk, then restore the ACL of offline service sessions.
+
+    SIGHUP by pid where possible; otherwise the CRL is rewritten with a probe and
+    this waits (up to :data:`RELOAD_WITHIN` s) for the broker's own reload. True
+    if the broker reloaded. Raises CertError if the CA cannot be loaded then.
+    """
+    if reload_broker(settings):
+        refresh_service_sessions(settings)
+        return True
+    paths = pki_paths(settings)
+    ca = CertificateAuthority.load(paths, ca_passphrase(settings))
+    with _LOCK, _probe(settings, ca, None) as probe:
+        write_crl(ca, paths, [probe.entry], settings.crl_days)
+        seen = await_reload(settings, probe.context, time.monotonic() + RELOAD_WITHIN)
+    if seen:
+        refresh_service_sessions(settings)
+    return bool(seen)
 
 
 def refresh_service_sessions(settings: Settings) -> None:
