@@ -1,40 +1,49 @@
 """The whole pipeline on this box, with the load generator on the same box (SPEC section 9).
 
-    .venv/bin/python bench/pipeline_bench.py [--duration 60] [--latency-duration 30]
+    .venv/bin/python bench/pipeline_bench.py [--duration 60] [--devices 1000]
 
 Runs ``f2pipe up``'s connector, processor and sink on dedicated servers (a
 temporary state folder, free ports; nothing shared is touched), PostgreSQL with
-``track_commit_timestamp`` so every row carries its commit time. Phases:
+``track_commit_timestamp`` so every row carries its commit time. The load comes
+from ``--devices`` generated controllers (default 1,000), each registered in the
+metadata with a certificate from the stack's CA and publishing on its own mTLS
+connection, as a fleet does (:mod:`pipeline_scale`).
 
-1. probe: a burst published as fast as the broker acknowledges; the time until
-   every stage has committed it gives a first estimate of the capacity.
+The measurement runs twice on the same stack: with one processor and one sink,
+then with a second processor and a second sink in the same consumer groups.
+Each run has these phases:
+
+1. probe (first run only): a burst published as fast as the broker
+   acknowledges; the time until every stage has committed it gives a first
+   estimate of the capacity.
 2. sustained: the simulator publishes at a fixed rate for ``--duration`` s
-   (at least 60); the rate counts as sustained when the publisher kept it, the
-   Kafka lag did not grow, and the pipeline drained within a few seconds of the
-   last publish. Otherwise the rate is lowered and the phase repeated.
-   Per-stage rates come from the services' counters, CPU from /proc.
-3. latency: 25 % of the sustained rate; per reading, the commit time of its
-   row minus the publish time the ledger holds (the message timestamp, taken
-   as the message is published).
+   (at least 60 for a report); the rate counts as sustained when the publisher
+   kept it, the Kafka lag did not grow, and the pipeline drained within a few
+   seconds of the last publish. Otherwise the rate is lowered and the phase
+   repeated (``--tries``). The second run starts at the first run's sustained
+   rate, so its first attempt compares CPU per frame at equal load
+   (``--replica-tries`` attempts). Per-stage rates come from the services'
+   counters (every replica's), CPU from /proc (every replica's own line).
+3. latency: 25 % of the run's sustained rate; per reading, the commit time of
+   its row minus the publish time the ledger holds (the message timestamp,
+   taken as the message is published).
 
-Every acknowledged message of every phase is in a ledger; at the end the table
-is compared with it in SQL (``lost``: ledger readings missing, ``wrong``: rows
-not in the ledger or with another value). Ceilings are measured in the same
-run by the stage benchmarks' own code: the connector's bare MQTT subscriber
-(``connector_bench.phase_subscriber``) and binary COPY with and without the
-idempotent staging step (``sink_bench.ceiling``).
+Every acknowledged message is in a ledger; after each run the table is compared
+with that run's ledgers in SQL (``lost``: ledger readings missing, ``wrong``:
+rows not in the ledger or with another value). Ceilings are measured in the
+same run by the stage benchmarks' own code: the connector's bare MQTT
+subscriber (``connector_bench.phase_subscriber``) and binary COPY with and
+without the idempotent staging step (``sink_bench.ceiling``).
 
-Writes ``bench/report.json`` and ``bench/report.md``.
+Writes ``bench/report.json`` and ``bench/report.md`` (:mod:`pipeline_report`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -42,17 +51,20 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
+import pipeline_report  # noqa: E402
+import pipeline_scale  # noqa: E402
 import psycopg  # noqa: E402
 
 from f2pipe.operations import pipeline, services, stack, status  # noqa: E402
+from f2pipe.operations.stack import security  # noqa: E402
 from f2pipe.settings import Settings, load_settings  # noqa: E402
 
 STAGES = ("connector", "processor", "sink")
@@ -112,35 +124,57 @@ def peak_rss_mb(pid: int | None) -> float | None:
 
 
 class Bench:
-    def __init__(self, settings: Settings, workdir: Path) -> None:
+    """The benchmark's stack, its services (replicas included) and the ledgers of each run.
+
+    ``settings`` are the stack's; ``admin`` the same with the operator's credentials,
+    for the benchmark's own reads of PostgreSQL and Kafka.
+    """
+
+    def __init__(self, settings: Settings, workdir: Path, devices: int) -> None:
         self.settings = settings
+        self.admin = settings
         self.workdir = workdir
+        self.devices = devices
         self.ledgers: list[Path] = []
-        self.dsn = settings.timeseries_dsn
-        self.procs: dict[str, int | None] = {}
+        self.replicas: list[services.Service] = []
+        self.connections: list[int] = []  # the broker's connections, sampled while publishing
+        self.reconnects = 0
+
+    @property
+    def dsn(self) -> str:
+        return self.admin.timeseries_dsn
 
     # -- processes
+    def stage_services(self) -> Iterator[tuple[str, services.Service]]:
+        """(label, service) of every running stage: ``processor``, ``processor-2``, ..."""
+        for service in services.services(self.settings, STAGES):
+            yield service.name, service
+        for service in self.replicas:
+            yield service.pidfile.path.stem, service
+
     def pids(self) -> dict[str, int | None]:
         paths = stack.Paths(self.settings.state_dir)
         found: dict[str, int | None] = {}
         for cls in stack.SERVERS:
             found[cls.name] = cls(self.settings, paths).pid()
-        for service in services.services(self.settings, STAGES):
-            found[service.name] = service.pid()
+        for label, service in self.stage_services():
+            found[label] = service.pid()
         return found
 
-    def counters(self) -> dict[str, float]:
-        observer_services = services.services(self.settings, STAGES)
-        out: dict[str, float] = {}
-        for service in observer_services:
+    def counters(self) -> dict[str, dict[str, float]]:
+        """Each service's throughput counters, by its label."""
+        out: dict[str, dict[str, float]] = {}
+        for label, service in self.stage_services():
             samples = status.scrape(service.url("/metrics"))
-            for label, (name, family) in status.THROUGHPUT.items():
-                if name == service.name:
-                    out[label] = status.total(samples, family)
+            out[label] = {
+                counter: status.total(samples, family)
+                for counter, (name, family) in status.THROUGHPUT.items()
+                if name == service.name
+            }
         return out
 
     def lag(self) -> int:
-        lags = status.Observer(self.settings).lag()
+        lags = status.Observer(self.admin).lag()
         return sum(v or 0 for v in lags.values())
 
     def stored(self) -> int:
@@ -149,34 +183,69 @@ class Bench:
         return int(row[0]) if row else 0
 
     # -- publishing
-    def publish(self, count: int, rate: float | None, name: str) -> dict[str, Any]:
+    def publish(
+        self,
+        count: int,
+        rate: float | None,
+        name: str,
+        on_connected: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run the simulator for ``count`` messages; its summary, with its CPU and wall time.
+
+        ``on_connected`` runs once the broker holds a connection of every simulated
+        controller, before the first publish has gone far (the simulator starts as
+        soon as its last handshake is done): measured phases start their CPU clocks
+        there, since a device makes its TLS handshake once, not per message.
+        ``cpu_connected_s`` is the simulator's CPU until then.
+        """
         ledger = self.workdir / f"ledger-{name}.jsonl"
         self.ledgers.append(ledger)
         command = [
-            sys.executable, "-m", "f2pipe.cli", "simulate", "--count", str(count),
-            "--ledger", str(ledger), "--json", "--window", "20000",
+            sys.executable, "-m", "f2pipe.cli", "simulate", "--devices", str(self.devices),
+            "--count", str(count), "--ledger", str(ledger), "--json", "--window", "20000",
         ]  # fmt: skip
         if rate:
             command += ["--rate", f"{rate:.1f}"]
         env = {**os.environ, **services.settings_env(self.settings)}
+        port = self.settings.mqtt_port
+        wanted = pipeline_scale.broker_connections(port) + self.devices
         started = time.monotonic()
         before = os.times()
-        out = subprocess.run(command, env=env, capture_output=True, check=False, timeout=3600)
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        connected_cpu = 0.0
+        try:
+            if on_connected is not None:
+                while pipeline_scale.broker_connections(port) < wanted:
+                    if proc.poll() is not None:
+                        break
+                    if time.monotonic() - started > 600:
+                        raise RuntimeError(f"{self.devices} controllers did not connect in 600 s")
+                    time.sleep(0.02)
+                else:
+                    connected_cpu = cpu_seconds(proc.pid)
+                    on_connected()
+            stdout, stderr = proc.communicate(timeout=3600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         after = os.times()
-        if out.returncode != 0:
-            raise RuntimeError(f"simulator failed: {out.stderr.decode()[-1000:]}")
-        summary: dict[str, Any] = json.loads(out.stdout.decode().strip().splitlines()[-1])
+        if proc.returncode != 0:
+            raise RuntimeError(f"simulator failed: {stderr.decode()[-1000:]}")
+        summary: dict[str, Any] = json.loads(stdout.decode().strip().splitlines()[-1])
         summary["wall_s"] = time.monotonic() - started
         # The load generator shares the two cores: its CPU belongs in the budget.
         summary["cpu_s"] = (after.children_user - before.children_user) + (
             after.children_system - before.children_system
         )
+        summary["cpu_connected_s"] = connected_cpu
+        self.reconnects += summary.get("reconnects", 0)
         return summary
 
     def wait_drained(self, timeout: float = 600) -> float:
         """Block until both consumer groups have committed everything; return when (monotonic)."""
         deadline = time.monotonic() + timeout
-        observer = status.Observer(self.settings)
+        observer = status.Observer(self.admin)
         last_rows, still = -1, 0
         while time.monotonic() < deadline:
             lags = observer.lag()
@@ -190,13 +259,58 @@ class Bench:
             time.sleep(0.5)
         raise RuntimeError("the pipeline did not drain in time")
 
+    # -- replicas
+    def add_replicas(self, ports: list[int]) -> None:
+        """A second processor and a second sink, consuming until each has had records.
+
+        A consumer that joins its group makes the group rebalance: small bursts are
+        published until both new replicas have consumed some, so no measured phase
+        pays for a rebalance.
+        """
+        processor_port, sink_port = ports
+        self.replicas = [
+            pipeline_scale.replica(services.Processor, self.settings, 2, processor_port),
+            pipeline_scale.replica(services.Sink, self.settings, 2, sink_port),
+        ]
+        pipeline_scale.start(self.replicas)
+        for attempt in range(10):
+            self.publish(2000, None, f"warmup-replicas-{attempt + 1}")
+            self.wait_drained()
+            counts = self.counters()
+            idle = [
+                label
+                for label, _service in self.stage_services()
+                if label != "connector" and not any(counts[label].values())
+            ]
+            if not idle:
+                return
+            log(f"replicas: {', '.join(idle)} consumed nothing yet")
+            time.sleep(2)
+        raise RuntimeError("a replica never got partitions of its topic")
+
+    def stop_replicas(self) -> None:
+        for service in reversed(self.replicas):
+            service.stop()
+
     # -- phases
+    def span_since(self, since: datetime) -> float | None:
+        """Seconds from the first message timestamp after ``since`` to the last row's commit."""
+        with psycopg.connect(self.dsn) as conn:
+            row = conn.execute(
+                "SELECT extract(epoch FROM max(pg_xact_commit_timestamp(xmin)) - min(timestamp))"
+                "  FROM decoded_data WHERE timestamp >= %s",
+                (since,),
+            ).fetchone()
+        return float(row[0]) if row and row[0] is not None else None
+
     def probe(self, count: int) -> float:
         log(f"probe: {count} messages as fast as the broker takes them")
+        since = datetime.now(UTC)
         t0 = time.monotonic()
         self.publish(count, None, "probe")
         done = self.wait_drained()
-        rate = count / (done - t0)
+        # From the first publish, so the fleet's handshakes before it do not count.
+        rate = count / (self.span_since(since) or done - t0)
         log(f"probe: {rate:.0f} frames/s end to end (including ramp and drain)")
         return rate
 
@@ -204,39 +318,45 @@ class Bench:
         count = int(rate * duration)
         log(f"{name}: {rate:.0f} frames/s for {duration:.0f} s ({count} messages)")
         pids = self.pids()
-        cpu0 = {n: tree_cpu_seconds(p) for n, p in pids.items()}
+        cpu_start = {n: tree_cpu_seconds(p) for n, p in pids.items()}
         c0 = self.counters()
         rows0 = self.stored()
         since = datetime.now(UTC)
         t0 = time.monotonic()
         lag_samples: list[int] = []
+        connections: list[int] = []
+        cpu0: dict[str, float] = {}
+        connect_s: list[float] = []
         stop = threading.Event()
 
         def sample() -> None:
             while not stop.wait(5.0):
+                connections.append(pipeline_scale.broker_connections(self.settings.mqtt_port))
                 with contextlib.suppress(Exception):
                     lag_samples.append(self.lag())
 
         sampler = threading.Thread(target=sample, daemon=True)
-        sampler.start()
+
+        def connected() -> None:
+            cpu0.update({n: tree_cpu_seconds(p) for n, p in pids.items()})
+            connect_s.append(time.monotonic() - t0)
+            sampler.start()
+
         try:
-            summary = self.publish(count, rate, name)
+            summary = self.publish(count, rate, name, connected)
         finally:
             stop.set()
-            sampler.join()
+            if sampler.is_alive():
+                sampler.join()
+        if not cpu0:
+            raise RuntimeError(f"{name}: the simulator ended before all its controllers connected")
         published_at = time.monotonic()
         done = self.wait_drained()
         c1 = self.counters()
         cpu1 = {n: tree_cpu_seconds(p) for n, p in pids.items()}
         rows1 = self.stored()
-        with psycopg.connect(self.dsn) as conn:
-            window = conn.execute(
-                "SELECT extract(epoch FROM max(pg_xact_commit_timestamp(xmin)) - min(timestamp))"
-                "  FROM decoded_data WHERE timestamp >= %s",
-                (since,),
-            ).fetchone()
         # First publish (the earliest message timestamp) to the last row's commit.
-        span = float(window[0]) if window and window[0] is not None else done - t0
+        span = self.span_since(since) or done - t0
         # Counters and CPU were read after the drain: per second of the same span.
         elapsed = span
         kept = summary["acknowledged"] / max(summary["elapsed_s"], 1e-6)
@@ -246,10 +366,41 @@ class Bench:
         drain_s = done - published_at
         frames = summary["acknowledged"]
         readings = rows1 - rows0
-        rates = {k: max(0.0, c1.get(k, 0) - c0.get(k, 0)) / elapsed for k in c1}
+        # Per service, then per counter over every replica of a stage.
+        delta = {
+            label: {k: max(0.0, v - c0.get(label, {}).get(k, 0.0)) for k, v in values.items()}
+            for label, values in c1.items()
+        }
+        totals: dict[str, float] = {}
+        for values in delta.values():
+            for k, v in values.items():
+                totals[k] = totals.get(k, 0.0) + v
+        rates = {k: v / elapsed for k, v in totals.items()}
         cpu = {n: cpu1[n] - cpu0[n] for n in cpu1}
-        cpu["simulator"] = summary["cpu_s"]
-        consumed = max(1.0, c1.get("frames_consumed", 0) - c0.get("frames_consumed", 0))
+        cpu["simulator"] = summary["cpu_s"] - summary["cpu_connected_s"]
+        # The fleet's TLS handshakes, made before the measured phase: per connection.
+        handshake = {
+            "mosquitto": cpu0.get("mosquitto", 0.0) - cpu_start.get("mosquitto", 0.0),
+            "simulator": summary["cpu_connected_s"],
+        }
+
+        def stage_cpu(stage: str) -> float:
+            return sum(v for n, v in cpu.items() if n.split("-")[0] == stage)
+
+        consumed = max(1.0, totals.get("frames_consumed", 0))
+        replicas = {
+            stage: {
+                label: {
+                    "share_of_input": round(
+                        delta[label].get(counter, 0) / max(1.0, totals.get(counter, 0)), 3
+                    ),
+                    "cpu_us_per_frame": round(cpu.get(label, 0) / max(frames, 1) * 1e6, 1),
+                }
+                for label in delta
+                if label.split("-")[0] == stage
+            }
+            for stage, counter in (("processor", "frames_consumed"), ("sink", "sink_consumed"))
+        }
         ok = kept >= 0.95 * rate and drain_s <= 10 and late <= max(2 * early, 5000)
         result = {
             "target_frames_per_s": round(rate, 1),
@@ -261,25 +412,71 @@ class Bench:
             "drain_after_last_publish_s": round(drain_s, 2),
             "kafka_lag_samples": lag_samples,
             "sustained": ok,
+            "load_average_1m": round(os.getloadavg()[0], 2),
+            "connections": {
+                # Sampled every 5 s while publishing; the connector's own one included.
+                "broker_median": sorted(connections)[len(connections) // 2] if connections else 0,
+                "reconnects": summary.get("reconnects", 0),
+                "connect_s": round(connect_s[0], 1),
+                "handshake_cpu_ms_per_connection": {
+                    k: round(v / self.devices * 1e3, 2) for k, v in handshake.items()
+                },
+            },
             "stage_rates_per_s": {k: round(v, 1) for k, v in rates.items()},
+            "replicas": replicas,
             "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
             "cpu_share_of_2_cores": {
                 k: round(v / elapsed / (os.cpu_count() or 1), 3) for k, v in cpu.items()
             },
-            "processor_cpu_us_per_frame": round(cpu.get("processor", 0) / consumed * 1e6, 1),
-            "connector_cpu_us_per_msg": round(cpu.get("connector", 0) / max(frames, 1) * 1e6, 1),
-            "sink_cpu_us_per_row": round(cpu.get("sink", 0) / max(readings, 1) * 1e6, 1),
+            "processor_cpu_us_per_frame": round(stage_cpu("processor") / consumed * 1e6, 1),
+            "connector_cpu_us_per_msg": round(stage_cpu("connector") / max(frames, 1) * 1e6, 1),
+            "sink_cpu_us_per_row": round(stage_cpu("sink") / max(readings, 1) * 1e6, 1),
         }
-        log(f"{name}: {json.dumps({k: v for k, v in result.items() if k != 'cpu_s'})}")
+        self.connections += connections
+        shown = {k: v for k, v in result.items() if k not in ("cpu_s", "replicas")}
+        log(f"{name}: {json.dumps(shown)}")
         return result
 
-    def latency(self, rate: float, duration: float) -> dict[str, Any]:
+    def search(
+        self, rate: float, duration: float, tries: int, run: str
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Sustained attempts from ``rate``: (the best sustained one, every attempt).
+
+        Up by a quarter while sustained and down by a fifth while not, until the two
+        meet; then halve the gap between the best sustained and the lowest failed rate
+        while it is wider than 5 %. With none sustained, the last attempt is the result.
+        """
+        best: dict[str, Any] | None = None
+        failed: float | None = None  # the lowest rate that was not sustained
+        attempts: list[dict[str, Any]] = []
+        for attempt in range(tries):
+            result = self.sustained(rate, duration, f"{run}-sustained-{attempt + 1}")
+            attempts.append(result)
+            if result["sustained"]:
+                if best is None or result["frames_per_s"] > best["frames_per_s"]:
+                    best = result
+            else:
+                failed = rate if failed is None else min(failed, rate)
+            if best is None:
+                rate *= 0.8
+            elif failed is None:
+                rate *= 1.25
+            elif failed > best["target_frames_per_s"] * 1.05:
+                rate = (best["target_frames_per_s"] + failed) / 2
+            else:
+                break
+        if best is None:
+            log(f"{run}: no attempt was sustained; reporting the last one")
+            best = attempts[-1]
+        return best, attempts
+
+    def latency(self, rate: float, duration: float, run: str) -> dict[str, Any]:
         count = max(100, int(rate * duration))
-        log(f"latency: {rate:.0f} frames/s for {duration:.0f} s")
+        log(f"{run}-latency: {rate:.0f} frames/s for {duration:.0f} s")
         since = datetime.now(UTC)
         # The simulator stamps each message when it writes it: the ledger's timestamp is
         # the publish time the latency is measured from.
-        summary = self.publish(count, rate, "latency")
+        summary = self.publish(count, rate, f"{run}-latency")
         if summary["acknowledged"] != count:
             raise RuntimeError(f"latency phase: {summary}")
         self.wait_drained()
@@ -302,47 +499,63 @@ class Bench:
             "readings": int(n),
             "frames_per_s": round(rate, 1),
         }
-        log(f"latency: {result}")
+        log(f"{run}-latency: {result}")
         return result
 
     # -- correctness
-    def compare(self) -> tuple[int, int, int]:
-        """(expected readings, lost, wrong) of the whole run, computed in SQL."""
+    def compare(self, ledgers: list[Path], since: datetime | None) -> tuple[int, int, int]:
+        """(expected readings, lost, wrong) of one run, computed in SQL.
+
+        ``ledgers``: the run's; ``since``: when the run began (None: the table's
+        every row), since the table holds the earlier runs' rows too.
+        """
         from f2pipe.testing.ledger import datapoint_map
 
         mapping = datapoint_map(self.dsn)
-        buffer = io.StringIO()
-        for ledger in self.ledgers:
-            for line in ledger.read_text().splitlines():
-                entry = json.loads(line)
-                if not entry["readings"]:
-                    continue
-                _, device, _, connector, sensor = entry["topic"].split("/")
-                key = (device[3:], int(connector[1:]), int(sensor.split("-")[1]))
-                for reading in entry["readings"]:
-                    dev, dp = mapping[(*key, reading["label"])]
-                    value = repr(float(reading["value"]))
-                    buffer.write(f"{entry['timestamp']}+00\t{dev}\t{dp}\t{value}\n")
+        # The epoch stands for "every row": the table holds nothing older.
+        since = since or datetime(1970, 1, 1, tzinfo=UTC)
         with psycopg.connect(self.dsn) as conn:
             conn.execute(
                 "CREATE TEMP TABLE expected (timestamp timestamptz, device_id int,"
                 " datapoint_id int, value double precision)"
             )
             with conn.cursor().copy("COPY expected FROM STDIN") as copy:
-                copy.write(buffer.getvalue())
+                for ledger in ledgers:
+                    with ledger.open() as lines:
+                        chunk: list[str] = []
+                        for line in lines:
+                            chunk.append(expected_rows(json.loads(line), mapping))
+                            if len(chunk) >= 10000:
+                                copy.write("".join(chunk))
+                                chunk.clear()
+                        copy.write("".join(chunk))
             conn.execute("CREATE INDEX ON expected (timestamp, device_id, datapoint_id)")
             conn.execute("ANALYZE expected")
             q = conn.execute(
                 "SELECT (SELECT count(*) FROM (SELECT DISTINCT * FROM expected) e),"
                 " (SELECT count(*) FROM (SELECT timestamp, device_id, datapoint_id, value"
                 "   FROM expected EXCEPT SELECT timestamp, device_id, datapoint_id, value"
-                "   FROM decoded_data) m),"
+                "   FROM decoded_data WHERE timestamp >= %(since)s) m),"
                 " (SELECT count(*) FROM (SELECT timestamp, device_id, datapoint_id, value"
-                "   FROM decoded_data EXCEPT SELECT timestamp, device_id, datapoint_id, value"
-                "   FROM expected) w)"
+                "   FROM decoded_data WHERE timestamp >= %(since)s"
+                "   EXCEPT SELECT timestamp, device_id, datapoint_id, value FROM expected) w)",
+                {"since": since},
             ).fetchone()
         assert q is not None
         return int(q[0]), int(q[1]), int(q[2])
+
+
+def expected_rows(entry: dict[str, Any], mapping: dict[tuple[str, int, int, str], Any]) -> str:
+    """The rows one ledger entry must have become, as COPY text lines."""
+    if not entry["readings"]:
+        return ""
+    _, device, _, connector, sensor = entry["topic"].split("/")
+    key = (device[3:], int(connector[1:]), int(sensor.split("-")[1]))
+    out = []
+    for reading in entry["readings"]:
+        dev, dp = mapping[(*key, reading["label"])]
+        out.append(f"{entry['timestamp']}+00\t{dev}\t{dp}\t{float(reading['value'])!r}\n")
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------- ceilings
@@ -350,7 +563,7 @@ def mqtt_ceiling(settings: Settings, workdir: Path, count: int) -> dict[str, Any
     """The connector's bare MQTT receive path (acknowledge on receipt), by connector_bench."""
     import connector_bench as cb
 
-    from f2pipe.testing.servers import Mosquitto, TestPki
+    from f2pipe.testing.servers import Mosquitto, TestPki, connector_env
     from f2pipe.tools.simulator import generated_fleet
 
     pki = TestPki(workdir / "ceiling-state")
@@ -362,8 +575,15 @@ def mqtt_ceiling(settings: Settings, workdir: Path, count: int) -> dict[str, Any
     try:
         local = load_settings(mqtt_tls=True, mqtt_port=broker.port, state_dir=pki.root)
         identity = f"svc-connector-ceiling-{os.getpid()}"
-        env = cb.connector_env(pki, broker.port, identity, settings.kafka_bootstrap)
+        env = connector_env(pki, broker.port, identity, settings.kafka_bootstrap)
         env["F2PIPE_CONNECTOR_PORT"] = str(free_ports(1)[0])
+        # The stack's Kafka is secured by default: the subscriber needs the credentials.
+        paths = stack.Paths(settings.state_dir)
+        env |= {
+            k: v
+            for k, v in security.admin_env(settings, paths).items()
+            if k.startswith("F2PIPE_KAFKA_")
+        }
         cb.publish(local, sensors, min(5000, count), 2)  # warm-up
         result: dict[str, Any] = cb.phase_subscriber(
             local,
@@ -404,115 +624,53 @@ def copy_ceilings(settings: Settings, rows: int) -> dict[str, float]:
     }
 
 
-# --------------------------------------------------------------------------- report
-def _first_line(command: list[str]) -> str:
-    with contextlib.suppress(OSError):
-        out = subprocess.run(command, capture_output=True, text=True, check=False, timeout=10)
-        return (out.stdout or out.stderr).strip().splitlines()[0]
-    return "?"
-
-
-def versions(dsn: str) -> dict[str, str]:
-    import confluent_kafka
-
-    with psycopg.connect(dsn) as conn:
-        row = conn.execute("SHOW server_version").fetchone()
-    mosquitto = stack.Program("mosquitto", "mosquitto").find() or "mosquitto"
-    return {
-        "f2pipe": metadata.version("f2pipe"),
-        "python": platform.python_version(),
-        "postgresql": str(row[0]) if row else "?",
-        "kafka": stack.kafka_version(),
-        "mosquitto": _first_line([mosquitto, "-h"]),
-        "redis": _first_line(["redis-server", "--version"]),
-        "confluent_kafka": metadata.version("confluent-kafka"),
-        "librdkafka": confluent_kafka.libversion()[0],
-        "psycopg": psycopg.__version__,
-    }
-
-
-def machine() -> dict[str, Any]:
-    model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    memory = 0
-    with contextlib.suppress(OSError):
-        memory = int(Path("/proc/meminfo").read_text().split()[1]) // 1024
-    return {
-        "cpus": os.cpu_count(),
-        "cpu_model": model,
-        "memory_mb": memory,
-        "kernel": platform.release(),
-        "load_average": [round(x, 2) for x in os.getloadavg()],
-    }
-
-
-def markdown(report: dict[str, Any]) -> str:
-    lat = report["latency_ms"]
-    stages = report["stages"]
-    ceil = report["ceilings"]
-    lines = [
-        "# f2pipe benchmark: the whole pipeline on one box",
-        "",
-        f"Run {report['when']} on {report['machine']['cpus']} cores"
-        f" ({report['machine']['cpu_model']}), {report['machine']['memory_mb']} MB;"
-        " the load generator runs on the same box.",
-        "",
-        "| measure | value |",
-        "| --- | --- |",
-        f"| sustained frames/s (>= {report['duration_s']:.0f} s) | {report['frames_per_s']:,.0f} |",
-        f"| sustained readings/s | {report['readings_per_s']:,.0f} |",
-        f"| lost / wrong readings | {report['lost']} / {report['wrong']} |",
-        f"| latency p50 / p95 / p99 at 25 % load (ms)"
-        f" | {lat['p50']} / {lat['p95']} / {lat['p99']} |",
-        f"| connector msgs/s | {stages['connector']['msgs_per_s']:,.0f} |",
-        f"| processor CPU per frame (us) | {stages['processor']['cpu_us_per_frame']} |",
-        f"| sink rows/s | {stages['sink']['rows_per_s']:,.0f} |",
-        f"| ceiling: bare MQTT subscriber msgs/s | {ceil['mqtt_subscriber_msgs_per_s']:,.0f} |",
-        f"| ceiling: binary COPY rows/s | {ceil['copy_rows_per_s']:,.0f} |",
-        f"| ceiling: COPY + ON CONFLICT rows/s | {ceil['copy_upsert_rows_per_s']:,.0f} |",
-        "",
-        "CPU share of the two cores during the sustained phase (PostgreSQL with its"
-        " backends; simulator: the load generator), and peak memory (PostgreSQL: the postmaster):",
-        "",
-        "| process | CPU share | CPU us per frame | peak RSS MB |",
-        "| --- | --- | --- | --- |",
-    ]
-    for name, share in report["cpu_share"].items():
-        per = report["cpu_us_per_frame"].get(name, "")
-        peak = report["peak_rss_mb"].get(name) or "-"
-        lines.append(f"| {name} | {share:.0%} | {per} | {peak} |")
-    budget = report["budget"]
-    lines += [
-        f"| all | | {budget['cpu_us_per_frame_total']} | |",
-        "",
-        f"At {budget['cpu_us_per_frame_total']} us of CPU per frame, {budget['cores']} cores"
-        f" allow at most {budget['frames_per_s_if_cpu_bound']:,} frames/s.",
-    ]
-    lines += ["", "Versions:", ""]
-    lines += [f"- {k}: {v}" for k, v in report["versions"].items()]
-    return "\n".join(lines) + "\n"
+def measure(
+    bench: Bench, replicas: int, rate: float, tries: int, args: argparse.Namespace
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One run: the sustained search from ``rate``, its latency and its ledger check."""
+    run = f"{replicas}x"
+    since = datetime.now(UTC)
+    first = len(bench.ledgers)
+    best, attempts = bench.search(rate, args.duration, tries, run)
+    # Peak memory before the latency phase, as before: the sustained load's.
+    peak = {name: peak_rss_mb(pid) for name, pid in bench.pids().items()}
+    latency = bench.latency(best["target_frames_per_s"] * 0.25, args.latency_duration, run)
+    # The first run's rows are all the table holds; the second's begin at its start.
+    check = bench.compare(bench.ledgers[first:] if replicas > 1 else bench.ledgers,
+                          since if replicas > 1 else None)  # fmt: skip
+    log(f"{run}: ledger {check[0]} readings, lost {check[1]}, wrong {check[2]}")
+    report = pipeline_report.run_report(replicas, best, attempts, latency, check, peak)
+    return report, attempts
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--duration", type=float, default=60.0, help="sustained phase, s")
     parser.add_argument("--latency-duration", type=float, default=30.0)
+    parser.add_argument(
+        "--devices", type=int, default=1000, help="simulated controllers, one connection each"
+    )
     parser.add_argument("--probe", type=int, default=60000, help="messages in the probe burst")
     parser.add_argument("--rate", type=float, help="skip the probe: start at this frames/s")
     parser.add_argument("--tries", type=int, default=6, help="at most this many sustained runs")
+    parser.add_argument(
+        "--replica-tries",
+        type=int,
+        default=2,
+        help="sustained runs with two processors and two sinks (the first at the first run's rate)",
+    )
     parser.add_argument("--ceiling-messages", type=int, default=40000)
     parser.add_argument("--ceiling-rows", type=int, default=200000)
     parser.add_argument("--out", type=Path, default=REPO / "bench")
     args = parser.parse_args()
+    if args.devices < 1:
+        parser.error("--devices must be at least 1")
 
+    load_at_start = [round(x, 2) for x in os.getloadavg()]
     workdir = Path(tempfile.mkdtemp(prefix="f2pipe-bench-"))
     workdir.chmod(0o711)  # PostgreSQL's account must reach its data folder
-    ports = free_ports(9)
-    pg, redis, kafka, controller, mqtt, connector, processor, sink, certgen = ports
+    ports = free_ports(11)
+    pg, redis, kafka, controller, mqtt, connector, processor, sink, certgen = ports[:9]
     dsn = f"postgresql://postgres@127.0.0.1:{pg}/f2pipe"
     settings = load_settings(
         state_dir=workdir / "state",
@@ -528,116 +686,81 @@ def main() -> int:
         certgen_port=certgen,
         stack_install=False,
     )
-    bench = Bench(settings, workdir)
+    bench = Bench(settings, workdir, args.devices)
     try:
         log(f"starting the pipeline in {workdir}")
         # Every row's commit time, for the latency: set before the stages connect, since
         # it takes a restart of PostgreSQL.
         stack.up(settings, ["postgres"])
-        with psycopg.connect(dsn, autocommit=True) as conn:
+        bench.admin = security.admin_settings(settings)
+        with psycopg.connect(bench.dsn, autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
         server = stack.Postgres(settings, stack.Paths(settings.state_dir))
         server.stop()
         pipeline.up(settings, STAGES, quiet=True)
+        bench.admin = security.admin_settings(settings)
+        log(f"fleet: registering {args.devices} controllers and issuing their certificates")
+        provision_s = pipeline_scale.provision(bench.admin, args.devices)
+        log(f"fleet: ready ({provision_s})")
         bench.publish(2000, None, "warmup")
         bench.wait_drained()
 
         rate = args.rate or bench.probe(args.probe)
-        best: dict[str, Any] | None = None
-        failed: float | None = None  # the lowest rate that was not sustained
-        attempts = []
-        # Up by a quarter while sustained and down by a fifth while not, until the two
-        # meet; then halve the gap between the best sustained and the lowest failed rate
-        # while it is wider than 5 %. The best sustained attempt is the result.
-        for attempt in range(args.tries):
-            result = bench.sustained(rate, args.duration, f"sustained-{attempt + 1}")
-            attempts.append(result)
-            if result["sustained"]:
-                if best is None or result["frames_per_s"] > best["frames_per_s"]:
-                    best = result
-            else:
-                failed = rate if failed is None else min(failed, rate)
-            if best is None:
-                rate *= 0.8
-            elif failed is None:
-                rate *= 1.25
-            elif failed > best["target_frames_per_s"] * 1.05:
-                rate = (best["target_frames_per_s"] + failed) / 2
-            else:
-                break
-        if best is None:
-            best = attempts[-1]
-            log("no attempt was sustained; reporting the last one")
-        pids = bench.pids()
-        peak = {name: peak_rss_mb(pid) for name, pid in pids.items()}
-        latency = bench.latency(best["target_frames_per_s"] * 0.25, args.latency_duration)
-        expected, lost, wrong = bench.compare()
-        log(f"ledger: {expected} readings, lost {lost}, wrong {wrong}")
+        one, _ = measure(bench, 1, rate, args.tries, args)
+        log("adding a second processor and a second sink")
+        bench.add_replicas(ports[9:])
+        two, attempts = measure(bench, 2, one["target_frames_per_s"], args.replica_tries, args)
+        step = pipeline_report.scaling(one, two, attempts[0])
+        log(f"scaling: {step['verdict']}")
+        bench.stop_replicas()
+
         log("ceiling: bare MQTT subscriber")
         mqtt_result = mqtt_ceiling(settings, workdir, args.ceiling_messages)
         log("ceiling: COPY")
-        copy_result = copy_ceilings(settings, args.ceiling_rows)
-        frames = max(best["frames"], 1)
-        per_frame = {name: seconds / frames * 1e6 for name, seconds in best["cpu_s"].items()}
-        cores = os.cpu_count() or 1
-        report = {
-            "when": datetime.now(UTC).isoformat(timespec="seconds"),
-            "duration_s": args.duration,
-            "frames_per_s": best["frames_per_s"],
-            "readings_per_s": best["readings_per_s"],
-            "sustained": best["sustained"],
-            "lost": lost,
-            "wrong": wrong,
-            "ledger_readings": expected,
-            "latency_ms": latency,
-            "stages": {
-                "connector": {
-                    "msgs_per_s": best["stage_rates_per_s"].get("kafka_acked", 0.0),
-                    "cpu_us_per_msg": best["connector_cpu_us_per_msg"],
-                },
-                "processor": {
-                    "frames_per_s": best["stage_rates_per_s"].get("frames_consumed", 0.0),
-                    "cpu_us_per_frame": best["processor_cpu_us_per_frame"],
-                },
-                "sink": {
-                    "rows_per_s": best["stage_rates_per_s"].get("readings_landed", 0.0),
-                    "cpu_us_per_row": best["sink_cpu_us_per_row"],
-                },
-            },
-            "cpu_share": best["cpu_share_of_2_cores"],
-            "cpu_us_per_frame": {name: round(us, 1) for name, us in per_frame.items()},
-            # Every process on the box, load generator included, per frame: what the cores
-            # allow if nothing else limits the rate.
-            "budget": {
-                "cpu_us_per_frame_total": round(sum(per_frame.values()), 1),
-                "cores": cores,
-                "frames_per_s_if_cpu_bound": round(cores * 1e6 / sum(per_frame.values())),
-            },
-            "peak_rss_mb": peak,
-            "ceilings": {
-                "mqtt_subscriber_msgs_per_s": mqtt_result["rate_per_s"],
-                "copy_rows_per_s": copy_result["copy_rows_per_s"],
-                "copy_upsert_rows_per_s": copy_result["copy_upsert_rows_per_s"],
-                "copy_batch_rows": copy_result["batch_rows"],
-            },
-            "ratios": {
+        copy_result = copy_ceilings(bench.admin, args.ceiling_rows)
+        ceilings = {
+            "mqtt_subscriber_msgs_per_s": mqtt_result["rate_per_s"],
+            "copy_rows_per_s": copy_result["copy_rows_per_s"],
+            "copy_upsert_rows_per_s": copy_result["copy_upsert_rows_per_s"],
+            "copy_batch_rows": copy_result["batch_rows"],
+        }
+        for run in (one, two):
+            run["ratios"] = {
                 "connector_over_mqtt_ceiling": round(
-                    best["stage_rates_per_s"].get("kafka_acked", 0.0) / mqtt_result["rate_per_s"],
+                    run["stages"]["connector"]["msgs_per_s"]
+                    / ceilings["mqtt_subscriber_msgs_per_s"],
                     3,
                 ),
                 "sink_over_copy_ceiling": round(
-                    best["readings_per_s"] / copy_result["copy_rows_per_s"], 3
+                    run["readings_per_s"] / ceilings["copy_rows_per_s"], 3
                 ),
+            }
+        report = {
+            "when": datetime.now(UTC).isoformat(timespec="seconds"),
+            "duration_s": args.duration,
+            "fleet": {
+                "controllers": args.devices,
+                "connections": "one mTLS connection per controller",
+                # Sampled while the measured phases published (median).
+                "broker_connections": sorted(bench.connections)[len(bench.connections) // 2]
+                if bench.connections
+                else 0,
+                "reconnects": bench.reconnects,
+                "sensors_per_controller": 1,
+                "provision_s": provision_s,
             },
-            "attempts": attempts,
-            "versions": versions(dsn),
-            "machine": machine(),
+            "runs": [one, two],
+            "scaling": step,
+            "ceilings": ceilings,
+            "versions": pipeline_report.versions(bench.dsn),
+            "machine": {**pipeline_report.machine(), "load_average_at_start": load_at_start},
         }
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (args.out / "report.md").write_text(markdown(report))
+        (args.out / "report.md").write_text(pipeline_report.markdown(report))
         log(f"wrote {args.out / 'report.json'} and report.md")
     finally:
+        bench.stop_replicas()
         pipeline.down(settings, quiet=True)
         shutil.rmtree(workdir, ignore_errors=True)
     return 0

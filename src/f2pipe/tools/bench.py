@@ -2,7 +2,8 @@
 
 The benchmark reuses the stage benchmarks in the checkout's ``bench/`` (they are
 not part of the installed package), so it runs from a checkout only.
-Arguments after ``bench`` are passed through (``f2pipe bench --duration 90``).
+Arguments after ``bench`` are passed through (``f2pipe bench --duration 90``,
+``--devices 2000``; ``--duration 20`` for a quick look, not a report).
 The script logs each phase with its time; this command says where it starts and
 how long the whole took, on stderr (``--help`` of the script prints neither).
 """
@@ -30,8 +31,9 @@ def _run(args: argparse.Namespace) -> int:
     began = time.monotonic()
     if talk:
         print(
-            "bench: starting its own servers, warming up, then measuring; "
-            "the phases follow; report.json and report.md go to bench/ (or --out)",
+            "bench: starting its own servers and a simulated fleet, then measuring with one "
+            "processor and one sink, then two of each; the phases follow; report.json and "
+            "report.md go to bench/ (or --out)",
             file=sys.stderr,
             flush=True,
         )
