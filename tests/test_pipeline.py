@@ -10,11 +10,20 @@ broker acknowledged; the ledger is the ground truth the table is compared to.
   reading is in ``decoded_data`` with its exact value, every malformed message
   is on the dead-letter topic with its reason, and nothing else is in the table.
 - ``test_crash``: on dedicated servers (a whole ``f2pipe up`` in a temporary
-  state folder): while QoS 1 messages stream through, each stage is killed
-  with SIGKILL and restarted, PostgreSQL and Kafka are restarted, and Mosquitto
-  is restarted gracefully while it holds the connector's queued messages; the
-  rows equal the ledger exactly. ``CHAOS_MESSAGES`` sets its size (``make
-  chaos``: 50,000).
+  state folder), two of the controllers in daylight-saving zones and a fifth
+  of the messages faulty: while QoS 1 messages stream through, each stage is
+  killed with SIGKILL and restarted, then killed again at its commit point by
+  the test-only fault hook (``tests/faults``: the connector between Kafka's
+  ack and the PUBACK, the processor between its flush and its offset commit,
+  the sink between the database commit and the offset commit); PostgreSQL and
+  Kafka are killed with SIGKILL and Kafka restarted gracefully; Redis is killed
+  and restarted; and Mosquitto is restarted gracefully while it holds the
+  connector's queued messages. The rows equal the ledger exactly and the dead
+  letters are exactly the faulty messages. ``CHAOS_MESSAGES`` sets its size
+  (``make chaos``: 50,000).
+- ``test_broker_drops_past_its_queue_bound_are_reported``: Kafka stopped and
+  more published than the broker may queue; the drops are reported and the
+  table holds exactly the acknowledged messages minus them.
 """
 
 from __future__ import annotations
@@ -30,10 +39,11 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import psycopg
 import pytest
@@ -60,6 +70,8 @@ FAULT_REASONS = {
     "clock_skew": "timestamp_out_of_range",
 }
 STAGES = ("connector", "processor", "sink")
+# Demo controllers the crash test moves into daylight-saving zones.
+DST_ZONES = {"aabbccddee01": "Europe/Madrid", "aabbccddee02": "America/New_York"}
 
 
 def free_ports(count: int) -> list[int]:
@@ -96,8 +108,14 @@ def read_ledger(*paths: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for path in paths for line in path.read_text().splitlines()]
 
 
-def expected_rows(entries: Sequence[dict[str, Any]], dsn: str) -> set[Row]:
-    """The readings the ledger says must land (faulty messages carry none)."""
+def expected_rows(
+    entries: Sequence[dict[str, Any]], dsn: str, zones: Mapping[str, str] | None = None
+) -> set[Row]:
+    """The readings the ledger says must land (faulty messages carry none).
+
+    The simulator stamps the UTC wall clock without an offset; a controller whose
+    time zone is in ``zones`` (MAC -> zone) has that wall time read in its zone.
+    """
     mapping = datapoint_map(dsn)
     expected: set[Row] = set()
     for entry in entries:
@@ -106,7 +124,8 @@ def expected_rows(entries: Sequence[dict[str, Any]], dsn: str) -> set[Row]:
         # tele/f2-<mac>/sensor-mode/J<n>/sensor-<pin>
         _, device, _, connector, sensor = entry["topic"].split("/")
         mac, number, pin = device[3:], int(connector[1:]), int(sensor.split("-")[1])
-        ts = datetime.fromisoformat(entry["timestamp"]).replace(tzinfo=UTC)
+        zone = ZoneInfo((zones or {}).get(mac, "UTC"))
+        ts = datetime.fromisoformat(entry["timestamp"]).replace(tzinfo=zone).astimezone(UTC)
         for reading in entry["readings"]:
             device_id, datapoint_id = mapping[(mac, number, pin, reading["label"])]
             expected.add((ts, device_id, datapoint_id, float(reading["value"])))
@@ -445,6 +464,9 @@ class Publisher(threading.Thread):
 def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
     settings = own_pipeline
     dsn = settings.timeseries_dsn
+    with psycopg.connect(settings.metadata_dsn) as conn:
+        for mac, zone in DST_ZONES.items():
+            conn.execute("UPDATE devices SET timezone = %s WHERE mac_address = %s", (zone, mac))
     total = chaos_size()
     first = int(total * 0.7)
     # Phase one streams through every event, a fifth of its messages faulty; it lasts
@@ -505,7 +527,7 @@ def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
     connector.start()
     connector.wait_healthy()
 
-    expected = expected_rows(read_ledger(*ledgers), dsn)
+    expected = expected_rows(read_ledger(*ledgers), dsn, DST_ZONES)
     assert len(expected) > total  # every demo sensor carries several datapoints
     wait_until(
         lambda: drained(settings, expected),
