@@ -38,8 +38,9 @@ test: venv
 	trap 'exit 130' INT TERM; \
 	$(F2PIPE) stack up --record "$$started" && $(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The crash test at full size: 50,000 QoS 1 messages while every stage is killed and
-# every server restarted (CHAOS_MESSAGES overrides the size).
+# The crash matrix at full size: 50,000 QoS 1 messages, a fifth faulty, while every
+# stage is killed (also at its commit point) and every server killed or restarted
+# (CHAOS_MESSAGES overrides the size).
 chaos: venv
 	@CHAOS_MESSAGES=$${CHAOS_MESSAGES:-50000} $(MAKE) --no-print-directory test \
 		PYTEST_ARGS="tests/test_pipeline.py -k crash $(PYTEST_ARGS)"
