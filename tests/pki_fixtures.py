@@ -220,8 +220,11 @@ def make_client(
     tls: bool = True,
     reconnect: bool = False,
     persistent: bool = False,
+    will: str = "",
 ) -> Client:
-    """Connect (asynchronously) and return; poll ``connected()`` or ``connack``."""
+    """Connect (asynchronously) and return; poll ``connected()`` or ``connack``.
+
+    ``will``: a topic for a QoS 1 will message (payload ``will``)."""
     paho = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -257,6 +260,8 @@ def make_client(
     paho.on_message = on_message
     paho.on_subscribe = on_subscribe
     paho.reconnect_delay_set(1, 2)
+    if will:
+        paho.will_set(will, b"will", qos=1)
     properties = None
     if persistent:  # a session that outlives the connection, as the connector's does
         properties = Properties(PacketTypes.CONNECT)

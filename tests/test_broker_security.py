@@ -49,8 +49,8 @@ A, B = "aabbccddee01", "aabbccddee02"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def _connected(settings: Settings, identity: Identity, client_id: str = ""):  # type: ignore[no-untyped-def]
-    client = make_client(settings, identity, client_id=client_id)
+def _connected(settings: Settings, identity: Identity, client_id: str = "", will: str = ""):  # type: ignore[no-untyped-def]
+    client = make_client(settings, identity, client_id=client_id, will=will)
     wait_until(client.connected, timeout=10, what=f"{identity.cert.name} to connect")
     return client
 
@@ -452,3 +452,58 @@ def test_the_broker_refuses_tls_1_0_and_1_1(
     assert _handshake(settings, ssl.TLSVersion.TLSv1, identity) == "TLSV1_ALERT_PROTOCOL_VERSION"
     assert _handshake(settings, ssl.TLSVersion.TLSv1_1, identity) == "TLSV1_ALERT_PROTOCOL_VERSION"
     assert _handshake(settings, ssl.TLSVersion.TLSv1_2, identity) == "ok"
+
+
+@pytest.mark.parametrize("owner", [B, A])
+def test_a_will_arrives_only_on_the_devices_own_topic(
+    settings: Settings, broker: Broker, tmp_path: Path, owner: str
+) -> None:
+    connector = _connected(settings, service_identity(settings, "svc-connector"))
+    _subscribed(connector, "tele/#")
+    will = f"tele/f2-{owner}/sensor-mode/J1/sensor-2"
+    device = _connected(settings, device_identity(settings, A, tmp_path), will=will)
+    # Dropped without a DISCONNECT: the broker publishes the will, if the ACL lets it.
+    device.mqtt.socket().close()  # type: ignore[union-attr]
+    wait_until(lambda: device.disconnects, timeout=10, what="the connection to drop")
+    device.mqtt.loop_stop()
+    marker = f"tele/f2-{A}/sensor-mode/J1/sensor-1"
+    again = _connected(settings, device_identity(settings, A, tmp_path / "again"))
+    again.mqtt.publish(marker, b"marker", qos=1)
+    wait_until(lambda: marker in connector.topics(), timeout=10, what="the marker")
+    assert (will in connector.topics()) == (owner == A)
+    again.close()
+    connector.close()
+
+
+@pytest.mark.parametrize("pattern", ["#", "$SYS/#", f"$share/g/cmnd/f2-{B}/#", f"cmnd/f2-{B}/#"])
+def test_a_device_subscribing_wide_gets_only_its_own_commands(
+    settings: Settings, broker: Broker, tmp_path: Path, pattern: str
+) -> None:
+    device = _connected(settings, device_identity(settings, A, tmp_path))
+    _subscribed(device, pattern)
+    _subscribed(device, f"cmnd/f2-{A}/#")
+    commander = _connected(settings, service_identity(settings, "svc-commander"))
+    commander.mqtt.publish(f"cmnd/f2-{B}/access-control-mode/J1/strike-1", b"open", qos=1)
+    own = f"cmnd/f2-{A}/access-control-mode/J1/strike-1"
+    commander.mqtt.publish(own, b"open", qos=1)
+    wait_until(lambda: own in device.topics(), timeout=10, what="the device's own command")
+    # Retained $SYS values would have come right after the SUBACK, before the marker.
+    assert set(device.topics()) == {own}, device.topics()
+    commander.close()
+    device.close()
+
+
+def test_a_publish_deeper_than_the_topic_grammar_is_dropped(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    connector = _connected(settings, service_identity(settings, "svc-connector"))
+    _subscribed(connector, "tele/#")
+    device = _connected(settings, device_identity(settings, A, tmp_path))
+    marker = f"tele/f2-{A}/sensor-mode/J1/sensor-1"
+    device.mqtt.publish(f"{marker}/deeper/still", b"x" * 1000, qos=1)
+    device.mqtt.publish(f"tele/f2-{A}/sensor-mode", b"shallow", qos=1)
+    device.mqtt.publish(marker, b"marker", qos=1)
+    wait_until(lambda: marker in connector.topics(), timeout=10, what="the marker")
+    assert connector.topics() == [marker]
+    device.close()
+    connector.close()
