@@ -648,6 +648,8 @@ def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Pa
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=identity or "anonymous",
             protocol=mqtt.MQTTv311,
+            # Once the broker stops, a reconnecting loop would leave its sockets open.
+            reconnect_on_failure=False,
         )
         c.tls_set_context(context_of(identity))
         connected = threading.Event()
@@ -723,6 +725,9 @@ def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Pa
         assert not refused(connector)
 
         # A stop reaches the broker through the script, which exits with it.
+        for c in clients:
+            c.loop_stop()
+            c.disconnect()
         broker.send_signal(signal.SIGTERM)
         assert broker.wait(timeout=20) == 0
     finally:
