@@ -165,8 +165,21 @@ class KafkaServer:
         self.proc = None
 
 
+def kafka_client(bootstrap: str, **extra: Any) -> dict[str, Any]:
+    """A client configuration for ``bootstrap``: clear text for a Kafka of the test's own,
+    the operator's settings (the environment: ``admin.env`` on a secured stack) for the
+    stack's Kafka."""
+    from f2pipe.runtime.kafka import client_config
+    from f2pipe.settings import load_settings
+
+    settings = load_settings()
+    if bootstrap == settings.kafka_bootstrap:
+        return {**client_config(settings), **extra}
+    return {"bootstrap.servers": bootstrap, **extra}
+
+
 def create_topics(bootstrap: str, *names: str, partitions: int = 3) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(kafka_client(bootstrap))
     futures = admin.create_topics([NewTopic(n, partitions, 1) for n in names])
     for future in futures.values():
         future.result(30)
@@ -177,12 +190,14 @@ def read_topic(
 ) -> list[Any]:
     """Every record of ``topic`` from the start, once at least ``expect`` have arrived."""
     consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"verify-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "auto.offset.reset": "earliest",
-        }
+        kafka_client(
+            bootstrap,
+            **{
+                "group.id": f"verify-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+            },
+        )
     )
     consumer.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
     records: list[Any] = []
