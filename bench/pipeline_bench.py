@@ -749,6 +749,11 @@ def main() -> int:
                 "sensors_per_controller": 1,
                 "provision_s": provision_s,
             },
+            # How the services reach each server: TLS and passwords cost CPU per record.
+            "secured": {
+                name: security.is_secured(stack.Paths(settings.state_dir), name)
+                for name in ("postgres", "redis", "kafka")
+            },
             "runs": [one, two],
             "scaling": step,
             "ceilings": ceilings,
