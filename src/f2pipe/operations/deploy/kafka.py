@@ -22,6 +22,7 @@ import shlex
 from f2pipe.operations.deploy.configs import topic_plan
 from f2pipe.operations.principals import ADMIN, KAFKA_BROKER_USER, Names, kafka_acl_arguments
 from f2pipe.operations.principals import principals as all_principals
+from f2pipe.operations.stack.kafka import SINGLE_NODE
 from f2pipe.settings import Settings
 
 __all__ = [
@@ -87,13 +88,7 @@ def server_properties(settings: Settings, broker_password: str) -> dict[str, str
         "log.dirs": "/var/lib/kafka/data",
         # Topics are created explicitly (setup.sh), never by a typo.
         "auto.create.topics.enable": "false",
-        # One node: internal topics cannot have more replicas than that.
-        "offsets.topic.replication.factor": "1",
-        "transaction.state.log.replication.factor": "1",
-        "transaction.state.log.min.isr": "1",
-        "share.coordinator.state.topic.replication.factor": "1",
-        "share.coordinator.state.topic.min.isr": "1",
-        "group.initial.rebalance.delay.ms": "0",
+        **SINGLE_NODE,
     }
 
 

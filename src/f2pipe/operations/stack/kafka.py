@@ -42,6 +42,18 @@ DATA_RETENTION_MS = 7 * DAY_MS
 DEAD_LETTER_RETENTION_MS = 30 * DAY_MS
 
 
+#: Broker properties of a one-node cluster, the local stack's and the compose file's:
+#: internal topics cannot have more replicas than there are brokers.
+SINGLE_NODE: dict[str, str] = {
+    "offsets.topic.replication.factor": "1",
+    "transaction.state.log.replication.factor": "1",
+    "transaction.state.log.min.isr": "1",
+    "share.coordinator.state.topic.replication.factor": "1",
+    "share.coordinator.state.topic.min.isr": "1",
+    # A group starts at once instead of waiting 3 s for more members to join.
+    "group.initial.rebalance.delay.ms": "0",
+}
+
 class Kafka(Server):
     """Apache Kafka 4, single-node KRaft, jars from Maven Central cached outside the clone."""
 
@@ -117,13 +129,7 @@ class Kafka(Server):
             # Topics are created explicitly with their partition counts and retention.
             "auto.create.topics.enable": "false",
             "num.partitions": str(self.settings.data_topic_partitions),
-            # One node: internal topics cannot have more replicas than that.
-            "offsets.topic.replication.factor": "1",
-            "transaction.state.log.replication.factor": "1",
-            "transaction.state.log.min.isr": "1",
-            "share.coordinator.state.topic.replication.factor": "1",
-            "share.coordinator.state.topic.min.isr": "1",
-            "group.initial.rebalance.delay.ms": "0",
+            **SINGLE_NODE,
         }
         text = "# Written by `f2pipe stack` on every `up`; edits are overwritten.\n"
         text += "".join(f"{key}={value}\n" for key, value in properties.items())
