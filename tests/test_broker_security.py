@@ -61,6 +61,13 @@ def _subscribed(client, topic: str) -> None:  # type: ignore[no-untyped-def]
     wait_until(lambda: len(client.subacks) > before, timeout=10, what=f"SUBACK for {topic}")
 
 
+def _telemetry_reader(settings: Settings):  # type: ignore[no-untyped-def]
+    """The connector's identity, subscribed to every device's telemetry."""
+    connector = _connected(settings, service_identity(settings, "svc-connector"))
+    _subscribed(connector, "tele/#")
+    return connector
+
+
 def test_config_has_one_tls_listener_and_the_spec_acl(settings: Settings, broker: Broker) -> None:
     conf = conf_path(settings).read_text()
     assert re.findall(r"^listener .*$", conf, re.M) == [
@@ -92,8 +99,7 @@ def test_config_has_one_tls_listener_and_the_spec_acl(settings: Settings, broker
 def test_device_publish_reaches_the_connector(
     settings: Settings, broker: Broker, tmp_path: Path
 ) -> None:
-    connector = _connected(settings, service_identity(settings, "svc-connector"))
-    _subscribed(connector, "tele/#")
+    connector = _telemetry_reader(settings)
     device = _connected(settings, device_identity(settings, A, tmp_path))
     topic = f"tele/f2-{A}/sensor-mode/J1/sensor-1"
     payload = b'{"timestamp": "2024-07-15 14:30:25", "data": "01 03 02 00 01 79 84"}'
@@ -107,8 +113,7 @@ def test_device_publish_reaches_the_connector(
 def test_device_cannot_publish_on_another_devices_topic(
     settings: Settings, broker: Broker, tmp_path: Path
 ) -> None:
-    connector = _connected(settings, service_identity(settings, "svc-connector"))
-    _subscribed(connector, "tele/#")
+    connector = _telemetry_reader(settings)
     _subscribed(connector, "stat/#")
     device = _connected(settings, device_identity(settings, A, tmp_path))
     for forged in [
@@ -190,8 +195,7 @@ def test_client_id_takeover_is_impossible(
     settings: Settings, broker: Broker, tmp_path: Path
 ) -> None:
     victim = _connected(settings, device_identity(settings, A, tmp_path), client_id=f"f2-{A}")
-    connector = _connected(settings, service_identity(settings, "svc-connector"))
-    _subscribed(connector, "tele/#")
+    connector = _telemetry_reader(settings)
     attacker = _connected(settings, device_identity(settings, B, tmp_path), client_id=f"f2-{A}")
     # The attacker got its own identity: it may use its own topics only ...
     own = f"tele/f2-{B}/sensor-mode/J1/sensor-1"
@@ -387,8 +391,7 @@ def test_extra_connector_identities_get_the_connectors_rights(
 def test_packets_over_256_kib_are_refused(
     settings: Settings, broker: Broker, tmp_path: Path
 ) -> None:
-    connector = _connected(settings, service_identity(settings, "svc-connector"))
-    _subscribed(connector, "tele/#")
+    connector = _telemetry_reader(settings)
     device = _connected(settings, device_identity(settings, A, tmp_path))
     topic = f"tele/f2-{A}/sensor-mode/J1/sensor-1"
     device.mqtt.publish(topic, b"x" * (256 * 1024), qos=1)
@@ -458,8 +461,7 @@ def test_the_broker_refuses_tls_1_0_and_1_1(
 def test_a_will_arrives_only_on_the_devices_own_topic(
     settings: Settings, broker: Broker, tmp_path: Path, owner: str
 ) -> None:
-    connector = _connected(settings, service_identity(settings, "svc-connector"))
-    _subscribed(connector, "tele/#")
+    connector = _telemetry_reader(settings)
     will = f"tele/f2-{owner}/sensor-mode/J1/sensor-2"
     device = _connected(settings, device_identity(settings, A, tmp_path), will=will)
     # Dropped without a DISCONNECT: the broker publishes the will, if the ACL lets it.
@@ -496,8 +498,7 @@ def test_a_device_subscribing_wide_gets_only_its_own_commands(
 def test_a_publish_deeper_than_the_topic_grammar_is_dropped(
     settings: Settings, broker: Broker, tmp_path: Path
 ) -> None:
-    connector = _connected(settings, service_identity(settings, "svc-connector"))
-    _subscribed(connector, "tele/#")
+    connector = _telemetry_reader(settings)
     device = _connected(settings, device_identity(settings, A, tmp_path))
     marker = f"tele/f2-{A}/sensor-mode/J1/sensor-1"
     device.mqtt.publish(f"{marker}/deeper/still", b"x" * 1000, qos=1)
