@@ -635,9 +635,12 @@ def measure(
     # Peak memory before the latency phase, as before: the sustained load's.
     peak = {name: peak_rss_mb(pid) for name, pid in bench.pids().items()}
     latency = bench.latency(best["target_frames_per_s"] * 0.25, args.latency_duration, run)
-    # The first run's rows are all the table holds; the second's begin at its start.
-    check = bench.compare(bench.ledgers[first:] if replicas > 1 else bench.ledgers,
-                          since if replicas > 1 else None)  # fmt: skip
+    # The first run's rows (warm-up and probe included) are all the table holds; the
+    # second run's are those stamped after it began, against its own ledgers.
+    if replicas == 1:
+        check = bench.compare(bench.ledgers, None)
+    else:
+        check = bench.compare(bench.ledgers[first:], since)
     log(f"{run}: ledger {check[0]} readings, lost {check[1]}, wrong {check[2]}")
     report = pipeline_report.run_report(replicas, best, attempts, latency, check, peak)
     return report, attempts
