@@ -25,16 +25,20 @@ def _operator_settings() -> None:
     """The shared stack's operator credentials (``<state>/admin.env``) for every test.
 
     The secured stack refuses a client without a password; tests act as the
-    operator. A variable already set in the environment wins, so a run pointed
-    at other servers keeps its own.
+    operator. Only what differs from the settings in effect is set (a plain
+    stack on the default ports adds nothing), and a variable already set in the
+    environment wins, so a run pointed at other servers keeps its own.
     """
     from f2pipe.operations.stack.security import ADMIN_ENV, read_admin_env
     from f2pipe.settings import load_settings
 
-    path = load_settings().state_dir / ADMIN_ENV
+    current = load_settings()
+    path = current.state_dir / ADMIN_ENV
     if path.is_file():
         for key, value in read_admin_env(path).items():
-            os.environ.setdefault(key, value)
+            now = getattr(current, key.removeprefix("F2PIPE_").lower(), None)
+            if now is None or value != str(now):
+                os.environ.setdefault(key, value)
 
 
 _operator_settings()

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 import urllib.request
+from collections.abc import Iterator
 from importlib.metadata import version
 from pathlib import Path
 
@@ -164,18 +167,36 @@ def test_build_info_is_on_every_stage_metrics_endpoint() -> None:
     assert line in body.splitlines()
 
 
+@pytest.fixture
+def plain_server() -> Iterator[int]:
+    """A port answering PostgreSQL's encryption requests with "N", as a server without TLS
+    does (the stack's own PostgreSQL speaks TLS when it is secured)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                while len(conn.recv(8)) == 8:  # SSLRequest or GSSENCRequest: refuse each
+                    conn.sendall(b"N")
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield listener.getsockname()[1]
+    listener.close()
+
+
 @pytest.mark.servers
 @pytest.mark.parametrize(
     ("argv", "prefix"), [(["fleet", "export"], "fleet"), (["db", "migrate"], "db")]
 )
 def test_a_dsn_requiring_tls_against_a_plain_server_is_one_line(
-    argv: list[str], prefix: str
+    argv: list[str], prefix: str, plain_server: int
 ) -> None:
-    dsn = get_settings().metadata_dsn.replace(
-        "postgresql://postgres@", f"postgresql://postgres:{SECRET}@"
-    )
-    separator = "&" if "?" in dsn else "?"
-    done = _f2pipe(*argv, env={"F2PIPE_METADATA_DSN": f"{dsn}{separator}sslmode=require"})
+    dsn = f"postgresql://postgres:{SECRET}@127.0.0.1:{plain_server}/f2pipe?sslmode=require"
+    done = _f2pipe(*argv, env={"F2PIPE_METADATA_DSN": dsn})
     assert done.returncode == 1
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith(f"f2pipe {prefix}: error: ")

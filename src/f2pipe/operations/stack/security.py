@@ -278,6 +278,8 @@ def admin_env(settings: Settings, paths: Paths) -> dict[str, str]:
     else:
         env["F2PIPE_KAFKA_SECURITY_PROTOCOL"] = "PLAINTEXT"
     env["F2PIPE_CERTGEN_URL"] = certgen_url(settings, paths)
+    env["F2PIPE_MQTT_HOST"] = settings.mqtt_host
+    env["F2PIPE_MQTT_PORT"] = str(settings.mqtt_port)
     return env
 
 
