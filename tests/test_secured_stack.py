@@ -14,6 +14,8 @@ import shutil
 import socket
 import ssl
 import stat
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -294,6 +296,20 @@ def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path) -> None:
         with psycopg.connect(admin.metadata_dsn) as conn:
             found = conn.execute("SELECT 1 FROM certificates WHERE serial = %s", (serial,))
             assert found.fetchone() == (1,)
+        # `f2pipe status` run by the state folder's owner, with no credentials of its own,
+        # sees every server and service, the lag through SASL_SSL and certgen over HTTPS.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("F2PIPE_")}
+        env.update(services.settings_env(settings))
+        out = subprocess.run(
+            [sys.executable, "-m", "f2pipe.cli", "status", "--json", "--interval", "1"],
+            env=env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        report = json.loads(out.stdout)
+        health = {h["name"]: h for h in report["health"]}
+        for name in ("postgres", "redis", "kafka", "certgen", "connector", "processor", "sink"):
+            assert health[name]["up"], health[name]
+        assert all(health[n]["ready"] for n in ("connector", "processor", "sink")), health
+        assert report["lag"]["sink"] == 0, report["lag"]
     finally:
         pipeline.down(settings, quiet=True)
         shutil.rmtree(state, ignore_errors=True)

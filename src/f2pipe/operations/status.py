@@ -24,6 +24,7 @@ else 0. ``--json`` prints the same report as one JSON object.
 from __future__ import annotations
 
 import itertools
+import ssl
 import time
 import urllib.request
 from collections.abc import Iterable
@@ -36,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from f2pipe.errors import ConfigError
 from f2pipe.operations import services as svc
 from f2pipe.operations import stack
-from f2pipe.operations.stack import Paths
+from f2pipe.operations.stack import Paths, security
 from f2pipe.pki.expiry import expiry_warnings
 from f2pipe.runtime import brokerstats, tls
 from f2pipe.settings import Settings
@@ -67,10 +68,13 @@ LAG_AGE_ALARM_S = 3600
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
-def scrape(url: str, timeout: float = 2.0) -> Samples | None:
-    """Every sample of a Prometheus text endpoint, keyed by (name, sorted labels); None if down."""
+def scrape(url: str, timeout: float = 2.0, cafile: Path | None = None) -> Samples | None:
+    """Every sample of a Prometheus text endpoint, keyed by (name, sorted labels); None if down.
+
+    An HTTPS endpoint is trusted when its certificate chains to ``cafile``."""
+    context = None if cafile is None else ssl.create_default_context(cafile=str(cafile))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - http only
+        with urllib.request.urlopen(url, timeout=timeout, context=context) as response:  # noqa: S310
             text = response.read().decode()
     except OSError:
         return None
@@ -219,6 +223,8 @@ class Observer:
 
         from f2pipe.runtime.kafka import admin_config
 
+        # The operator's credentials when this state folder runs the servers secured.
+        settings = security.admin_settings(settings)
         self.settings = settings
         paths = Paths(settings.state_dir)
         self.servers = [cls(settings, paths) for cls in stack.SERVERS]
@@ -274,7 +280,16 @@ class Observer:
             if service.port() is not None and service.name != "certgen"
         }
         certgen = next((s for s in self.services if s.name == "certgen"), None)
-        certgen_metrics = scrape(certgen.url("/metrics")) if certgen is not None else None
+        certgen_metrics = (
+            None
+            if certgen is None
+            else scrape(
+                certgen.url("/metrics"),
+                cafile=security.ca_file(self.settings)
+                if isinstance(certgen, svc.Certgen) and certgen.tls()
+                else None,
+            )
+        )
         counters = {
             label: total(scraped.get(name), family) for label, (name, family) in THROUGHPUT.items()
         }
