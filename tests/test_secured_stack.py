@@ -412,3 +412,25 @@ def test_kafka_refuses_clear_text_a_wrong_password_and_a_device(secured: Setting
         "ssl.certificate.location": str(cert), "ssl.key.location": str(key),
     }  # fmt: skip
     assert _session_errors(tls_only)
+
+
+def test_stack_secured_false_turns_security_off_for_experiments() -> None:
+    state = Path(tempfile.mkdtemp(prefix="f2pipe-secured-"))
+    state.chmod(0o711)
+    settings = _settings(state, stack_secured=False)
+    try:
+        stack.up(settings, ["redis", "kafka"])
+        env = _admin(settings)
+        assert env["F2PIPE_KAFKA_SECURITY_PROTOCOL"] == "PLAINTEXT"
+        assert env["F2PIPE_REDIS_URL"] == settings.redis_url
+        assert env["F2PIPE_CERTGEN_URL"] == settings.certgen_url
+        assert _session_errors({"bootstrap.servers": settings.kafka_bootstrap}) == set()
+        client = redis.Redis.from_url(settings.redis_url)
+        try:
+            assert client.ping()
+        finally:
+            client.close()
+        assert not security.stack_secured(stack.Paths(state))
+    finally:
+        stack.down(settings, ["redis", "kafka"])
+        shutil.rmtree(state, ignore_errors=True)
