@@ -434,3 +434,21 @@ def test_stack_secured_false_turns_security_off_for_experiments() -> None:
     finally:
         stack.down(settings, ["redis", "kafka"])
         shutil.rmtree(state, ignore_errors=True)
+
+
+def test_a_password_file_changed_under_a_running_server_is_named_with_the_fix(
+    secured: Settings,
+) -> None:
+    paths = stack.Paths(secured.state_dir)
+    path = secured.state_dir / "secrets" / "postgres-admin.password"
+    kept = path.read_text()
+    server = stack.Postgres(secured, paths)
+    try:
+        path.write_text("a-password-the-server-never-saw\n")
+        assert not server.healthy()
+        assert str(path) in server.last_error
+        assert "restart it" in server.last_error
+        assert "a-password-the-server-never-saw" not in server.last_error
+    finally:
+        path.write_text(kept)
+    assert server.healthy()

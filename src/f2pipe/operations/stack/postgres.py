@@ -187,6 +187,13 @@ class Postgres(Server):
                 conn.execute("SELECT 1")
         except Exception as exc:  # any failure means "not yet"; the last one is reported
             self.last_error = str(exc).strip().replace("\n", " ")
+            if "password authentication failed" in self.last_error:
+                # The password file changed while the server ran: it is applied at a start.
+                self.last_error = (
+                    f"PostgreSQL refuses the password in {security.secrets_dir(self.paths)}"
+                    "/postgres-admin.password; restart it to apply that file "
+                    "(f2pipe stack down postgres, then f2pipe stack up)"
+                )
             return False
         return True
 

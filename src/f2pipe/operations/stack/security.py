@@ -10,7 +10,8 @@ Contracts:
 
 - Passwords are generated once into ``<state>/secrets/<name>.password``
   (folder 0700, files 0600) and kept; deleting a file makes the next ``up``
-  generate and apply a new one.
+  generate a new one, applied when the server next starts (the services'
+  PostgreSQL roles at every ``up``).
 - A server records the mode it was started in (``<state>/secrets/<server>.secured``),
   so probes, the services' environments and ``admin.env`` follow the running
   server, not the current settings: a stack started plain stays reachable
