@@ -34,6 +34,7 @@ from f2pipe.connector.stage import topic_mac
 from f2pipe.operations.stack.install import kafka_libs, kafka_version
 from f2pipe.operations.stack.kafka import kafka_cluster_id
 from f2pipe.operations.stack.supervise import port_accepts
+from f2pipe.settings import load_settings
 from f2pipe.testing import wait_until
 
 
@@ -239,9 +240,10 @@ class ConnectorProcess:
 
     def start(self) -> None:
         env = {**os.environ, **self.env, "F2PIPE_CONNECTOR_PORT": str(self.port)}
-        if self.env.get("F2PIPE_KAFKA_BOOTSTRAP", env.get("F2PIPE_KAFKA_BOOTSTRAP")) != (
-            os.environ.get("F2PIPE_KAFKA_BOOTSTRAP")
-        ):
+        # The stack's Kafka is where this environment's settings point (its variable, or
+        # the default when the stack runs on the default port and nothing set it).
+        stack_kafka = load_settings().kafka_bootstrap
+        if self.env.get("F2PIPE_KAFKA_BOOTSTRAP", stack_kafka) != stack_kafka:
             # A Kafka of the test's own (KafkaServer: plaintext) takes none of the
             # credentials a secured stack's admin.env put in this environment.
             env = {k: v for k, v in env.items() if k in self.env or k not in KAFKA_SECURITY}
