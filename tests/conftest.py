@@ -14,9 +14,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
 
+import hypothesis
 import pytest
 
 from f2pipe import testing
+
+# Property tests are judged by their examples, not their speed: a loaded machine (the
+# suite runs the servers beside them) must not fail one on Hypothesis's 200 ms deadline.
+hypothesis.settings.register_profile("f2pipe", deadline=None)
+hypothesis.settings.load_profile("f2pipe")
 
 T = TypeVar("T")
 
