@@ -237,6 +237,10 @@ class Observer:
         for server in self.servers:
             pid = server.pid()
             up = server.healthy()
+            if pid is None and not up and server.foreign_port() is not None:
+                # Another state folder's server (its credentials are not ours to read):
+                # its port answering is all this folder can know of it.
+                up = True
             if pid is None and up:
                 detail = "up (not started by this state folder)"
             else:
