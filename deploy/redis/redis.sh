@@ -11,5 +11,5 @@ acl=$(mktemp)
     echo "user f2pipe-admin on #$(digest "$REDIS_PASSWORD") ~* &* +@all"
     echo "user f2pipe-processor on #$(digest "$PROCESSOR_REDIS_PASSWORD") resetchannels ~f2pipe:meta:* +@connection +get +set"
 } > "$acl"
-# The cache keeps its data across restarts (append-only file), as the brief asks.
+# The cache keeps its data across restarts (append-only file), as the local stack does.
 exec redis-server --appendonly yes --appendfsync everysec --aclfile "$acl" "$@"

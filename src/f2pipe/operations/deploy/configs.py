@@ -166,7 +166,7 @@ def redis_start(settings: Settings) -> str:
         lines.append(f'    echo "{line}"')
     lines += [
         '} > "$acl"',
-        "# The cache keeps its data across restarts (append-only file), as the brief asks.",
+        "# The cache keeps its data across restarts (append-only file), as the local stack does.",
         'exec redis-server --appendonly yes --appendfsync everysec --aclfile "$acl" "$@"',
     ]
     return "\n".join(lines) + "\n"
