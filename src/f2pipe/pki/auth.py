@@ -205,7 +205,6 @@ class AttemptLimits:
         window: float,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.window = window
         self.by_mac = FailureLimiter(max_failures, window, clock=clock)
         self.by_address = FailureLimiter(max_failures, window, clock=clock)
         self.overall = FailureLimiter(global_max_failures, window, max_keys=1, clock=clock)
