@@ -199,12 +199,12 @@ def ca_passphrase(settings: Settings) -> bytes | None:
 
 def write_private(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0600, atomically (temp file + rename)."""
-    _write(path, data, 0o600)
+    write_file(path, data, 0o600)
 
 
 def write_public(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` with mode 0644, atomically."""
-    _write(path, data, 0o644)
+    write_file(path, data, 0o644)
 
 
 def tighten_mode(path: Path) -> None:
@@ -228,7 +228,8 @@ def tighten_mode(path: Path) -> None:
         )
 
 
-def _write(path: Path, data: bytes, mode: int) -> None:
+def write_file(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` with ``mode``, atomically (temp file, fsync, rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:

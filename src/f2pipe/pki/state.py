@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ from f2pipe.pki.ca import (
     load_cert,
     pki_paths,
     utc_now,
+    write_file,
     write_private,
     write_public,
 )
@@ -269,15 +269,7 @@ def _copy_if_changed(source: Path, target: Path, mode: int) -> bool:
     except FileNotFoundError:
         pass
     target.parent.mkdir(mode=_SHARE_DIR_MODE, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file(target, data, mode)
     return True
 
 
