@@ -7,8 +7,7 @@ timestamp, so a render is the same wherever and whenever it runs.
 - Mosquitto: the configuration and ACL of :mod:`f2pipe.operations.stack.mosquitto`
   for a broker in a container (:data:`BROKER_SITE`), and its start script,
   which reloads the CRL when certgen changes it.
-- Kafka: the topics the local stack creates (:func:`topic_plan`); the rest of
-  Kafka is in :mod:`.kafka`.
+- Kafka: all of it (users, ACLs, topics) is in :mod:`.kafka`.
 - PostgreSQL and Redis: each service's role, grants and user, from
   :mod:`f2pipe.operations.principals`.
 - Prometheus: the scrape configuration of the four services.
@@ -20,7 +19,6 @@ from pathlib import Path, PurePosixPath
 
 from f2pipe.operations.principals import ADMIN, Names, Principal, pg_grant_sql, principals
 from f2pipe.operations.principals import redis_acl_line as _redis_acl_line
-from f2pipe.operations.stack.kafka import DATA_RETENTION_MS, DEAD_LETTER_RETENTION_MS
 from f2pipe.operations.stack.mosquitto import (
     BrokerSite,
     render_acl,
@@ -43,7 +41,6 @@ __all__ = [
     "postgres_roles",
     "prometheus_config",
     "redis_start",
-    "topic_plan",
 ]
 
 # In the eclipse-mosquitto image: configuration (read-only), the broker's share of
@@ -93,15 +90,6 @@ def connector_identities(connectors: int) -> list[str]:
 
 def mosquitto_start() -> str:
     return render_start_script()
-
-
-def topic_plan(settings: Settings) -> dict[str, tuple[int, int]]:
-    """Topic -> (partitions, retention ms): what ``stack up`` creates (SPEC section 4)."""
-    return {
-        settings.topic_raw: (settings.data_topic_partitions, DATA_RETENTION_MS),
-        settings.topic_processed: (settings.data_topic_partitions, DATA_RETENTION_MS),
-        settings.topic_dead_letter: (settings.dead_letter_partitions, DEAD_LETTER_RETENTION_MS),
-    }
 
 
 def _sql_literal(text: str) -> str:

@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import shlex
 
-from f2pipe.operations.deploy.configs import topic_plan
 from f2pipe.operations.principals import ADMIN, KAFKA_BROKER_USER, Names, kafka_acl_arguments
 from f2pipe.operations.principals import principals as all_principals
-from f2pipe.operations.stack.kafka import SINGLE_NODE
+from f2pipe.operations.stack.kafka import SINGLE_NODE, topic_plan
 from f2pipe.settings import Settings
 
 __all__ = [

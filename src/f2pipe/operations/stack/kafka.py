@@ -54,6 +54,7 @@ SINGLE_NODE: dict[str, str] = {
     "group.initial.rebalance.delay.ms": "0",
 }
 
+
 class Kafka(Server):
     """Apache Kafka 4, single-node KRaft, jars from Maven Central cached outside the clone."""
 
@@ -253,17 +254,20 @@ class Kafka(Server):
         return bool(metadata.brokers)
 
     def after_healthy(self) -> None:
-        s = self.settings
-        wanted = {
-            s.topic_raw: (s.data_topic_partitions, DATA_RETENTION_MS),
-            s.topic_processed: (s.data_topic_partitions, DATA_RETENTION_MS),
-            s.topic_dead_letter: (s.dead_letter_partitions, DEAD_LETTER_RETENTION_MS),
-        }
         admin = self._admin()
         if security.is_secured(self.paths, self.name):
             rights.kafka_users_and_acls(admin, self.settings, self.paths)
-        create_topics(admin, wanted, deadline=time.monotonic() + 60)
+        create_topics(admin, topic_plan(self.settings), deadline=time.monotonic() + 60)
         security.write_admin_env(self.settings, self.paths)
+
+
+def topic_plan(settings: Settings) -> dict[str, tuple[int, int]]:
+    """Topic -> (partitions, retention ms): what ``stack up`` and a deployment create (SPEC 4)."""
+    return {
+        settings.topic_raw: (settings.data_topic_partitions, DATA_RETENTION_MS),
+        settings.topic_processed: (settings.data_topic_partitions, DATA_RETENTION_MS),
+        settings.topic_dead_letter: (settings.dead_letter_partitions, DEAD_LETTER_RETENTION_MS),
+    }
 
 
 def create_topics(admin: Any, wanted: dict[str, tuple[int, int]], deadline: float) -> None:
