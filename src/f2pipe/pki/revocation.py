@@ -148,14 +148,9 @@ def reload_and_refresh(settings: Settings) -> bool:
     if reload_broker(settings):
         refresh_service_sessions(settings)
         return True
-    paths = pki_paths(settings)
-    ca = CertificateAuthority.load(paths, ca_passphrase(settings))
-    with _LOCK, _probe(settings, ca, None) as probe:
-        write_crl(ca, paths, [probe.entry], settings.crl_days)
-        seen = await_reload(settings, probe.context, time.monotonic() + RELOAD_WITHIN)
-    if seen:
-        refresh_service_sessions(settings)
-    return bool(seen)
+    ca = CertificateAuthority.load(pki_paths(settings), ca_passphrase(settings))
+    with _LOCK:
+        return _reload_with_probe(settings, ca, None, [], signal=False)
 
 
 def refresh_service_sessions(settings: Settings) -> None:
@@ -196,14 +191,31 @@ def refresh_crl(
         if not force and {serial for serial, _ in revoked} <= before:
             write_crl(ca, paths, revoked, settings.crl_days)
             return False
-        with _probe(settings, ca, store) as probe:
-            write_crl(ca, paths, [*revoked, probe.entry], settings.crl_days)
-            signalled = reload_broker(settings)
-            seen = await_reload(settings, probe.context, time.monotonic() + RELOAD_WITHIN)
-        reloaded = signalled if seen is None else seen
-        if reloaded:
-            refresh_service_sessions(settings)
-        return reloaded
+        return _reload_with_probe(settings, ca, store, revoked, signal=True)
+
+
+def _reload_with_probe(
+    settings: Settings,
+    ca: CertificateAuthority,
+    store: CertificateStore | None,
+    revoked: list[tuple[int, dt.datetime]],
+    signal: bool,
+) -> bool:
+    """Write the CRL listing ``revoked`` and a new probe, SIGHUP the broker if ``signal``,
+    wait (up to :data:`RELOAD_WITHIN` s) until it refuses the probe, then restore the
+    service sessions' ACL; True if the broker reloaded. Caller holds ``_LOCK``.
+
+    An unreachable broker counts as reloaded when it was signalled: it loads the
+    CRL when it starts.
+    """
+    with _probe(settings, ca, store) as probe:
+        write_crl(ca, pki_paths(settings), [*revoked, probe.entry], settings.crl_days)
+        signalled = signal and reload_broker(settings)
+        seen = await_reload(settings, probe.context, time.monotonic() + RELOAD_WITHIN)
+    reloaded = signalled if seen is None else seen
+    if reloaded:
+        refresh_service_sessions(settings)
+    return reloaded
 
 
 def revoke(
