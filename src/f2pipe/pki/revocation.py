@@ -52,8 +52,6 @@ import ssl
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,10 +206,10 @@ def _reload_with_probe(
     An unreachable broker counts as reloaded when it was signalled: it loads the
     CRL when it starts.
     """
-    with _probe(settings, ca, store) as probe:
-        write_crl(ca, pki_paths(settings), [*revoked, probe.entry], settings.crl_days)
-        signalled = signal and reload_broker(settings)
-        seen = await_reload(settings, probe.context, time.monotonic() + RELOAD_WITHIN)
+    probe = _probe(settings, ca, store)
+    write_crl(ca, pki_paths(settings), [*revoked, probe.entry], settings.crl_days)
+    signalled = signal and reload_broker(settings)
+    seen = await_reload(settings, probe.context, time.monotonic() + RELOAD_WITHIN)
     reloaded = signalled if seen is None else seen
     if reloaded:
         refresh_service_sessions(settings)
@@ -237,7 +235,8 @@ def revoke(
     record = store.revoke(serial, reason)
     if record is None:
         return None
-    with _LOCK, _probe(settings, ca, store) as probe:
+    with _LOCK:
+        probe = _probe(settings, ca, store)
         write_crl(ca, pki_paths(settings), [*store.revoked(), probe.entry], settings.crl_days)
         reload_broker(settings)
         reloaded, closed = close_session(settings, ca, store, record.common_name, probe.context)
@@ -382,16 +381,13 @@ class _Probe:
     context: ssl.SSLContext
 
 
-@contextmanager
-def _probe(
-    settings: Settings, ca: CertificateAuthority, store: CertificateStore | None
-) -> Iterator[_Probe]:
+def _probe(settings: Settings, ca: CertificateAuthority, store: CertificateStore | None) -> _Probe:
     """A certificate minted to be revoked in the next CRL: its refusal proves the reload."""
     issued = ca.issue_client(PROBE_IDENTITY, _TAKEOVER_DAYS)
     if store is not None:
         store.record(issued, None, "revocation")
         store.revoke(issued.serial, "CRL reload probe")
-    yield _Probe((issued.certificate.serial_number, utc_now()), _context_of(settings, issued))
+    return _Probe((issued.certificate.serial_number, utc_now()), _context_of(settings, issued))
 
 
 def _context_of(settings: Settings, issued: Issued) -> ssl.SSLContext:
