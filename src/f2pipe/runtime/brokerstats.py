@@ -19,7 +19,7 @@ import logging
 import ssl
 import threading
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -51,10 +51,6 @@ class BrokerStats:
     queued_messages: int | None = None  # messages the broker holds (queued and in flight)
     queued_bytes: int | None = None  # their payload bytes
     connected_clients: int | None = None
-
-    @property
-    def complete(self) -> bool:
-        return all(getattr(self, f.name) is not None for f in fields(self))
 
     def as_dict(self) -> dict[str, int | None]:
         return asdict(self)
@@ -157,9 +153,8 @@ class BrokerMonitor(Collector):
             value = int(message.payload.decode("ascii").strip())
         except (UnicodeDecodeError, ValueError):
             return
-        with self._changed:
+        with self._lock:  # no waiter to wake: wait_complete waits for the uptime
             self._values[name] = value
-            self._changed.notify_all()
 
     def collect(self) -> Iterator[Metric]:
         # Every family always, so /metrics names them all; a value only once the broker sent it.
