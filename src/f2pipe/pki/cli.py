@@ -184,7 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
     if store is not None:
         try:
             record_local_certificates(settings, store)
-            sync_crl(settings, load_ca(settings), store)
+            sync_crl(settings, report.ca, store)
         except psycopg.Error as exc:
             # Serve anyway: /healthz and /v1/ca.pem work, issuing answers 503 until fixed.
             log.warning(
