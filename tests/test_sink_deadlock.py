@@ -18,50 +18,43 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import psycopg
 import pytest
 from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
 from prometheus_client import REGISTRY
 
-from conftest import unique, wait_until
+from conftest import wait_until
 from f2pipe.errors import DatabaseUnavailable
-from f2pipe.runtime.kafka import admin_config, client_config
+from f2pipe.runtime.kafka import client_config
 from f2pipe.runtime.opsserver import OpsServer
-from f2pipe.settings import get_settings, load_settings
+from f2pipe.settings import get_settings
 from f2pipe.sink.batching import CommitPolicy
 from f2pipe.sink.progress import Progress
 from f2pipe.sink.runner import Sink
 from f2pipe.sink.stage import Row, parse_batch
 from f2pipe.sink.writer import Timeouts, Writer
-from test_sink_service import count, expected_rows, produce, readings, stored
+from test_sink_service import (
+    Topics,
+    count,
+    expected_rows,
+    produce,
+    readings,
+    sink_settings,
+    sink_topics,
+    stored,
+)
 
 pytestmark = pytest.mark.servers
 
 BATCH = 2000  # two COPY buffers' worth (PostgreSQL flushes a COPY's rows every 1000)
 
 
-@dataclass
-class OnePartition:
-    processed: str
-    dead_letter: str
-    group: str
-
-
 @pytest.fixture
-def topics() -> Iterator[OnePartition]:
-    admin = AdminClient(admin_config(get_settings()))
-    names = OnePartition(unique("sink-dl-in"), unique("sink-dl-dlq"), unique("sink-dl-group"))
-    for fut in admin.create_topics(
-        [NewTopic(names.processed, 1, 1), NewTopic(names.dead_letter, 1, 1)]
-    ).values():
-        fut.result(30)
-    yield names
-    for fut in admin.delete_topics([names.processed, names.dead_letter]).values():
-        with contextlib.suppress(Exception):  # cleanup only
-            fut.result(30)
+def topics() -> Iterator[Topics]:
+    """One partition: every batch follows the one before it through one consumer."""
+    with sink_topics("sink-dl", 1) as names:
+        yield names
 
 
 @contextlib.contextmanager
@@ -106,19 +99,13 @@ def copies_into_the_table_unfinished(dsn: str, blocked: int) -> int:
 
 
 def test_duplicates_straddling_two_pipelined_batches_do_not_deadlock(
-    fresh_db: str, topics: OnePartition
+    fresh_db: str, topics: Topics
 ) -> None:
     # A: readings 0..1999; B: copies of A's last 10, then 1990 new readings.
     originals = readings(0, 2 * BATCH - 10)
     records = originals[:BATCH] + originals[BATCH - 10 : BATCH] + originals[BATCH:]
     produce(topics.processed, records)
-    settings = load_settings(
-        timeseries_dsn=fresh_db,
-        metadata_dsn=fresh_db,
-        topic_processed=topics.processed,
-        topic_dead_letter=topics.dead_letter,
-        sink_group=topics.group,
-    )
+    settings = sink_settings(fresh_db, topics)
     # Batches by size only: A is exactly the first BATCH records, B the next.
     sink = Sink(settings, CommitPolicy(BATCH, 600, flush_when_caught_up=False))
     before = consumed()
@@ -157,7 +144,7 @@ def test_duplicates_straddling_two_pipelined_batches_do_not_deadlock(
     assert stored(fresh_db) == expected_rows(originals)
 
 
-def committed(topics: OnePartition) -> int:
+def committed(topics: Topics) -> int:
     """The offset the sinks' group committed on the processed topic's one partition."""
     consumer = Consumer({**client_config(get_settings()), "group.id": topics.group})
     try:
@@ -168,17 +155,14 @@ def committed(topics: OnePartition) -> int:
 
 
 def test_a_batch_retried_after_failing_late_in_its_commit_does_not_wait_for_the_next(
-    fresh_db: str, topics: OnePartition
+    fresh_db: str, topics: Topics
 ) -> None:
     # A fails after its rows are all in the table (latest_readings is locked
     # elsewhere), when B, holding copies of A's tail, may already be streaming:
     # A's retry must not wait for B, whose transaction waits for the loop.
-    settings = load_settings(
-        timeseries_dsn=fresh_db,
-        metadata_dsn=fresh_db,
-        topic_processed=topics.processed,
-        topic_dead_letter=topics.dead_letter,
-        sink_group=topics.group,
+    settings = sink_settings(
+        fresh_db,
+        topics,
         sink_lock_timeout_s=3,
         sink_backoff_max_ms=300,
     )
@@ -275,14 +259,11 @@ def test_a_statement_running_too_long_is_cancelled_by_the_statement_timeout(
 
 
 def test_a_lock_held_elsewhere_makes_the_sink_not_ready_then_it_writes_everything(
-    fresh_db: str, topics: OnePartition, caplog: pytest.LogCaptureFixture
+    fresh_db: str, topics: Topics, caplog: pytest.LogCaptureFixture
 ) -> None:
-    settings = load_settings(
-        timeseries_dsn=fresh_db,
-        metadata_dsn=fresh_db,
-        topic_processed=topics.processed,
-        topic_dead_letter=topics.dead_letter,
-        sink_group=topics.group,
+    settings = sink_settings(
+        fresh_db,
+        topics,
         sink_lock_timeout_s=0.3,
         sink_backoff_max_ms=300,
         sink_stall_s=600,  # the failures, not the wait, make it not ready here

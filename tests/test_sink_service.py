@@ -31,7 +31,7 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from conftest import unique, wait_until
 from f2pipe.metadata.database import migrate
 from f2pipe.runtime.kafka import admin_config, client_config, producer_config
-from f2pipe.settings import get_settings, load_settings
+from f2pipe.settings import Settings, get_settings, load_settings
 from f2pipe.sink.batching import Batch, CommitPolicy
 from f2pipe.sink.runner import Sink
 from f2pipe.sink.writer import WriteResult
@@ -57,13 +57,14 @@ class Topics:
     group: str
 
 
-@pytest.fixture
-def topics() -> Iterator[Topics]:
-    settings = get_settings()
-    admin = AdminClient(admin_config(settings))
-    names = Topics(unique("sink-in"), unique("sink-dlq"), unique("sink-group"))
+@contextlib.contextmanager
+def sink_topics(prefix: str, partitions: int) -> Iterator[Topics]:
+    """A processed topic of ``partitions`` partitions, a one-partition dead-letter topic
+    and a group, all named afresh from ``prefix``; the topics are deleted afterwards."""
+    admin = AdminClient(admin_config(get_settings()))
+    names = Topics(unique(f"{prefix}-in"), unique(f"{prefix}-dlq"), unique(f"{prefix}-group"))
     futures = admin.create_topics(
-        [NewTopic(names.processed, 3, 1), NewTopic(names.dead_letter, 1, 1)]
+        [NewTopic(names.processed, partitions, 1), NewTopic(names.dead_letter, 1, 1)]
     )
     for fut in futures.values():
         fut.result(30)
@@ -71,6 +72,24 @@ def topics() -> Iterator[Topics]:
     for fut in admin.delete_topics([names.processed, names.dead_letter]).values():
         with contextlib.suppress(Exception):  # cleanup only
             fut.result(30)
+
+
+def sink_settings(dsn: str, topics: Topics, **extra: object) -> Settings:
+    """An in-process sink's settings: ``dsn`` for both databases and ``topics``."""
+    return load_settings(
+        timeseries_dsn=dsn,
+        metadata_dsn=dsn,
+        topic_processed=topics.processed,
+        topic_dead_letter=topics.dead_letter,
+        sink_group=topics.group,
+        **extra,
+    )
+
+
+@pytest.fixture
+def topics() -> Iterator[Topics]:
+    with sink_topics("sink", 3) as names:
+        yield names
 
 
 def readings(start: int, count: int, devices: int = 40) -> list[tuple[bytes, bytes]]:
@@ -614,13 +633,7 @@ def test_a_second_sink_joining_and_the_first_leaving_loses_and_duplicates_nothin
 def test_the_sink_reports_each_settled_batch_in_order(fresh_db: str, topics: Topics) -> None:
     # In process: what bench/sink_bench.py measures through the public hook.
     settled: list[tuple[Batch, WriteResult]] = []
-    settings = load_settings(
-        timeseries_dsn=fresh_db,
-        metadata_dsn=fresh_db,
-        topic_processed=topics.processed,
-        topic_dead_letter=topics.dead_letter,
-        sink_group=topics.group,
-    )
+    settings = sink_settings(fresh_db, topics)
     sink = Sink(settings, CommitPolicy(500, 0.2), on_settled=lambda b, r: settled.append((b, r)))
     thread = threading.Thread(target=sink.run, daemon=True)
     thread.start()
