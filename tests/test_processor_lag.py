@@ -7,6 +7,7 @@ assignment, positions, committed offsets and watermarks a test sets.
 from __future__ import annotations
 
 from confluent_kafka import TopicPartition
+from prometheus_client import CollectorRegistry, Gauge
 
 from f2pipe.runtime.kafka import ConsumerWatch
 
@@ -81,3 +82,16 @@ def test_committed_offsets_below_the_low_watermark_count_once_per_partition() ->
     consumer.marks[1] = (550, 600)
     watch.update(consumer, now=2.0)
     assert watch.resets == 2
+
+
+def test_the_same_pass_sets_each_partitions_lag_in_records() -> None:
+    gauge = Gauge("lag_records", "records behind", ["partition"], registry=CollectorRegistry())
+    consumer = FakeConsumer(partitions=2)
+    watch = ConsumerWatch("processor", every_s=0.0, records=gauge)
+    consumer.positions.update({0: 5, 1: -1001})  # partition 1: no position yet
+    consumer.marks.update({0: (0, 12), 1: (0, 7)})
+    watch.update(consumer, now=1.0)
+    assert gauge.labels("0")._value.get() == 7
+    assert [s.labels for s in gauge.collect()[0].samples] == [{"partition": "0"}]
+    watch.revoked(consumer.partitions)
+    assert gauge.collect()[0].samples == []

@@ -35,7 +35,6 @@ exits at once (whatever was not committed is consumed again later).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import threading
 import time
@@ -111,13 +110,13 @@ class Processor:
             )
         )
         self.delivery = Delivery(settings, self.consumer, self._stop.is_set, self._abandoning)
-        self.watch = ConsumerWatch("processor")  # lag as an age, offsets out of retention
+        # Lag as an age and in records, offsets out of retention.
+        self.watch = ConsumerWatch("processor", records=LAG)
         self.alarm = DeadLetterAlarm(
             settings.dlq_alarm_ratio, settings.dlq_alarm_window_s, settings.dlq_alarm_min_messages
         )
         self._last_hits = dict.fromkeys(TIERS, 0)
         self._last_misses = dict.fromkeys(TIERS, 0)
-        self._lag_at = 0.0
         self._synced_at = 0.0  # monotonic time of the last metadata version read
         self._held: list[Message] = []  # the batch being handled, see _handle_batch
         self._routes_version = -1  # metadata version the stage's remembered lookups are of
@@ -168,9 +167,6 @@ class Processor:
             # The client keeps a partition's pause across assignments: one paused here
             # and assigned back after the outage would otherwise never be fetched again.
             consumer.resume(partitions)
-        for tp in partitions:
-            with contextlib.suppress(KeyError):  # no lag reported for it yet
-                LAG.remove(str(tp.partition))
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
@@ -201,7 +197,7 @@ class Processor:
                     self._synced_at = time.monotonic()
                 elif time.monotonic() - self._synced_at > 5.0:
                     self._idle_sync()
-                self._update_lag()
+                self.watch.update(self.consumer)
         except Stopping:
             log.info("stopping with a batch uncommitted; it will be consumed again")
         finally:
@@ -316,7 +312,7 @@ class Processor:
             self.consumer.pause(assignment)
         for partition, offset in first.items():
             self.consumer.seek(TopicPartition(self.settings.topic_raw, partition, offset))
-        self._update_lag()  # the lag keeps growing during an outage: show it
+        self.watch.update(self.consumer)  # the lag keeps growing during an outage: show it
 
     def _stage_all(
         self, batch: list[Message]
@@ -386,23 +382,6 @@ class Processor:
             if misses[tier] != self._last_misses[tier]:
                 CACHE_MISSES.labels(tier).inc(misses[tier] - self._last_misses[tier])
                 self._last_misses[tier] = misses[tier]
-
-    def _update_lag(self) -> None:
-        self.watch.update(self.consumer)
-        now = time.monotonic()
-        if now - self._lag_at < 2.0:
-            return
-        self._lag_at = now
-        try:
-            assignment = self.consumer.assignment()
-            if not assignment:
-                return
-            for tp in self.consumer.position(assignment):
-                _, high = self.consumer.get_watermark_offsets(tp, cached=True)
-                if tp.offset >= 0 and high >= 0:
-                    LAG.labels(str(tp.partition)).set(max(high - tp.offset, 0))
-        except KafkaException as exc:
-            log.debug("lag not available", extra={"error": str(exc)})
 
     def _close(self) -> None:
         try:

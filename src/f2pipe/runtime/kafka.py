@@ -16,6 +16,7 @@ bypasses them.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -275,13 +276,18 @@ class ConsumerWatch:
     watermark first passed it; a position found below the low watermark is
     counted as a reset too. Samples are kept only for records not consumed
     yet, thinned to ``samples`` per partition (the age stays exact to within
-    the spacing of what is kept).
+    the spacing of what is kept). Given ``records`` (a gauge labelled by
+    partition), the same pass sets each partition's lag in records, high
+    watermark minus position; :meth:`revoked` removes a partition's label.
     """
 
-    def __init__(self, stage: str, every_s: float = 2.0, samples: int = 512) -> None:
+    def __init__(
+        self, stage: str, every_s: float = 2.0, samples: int = 512, records: Gauge | None = None
+    ) -> None:
         self.stage = stage
         self.every_s = every_s
         self.max_samples = samples
+        self.records = records
         self.lag_s = 0.0
         """The age last exported (seconds)."""
         self.resets = 0
@@ -314,6 +320,9 @@ class ConsumerWatch:
         for tp in partitions:
             self._history.pop((tp.topic, tp.partition), None)
             self._flagged.discard((tp.topic, tp.partition))
+            if self.records is not None:
+                with contextlib.suppress(KeyError):  # no lag reported for it yet
+                    self.records.remove(str(tp.partition))
 
     def reset_reported(self, err: KafkaError) -> bool:
         """Count a reset the client reports as an error (``auto.offset.reset=error``);
@@ -340,6 +349,8 @@ class ConsumerWatch:
                 if high < 0:
                     continue  # no fetch answered yet
                 worst = max(worst, self._age(tp, low, high, now))
+                if self.records is not None and tp.offset >= 0:
+                    self.records.labels(str(tp.partition)).set(max(high - tp.offset, 0))
         except KafkaException as exc:
             log.debug("lag not available", extra={"error": str(exc)})
             return self.lag_s
