@@ -16,6 +16,7 @@ import random
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
+from f2pipe.core.topics import parse_topic
 from f2pipe.tools.simulator.messages import Message, format_timestamp
 
 __all__ = [
@@ -73,15 +74,10 @@ def command_response(topic: str, payload: bytes) -> list[Answer]:
     connector and component of the command. Other commands, and malformed
     ones, get no answer (a real controller ignores them too).
     """
-    levels = topic.split("/")
-    if len(levels) != 5 or levels[0] != "cmnd":
+    parsed = parse_topic(topic)
+    if parsed is None or parsed.type != "cmnd" or parsed.kind not in ("strike", "siren"):
         return []
-    _type, _device, mode, connector, component = levels
-    if not component.startswith(("strike-", "siren-")):
-        return []
-    if len(connector) != 2 or connector[0] != "J" or connector[1] not in "1234":
-        return []
-    number = int(connector[1])
+    mode, number, component = parsed.mode, parsed.connector, parsed.component
     try:
         body = json.loads(payload)
         flag = int(body["power-flag"])
