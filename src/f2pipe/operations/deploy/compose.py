@@ -23,7 +23,7 @@ Least privilege, container by container:
 from __future__ import annotations
 
 from f2pipe.metadata.fleet.demo import demo_fleet
-from f2pipe.operations.deploy.configs import PASSWORD_VARIABLES
+from f2pipe.operations.deploy.configs import DATABASES, PASSWORD_VARIABLES
 from f2pipe.operations.deploy.containers import (
     KAFKA_INTERNAL,
     PARTIES,
@@ -57,6 +57,18 @@ KAFKA_SERVICES = ("connector", "processor", "sink")
 
 def _kafka_secret(service: str) -> str:
     return f"{service}_kafka_password"
+
+
+#: The server holding each database, by its compose name.
+_DATABASE_HOSTS = {"metadata": "postgres", "timeseries": "timescaledb"}
+
+
+def _service_dsn(service: str) -> str:
+    """``service``'s DSN as its own role (:mod:`f2pipe.operations.principals`) on its database."""
+    role = principal(service).pg_role
+    assert role is not None, service
+    host = _DATABASE_HOSTS[DATABASES[service]]
+    return dsn(role, PASSWORD_VARIABLES[("postgres", service)], host)
 
 
 def shares_command() -> list[str]:
@@ -159,9 +171,7 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
                 restart="no",
                 environment={
                     "F2PIPE_STATE_DIR": STATE,
-                    "F2PIPE_METADATA_DSN": dsn(
-                        "f2pipe_certgen", PASSWORD_VARIABLES[("postgres", "certgen")], "postgres"
-                    ),
+                    "F2PIPE_METADATA_DSN": _service_dsn("certgen"),
                 },
                 volumes=[f"certgen:{STATE}", f"shares:{SHARES}"],
                 depends_on=done("certgen-init", "db-seed", "db-roles"),
@@ -224,9 +234,7 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 ["certgen", "serve"],
                 environment={
                     "F2PIPE_STATE_DIR": STATE,
-                    "F2PIPE_METADATA_DSN": dsn(
-                        "f2pipe_certgen", PASSWORD_VARIABLES[("postgres", "certgen")], "postgres"
-                    ),
+                    "F2PIPE_METADATA_DSN": _service_dsn("certgen"),
                     "F2PIPE_ADMIN_TOKEN_FILE": "/run/secrets/admin_token",
                     "F2PIPE_CERTGEN_HOST": "0.0.0.0",  # noqa: S104 (HTTPS only)
                     "F2PIPE_CERTGEN_TLS": "true",
@@ -267,13 +275,9 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 ["processor"],
                 secrets=[_kafka_secret("processor")],
                 environment={
-                    "F2PIPE_METADATA_DSN": dsn(
-                        "f2pipe_processor",
-                        PASSWORD_VARIABLES[("postgres", "processor")],
-                        "postgres",
-                    ),
-                    "F2PIPE_REDIS_URL": f"redis://f2pipe-processor:{env(processor_redis)}"
-                    "@redis:6379/0",
+                    "F2PIPE_METADATA_DSN": _service_dsn("processor"),
+                    "F2PIPE_REDIS_URL": f"redis://{principal('processor').redis_user}:"
+                    f"{env(processor_redis)}@redis:6379/0",
                     **kafka("processor"),
                     **ops,
                 },
@@ -290,9 +294,7 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 ["sink"],
                 secrets=[_kafka_secret("sink")],
                 environment={
-                    "F2PIPE_TIMESERIES_DSN": dsn(
-                        "f2pipe_sink", PASSWORD_VARIABLES[("postgres", "sink")], "timescaledb"
-                    ),
+                    "F2PIPE_TIMESERIES_DSN": _service_dsn("sink"),
                     **kafka("sink"),
                     **ops,
                 },
