@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from f2pipe.errors import ConfigError, StackError
+from f2pipe.operations.stack import security
 from f2pipe.operations.stack.install import ensure_programs
 from f2pipe.operations.stack.kafka import Kafka
 from f2pipe.operations.stack.mosquitto import Mosquitto
@@ -83,6 +84,7 @@ def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None
             for server in servers:
                 server.wait_healthy()
                 server.after_healthy()
+            security.write_admin_env(settings, paths)
         except BaseException:
             for server in reversed(started):
                 server.stop()

@@ -258,7 +258,6 @@ class Kafka(Server):
         if security.is_secured(self.paths, self.name):
             rights.kafka_users_and_acls(admin, self.settings, self.paths)
         create_topics(admin, topic_plan(self.settings), deadline=time.monotonic() + 60)
-        security.write_admin_env(self.settings, self.paths)
 
 
 def topic_plan(settings: Settings) -> dict[str, tuple[int, int]]:

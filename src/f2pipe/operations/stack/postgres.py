@@ -208,7 +208,6 @@ class Postgres(Server):
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(self.database)))
             if security.is_secured(self.paths, self.name):
                 rights.create_roles(conn, self.settings, self.paths)
-        security.write_admin_env(self.settings, self.paths)
 
     def start(self) -> None:
         # Authentication and TLS are set before every start, so the mode always follows

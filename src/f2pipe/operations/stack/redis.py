@@ -68,6 +68,3 @@ class Redis(Server):
             return False
         finally:
             client.close()
-
-    def after_healthy(self) -> None:
-        security.write_admin_env(self.settings, self.paths)
