@@ -36,9 +36,11 @@ class Changes:
 
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    def add(self, kind: str, action: str) -> None:
-        per_kind = self.counts.setdefault(kind, {})
-        per_kind[action] = per_kind.get(action, 0) + 1
+    def add(self, kind: str, action: str, count: int = 1) -> None:
+        """Count ``count`` rows of ``kind`` as ``action``; nothing for none."""
+        if count:
+            per_kind = self.counts.setdefault(kind, {})
+            per_kind[action] = per_kind.get(action, 0) + count
 
     @property
     def total(self) -> int:
@@ -283,8 +285,7 @@ def _apply_datapoints(
     ]
     if gone:
         run(conn, loc, "DELETE FROM datapoints WHERE datapoint_id = ANY(%s)", (gone,))
-        for _ in gone:
-            changes.add("datapoints", "deleted")
+        changes.add("datapoints", "deleted", len(gone))
 
 
 def _apply_controllers(
@@ -316,10 +317,9 @@ def _apply_controllers(
     progress.advance(len(fleet.controllers) - len(inserts) - len(updates))
     for mac, device_id in bulk(conn, inserts, _INSERT_CONTROLLERS, progress):
         ids[mac] = device_id
-        changes.add("controllers", "created")
+    changes.add("controllers", "created", len(inserts))
     bulk(conn, updates, _UPDATE_CONTROLLERS, progress)
-    for _ in updates:
-        changes.add("controllers", "updated")
+    changes.add("controllers", "updated", len(updates))
     return ids
 
 
@@ -372,10 +372,9 @@ def _apply_sensors(
     # Sensor names are unique in a checked fleet, so the name says which row is which.
     for name, device_id in bulk(conn, inserts, _INSERT_SENSORS, progress):
         ids[name] = device_id
-        changes.add("sensors", "created")
+    changes.add("sensors", "created", len(inserts))
     bulk(conn, updates, _UPDATE_SENSORS, progress)
-    for _ in updates:
-        changes.add("sensors", "updated")
+    changes.add("sensors", "updated", len(updates))
     return ids
 
 
@@ -445,19 +444,16 @@ def _apply_wiring(
     progress.advance(len(fleet.wiring) - len(rewires) - len(new_pins))
     # Removals first, so a sensor moved between pins never sits on two at once.
     bulk(conn, removals, "DELETE FROM pins WHERE pin_id = ANY(%s::int[])", progress, count=False)
-    for _ in removals:
-        changes.add("wiring", "removed")
+    changes.add("wiring", "removed", len(removals))
     bulk(conn, rewires, _REWIRE, progress)
-    for _ in rewires:
-        changes.add("wiring", "rewired")
+    changes.add("wiring", "rewired", len(rewires))
     for controller_id, number, connector_id in bulk(
         conn, new_connectors, _INSERT_CONNECTORS, progress, count=False
     ):
         connectors[(controller_id, number)] = connector_id
     pins = [(loc, (connectors[key], position, device)) for loc, key, position, device in new_pins]
     bulk(conn, pins, _INSERT_PINS, progress)
-    for _ in pins:
-        changes.add("wiring", "created")
+    changes.add("wiring", "created", len(pins))
 
 
 _REWIRE = (
