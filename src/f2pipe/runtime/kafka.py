@@ -309,7 +309,8 @@ class ConsumerWatch:
                     continue
                 low, high = consumer.get_watermark_offsets(tp, timeout=10)
                 if not low <= tp.offset <= high:
-                    found += self._reset(tp.topic, tp.partition, tp.offset, low, high)
+                    self._reset(tp.topic, tp.partition, tp.offset, low, high)
+                    found += 1
         except KafkaException as exc:
             log.warning(
                 "committed offsets not checked against retention", extra={"error": str(exc)}
@@ -329,9 +330,7 @@ class ConsumerWatch:
         return whether ``err`` was one."""
         if err.code() != KafkaError._AUTO_OFFSET_RESET:
             return False
-        self.resets += 1
-        OFFSET_RESETS.labels(self.stage).inc()
-        log.error("consumer offset reset", extra={"stage": self.stage, "error": str(err)})
+        self._count("consumer offset reset", error=str(err))
         return True
 
     def update(self, consumer: Consumer, now: float | None = None) -> float:
@@ -383,20 +382,20 @@ class ConsumerWatch:
             del history[1:-1:2]  # thin out, keeping the oldest and the newest
         return now - history[0][0] if history and position < high else 0.0
 
-    def _reset(self, topic: str, partition: int, offset: int, low: int, high: int) -> int:
+    def _reset(self, topic: str, partition: int, offset: int, low: int, high: int) -> None:
         self._flagged.add((topic, partition))
-        self.resets += 1
-        OFFSET_RESETS.labels(self.stage).inc()
-        log.error(
+        self._count(
             "committed offset out of range: consuming from the earliest record kept;"
             " the records before it were never consumed",
-            extra={
-                "stage": self.stage,
-                "topic": topic,
-                "partition": partition,
-                "offset": offset,
-                "low": low,
-                "high": high,
-            },
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            low=low,
+            high=high,
         )
-        return 1
+
+    def _count(self, text: str, **details: object) -> None:
+        """Count one reset, in :attr:`resets` and the metric, and log it as an error."""
+        self.resets += 1
+        OFFSET_RESETS.labels(self.stage).inc()
+        log.error(text, extra={"stage": self.stage, **details})
