@@ -380,7 +380,7 @@ def main() -> int:
             round_["publisher"] = phase_publisher(
                 settings, sensors, args.count, broker, args.publishers
             )
-            for phase, bare in (("bare_subscriber", True), ("connector", False)):
+            for phase, bare_only in (("bare_subscriber", True), ("connector", False)):
                 # A new session per phase, so nothing of an earlier phase is redelivered.
                 name = f"{identity}-{n}-{phase}".replace("_", "-")
                 pki.service(name)
@@ -395,7 +395,7 @@ def main() -> int:
                     args.count,
                     broker,
                     env_phase,
-                    bare,
+                    bare_only,
                     workdir / f"{name}.log",
                     args.publishers,
                     args.kafka,

@@ -42,7 +42,7 @@ import confluent_kafka
 import orjson
 import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from f2pipe.core.decode import DecodeError
 from f2pipe.core.frames import crc16_modbus, encode_modbus_response
@@ -153,8 +153,9 @@ def preload(settings: Settings, topic: str, recs: list[tuple[bytes, bytes, bytes
     )
     ingest = b"%d" % int(time.time() * 1000)
     for key, mqtt_topic, payload in recs:
-        headers = [("mqtt.topic", mqtt_topic), ("mqtt.qos", b"1"), ("mqtt.retain", b"0"),
-                   ("ingest.ts", ingest)]  # fmt: skip
+        headers: list[tuple[str, str | bytes | None]] = [
+            ("mqtt.topic", mqtt_topic), ("mqtt.qos", b"1"), ("mqtt.retain", b"0"),
+            ("ingest.ts", ingest)]  # fmt: skip
         while True:
             try:
                 producer.produce(topic, payload, key, headers=headers)

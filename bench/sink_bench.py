@@ -53,6 +53,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ from typing import Any
 import orjson
 import psycopg
 from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from f2pipe.metadata.database import create_database, migrate
 from f2pipe.runtime.kafka import admin_config, producer_config
@@ -276,7 +277,7 @@ def consume_costs(settings: Any, topic: str, rows: int) -> dict[str, float]:
     def latest(ms: list[Any]) -> Any:
         newest_per_key(encode(ms))
 
-    steps = [
+    steps: list[tuple[str, Callable[[list[Any]], Any]]] = [
         ("consume", lambda ms: None),
         ("+ Message.value", values),
         ("+ parse_batch (msgspec, timestamps)", parse),
@@ -413,7 +414,7 @@ def main() -> int:
 
         # The collector's share: the sink at the default batch size with the
         # interpreter's default thresholds, then tuned, back to back.
-        gc_ab = {}
+        gc_ab: dict[str, Any] = {}
         for mode in ("default", "tuned", "default", "tuned"):
             if mode == "default":
                 # The interpreter's thresholds. The benchmark's data stays frozen, as
