@@ -86,14 +86,22 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def cpu_seconds(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
+def _stat(process: Path) -> list[str] | None:
+    """The fields of ``/proc/<pid>/stat`` after the command name (state first); None
+    once the process is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (process / "stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
+        return None
+
+
+def _cpu(fields: list[str]) -> float:
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime + stime
+
+
+def cpu_seconds(pid: int | None) -> float:
+    fields = None if pid is None else _stat(Path(f"/proc/{pid}"))
+    return 0.0 if fields is None else _cpu(fields)
 
 
 def tree_cpu_seconds(pid: int | None) -> float:
@@ -102,14 +110,9 @@ def tree_cpu_seconds(pid: int | None) -> float:
         return 0.0
     total = cpu_seconds(pid)
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            total += (int(fields[11]) + int(fields[12])) / TICK
+        fields = _stat(entry) if entry.name.isdigit() else None
+        if fields is not None and int(fields[1]) == pid:
+            total += _cpu(fields)
     return total
 
 
