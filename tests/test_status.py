@@ -126,3 +126,38 @@ def test_a_crl_near_its_end_is_an_alarm_in_the_snapshot(tmp_path: Path) -> None:
     write_crl(CertificateAuthority.load(paths, None), paths, [], days=3)
     alarms = status.Observer(settings).snapshot(with_health=False).alarms
     assert any("crl.pem expires in 3 days" in alarm for alarm in alarms), alarms
+
+
+def test_certgen_over_https_is_probed_against_f2pipes_ca(tmp_path: Path) -> None:
+    import ssl
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from f2pipe.operations.stack import Paths, security
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    settings = load_settings(
+        state_dir=tmp_path, certgen_tls=True, certgen_port=server.server_address[1]
+    )
+    certgen = services.Certgen(settings, Paths(tmp_path))
+    cert, key = security.server_tls(settings, tmp_path, "certgen", None)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert certgen.cafile() == security.ca_file(settings)
+        assert certgen.healthy(), certgen.last_error
+        assert certgen.ready()
+        assert status.scrape(certgen.url("/metrics"), cafile=certgen.cafile()) == {}
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -81,6 +81,8 @@ class Service(Server):
 
     arguments: ClassVar[tuple[str, ...]]
     port_field: ClassVar[str] = ""  # the settings field holding its ops port ("": none)
+    #: Settings it is not given, nor inherits: only certgen holds the admin token and CA key.
+    not_given: ClassVar[frozenset[str]] = CERTGEN_SECRETS
     start_timeout = 60.0
     stop_timeout = 40.0  # connector and sink flush and commit before they exit
 
@@ -104,15 +106,15 @@ class Service(Server):
         return list(self.arguments)
 
     def environment(self) -> dict[str, str]:
-        without = CERTGEN_SECRETS | security.withheld_fields(self.paths)
+        without = self.not_given | security.withheld_fields(self.paths)
         env = settings_env(self.settings, without=without)
         env.update(security.service_env(self.settings, self.paths, self.name))
         return env
 
     def withheld(self) -> frozenset[str]:
-        # Nor inherited from the caller: only certgen holds the admin token and the CA key,
-        # and each service's credentials are its own, never the operator's files.
-        return frozenset(f"F2PIPE_{name.upper()}" for name in CERTGEN_SECRETS) | CREDENTIAL_FILES
+        # Nor inherited from the caller: each service's credentials are its own, never the
+        # operator's files.
+        return frozenset(f"F2PIPE_{name.upper()}" for name in self.not_given) | CREDENTIAL_FILES
 
     def workdir(self) -> Path:
         return self.paths.state
@@ -124,12 +126,22 @@ class Service(Server):
     def url(self, path: str) -> str:
         return f"http://{self.host()}:{self.port()}{path}"
 
+    def cafile(self) -> Path | None:
+        """The CA its HTTPS endpoints are checked against (None: plain HTTP)."""
+        return None
+
+    def get(self, path: str) -> tuple[bool, str]:
+        """:func:`http_ok` for the endpoint ``path``, over HTTPS against :meth:`cafile`."""
+        cafile = self.cafile()
+        # A TLS handshake may take longer than the plain probe's second.
+        return http_ok(self.url(path), timeout=1.0 if cafile is None else 2.0, cafile=cafile)
+
     def healthy(self) -> bool:
         if self.port() is None:
             alive = self.pid() is not None
             self.last_error = "" if alive else "not running"
             return alive
-        ok, why = http_ok(self.url("/healthz"))
+        ok, why = self.get("/healthz")
         self.last_error = "" if ok else f"/healthz: {why}"
         return ok
 
@@ -137,24 +149,17 @@ class Service(Server):
         """``/readyz`` answers 200 (its dependencies are reachable)."""
         if self.port() is None:
             return self.healthy()
-        return http_ok(self.url("/readyz"))[0]
+        return self.get("/readyz")[0]
 
 
 class Certgen(Service):
     name = "certgen"
     arguments = ("certgen", "serve")
     port_field = "certgen_port"
+    not_given = frozenset()
 
     def host(self) -> str:
         return _probe_host(self.settings.certgen_host)
-
-    def environment(self) -> dict[str, str]:
-        env = settings_env(self.settings, without=security.withheld_fields(self.paths))
-        env.update(security.service_env(self.settings, self.paths, self.name))
-        return env
-
-    def withheld(self) -> frozenset[str]:
-        return CREDENTIAL_FILES
 
     def tls(self) -> bool:
         """HTTPS: when asked (``F2PIPE_CERTGEN_TLS``) or on a secured stack."""
@@ -164,16 +169,19 @@ class Certgen(Service):
         scheme = "https" if self.tls() else "http"
         return f"{scheme}://{self.host()}:{self.port()}{path}"
 
+    def cafile(self) -> Path | None:
+        """f2pipe's CA when certgen serves HTTPS and this machine holds it."""
+        if not self.tls():
+            return None
+        ca = security.ca_file(self.settings)
+        return ca if ca.is_file() else None
+
     def healthy(self) -> bool:
-        if self.tls():
-            ca = security.ca_file(self.settings)
-            if not ca.is_file():  # a CA of its own elsewhere: a TCP accept is what we can check
-                alive = port_accepts(int(self.port() or 0))
-                self.last_error = "" if alive else "port does not accept connections"
-                return alive
-            ok, why = http_ok(self.url("/healthz"), timeout=2.0, cafile=ca)
-            self.last_error = "" if ok else f"/healthz: {why}"
-            return ok
+        if self.tls() and self.cafile() is None:
+            # A CA of its own elsewhere: a TCP accept is what we can check.
+            alive = port_accepts(int(self.port() or 0))
+            self.last_error = "" if alive else "port does not accept connections"
+            return alive
         return super().healthy()
 
 

@@ -279,21 +279,10 @@ class Observer:
 
     def snapshot(self, with_health: bool = True) -> Snapshot:
         scraped = {
-            service.name: scrape(service.url("/metrics"))
+            service.name: scrape(service.url("/metrics"), cafile=service.cafile())
             for service in self.services
-            if service.port() is not None and service.name != "certgen"
+            if service.port() is not None
         }
-        certgen = next((s for s in self.services if s.name == "certgen"), None)
-        certgen_metrics = (
-            None
-            if certgen is None
-            else scrape(
-                certgen.url("/metrics"),
-                cafile=security.ca_file(self.settings)
-                if isinstance(certgen, svc.Certgen) and certgen.tls()
-                else None,
-            )
-        )
         counters = {
             label: total(scraped.get(name), family) for label, (name, family) in THROUGHPUT.items()
         }
@@ -332,7 +321,7 @@ class Observer:
             dead,
             self.lag(),
             alarms,
-            self.broker(certgen_metrics),
+            self.broker(scraped.get("certgen")),
             ages,
             resets,
         )
