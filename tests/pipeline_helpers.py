@@ -298,8 +298,23 @@ class Fleet:
                 (row[0], position, sensor_id),
             )
 
+    def env_sensors(self, macs: Iterable[str]) -> None:
+        """Register each controller in ``macs`` with its own sensor of the ``env`` template
+        (:data:`ENV_DATAPOINTS`) on pin 1 of connector J1, where :func:`env_payload` goes."""
+        template = self.template("env", "modbus_crc", ENV_DATAPOINTS)
+        for mac in macs:
+            self.controller(mac)
+            self.wire(mac, 1, 1, self.sensor(f"s-{mac}", template))
+
     def close(self) -> None:
         self.conn.close()
+
+
+def wire_env_fleet(dsn: str, macs: Iterable[str]) -> None:
+    """:meth:`Fleet.env_sensors` on a connection of its own."""
+    fleet = Fleet(dsn)
+    fleet.env_sensors(macs)
+    fleet.close()
 
 
 def env_frame(temp_centi: int, hum_centi: int, co2: int, addr: int = 1) -> str:

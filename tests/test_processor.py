@@ -306,11 +306,8 @@ def _status(port: int, path: str) -> int:
 def test_transactional_mode_commits_outputs_and_offsets_together(
     fresh_db: str, fleet: Fleet, topics: Topics, tmp_path: Path
 ) -> None:
-    template = fleet.template("env", "modbus_crc", ENV_DATAPOINTS)
     macs = [f"7a00000000{i:02x}" for i in range(4)]
-    for mac in macs:
-        fleet.controller(mac)
-        fleet.wire(mac, 1, 1, fleet.sensor(f"s-{mac}", template))
+    fleet.env_sensors(macs)
     publisher = Publisher(topics.raw)
     for seq in range(1, 41):
         publisher.send(f"tele/f2-{macs[seq % 4]}/sensor-mode/J1/sensor-1", env_payload(seq))

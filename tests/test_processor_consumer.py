@@ -27,14 +27,13 @@ from conftest import unique, wait_until
 from f2pipe.metadata.database import migrate
 from f2pipe.testing.servers import KafkaServer, create_topics, read_topic
 from pipeline_helpers import (
-    ENV_DATAPOINTS,
     VENV_BIN,
-    Fleet,
     ProcessorProcess,
     Topics,
     env_payload,
     free_port,
     processor_env,
+    wire_env_fleet,
 )
 from test_processor_resilience import PostgresServer
 
@@ -91,15 +90,6 @@ def _publish(bootstrap: str, topic: str, macs: list[str], first: int, count: int
         producer.produce(topic, env_payload(seq), mac.encode(), headers=headers)
         producer.poll(0)
     assert producer.flush(30) == 0
-
-
-def _wired_fleet(dsn: str, macs: list[str]) -> None:
-    fleet = Fleet(dsn)
-    template = fleet.template("env", "modbus_crc", ENV_DATAPOINTS)
-    for mac in macs:
-        fleet.controller(mac)
-        fleet.wire(mac, 1, 1, fleet.sensor(f"s-{mac}", template))
-    fleet.close()
 
 
 class BufferWatch:
@@ -164,7 +154,7 @@ def test_metadata_outage_with_rebalances_holds_one_batch_and_processes_each_reco
 
     try:
         migrate(pg.dsn)
-        _wired_fleet(pg.dsn, macs)
+        wire_env_fleet(pg.dsn, macs)
         first, second = start("first"), start("second")
         watch_until(
             "both processors own 2 partitions",
@@ -220,7 +210,7 @@ def test_an_offset_out_of_retention_is_counted_and_logged_as_an_error(
 ) -> None:
     topics = _new_topics(kafka.bootstrap, raw_partitions=1)
     macs = [f"0a7a9f0000{i:02x}" for i in range(4)]
-    _wired_fleet(fresh_db, macs)
+    wire_env_fleet(fresh_db, macs)
     env = processor_env(fresh_db, topics, F2PIPE_KAFKA_BOOTSTRAP=kafka.bootstrap)
     log_path = tmp_path / "processor.log"
     proc = ProcessorProcess(env, log_path)

@@ -20,7 +20,6 @@ import pytest
 from conftest import unique, wait_until
 from f2pipe.metadata.database import migrate
 from pipeline_helpers import (
-    ENV_DATAPOINTS,
     Fleet,
     ProcessorProcess,
     Publisher,
@@ -31,6 +30,7 @@ from pipeline_helpers import (
     env_payload,
     free_port,
     processor_env,
+    wire_env_fleet,
 )
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
@@ -155,13 +155,8 @@ def test_redis_stop_postgres_restart_and_kill9_lose_and_misroute_nothing(
     proc: ProcessorProcess | None = None
     try:
         migrate(pg.dsn)
-        fleet = Fleet(pg.dsn)
-        template = fleet.template("env", "modbus_crc", ENV_DATAPOINTS)
         macs = [f"c0ffee0000{i:02x}" for i in range(6)]
-        for mac in macs:
-            fleet.controller(mac)
-            fleet.wire(mac, 1, 1, fleet.sensor(f"s-{mac}", template))
-        fleet.close()
+        wire_env_fleet(pg.dsn, macs)
         env = processor_env(pg.dsn, topics, F2PIPE_REDIS_URL=redis_server.url)
         proc = ProcessorProcess(env, tmp_path / "processor.log")
         out, dead = TopicReader(topics.processed), TopicReader(topics.dead)
@@ -208,13 +203,8 @@ def test_redis_stop_postgres_restart_and_kill9_lose_and_misroute_nothing(
 def test_two_processors_split_the_partitions_and_produce_every_reading(
     fresh_db: str, topics: Topics, tmp_path: Path
 ) -> None:
-    fleet = Fleet(fresh_db)
-    template = fleet.template("env", "modbus_crc", ENV_DATAPOINTS)
     macs = [f"5ca1e00000{i:02x}" for i in range(16)]
-    for mac in macs:
-        fleet.controller(mac)
-        fleet.wire(mac, 1, 1, fleet.sensor(f"s-{mac}", template))
-    fleet.close()
+    wire_env_fleet(fresh_db, macs)
     procs = [
         ProcessorProcess(processor_env(fresh_db, topics), tmp_path / f"p{i}.log") for i in (1, 2)
     ]

@@ -19,9 +19,7 @@ import pytest
 
 from conftest import unique, wait_until
 from pipeline_helpers import (
-    ENV_DATAPOINTS,
     VENV_BIN,
-    Fleet,
     ProcessorProcess,
     Publisher,
     TopicReader,
@@ -30,6 +28,7 @@ from pipeline_helpers import (
     delete_topics,
     env_payload,
     processor_env,
+    wire_env_fleet,
 )
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
@@ -78,13 +77,8 @@ def _f2pipe(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 def test_a_crash_between_flush_and_commit_repeats_no_reading_and_no_dead_letter(
     fresh_db: str, topics: Topics, tmp_path: Path
 ) -> None:
-    fleet = Fleet(fresh_db)
-    template = fleet.template("env", "modbus_crc", ENV_DATAPOINTS)
     good = [f"7c00000000{i:02x}" for i in range(4)]
-    for mac in good:
-        fleet.controller(mac)
-        fleet.wire(mac, 1, 1, fleet.sensor(f"s-{mac}", template))
-    fleet.close()
+    wire_env_fleet(fresh_db, good)
     publisher = Publisher(topics.raw)
     total = 600
     for seq in range(1, total + 1):  # every third from a controller nobody registered
