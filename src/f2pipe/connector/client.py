@@ -197,7 +197,7 @@ class MqttClient:
             return False
         if self._held:
             limit = self._release(limit)
-            if len(self._held) > self.receive_maximum:
+            if not self.wants_read():
                 return True
         # Over TLS one recv returns one record, and brokers often send one packet per
         # record: gather several before handling, so one pass (and one write of the
