@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
+import ssl
 import subprocess
 import threading
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +151,33 @@ class Identity:
     cert: Path
     key: Path
     ca: Path
+
+
+def tls_handshake(
+    address: tuple[str, int], version: ssl.TLSVersion, trust: Path, identity: Identity | None = None
+) -> str:
+    """Offer exactly ``version`` to ``address``, trusting ``trust`` (and presenting
+    ``identity``'s certificate, if given); "ok" or the TLS error's reason."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(trust))
+    if identity is not None:
+        context.load_cert_chain(str(identity.cert), str(identity.key))
+    context.check_hostname = False
+    # Let this client offer the old versions at all (OpenSSL's default forbids them).
+    context.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1 / TLSv1_1 are the point
+        context.minimum_version = version
+        context.maximum_version = version
+    try:
+        with (
+            socket.create_connection(address, timeout=10) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            tls.version()
+            return "ok"
+    except ssl.SSLError as exc:
+        return str(exc.reason)
 
 
 def write_identity(directory: Path, name: str, cert: x509.Certificate, key_bytes: bytes) -> Path:

@@ -7,12 +7,10 @@ from __future__ import annotations
 import collections
 import logging
 import os
-import socket
 import ssl
 import subprocess
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +35,7 @@ from pki_fixtures import (
     register_database,
     register_dsn,
     settings,
+    tls_handshake,
 )
 
 __all__ = ["register_database", "register_dsn", "settings"]  # fixtures used by name
@@ -306,24 +305,7 @@ def test_issued_keys_are_not_cached(
 
 def _handshake(port: int, version: ssl.TLSVersion, trust: Path) -> str:
     """Offer exactly ``version`` to 127.0.0.1:``port``; "ok" or the TLS error's reason."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(cafile=str(trust))
-    context.check_hostname = False
-    # Let this client offer the old versions at all (OpenSSL's default forbids them).
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1 / TLSv1_1 are the point
-        context.minimum_version = version
-        context.maximum_version = version
-    try:
-        with (
-            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
-            context.wrap_socket(raw) as tls,
-        ):
-            tls.version()
-            return "ok"
-    except ssl.SSLError as exc:
-        return str(exc.reason)
+    return tls_handshake(("127.0.0.1", port), version, trust)
 
 
 def test_certgen_https_refuses_tls_1_0_and_1_1(

@@ -10,9 +10,7 @@ forbidden one would have arrived before it (one client's messages stay in order)
 from __future__ import annotations
 
 import re
-import socket
 import ssl
-import warnings
 from pathlib import Path
 
 import httpx
@@ -38,6 +36,7 @@ from pki_fixtures import (
     register_dsn,
     service_identity,
     settings,
+    tls_handshake,
     write_identity,
 )
 
@@ -427,24 +426,8 @@ def test_a_server_certificate_is_refused_as_a_client_certificate(
 def _handshake(settings: Settings, version: ssl.TLSVersion, identity: Identity) -> str:
     """Offer exactly ``version`` to the broker with a valid client certificate; "ok" or
     the TLS error's reason."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_verify_locations(cafile=str(identity.ca))
-    context.load_cert_chain(str(identity.cert), str(identity.key))
-    context.check_hostname = False
-    context.set_ciphers("DEFAULT:@SECLEVEL=0")  # let this client offer the old versions at all
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1 / TLSv1_1 are the point
-        context.minimum_version = version
-        context.maximum_version = version
-    try:
-        with (
-            socket.create_connection((settings.mqtt_host, settings.mqtt_port), timeout=10) as raw,
-            context.wrap_socket(raw) as tls,
-        ):
-            tls.version()
-            return "ok"
-    except ssl.SSLError as exc:
-        return str(exc.reason)
+    address = (settings.mqtt_host, settings.mqtt_port)
+    return tls_handshake(address, version, identity.ca, identity)
 
 
 def test_the_broker_refuses_tls_1_0_and_1_1(
