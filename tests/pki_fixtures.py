@@ -98,6 +98,15 @@ def add_device(dsn: str, mac: str, claiming_code: str | None) -> None:
         )
 
 
+def add_claimable_devices(dsn: str, prefix: str, count: int) -> list[str]:
+    """``count`` devices ``{prefix}00``, ``{prefix}01``, ..., each with the claiming
+    code ``code-{mac}``; their MACs."""
+    macs = [f"{prefix}{i:02x}" for i in range(count)]
+    for mac in macs:
+        add_device(dsn, mac, f"code-{mac}")
+    return macs
+
+
 @pytest.fixture
 def settings(tmp_path: Path, register_dsn: str) -> Settings:
     return load_settings(

@@ -30,6 +30,7 @@ from f2pipe.pki.cli import check_bind, server_config
 from f2pipe.settings import Settings, load_settings
 from pki_fixtures import (
     ADMIN_TOKEN,
+    add_claimable_devices,
     add_device,
     free_port,
     register_database,
@@ -178,9 +179,7 @@ def test_forwarded_headers_do_not_mint_addresses(
     settings: Settings, start_certgen: Callable[..., CertgenProcess]
 ) -> None:
     certgen = start_certgen()
-    macs = [f"aabbccdd01{i:02x}" for i in range(30)]
-    for mac in macs:
-        add_device(settings.metadata_dsn, mac, f"code-{mac}")
+    macs = add_claimable_devices(settings.metadata_dsn, "aabbccdd01", 30)
     statuses = [
         certgen.claim(
             mac, "wrong", {"X-Forwarded-For": f"198.51.100.{i}", "Forwarded": f"for=203.0.113.{i}"}
@@ -194,9 +193,7 @@ def test_forwarded_headers_count_once_the_proxy_is_trusted(
     settings: Settings, start_certgen: Callable[..., CertgenProcess]
 ) -> None:
     certgen = start_certgen(F2PIPE_CERTGEN_TRUSTED_PROXIES="127.0.0.1")
-    macs = [f"aabbccdd02{i:02x}" for i in range(7)]
-    for mac in macs:
-        add_device(settings.metadata_dsn, mac, f"code-{mac}")
+    macs = add_claimable_devices(settings.metadata_dsn, "aabbccdd02", 7)
     behind_proxy = [
         certgen.claim(mac, "wrong", {"X-Forwarded-For": f"198.51.100.{i}"})
         for i, mac in enumerate(macs)
@@ -212,9 +209,7 @@ def test_spraying_many_devices_from_many_addresses_meets_the_global_budget(
     settings: Settings, start_certgen: Callable[..., CertgenProcess]
 ) -> None:
     certgen = start_certgen(F2PIPE_CERTGEN_GLOBAL_MAX_FAILURES="20")
-    macs = [f"aabbccdd03{i:02x}" for i in range(31)]
-    for mac in macs:
-        add_device(settings.metadata_dsn, mac, f"code-{mac}")
+    macs = add_claimable_devices(settings.metadata_dsn, "aabbccdd03", 31)
     # One guess per device, each from its own address: only the global budget can stop it.
     statuses = [
         certgen.claim(mac, "wrong", source=f"127.0.1.{i + 1}") for i, mac in enumerate(macs[:30])

@@ -24,6 +24,7 @@ from f2pipe.settings import Settings, load_settings
 from pki_fixtures import (
     ADMIN_TOKEN,
     Certgen,
+    add_claimable_devices,
     add_device,
     certgen,
     register_database,
@@ -242,9 +243,7 @@ def test_sixth_wrong_code_in_a_minute_is_429(settings: Settings, certgen: Certge
 
 
 def test_failures_are_limited_per_client_address(settings: Settings, certgen: Certgen) -> None:
-    macs = [f"aabbccdd00{i:02x}" for i in range(7)]
-    for mac in macs:
-        add_device(settings.metadata_dsn, mac, f"code-{mac}")
+    macs = add_claimable_devices(settings.metadata_dsn, "aabbccdd00", 7)
     transport = httpx.HTTPTransport(local_address="127.0.0.3")
     codes = [
         post(certgen, mac, {"claiming_code": "wrong"}, transport=transport).status_code
