@@ -29,6 +29,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from conftest import unique, wait_until
 from f2pipe.metadata.database import create_database, migrate
 from f2pipe.operations.stack.mosquitto import ensure_config
+from f2pipe.operations.stack.supervise import port_accepts
 from f2pipe.pki import api
 from f2pipe.pki.ca import (
     CertificateAuthority,
@@ -137,7 +138,7 @@ def broker(settings: Settings) -> Iterator[Broker]:
         process = subprocess.Popen(["mosquitto", "-c", str(conf)], stderr=out, stdout=out)
     try:
         wait_until(
-            lambda: broker_pid_path(settings).is_file() and _accepts(settings.mqtt_port),
+            lambda: broker_pid_path(settings).is_file() and port_accepts(settings.mqtt_port),
             timeout=10,
             what="mosquitto to listen",
         )
@@ -145,14 +146,6 @@ def broker(settings: Settings) -> Iterator[Broker]:
     finally:
         process.terminate()
         process.wait(timeout=10)
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @dataclass

@@ -26,6 +26,7 @@ from f2pipe.operations.stack.mosquitto import (
     render_conf,
     render_start_script,
 )
+from f2pipe.operations.stack.supervise import port_accepts
 from f2pipe.pki.ca import PkiPaths
 from f2pipe.pki.state import SHARES, broker_pid_path, ensure_pki
 from f2pipe.settings import Settings
@@ -48,16 +49,6 @@ pytestmark = pytest.mark.servers
 
 MAC = "aabbccddee07"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
-
-
-def _accepts_tcp(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture
@@ -88,7 +79,7 @@ def detached_broker(settings: Settings, tmp_path: Path) -> Iterator[subprocess.P
         env={**os.environ, "MOSQUITTO": "/usr/sbin/mosquitto"},
     )
     try:
-        wait_until(lambda: _accepts_tcp(settings.mqtt_port), timeout=15, what="the broker")
+        wait_until(lambda: port_accepts(settings.mqtt_port), timeout=15, what="the broker")
         yield process
     finally:
         # The script's own group: the script and the broker under it.
