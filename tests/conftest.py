@@ -19,6 +19,9 @@ import pytest
 
 from f2pipe import testing
 
+# The shared helpers hold assertions moved out of the tests: report them as pytest does.
+pytest.register_assert_rewrite("pipeline_helpers", "pki_fixtures")
+
 # Property tests are judged by their examples, not their speed: a loaded machine (the
 # suite runs the servers beside them) must not fail one on Hypothesis's 200 ms deadline.
 hypothesis.settings.register_profile("f2pipe", deadline=None)

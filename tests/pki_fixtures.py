@@ -155,6 +155,17 @@ class Identity:
     ca: Path
 
 
+def assert_crl_keeps(path: Path, serial: int, revoked_at: dt.datetime, valid_days: int) -> None:
+    """The CRL file ``path`` is valid for more than ``valid_days`` days from now and still
+    lists ``serial`` as revoked at ``revoked_at``."""
+    crl = x509.load_pem_x509_crl(path.read_bytes())
+    assert crl.next_update_utc is not None
+    assert crl.next_update_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=valid_days)
+    entry = crl.get_revoked_certificate_by_serial_number(serial)
+    assert entry is not None
+    assert entry.revocation_date_utc == revoked_at
+
+
 def tls_handshake(
     address: tuple[str, int], version: ssl.TLSVersion, trust: Path, identity: Identity | None = None
 ) -> str:

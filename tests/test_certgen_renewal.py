@@ -8,14 +8,13 @@ import threading
 from pathlib import Path
 
 import pytest
-from cryptography import x509
 
 from conftest import wait_until
 from f2pipe.pki import renewal
 from f2pipe.pki.ca import CertificateAuthority, pki_paths
 from f2pipe.pki.state import ensure_pki, write_crl
 from f2pipe.settings import Settings
-from pki_fixtures import register_database, register_dsn, settings
+from pki_fixtures import assert_crl_keeps, register_database, register_dsn, settings
 
 __all__ = ["register_database", "register_dsn", "settings"]  # fixtures used by name
 
@@ -64,12 +63,7 @@ def test_crl_renewal_survives_every_failure_and_renews_once_it_can(
     assert any("CertError" in e and "ca.key" in e for e in errors), errors
     assert any("RuntimeError: disk on fire" in e for e in errors), errors
     assert any("OSError" in e for e in errors), errors
-    crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
-    assert crl.next_update_utc is not None
-    assert crl.next_update_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=89)
-    entry = crl.get_revoked_certificate_by_serial_number(4242)
-    assert entry is not None
-    assert entry.revocation_date_utc == revoked_at
+    assert_crl_keeps(paths.crl, 4242, revoked_at, valid_days=89)
 
 
 def test_a_crl_that_is_not_due_is_left_alone(settings: Settings) -> None:

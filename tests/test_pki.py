@@ -17,6 +17,7 @@ from f2pipe.pki.ca import CertificateAuthority, parse_serial, pki_paths, serial_
 from f2pipe.pki.expiry import expiry_warnings
 from f2pipe.pki.state import ensure_pki, write_crl
 from f2pipe.settings import load_settings
+from pki_fixtures import assert_crl_keeps
 
 
 def test_passphrase_protects_the_ca_key(tmp_path: Path) -> None:
@@ -56,12 +57,7 @@ def test_crl_is_renewed_at_half_life_and_keeps_its_entries(tmp_path: Path) -> No
     write_crl(ca, paths, [(12345, revoked_at)], days=4)  # less than half of 10 days left
     report = ensure_pki(settings)
     assert str(paths.crl) in report.created
-    crl = x509.load_pem_x509_crl(paths.crl.read_bytes())
-    assert crl.next_update_utc is not None
-    assert crl.next_update_utc - dt.datetime.now(dt.UTC) > dt.timedelta(days=9)
-    entry = crl.get_revoked_certificate_by_serial_number(12345)
-    assert entry is not None
-    assert entry.revocation_date_utc == revoked_at
+    assert_crl_keeps(paths.crl, 12345, revoked_at, valid_days=9)
 
 
 def test_serials_are_unique_and_parse_in_openssl_form(tmp_path: Path) -> None:
