@@ -20,8 +20,6 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import SecretStr
-
 from f2pipe.errors import StackError
 from f2pipe.operations.principals import ADMIN, KAFKA_BROKER_USER
 from f2pipe.operations.stack import rights, security
@@ -220,25 +218,11 @@ class Kafka(Server):
 
         from f2pipe.runtime.kafka import admin_config
 
-        settings = self.settings
+        update = security.PLAIN_KAFKA
         if security.is_secured(self.paths, self.name):
             # The stack acts as the broker's own super user, which exists from the start.
-            settings = settings.model_copy(
-                update={
-                    "kafka_security_protocol": "SASL_SSL",
-                    "kafka_sasl_mechanism": "PLAIN",
-                    "kafka_sasl_username": KAFKA_BROKER_USER,
-                    "kafka_sasl_password": SecretStr(
-                        security.password(self.paths, f"kafka-{KAFKA_BROKER_USER}")
-                    ),
-                    "kafka_sasl_password_file": None,
-                    "kafka_ssl_ca_location": security.ca_file(settings),
-                    "kafka_ssl_certificate_location": None,
-                    "kafka_ssl_key_location": None,
-                }
-            )
-        else:
-            settings = settings.model_copy(update=security.PLAIN_KAFKA)
+            update = security.kafka_settings(self.settings, self.paths, KAFKA_BROKER_USER, "PLAIN")
+        settings = self.settings.model_copy(update=update)
         # log_level 2: librdkafka would print every refused connection while the JVM starts.
         return AdminClient(admin_config(settings, log_level=2))
 

@@ -51,6 +51,7 @@ __all__ = [
     "certgen_url",
     "is_secured",
     "kafka_env",
+    "kafka_settings",
     "mark",
     "password",
     "pg_admin_password",
@@ -335,13 +336,7 @@ def admin_settings(settings: Settings) -> Settings:
         "certgen_url": env["F2PIPE_CERTGEN_URL"],
     }
     if is_secured(paths, "kafka"):
-        update |= PLAIN_KAFKA | {
-            "kafka_security_protocol": "SASL_SSL",
-            "kafka_sasl_mechanism": "SCRAM-SHA-512",
-            "kafka_sasl_username": ADMIN,
-            "kafka_sasl_password": SecretStr(env["F2PIPE_KAFKA_SASL_PASSWORD"]),
-            "kafka_ssl_ca_location": ca_file(settings),
-        }
+        update |= kafka_settings(settings, paths, ADMIN)
     return settings.model_copy(update=update)
 
 
@@ -373,6 +368,19 @@ PLAIN_KAFKA: dict[str, object] = {
 
 #: Settings no service inherits from its caller once Kafka is secured.
 KAFKA_CREDENTIAL_FIELDS = frozenset(name for name in PLAIN_KAFKA if name.startswith("kafka_s"))
+
+
+def kafka_settings(
+    settings: Settings, paths: Paths, user: str, mechanism: str = "SCRAM-SHA-512"
+) -> dict[str, object]:
+    """Settings updates for a client of the secured stack's Kafka as ``user``."""
+    return PLAIN_KAFKA | {
+        "kafka_security_protocol": "SASL_SSL",
+        "kafka_sasl_mechanism": mechanism,
+        "kafka_sasl_username": user,
+        "kafka_sasl_password": SecretStr(password(paths, f"kafka-{user}")),
+        "kafka_ssl_ca_location": ca_file(settings),
+    }
 
 
 def kafka_env(settings: Settings, paths: Paths, user: str | None) -> dict[str, str]:
