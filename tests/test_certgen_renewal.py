@@ -71,3 +71,19 @@ def test_a_crl_that_is_not_due_is_left_alone(settings: Settings) -> None:
     before = pki_paths(settings).crl.read_bytes()
     assert renewal.CrlRenewer(settings).step() is False
     assert pki_paths(settings).crl.read_bytes() == before
+
+
+def test_a_crl_with_nothing_new_to_list_is_not_rewritten(settings: Settings) -> None:
+    # certgen start-up brings the CRL in line with the register: with nothing newly
+    # revoked the file stays byte for byte, so a broker reloading on change does not.
+    from f2pipe.pki.revocation import refresh_crl
+
+    ensure_pki(settings)
+    paths = pki_paths(settings)
+    before = paths.crl.read_bytes()
+    ca = CertificateAuthority.load(paths, None)
+    assert refresh_crl(settings, ca, None) is False
+    assert paths.crl.read_bytes() == before
+    paths.crl.unlink()  # none at all: one is written
+    assert refresh_crl(settings, ca, None) is False
+    assert paths.crl.is_file()

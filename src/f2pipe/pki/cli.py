@@ -21,9 +21,9 @@ from f2pipe.pki.local import (
     load_ca,
     open_store,
     record_local_certificates,
-    sync_crl,
 )
 from f2pipe.pki.renewal import CrlRenewer
+from f2pipe.pki.revocation import refresh_crl
 from f2pipe.pki.state import ensure_pki, issue_service_files
 from f2pipe.runtime import tls
 from f2pipe.runtime.brokerstats import MONITOR_IDENTITY, BrokerMonitor
@@ -184,7 +184,7 @@ def _serve(args: argparse.Namespace) -> int:
     if store is not None:
         try:
             record_local_certificates(settings, store)
-            sync_crl(settings, report.ca, store)
+            refresh_crl(settings, report.ca, store)
         except psycopg.Error as exc:
             # Serve anyway: /healthz and /v1/ca.pem work, issuing answers 503 until fixed.
             log.warning(

@@ -25,7 +25,6 @@ from f2pipe.pki.ca import (
     write_private,
     write_public,
 )
-from f2pipe.pki.revocation import refresh_crl
 from f2pipe.pki.state import read_crl
 from f2pipe.pki.store import CertificateStore
 from f2pipe.settings import Settings
@@ -63,13 +62,6 @@ def crl_due(settings: Settings) -> bool:
         return True
     left = crl.next_update_utc - dt.datetime.now(dt.UTC)
     return left < dt.timedelta(days=settings.crl_days / 2)
-
-
-def sync_crl(
-    settings: Settings, ca: CertificateAuthority, store: CertificateStore, renew: bool = False
-) -> bool:
-    """Bring the CRL in line with the register; reload the broker if it changed or ``renew``."""
-    return refresh_crl(settings, ca, store, force=renew)
 
 
 def issue_device_files(
@@ -121,5 +113,4 @@ __all__ = [
     "load_ca",
     "open_store",
     "record_local_certificates",
-    "sync_crl",
 ]

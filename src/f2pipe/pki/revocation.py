@@ -184,10 +184,13 @@ def refresh_crl(
     """
     paths = pki_paths(settings)
     with _LOCK:
-        before = set(crl_entries(read_crl(paths.crl)))
+        current = read_crl(paths.crl)
         revoked = store.revoked() if store is not None else []
-        if not force and {serial for serial, _ in revoked} <= before:
-            write_crl(ca, paths, revoked, settings.crl_days)
+        if not force and {serial for serial, _ in revoked} <= set(crl_entries(current)):
+            # Nothing new to list: an existing CRL stays as it is, since a rewrite would
+            # make a broker that reloads on change (containers) reload for nothing.
+            if current is None:
+                write_crl(ca, paths, revoked, settings.crl_days)
             return False
         return _reload_with_probe(settings, ca, store, revoked, signal=True)
 
