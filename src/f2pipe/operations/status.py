@@ -381,18 +381,25 @@ def report(settings: Settings, interval: float = 2.0) -> Report:
     time.sleep(interval / (LAG_SAMPLES - 1))
     last = observer.snapshot()
     lags.append(last.lag)
-    per_s = rates(first, last)
+    return fold(first, last, lags, interval)
+
+
+def fold(
+    before: Snapshot, after: Snapshot, lags: list[dict[str, int | None]], interval: float
+) -> Report:
+    """``after`` with the rates since ``before`` and the trend of ``lags`` (oldest first)."""
+    per_s = rates(before, after)
     trend = growing(lags, per_s)
     return Report(
-        health=last.health,
+        health=after.health,
         rates=per_s,
-        lag=last.lag,
+        lag=after.lag,
         lag_growing=trend,
-        dead_letters=last.dead_letters,
+        dead_letters=after.dead_letters,
         interval_s=interval,
-        problems=problems(last.health, trend, last.broker, last.offset_resets),
-        alarms=last.alarms,
-        broker=last.broker,
-        lag_seconds=last.lag_seconds,
-        offset_resets=last.offset_resets,
+        problems=problems(after.health, trend, after.broker, after.offset_resets),
+        alarms=after.alarms,
+        broker=after.broker,
+        lag_seconds=after.lag_seconds,
+        offset_resets=after.offset_resets,
     )

@@ -13,15 +13,7 @@ import json
 import time
 from typing import Any
 
-from f2pipe.operations.status import (
-    LAG_SAMPLES,
-    Observer,
-    Report,
-    growing,
-    problems,
-    rates,
-    report,
-)
+from f2pipe.operations.status import LAG_SAMPLES, Observer, Report, fold, report
 from f2pipe.settings import Settings, load_settings
 
 
@@ -124,24 +116,10 @@ def live(settings: Settings, refresh: float = 2.0, readings_every: float = 5.0) 
             time.sleep(refresh)
             current = observer.snapshot()
             lags = [*lags, current.lag][-LAG_SAMPLES:]
-            per_s = rates(previous, current)
-            trend = growing(lags, per_s)
             if time.monotonic() - readings_at >= readings_every:
                 readings = latest_readings(settings) or readings
                 readings_at = time.monotonic()
-            rep = Report(
-                health=current.health,
-                rates=per_s,
-                lag=current.lag,
-                lag_growing=trend,
-                dead_letters=current.dead_letters,
-                interval_s=current.taken - previous.taken,
-                problems=problems(current.health, trend, current.broker, current.offset_resets),
-                alarms=current.alarms,
-                broker=current.broker,
-                lag_seconds=current.lag_seconds,
-                offset_resets=current.offset_resets,
-            )
+            rep = fold(previous, current, lags, current.taken - previous.taken)
             if view is not None:
                 view.update(tables(rep, readings))
             else:
