@@ -22,10 +22,7 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-import socket
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -41,23 +38,13 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from f2pipe.operations import stack
 from f2pipe.operations.stack import security
 from f2pipe.runtime.kafka import admin_config, consumer_config, producer_config
-from f2pipe.settings import Settings, load_settings
+from f2pipe.settings import Settings
+from f2pipe.testing.stack import private_settings, private_state
 
 HERE = Path(__file__).resolve().parent
 FRAMES = int(os.environ.get("F2PIPE_BENCH_FRAMES", "200000"))
 SERVERS = ["postgres", "kafka"]
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def process_cpu(pid: int) -> float:
@@ -70,27 +57,15 @@ def process_cpu(pid: int) -> float:
 @contextmanager
 def private_stack(secured: bool) -> Iterator[tuple[Settings, Settings]]:
     """(caller's settings, operator's settings) of a PostgreSQL and Kafka of our own."""
-    pg, kafka, controller, redis, mqtt = free_ports(5)
-    state = Path(tempfile.mkdtemp(prefix="f2pipe-secbench-"))
-    state.chmod(0o711)
-    settings = load_settings(
-        state_dir=state,
-        metadata_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
-        timeseries_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
-        redis_url=f"redis://127.0.0.1:{redis}/0",
-        kafka_bootstrap=f"127.0.0.1:{kafka}",
-        kafka_controller_port=controller,
-        mqtt_port=mqtt,
-        kafka_heap="1g",
-        stack_install=False,
-        stack_secured=secured,
-    )
-    try:
-        stack.up(settings, SERVERS)
-        yield settings, security.admin_settings(settings)
-    finally:
-        stack.down(settings, SERVERS)
-        shutil.rmtree(state, ignore_errors=True)
+    with private_state("f2pipe-secbench-") as state:
+        settings = private_settings(
+            state, kafka_heap="1g", stack_install=False, stack_secured=secured
+        )
+        try:
+            stack.up(settings, SERVERS)
+            yield settings, security.admin_settings(settings)
+        finally:
+            stack.down(settings, SERVERS)
 
 
 def measure(step: Callable[[], int], server_pid: Callable[[], int]) -> dict[str, float]:

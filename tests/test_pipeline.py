@@ -31,12 +31,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -57,6 +54,7 @@ from f2pipe.operations.stack import security
 from f2pipe.runtime.kafka import admin_config, client_config
 from f2pipe.settings import Settings, get_settings, load_settings
 from f2pipe.testing.ledger import datapoint_map
+from f2pipe.testing.stack import free_ports, private_settings, private_state
 
 pytestmark = pytest.mark.servers
 
@@ -72,19 +70,6 @@ FAULT_REASONS = {
 STAGES = ("connector", "processor", "sink")
 # Demo controllers the crash test moves into daylight-saving zones.
 DST_ZONES = {"aabbccddee01": "Europe/Madrid", "aabbccddee02": "America/New_York"}
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = []
-    try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def simulate(settings: Settings, ledger: Path, count: int, *extra: str) -> subprocess.Popen[bytes]:
@@ -303,39 +288,26 @@ def chaos_size() -> int:
 @contextlib.contextmanager
 def own_stack(**overrides: Any) -> Iterator[Settings]:
     """``f2pipe up`` of the three stages on dedicated servers in a temporary state folder."""
-    pg, redis, kafka, controller, mqtt, connector, processor, sink, certgen = free_ports(9)
-    # Outside pytest's 0700 temporary folder: PostgreSQL's account must reach its data.
-    state = Path(tempfile.mkdtemp(prefix="f2pipe-chaos-"))
-    state.chmod(0o711)
-    settings = load_settings(
-        state_dir=state,
-        metadata_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
-        timeseries_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
-        redis_url=f"redis://127.0.0.1:{redis}/0",
-        kafka_bootstrap=f"127.0.0.1:{kafka}",
-        kafka_controller_port=controller,
-        kafka_heap="512m",
-        mqtt_port=mqtt,
-        mqtt_tls=True,
-        connector_port=connector,
-        processor_port=processor,
-        sink_port=sink,
-        certgen_port=certgen,
-        data_topic_partitions=3,
-        processor_group=unique("processor"),
-        sink_group=unique("sink"),
-        # A killed replica's partitions wait this long for the group to notice.
-        processor_session_timeout_s=6,
-        sink_batch_age_ms=200,
-        **overrides,
-    )
-    try:
-        pipeline.up(settings, STAGES, quiet=True)
-        # The stack is secured: the test acts as the operator, the stages as themselves.
-        yield security.admin_settings(settings)
-    finally:
-        pipeline.down(settings, quiet=True)
-        shutil.rmtree(state, ignore_errors=True)
+    with private_state("f2pipe-chaos-") as state:
+        settings = private_settings(
+            state,
+            stages=True,
+            kafka_heap="512m",
+            mqtt_tls=True,
+            data_topic_partitions=3,
+            processor_group=unique("processor"),
+            sink_group=unique("sink"),
+            # A killed replica's partitions wait this long for the group to notice.
+            processor_session_timeout_s=6,
+            sink_batch_age_ms=200,
+            **overrides,
+        )
+        try:
+            pipeline.up(settings, STAGES, quiet=True)
+            # The stack is secured: the test acts as the operator, the stages as themselves.
+            yield security.admin_settings(settings)
+        finally:
+            pipeline.down(settings, quiet=True)
 
 
 @pytest.fixture

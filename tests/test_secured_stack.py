@@ -10,13 +10,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
-import socket
 import ssl
 import stat
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -35,57 +32,39 @@ from f2pipe.metadata.database import migrate
 from f2pipe.operations import services, stack
 from f2pipe.operations.stack import rights, security
 from f2pipe.pki.ca import key_pem
-from f2pipe.settings import Settings, load_settings
+from f2pipe.settings import Settings
+from f2pipe.testing.stack import private_settings, private_state
 
 pytestmark = pytest.mark.servers
 
 SERVERS = ["postgres", "redis", "kafka"]
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 def _settings(state: Path, **overrides: object) -> Settings:
-    pg, rd, kafka, controller, mqtt = _free_ports(5)
-    return load_settings(
-        state_dir=state,
-        metadata_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
-        timeseries_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
-        redis_url=f"redis://127.0.0.1:{rd}/0",
-        kafka_bootstrap=f"127.0.0.1:{kafka}",
-        kafka_controller_port=controller,
-        mqtt_port=mqtt,
-        stack_install=False,
-        kafka_heap="512m",
-        **overrides,
-    )
+    return private_settings(state, stack_install=False, kafka_heap="512m", **overrides)
+
+
+@pytest.fixture
+def state() -> Iterator[Path]:
+    """A private stack's state folder, removed after the test."""
+    with private_state("f2pipe-secured-") as folder:
+        yield folder
 
 
 @pytest.fixture(scope="module")
 def secured() -> Iterator[Settings]:
     """A secured PostgreSQL and Redis of their own, migrated and granted; the caller's
     settings (no password: the stack makes its own)."""
-    # Outside pytest's 0700 temporary folder: PostgreSQL's account must reach its data.
-    state = Path(tempfile.mkdtemp(prefix="f2pipe-secured-"))
-    state.chmod(0o711)
-    settings = _settings(state)
-    try:
-        stack.up(settings, SERVERS)
-        admin = security.admin_settings(settings)
-        migrate(admin.metadata_dsn, admin)
-        rights.grant(settings, admin.metadata_dsn)
-        yield settings
-    finally:
-        stack.down(settings, SERVERS)
-        shutil.rmtree(state, ignore_errors=True)
+    with private_state("f2pipe-secured-") as state:
+        settings = _settings(state)
+        try:
+            stack.up(settings, SERVERS)
+            admin = security.admin_settings(settings)
+            migrate(admin.metadata_dsn, admin)
+            rights.grant(settings, admin.metadata_dsn)
+            yield settings
+        finally:
+            stack.down(settings, SERVERS)
 
 
 def _admin(settings: Settings) -> dict[str, str]:
@@ -216,9 +195,7 @@ def test_a_password_is_generated_once(tmp_path: Path) -> None:
     assert security.password(paths, "example") == first
 
 
-def test_restarts_keep_the_passwords_and_plain_mode_turns_security_off() -> None:
-    state = Path(tempfile.mkdtemp(prefix="f2pipe-secured-"))
-    state.chmod(0o711)
+def test_restarts_keep_the_passwords_and_plain_mode_turns_security_off(state: Path) -> None:
     settings = _settings(state)
     try:
         stack.up(settings, ["postgres"])
@@ -235,7 +212,6 @@ def test_restarts_keep_the_passwords_and_plain_mode_turns_security_off() -> None
         assert _admin(plain)["F2PIPE_METADATA_DSN"] == plain.metadata_dsn
     finally:
         stack.down(settings, ["postgres"])
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def _answers(url: str) -> bool:
@@ -250,19 +226,14 @@ def _answers(url: str) -> bool:
 
 
 @pytest.mark.slow
-def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path) -> None:
+def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path, state: Path) -> None:
     """Readings land through certgen, connector, processor and sink, each with its own role."""
     from conftest import wait_until
     from f2pipe.operations import pipeline
     from test_pipeline import expected_rows, finish, read_ledger, simulate, stored_rows
 
-    state = Path(tempfile.mkdtemp(prefix="f2pipe-secured-"))
-    state.chmod(0o711)
-    connector, processor, sink, certgen = _free_ports(4)
-    settings = _settings(
-        state, connector_port=connector, processor_port=processor,
-        sink_port=sink, certgen_port=certgen, data_topic_partitions=2, sink_batch_age_ms=200,
-    )  # fmt: skip
+    settings = _settings(state, stages=True, data_topic_partitions=2, sink_batch_age_ms=200)
+    certgen = settings.certgen_port
     try:
         pipeline.up(settings, ("certgen", "connector", "processor", "sink"), quiet=True)
         admin = security.admin_settings(settings)
@@ -312,7 +283,6 @@ def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path) -> None:
         assert report["lag"]["sink"] == 0, report["lag"]
     finally:
         pipeline.down(settings, quiet=True)
-        shutil.rmtree(state, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- Kafka
@@ -414,9 +384,7 @@ def test_kafka_refuses_clear_text_a_wrong_password_and_a_device(secured: Setting
     assert _session_errors(tls_only)
 
 
-def test_stack_secured_false_turns_security_off_for_experiments() -> None:
-    state = Path(tempfile.mkdtemp(prefix="f2pipe-secured-"))
-    state.chmod(0o711)
+def test_stack_secured_false_turns_security_off_for_experiments(state: Path) -> None:
     settings = _settings(state, stack_secured=False)
     try:
         stack.up(settings, ["redis", "kafka"])
@@ -433,7 +401,6 @@ def test_stack_secured_false_turns_security_off_for_experiments() -> None:
         assert not security.stack_secured(stack.Paths(state))
     finally:
         stack.down(settings, ["redis", "kafka"])
-        shutil.rmtree(state, ignore_errors=True)
 
 
 def test_a_password_file_changed_under_a_running_server_is_named_with_the_fix(

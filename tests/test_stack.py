@@ -19,23 +19,13 @@ import pytest
 
 from f2pipe.operations.stack import Paths, PidFile, down, port_in_use
 from f2pipe.settings import load_settings
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+from f2pipe.testing.stack import free_ports
 
 
 @pytest.fixture
 def isolated(tmp_path: Path) -> dict[str, str]:
     """Environment for a stack of its own: a fresh state folder and free ports."""
-    pg, redis, kafka, controller, mqtt = _free_ports(5)
+    pg, redis, kafka, controller, mqtt = free_ports(5)
     env = {k: v for k, v in os.environ.items() if not k.startswith("F2PIPE_")}
     env.update(
         F2PIPE_STATE_DIR=str(tmp_path / "state"),
