@@ -34,7 +34,7 @@ _PACKAGED_POM = Path(__file__).resolve().with_name("maven") / "pom.xml"
 KAFKA_POM = _CHECKOUT_POM if _CHECKOUT_POM.is_file() else _PACKAGED_POM
 
 
-def _say(text: str, quiet: bool) -> None:
+def _say(text: str, quiet: bool = False) -> None:
     """One progress line on stderr, where it never mixes with a command's output."""
     if not quiet:
         print(text, file=sys.stderr, flush=True)
@@ -76,9 +76,7 @@ def _is_debian() -> bool:
     return Path("/etc/debian_version").is_file() and shutil.which("apt-get") is not None
 
 
-def ensure_programs(
-    programs: Sequence[Program], paths: Paths, install: bool, quiet: bool = False
-) -> None:
+def ensure_programs(programs: Sequence[Program], paths: Paths, install: bool) -> None:
     """Install missing programs' packages (root on Debian) or raise naming what to install."""
     missing = list(dict.fromkeys(p for p in programs if p.find() is None))
     if not missing:
@@ -92,7 +90,7 @@ def ensure_programs(
             f"missing {names}; install with: {prefix}apt-get install -y {' '.join(packages)}"
             f" (Debian package names){hint}"
         )
-    _apt_install(packages, paths.log / "apt.log", quiet)
+    _apt_install(packages, paths.log / "apt.log")
     still = [p.name for p in missing if p.find() is None]
     if still:
         raise StackError(f"{', '.join(still)} still missing after apt-get install (see apt.log)")
@@ -200,7 +198,7 @@ def kafka_libs_current(libs: Path) -> bool:
     return stamp.is_file() and stamp.read_text().strip() == _pom_digest()
 
 
-def fetch_kafka_libs(version: str, libs: Path, log: Path, quiet: bool = False) -> None:
+def fetch_kafka_libs(version: str, libs: Path, log: Path) -> None:
     """Copy the broker's jars from Maven Central into ``libs`` unless the pom is unchanged.
 
     The jars land in a fresh folder that then replaces ``libs`` in one rename, so
@@ -210,9 +208,7 @@ def fetch_kafka_libs(version: str, libs: Path, log: Path, quiet: bool = False) -
         return
     fresh = libs.with_name("libs.new")
     shutil.rmtree(fresh, ignore_errors=True)
-    _say(
-        f"fetching the Kafka {version} jars from Maven Central into {libs} (log: {log}) ...", quiet
-    )
+    _say(f"fetching the Kafka {version} jars from Maven Central into {libs} (log: {log}) ...")
     began = time.monotonic()
     with log.open("ab") as out:
         result = subprocess.run(
@@ -233,4 +229,4 @@ def fetch_kafka_libs(version: str, libs: Path, log: Path, quiet: bool = False) -
     shutil.rmtree(old, ignore_errors=True)
     jars = list(libs.glob("*.jar"))
     size = human_size(sum(jar.stat().st_size for jar in jars))
-    _say(f"fetched {len(jars)} jars, {size}, in {time.monotonic() - began:.0f} s", quiet)
+    _say(f"fetched {len(jars)} jars, {size}, in {time.monotonic() - began:.0f} s")
