@@ -21,7 +21,13 @@ import shlex
 
 from f2pipe.operations.principals import ADMIN, KAFKA_BROKER_USER, Names, kafka_acl_arguments
 from f2pipe.operations.principals import principals as all_principals
-from f2pipe.operations.stack.kafka import SINGLE_NODE, topic_plan
+from f2pipe.operations.stack.kafka import (
+    AUTHORIZER,
+    SCRAM_JAAS,
+    SINGLE_NODE,
+    broker_jaas,
+    topic_plan,
+)
 from f2pipe.settings import Settings
 
 __all__ = [
@@ -40,7 +46,6 @@ ADMIN_PASSWORD = "ADMIN_KAFKA_PASSWORD"  # noqa: S105 (a variable's name, not a 
 #: The listener the containers use; EXTERNAL (the settings' port) is for tools on the host.
 INTERNAL_PORT = 19092
 _CONTROLLER_PORT = 9093
-_SCRAM = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
 
 
 def password_variable(service: str) -> str:
@@ -48,18 +53,10 @@ def password_variable(service: str) -> str:
     return f"{service.upper()}_KAFKA_PASSWORD"
 
 
-def _plain_jaas(password: str) -> str:
-    user = KAFKA_BROKER_USER
-    return (
-        "org.apache.kafka.common.security.plain.PlainLoginModule required "
-        f'username="{user}" password="{password}" user_{user}="{password}";'
-    )
-
-
 def server_properties(settings: Settings, broker_password: str) -> dict[str, str]:
     """The single-node KRaft broker's properties; ``broker_password`` as it should appear."""
     port = settings.kafka_port()
-    plain = _plain_jaas(broker_password)
+    plain = broker_jaas(broker_password)
     return {
         "node.id": "1",
         "process.roles": "broker,controller",
@@ -77,13 +74,11 @@ def server_properties(settings: Settings, broker_password: str) -> dict[str, str
         "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
         "sasl.mechanism.inter.broker.protocol": "PLAIN",
         "sasl.mechanism.controller.protocol": "PLAIN",
-        "listener.name.internal.scram-sha-512.sasl.jaas.config": _SCRAM,
-        "listener.name.external.scram-sha-512.sasl.jaas.config": _SCRAM,
+        "listener.name.internal.scram-sha-512.sasl.jaas.config": SCRAM_JAAS,
+        "listener.name.external.scram-sha-512.sasl.jaas.config": SCRAM_JAAS,
         "listener.name.internal.plain.sasl.jaas.config": plain,
         "listener.name.controller.plain.sasl.jaas.config": plain,
-        "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-        "super.users": f"User:{KAFKA_BROKER_USER};User:{ADMIN}",
-        "allow.everyone.if.no.acl.found": "false",
+        **AUTHORIZER,
         "log.dirs": "/var/lib/kafka/data",
         # Topics are created explicitly (setup.sh), never by a typo.
         "auto.create.topics.enable": "false",

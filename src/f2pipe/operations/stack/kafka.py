@@ -52,6 +52,26 @@ SINGLE_NODE: dict[str, str] = {
     "group.initial.rebalance.delay.ms": "0",
 }
 
+#: How a secured broker authorizes, the local stack's and the compose file's: the
+#: broker's own user and the operator are super users, everyone else holds only ACLs.
+AUTHORIZER: dict[str, str] = {
+    "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+    "super.users": f"User:{KAFKA_BROKER_USER};User:{ADMIN}",
+    "allow.everyone.if.no.acl.found": "false",
+}
+
+#: A SCRAM listener's JAAS: the users live in the cluster metadata, not here.
+SCRAM_JAAS = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+
+
+def broker_jaas(secret: str) -> str:
+    """A PLAIN listener's JAAS: the broker's own user, logging in and accepted with ``secret``."""
+    user = KAFKA_BROKER_USER
+    return (
+        "org.apache.kafka.common.security.plain.PlainLoginModule required "
+        f'username="{user}" password="{secret}" user_{user}="{secret}";'
+    )
+
 
 class Kafka(Server):
     """Apache Kafka 4, single-node KRaft, jars from Maven Central cached outside the clone."""
@@ -167,12 +187,7 @@ class Kafka(Server):
         ca = security.ca_file(self.settings)
         keystore = self.home / "keystore.pem"
         security.write_private_text(keystore, key.read_text() + cert.read_text())
-        secret = security.password(self.paths, f"kafka-{KAFKA_BROKER_USER}")
-        plain = (
-            "org.apache.kafka.common.security.plain.PlainLoginModule required "
-            f'username="{KAFKA_BROKER_USER}" password="{secret}" '
-            f'user_{KAFKA_BROKER_USER}="{secret}";'
-        )
+        plain = broker_jaas(security.password(self.paths, f"kafka-{KAFKA_BROKER_USER}"))
         return {
             "listeners": f"CLIENT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller}",
             "advertised.listeners": f"CLIENT://{LOOPBACK}:{port}",
@@ -184,9 +199,7 @@ class Kafka(Server):
             "listener.name.controller.sasl.enabled.mechanisms": "PLAIN",
             "sasl.mechanism.inter.broker.protocol": "PLAIN",
             "sasl.mechanism.controller.protocol": "PLAIN",
-            "listener.name.client.scram-sha-512.sasl.jaas.config": (
-                "org.apache.kafka.common.security.scram.ScramLoginModule required;"
-            ),
+            "listener.name.client.scram-sha-512.sasl.jaas.config": SCRAM_JAAS,
             "listener.name.client.plain.sasl.jaas.config": plain,
             "listener.name.controller.plain.sasl.jaas.config": plain,
             "ssl.keystore.type": "PEM",
@@ -194,9 +207,7 @@ class Kafka(Server):
             "ssl.truststore.type": "PEM",
             "ssl.truststore.location": str(ca),
             "ssl.enabled.protocols": "TLSv1.3,TLSv1.2",
-            "authorizer.class.name": "org.apache.kafka.metadata.authorizer.StandardAuthorizer",
-            "super.users": f"User:{KAFKA_BROKER_USER};User:{ADMIN}",
-            "allow.everyone.if.no.acl.found": "false",
+            **AUTHORIZER,
         }
 
     def command(self) -> list[str]:
