@@ -54,7 +54,7 @@ class Postgres(Server):
         super().__init__(settings, paths)
         dsn = urlsplit(settings.metadata_dsn)
         self.port = settings.pg_port()
-        self.user = unquote(dsn.username or "postgres")
+        self.user = security.pg_user(settings)
         self.database = unquote(dsn.path.lstrip("/")) or "postgres"
         self.data = pgcluster.data_folder(paths.state, self._account())
 

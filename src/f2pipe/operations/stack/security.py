@@ -31,7 +31,7 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 from pydantic import SecretStr
 
@@ -206,8 +206,7 @@ def with_credentials(url: str, user: str | None, secret: str | None, **query: st
 
 
 def pg_user(settings: Settings) -> str:
-    from urllib.parse import unquote
-
+    """The cluster's owner: the user of ``F2PIPE_METADATA_DSN`` (default ``postgres``)."""
     return unquote(urlsplit(settings.metadata_dsn).username or "postgres")
 
 
