@@ -42,6 +42,7 @@ from f2pipe.testing.servers import (
     create_topics,
     ledger_entries,
     read_topic,
+    running_kafka,
 )
 from f2pipe.testing.servers import connector_env as shared_connector_env
 from f2pipe.tools.simulator import Summary, demo_fleet, generated_fleet, run_load
@@ -316,11 +317,8 @@ def test_shared_subscription_splits_the_load(
 
 @pytest.fixture(scope="module")
 def private_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
-    server = KafkaServer(tmp_path_factory.mktemp("kafka"))
-    server.format()
-    server.start()
-    yield server
-    server.stop()
+    with running_kafka(tmp_path_factory.mktemp("kafka")) as server:
+        yield server
 
 
 @pytest.mark.servers

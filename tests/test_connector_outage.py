@@ -41,6 +41,7 @@ from f2pipe.testing.servers import (
     create_topics,
     ledger_entries,
     read_topic,
+    running_kafka,
 )
 from f2pipe.tools.simulator import Summary, generated_fleet, run_load
 
@@ -73,13 +74,8 @@ def broker(pki: TestPki) -> Iterator[Mosquitto]:
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
-    server = KafkaServer(tmp_path_factory.mktemp("kafka"))
-    server.format()
-    server.start()
-    yield server
-    if server.proc is not None:
-        server.proc.send_signal(signal.SIGCONT)  # in case a failed test left it stopped
-    server.stop()
+    with running_kafka(tmp_path_factory.mktemp("kafka")) as server:
+        yield server
 
 
 @pytest.fixture

@@ -20,7 +20,13 @@ from confluent_kafka.admin import AdminClient  # type: ignore[attr-defined]
 
 from conftest import unique, wait_until
 from f2pipe.settings import Settings, load_settings
-from f2pipe.testing.servers import KAFKA_SECURITY, KafkaServer, create_topics, read_topic
+from f2pipe.testing.servers import (
+    KAFKA_SECURITY,
+    KafkaServer,
+    create_topics,
+    read_topic,
+    running_kafka,
+)
 from f2pipe.tools.dlq import DeadLetterError, Watch
 from f2pipe.tools.dlqread import Scan, parse_ref, read_dead_letters, read_one
 from f2pipe.tools.progress import ERASE, Progress
@@ -105,11 +111,8 @@ def test_the_line_has_records_read_of_the_total_replayed_and_the_rate() -> None:
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
-    server = KafkaServer(tmp_path_factory.mktemp("kafka"))
-    server.format()
-    server.start()
-    yield server
-    server.stop()
+    with running_kafka(tmp_path_factory.mktemp("kafka")) as server:
+        yield server
 
 
 def _create(bootstrap: str, *topics: str) -> bool:

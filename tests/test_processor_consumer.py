@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient
 
 from conftest import unique, wait_until
 from f2pipe.metadata.database import migrate
-from f2pipe.testing.servers import KafkaServer, create_topics, read_topic
+from f2pipe.testing.servers import KafkaServer, create_topics, read_topic, running_kafka
 from pipeline_helpers import (
     VENV_BIN,
     ProcessorProcess,
@@ -44,13 +44,8 @@ BATCH = 200  # processor_batch_size: the bound on records held in memory
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaServer]:
-    server = KafkaServer(tmp_path_factory.mktemp("kafka"))
-    server.format()
-    server.start()
-    try:
+    with running_kafka(tmp_path_factory.mktemp("kafka")) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _new_topics(bootstrap: str, raw_partitions: int = 4) -> Topics:

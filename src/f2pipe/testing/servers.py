@@ -23,6 +23,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,21 @@ class KafkaServer:
                 self.proc.kill()
                 self.proc.wait(10)
         self.proc = None
+
+
+@contextmanager
+def running_kafka(workdir: Path) -> Iterator[KafkaServer]:
+    """A :class:`KafkaServer` in ``workdir``, formatted and started; stopped on exit (and
+    resumed first, in case its user left it stopped with SIGSTOP)."""
+    server = KafkaServer(workdir)
+    server.format()
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            server.proc.send_signal(signal.SIGCONT)
+        server.stop()
 
 
 def kafka_client(bootstrap: str, **extra: Any) -> dict[str, Any]:
