@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
-import socket
 import stat
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from f2pipe.errors import StackError
 from f2pipe.operations import stack
 from f2pipe.operations.stack import install, pgcluster
 from f2pipe.settings import Settings, load_settings
+from f2pipe.testing.servers import free_port
 
 
 def _major(root: Path, major: str, programs: tuple[str, ...] = ("postgres", "initdb")) -> Path:
@@ -203,19 +203,13 @@ def test_a_folder_the_account_cannot_enter_moves_the_data_out(reachable_tmp: Pat
     assert pgcluster.data_folder(private / "state", None) == private / "state" / "pg"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def private_state() -> Iterator[Settings]:
     """Settings whose state folder is mode 0700, like a clone under /root."""
     account = _postgres_account()
     state = Path(tempfile.mkdtemp(prefix="f2pipe-private-"))
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    port = _free_port()
+    port = free_port()
     settings = load_settings(
         state_dir=state,
         metadata_dsn=f"postgresql://postgres@127.0.0.1:{port}/f2pipe",
