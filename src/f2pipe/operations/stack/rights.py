@@ -126,25 +126,23 @@ def grant(settings: Settings, dsn: str) -> None:
 
     with psycopg.connect(dsn, autocommit=True) as conn:
         known = {row[0] for row in conn.execute("SELECT rolname FROM pg_roles")}
+        existing = {
+            row[0]
+            for row in conn.execute(
+                "SELECT relname FROM pg_class WHERE relnamespace = 'public'::regnamespace"
+            )
+        }
         for who in roles(settings):
             if who.pg_role not in known:
                 continue
             grants = tuple(
                 dataclasses.replace(g, tables=tables)
                 for g in who.pg_grants
-                if (tables := tuple(t for t in g.tables if _table_exists(conn, t)))
+                if (tables := tuple(t for t in g.tables if t in existing))
             )
             with conn.transaction():
                 for statement in pg_grant_sql(dataclasses.replace(who, pg_grants=grants)):
                     conn.execute(statement.encode())
-
-
-def _table_exists(conn: object, table: str) -> bool:
-    from psycopg import Connection
-
-    assert isinstance(conn, Connection)
-    row = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'public."{table}"',)).fetchone()
-    return bool(row and row[0])
 
 
 # --------------------------------------------------------------------------- Redis
