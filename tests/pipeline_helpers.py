@@ -38,6 +38,28 @@ def kafka_env() -> dict[str, str]:
 
 VENV_BIN = Path(__file__).resolve().parents[1] / ".venv" / "bin"
 
+# Where a stage is killed by the test-only fault hook (tests/faults/sitecustomize.py):
+# between the step that makes its output durable and the step that says so.
+COMMIT_POINTS = {
+    # after Kafka acknowledged a round of records, before their PUBACKs
+    "connector": "f2pipe.connector.runner:Connector.send_pubacks",
+    # after the batch's outputs were flushed to Kafka, before its input offsets
+    "processor": "f2pipe.processor.delivery:Delivery.commit_offsets",
+    # after the database commit, before the offset commit
+    "sink": "f2pipe.sink.settle:Settler.commit_offsets",
+}
+FAULTS = Path(__file__).resolve().parent / "faults"
+
+
+def killed_at_commit_point(env: Mapping[str, str], stage: str, call: int) -> dict[str, str]:
+    """``env`` for ``stage``'s process, which then SIGKILLs itself at the ``call``-th
+    call of its commit point, through the fault hook, before the call runs."""
+    return {
+        **env,
+        "F2PIPE_TEST_KILL_AT": f"{COMMIT_POINTS[stage]}:{call}",
+        "PYTHONPATH": os.pathsep.join(p for p in (str(FAULTS), env.get("PYTHONPATH", "")) if p),
+    }
+
 
 def free_port() -> int:
     with socket.socket() as sock:

@@ -55,6 +55,7 @@ from f2pipe.runtime.kafka import admin_config, client_config
 from f2pipe.settings import Settings, get_settings, load_settings
 from f2pipe.testing.ledger import datapoint_map
 from f2pipe.testing.stack import free_ports, private_settings, private_state
+from pipeline_helpers import killed_at_commit_point
 
 pytestmark = pytest.mark.servers
 
@@ -351,29 +352,13 @@ def kill_server_and_restart(settings: Settings, name: str) -> None:
     server.wait_healthy()
 
 
-# Where a stage is killed by the test-only fault hook (tests/faults/sitecustomize.py):
-# between the step that makes its output durable and the step that says so.
-COMMIT_POINTS = {
-    # after Kafka acknowledged a round of records, before their PUBACKs
-    "connector": "f2pipe.connector.runner:Connector.send_pubacks",
-    # after the batch's outputs were flushed to Kafka, before its input offsets
-    "processor": "f2pipe.processor.delivery:Delivery.commit_offsets",
-    # after the database commit, before the offset commit
-    "sink": "f2pipe.sink.settle:Settler.commit_offsets",
-}
-FAULTS = Path(__file__).resolve().parent / "faults"
-
-
 def crash_at_commit_point(settings: Settings, name: str, call: int = 3) -> None:
     """Restart a stage so that it kills itself at its ``call``-th commit point, then
     start it again normally."""
     service = _service(settings, name)
     _kill(service)
     before = dict(os.environ)
-    os.environ["F2PIPE_TEST_KILL_AT"] = f"{COMMIT_POINTS[name]}:{call}"
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(FAULTS), before.get("PYTHONPATH", "")) if p
-    )
+    os.environ.update(killed_at_commit_point(before, name, call))
     try:
         service.start()
     finally:

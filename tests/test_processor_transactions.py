@@ -1,17 +1,15 @@
 """Transactional mode under a crash between the flush and the offset commit.
 
-The processor is killed from outside its code: a test-only wrapper around
-:meth:`f2pipe.processor.delivery.Delivery.commit_offsets` SIGKILLs the process
-on its third call, after that batch's outputs were flushed into the open
-transaction. The restarted replica must fence it at once, and neither the
-readings nor the dead letters (``f2pipe dlq``) may repeat.
+The processor is killed from outside its code: the test-only fault hook
+(``tests/faults``) wraps :meth:`f2pipe.processor.delivery.Delivery.commit_offsets`
+so that it SIGKILLs the process on its third call, after that batch's outputs
+were flushed into the open transaction. The restarted replica must fence it at
+once, and neither the readings nor the dead letters (``f2pipe dlq``) may repeat.
 """
 
 from __future__ import annotations
 
 import subprocess
-import sys
-import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,31 +25,12 @@ from pipeline_helpers import (
     create_topics,
     delete_topics,
     env_payload,
+    killed_at_commit_point,
     processor_env,
     wire_env_fleet,
 )
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
-
-# Runs ``f2pipe processor`` with Delivery.commit_offsets wrapped to die on its third call.
-CRASHING_PROCESSOR = textwrap.dedent(
-    """
-    import os, signal, sys
-    from f2pipe.cli import main
-    from f2pipe.processor.delivery import Delivery
-
-    commit, calls = Delivery.commit_offsets, []
-
-    def commit_or_die(self, batch):
-        calls.append(1)
-        if len(calls) == 3:
-            os.kill(os.getpid(), signal.SIGKILL)
-        commit(self, batch)
-
-    Delivery.commit_offsets = commit_or_die
-    sys.exit(main(["processor"]))
-    """
-)
 
 
 @pytest.fixture
@@ -93,7 +72,10 @@ def test_a_crash_between_flush_and_commit_repeats_no_reading_and_no_dead_letter(
     )
     with (tmp_path / "crashing.log").open("ab") as log:
         crashed = subprocess.run(
-            [sys.executable, "-c", CRASHING_PROCESSOR], env=env, stderr=log, timeout=120
+            [str(VENV_BIN / "f2pipe"), "processor"],
+            env=killed_at_commit_point(env, "processor", 3),
+            stderr=log,
+            timeout=120,
         )
     assert crashed.returncode == -9  # killed with a flushed, uncommitted transaction open
 
