@@ -279,7 +279,8 @@ def test_the_pipeline_runs_secured_each_stage_as_itself(tmp_path: Path, state: P
         health = {h["name"]: h for h in report["health"]}
         for name in ("postgres", "redis", "kafka", "certgen", "connector", "processor", "sink"):
             assert health[name]["up"], health[name]
-        assert all(health[n]["ready"] for n in ("certgen", "connector", "processor", "sink")), health
+        ready_expected = ("certgen", "connector", "processor", "sink")
+        assert all(health[n]["ready"] for n in ready_expected), health
         assert report["lag"]["sink"] == 0, report["lag"]
     finally:
         pipeline.down(settings, quiet=True)
