@@ -38,6 +38,23 @@ _REBALANCED = (
     KafkaError._NO_OFFSET,
 )
 
+# Commit errors that pass once Kafka (or its group coordinator) is back: retried.
+# The client marks none of them retriable, so they are named here. Any other
+# error skips the commit: the rows are stored, and re-reading them (the next
+# commit covers them, or the next owner re-reads) is absorbed by the idempotent
+# write, whereas retrying an error that cannot change would stop the sink.
+_TRANSIENT = (
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NETWORK_EXCEPTION,
+    KafkaError._TRANSPORT,
+    KafkaError._TIMED_OUT,
+    KafkaError._WAIT_COORD,
+    KafkaError._ALL_BROKERS_DOWN,
+)
+
 
 class DeadLettersUndelivered(F2PipeError):
     """Kafka refused a dead letter: the batch's offsets stay uncommitted."""
@@ -151,17 +168,19 @@ class Settler:
                 break
             except KafkaException as exc:
                 err = exc.args[0] if exc.args else None
-                retriable = isinstance(err, KafkaError) and err.retriable()
                 code = err.code() if isinstance(err, KafkaError) else None
                 if code in _REBALANCED:
                     # The partitions moved; the rows are stored, and the new owner
                     # re-reads from the last commit into the idempotent write.
                     log.info("offset commit skipped after a rebalance", extra={"error": str(err)})
                     return
-                log.warning(
-                    "offset commit failed; retrying",
-                    extra={"error": str(exc), "retriable": retriable},
-                )
+                if code not in _TRANSIENT:
+                    log.warning(
+                        "offset commit skipped: the rows are stored and will be re-read",
+                        extra={"error": str(exc)},
+                    )
+                    return
+                log.warning("offset commit failed; retrying", extra={"error": str(exc)})
                 if self._stopping():
                     # The rows are stored; the next start re-reads them into the
                     # idempotent write. Waiting here would make shutdown hang.
