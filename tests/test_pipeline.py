@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -200,20 +201,61 @@ def delete_topics(settings: Settings) -> None:
             future.result(30)
 
 
+# The Kafka client's reconnection chatter while a server is down: it would crowd
+# out of a failure's message the lines that say why a stage stalled.
+_CLIENT_NOISE = re.compile(r'^%\d\||"msg":"(kafka|kafka client error)"|FAIL \[rdkafka')
+
+
 def failure_logs(settings: Settings) -> str:
-    """The tail of every service log, for a failing assertion's message."""
+    """The tail of every service log and each stage's threads, for a failing assertion."""
     logs = settings.state_dir / "log"
     parts = []
     for name in (*services.NAMES, *stack.NAMES):
         path = logs / f"{name}.log"
         if path.is_file():
-            lines = path.read_text(errors="replace").splitlines()[-25:]
+            lines = [
+                line
+                for line in path.read_text(errors="replace").splitlines()
+                if not _CLIENT_NOISE.search(line)
+            ][-25:]
             parts.append(f"--- {name}\n" + "\n".join(line[:300] for line in lines))
     # Which stage stalled: each one's counters and the lag per consumer group.
     with contextlib.suppress(Exception):
         snapshot = status.Observer(settings).snapshot(with_health=False)
         parts.append(f"--- counters {snapshot.counters}\n--- lag {snapshot.lag}")
-    return "\n".join(parts)
+    return "\n".join(parts + _thread_dumps(settings))
+
+
+def _thread_dumps(settings: Settings) -> list[str]:
+    """Where each running stage waits: its threads' stacks (SIGUSR1, see f2pipe.runtime.logs)."""
+    sizes = {}
+    for name in services.NAMES:
+        service = _service(settings, name)
+        pid = service.pid()
+        if pid is not None and service.log_file.is_file():
+            sizes[name] = (service.log_file, service.log_file.stat().st_size)
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGUSR1)
+    dumps = []
+    for name, (path, size) in sizes.items():
+        with contextlib.suppress(pytest.fail.Exception):
+            wait_until(
+                lambda path=path, size=size: path.stat().st_size > size,
+                timeout=5,
+                what=f"{name}'s threads",
+            )
+        with path.open("rb") as log:
+            log.seek(size)
+            lines = log.read().decode(errors="replace").splitlines()
+        # The threads and their frames in f2pipe and its libraries, not the standard library's.
+        stacks = [
+            line.replace(str(Path.cwd()), ".")
+            for line in lines
+            if line.startswith(("Thread", "Current thread"))
+            or (line.startswith("  File") and ("f2pipe" in line or "site-packages" in line))
+        ]
+        dumps.append(f"--- {name} threads\n" + "\n".join(stacks[:60]))
+    return dumps
 
 
 # --------------------------------------------------------------------------- end to end

@@ -1,9 +1,15 @@
-"""Structured logging: one JSON object per line on stderr, one event per line."""
+"""Structured logging: one JSON object per line on stderr, one event per line.
+
+A service that seems stuck tells where: ``kill -USR1 <pid>`` writes the stack of
+each of its threads to stderr (its log), and it carries on.
+"""
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 import time
 from typing import Any
@@ -70,3 +76,4 @@ def setup_logging(service: str, level: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(name)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
