@@ -420,3 +420,53 @@ def test_a_password_file_changed_under_a_running_server_is_named_with_the_fix(
     finally:
         path.write_text(kept)
     assert server.healthy()
+
+
+def test_a_stage_with_a_wrong_kafka_password_is_not_ready_and_names_the_setting(
+    secured: Settings, tmp_path: Path
+) -> None:
+    """Not ready with one line naming the setting and the fix; the password in neither."""
+    from conftest import wait_until
+    from f2pipe.testing.stack import free_ports
+
+    wrong = "not-the-kafka-password-4711"
+    running = {}
+    try:
+        for name, port in zip(("processor", "sink"), free_ports(2), strict=True):
+            env = {k: v for k, v in os.environ.items() if not k.startswith("F2PIPE_")}
+            env.update(services.settings_env(secured))
+            env.update(_as(secured, name))
+            env.pop("F2PIPE_KAFKA_SASL_PASSWORD_FILE", None)
+            env |= {"F2PIPE_KAFKA_SASL_PASSWORD": wrong, f"F2PIPE_{name.upper()}_PORT": str(port)}
+            log = tmp_path / f"{name}.log"
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "f2pipe.cli", name], env=env, stdout=out, stderr=out
+                )
+            running[name] = (process, port, log)
+        for name, (process, port, log) in running.items():
+            answer: list[str] = []
+
+            def refused(port: int = port, answer: list[str] = answer) -> bool:
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5)
+                except urllib.error.HTTPError as exc:
+                    answer[:] = [exc.read().decode()]
+                    return "F2PIPE_KAFKA_SASL_PASSWORD" in answer[0]
+                except OSError:
+                    return False
+                return False
+
+            wait_until(refused, timeout=60, what=f"{name} to name the wrong password")
+            assert "check F2PIPE_KAFKA_SASL_USERNAME" in answer[0], answer
+            text = log.read_text(errors="replace")
+            lines = [line for line in text.splitlines() if "Kafka refused the credentials" in line]
+            assert len(lines) == 1, lines  # once, not once per reconnection
+            assert '"level":"error"' in lines[0]
+            assert wrong not in text
+            assert wrong not in answer[0]
+            assert process.poll() is None  # it waits for the fix, nothing half-written
+    finally:
+        for process, _port, _log in running.values():
+            process.terminate()
+            process.wait(30)

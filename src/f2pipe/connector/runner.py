@@ -62,6 +62,7 @@ from f2pipe.runtime import tls
 from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.gctune import quiet_gc
 from f2pipe.runtime.kafka import produce, producer_config
+from f2pipe.runtime.kafkatrouble import KafkaTrouble
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.opsserver import OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
@@ -121,6 +122,7 @@ class Connector:
         self._subscribed = False
         self._kafka_up = True
         self._fatal: str | None = None
+        self.kafka_trouble = KafkaTrouble(settings)  # its producer's errors, with the fix
         self._backoff = Backoff()
         self._next_connect = 0.0
         self._ever_connected = False
@@ -156,7 +158,9 @@ class Connector:
     # --- readiness ---
 
     def ready(self) -> bool:
-        """Connected and subscribed to the broker, and Kafka reachable."""
+        """Connected and subscribed to the broker, and Kafka reachable with no error only
+        an operator can fix (:attr:`kafka_trouble`)."""
+        self.kafka_trouble.check()
         return self._connected and self._subscribed and self._kafka_up
 
     def in_flight(self) -> int:
@@ -308,7 +312,7 @@ class Connector:
             self._kafka_up = False
         if err.fatal():
             self._fatal = str(err)
-        log.warning("kafka client error", extra={"error": str(err)})
+        self.kafka_trouble.heard(err)
 
     def _retry_due(self) -> None:
         now = time.monotonic()

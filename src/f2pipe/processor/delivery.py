@@ -54,7 +54,8 @@ class Delivery:
 
     ``stopping`` answers whether the service was asked to stop (a flush then
     gives up after 30 s), ``abandoning`` whether it was told to stop at once
-    (every wait for Kafka ends with :class:`~f2pipe.runtime.kafka.Stopping`).
+    (every wait for Kafka ends with :class:`~f2pipe.runtime.kafka.Stopping`);
+    ``on_error`` hears the producer's client errors.
     """
 
     def __init__(
@@ -63,6 +64,7 @@ class Delivery:
         consumer: Consumer,
         stopping: Callable[[], bool],
         abandoning: Callable[[], bool],
+        on_error: Callable[[KafkaError], None],
     ) -> None:
         self.settings = settings
         self.consumer = consumer
@@ -75,6 +77,7 @@ class Delivery:
             "on_delivery": self._on_delivery,
             # Only failures come back to Python: a callback per record would cost ~1 µs each.
             "delivery.report.only.error": True,
+            "error_cb": on_error,
         }
         if self.transactions:
             extra["transactional.id"] = transactional_id(settings)

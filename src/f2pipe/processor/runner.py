@@ -70,6 +70,7 @@ from f2pipe.processor.stage import Stage
 from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.gctune import quiet_gc
 from f2pipe.runtime.kafka import ConsumerWatch, Stopping, consume_available, consumer_config
+from f2pipe.runtime.kafkatrouble import KafkaTrouble
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.metrics import DEAD_LETTERS
 from f2pipe.runtime.opsserver import OpsServer
@@ -97,11 +98,13 @@ class Processor:
         self._paused = False
         self._hard_stop = False  # set by a second stop request: abandon waits for Kafka
         transactions = settings.processor_transactions
+        self.kafka_trouble = KafkaTrouble(settings)  # its clients' errors, with the fix
         self.consumer = Consumer(
             consumer_config(
                 settings,
                 settings.processor_group,
                 on_commit=self._on_commit,
+                error_cb=self.kafka_trouble.heard,
                 **{
                     "session.timeout.ms": int(settings.processor_session_timeout_s * 1000),
                     "heartbeat.interval.ms": int(settings.processor_session_timeout_s * 1000 / 4),
@@ -109,7 +112,9 @@ class Processor:
                 **({"isolation.level": "read_committed"} if transactions else {}),
             )
         )
-        self.delivery = Delivery(settings, self.consumer, self._stop.is_set, self._abandoning)
+        self.delivery = Delivery(
+            settings, self.consumer, self._stop.is_set, self._abandoning, self.kafka_trouble.heard
+        )
         # Lag as an age and in records, offsets out of retention.
         self.watch = ConsumerWatch("processor", records=LAG)
         self.alarm = DeadLetterAlarm(
@@ -136,6 +141,7 @@ class Processor:
         self._stop.set()
 
     def ready(self) -> bool:
+        self.kafka_trouble.check()  # an error of its Kafka clients only an operator can fix
         return self.resolver.database_ok and not self._paused
 
     def _abandoning(self) -> bool:
@@ -224,7 +230,7 @@ class Processor:
             elif err.fatal():
                 raise KafkaException(err)
             elif not self.watch.reset_reported(err):
-                log.warning("consumer error", extra={"error": str(err)})
+                self.kafka_trouble.heard(err)
         return good
 
     def _handle_batch(self, batch: list[Message]) -> None:

@@ -35,7 +35,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from f2pipe.errors import DatabaseUnavailable
@@ -47,6 +47,7 @@ from f2pipe.runtime.kafka import (
     consumer_config,
     producer_config,
 )
+from f2pipe.runtime.kafkatrouble import KafkaTrouble
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.opsserver import NotReady, OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
@@ -107,18 +108,19 @@ class Sink:
         # The batch committing in the background: (batch, its writer, its outcome).
         self._inflight: tuple[Batch, Writer, Future[WriteResult]] | None = None
         self._retrying: Batch | None = None  # a batch being retried through an outage
+        self.kafka_trouble = KafkaTrouble(settings)  # its clients' errors, with the fix
         self.consumer = Consumer(
             consumer_config(
                 settings,
                 settings.sink_group,
-                error_cb=self._on_kafka_error,
+                error_cb=self.kafka_trouble.heard,
                 # A deep prefetch queue: with the shared default (20,000) the
                 # consumer waits on fetches and delivers under half the records
                 # per second (bench/sink.json). Bounded in bytes too.
                 **{"queued.min.messages": 200_000, "queued.max.messages.kbytes": 131_072},
             )
         )
-        self.producer = Producer(producer_config(settings, error_cb=self._on_kafka_error))
+        self.producer = Producer(producer_config(settings, error_cb=self.kafka_trouble.heard))
         self.settler = Settler(
             self.consumer,
             self.producer,
@@ -148,12 +150,14 @@ class Sink:
         return frozenset(self._assigned)
 
     def ready(self) -> bool:
-        """The sink progresses (:attr:`progress`), the database and Kafka answer.
+        """The sink progresses (:attr:`progress`), the database and Kafka answer (with
+        no error only an operator can fix: :attr:`kafka_trouble`).
 
         Safe from another thread; a fresh database connection, a Kafka metadata request.
         """
         if reason := self.progress.stalled():
             raise NotReady(reason)
+        self.kafka_trouble.check()
         with psycopg.connect(self.settings.timeseries_dsn, connect_timeout=2) as conn:
             conn.execute("SELECT 1")
         # Its own client: the consumer's handle is busy in the loop's consume().
@@ -256,7 +260,7 @@ class Sink:
             for msg in messages:
                 err = msg.error()
                 if err is not None:
-                    self._on_message_error(err)
+                    self.kafka_trouble.heard(err)
             messages = [msg for msg in messages if msg.error() is None]
             if not messages:
                 return
@@ -478,17 +482,6 @@ class Sink:
         self._inflight = None
         self._complete(batch, result)
         return True
-
-    def _on_kafka_error(self, err: KafkaError) -> None:
-        log.warning("kafka", extra={"error": str(err)})
-
-    _last_message_error = 0.0
-
-    def _on_message_error(self, err: KafkaError) -> None:
-        now = time.monotonic()
-        if now - self._last_message_error > 5:  # one line per 5 s, not one per poll
-            self._last_message_error = now
-            log.warning("consumer error", extra={"error": str(err)})
 
     def _is_stopping(self) -> bool:
         return self._stopping
