@@ -229,7 +229,15 @@ def kafka_users_and_acls(admin: Any, settings: Settings, paths: Paths) -> None:
                     AclPermissionType.ANY,
                 )
             ).result(30)
-            stale = [b for b in found if b not in wanted]
+            # delete_acls takes filters; each of these matches exactly one binding.
+            stale = [
+                AclBindingFilter(
+                    b.restype, b.name, b.resource_pattern_type, b.principal, b.host,
+                    b.operation, b.permission_type,
+                )
+                for b in found
+                if b not in wanted
+            ]  # fmt: skip
             if stale:
                 for future in client.delete_acls(stale).values():
                     future.result(30)
