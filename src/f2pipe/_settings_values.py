@@ -178,3 +178,13 @@ def secret_file_environment() -> dict[str, str]:
             raise ConfigError(f"{variable(name)} and {file_variable} are both set: keep one")
         values[name] = read_secret_file(Path(os.environ[file_variable]), name + "_file")
     return values
+
+
+def every_broker(settings: Any) -> str:
+    """The bootstrap naming every broker of a local cluster: one address given, brokers 2
+    and 3 listen on its port + 2 and + 4 (their controllers on the controller port's)."""
+    bootstrap, brokers = settings.kafka_bootstrap, settings.kafka_brokers
+    if brokers == 1 or "," in bootstrap:
+        return str(bootstrap)
+    host, _, port = bootstrap.rpartition(":")
+    return ",".join(f"{host}:{int(port) + 2 * node}" for node in range(brokers))

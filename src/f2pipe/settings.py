@@ -46,6 +46,7 @@ from f2pipe._settings_values import (
     Seconds,
     config_file_values,
     deprecated_environment,
+    every_broker,
     mask_url,
     read_secret_file,
     secret_file_environment,
@@ -277,6 +278,11 @@ class Settings(BaseSettings):
         pattern=r"^[1-9][0-9]*[kKmMgG]$",
         description="Local stack: the Kafka broker's maximum heap (a JVM -Xmx size).",
     )
+    kafka_brokers: Annotated[Literal[1, 3], BeforeValidator(int)] = Field(
+        default=1,
+        description="Local stack: Kafka brokers, 1 or 3 (a KRaft cluster); brokers 2 and 3 use "
+        "the first's ports + 2 and + 4 unless the bootstrap names them.",
+    )
     stack_install: bool = Field(
         default=True, description="Local stack: root may apt-get install missing servers."
     )
@@ -446,7 +452,8 @@ class Settings(BaseSettings):
         return value
 
     @model_validator(mode="after")
-    def _default_timeseries_dsn(self) -> Settings:
+    def _derived_defaults(self) -> Settings:
+        object.__setattr__(self, "kafka_bootstrap", every_broker(self))
         if not self.timeseries_dsn:
             object.__setattr__(self, "timeseries_dsn", self.metadata_dsn)
         return self

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from f2pipe.operations.stack.supervise import port_in_use
 from f2pipe.settings import Settings, load_settings
 
 __all__ = ["free_ports", "private_settings", "private_state"]
@@ -34,6 +35,15 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def _port_run(taken: set[int]) -> int:
+    """A free port p, not in ``taken``, with p + 2 and p + 4 free and not taken either."""
+    while True:
+        (port,) = free_ports(1)
+        run = {port, port + 2, port + 4}
+        if port + 4 < 65536 and not run & taken and not any(map(port_in_use, run - {port})):
+            return port
+
+
 @contextmanager
 def private_state(prefix: str) -> Iterator[Path]:
     """A fresh state folder others may traverse (0711); removed on exit."""
@@ -48,8 +58,16 @@ def private_state(prefix: str) -> Iterator[Path]:
 def private_settings(state: Path, *, stages: bool = False, **overrides: Any) -> Settings:
     """Settings for a stack in ``state`` on free ports: PostgreSQL (metadata and time
     series in one database), Redis, Kafka and its controller, the MQTT broker; with
-    ``stages`` also the connector's, processor's, sink's and certgen's ops ports."""
+    ``stages`` also the connector's, processor's, sink's and certgen's ops ports. With
+    ``kafka_brokers=3`` the bootstrap names three free ports and the controller port is
+    one whose + 2 and + 4 are free too (the cluster's other controllers)."""
     pg, redis, kafka, controller, mqtt, *ops = free_ports(9 if stages else 5)
+    bootstrap = f"127.0.0.1:{kafka}"
+    if overrides.get("kafka_brokers", 1) > 1:
+        taken = {pg, redis, kafka, controller, mqtt, *ops}
+        others = [port for port in free_ports(len(taken) + 2) if port not in taken][:2]
+        bootstrap = ",".join(f"127.0.0.1:{port}" for port in (kafka, *others))
+        controller = _port_run(taken | set(others))
     if stages:
         connector, processor, sink, certgen = ops
         overrides = dict(
@@ -64,7 +82,7 @@ def private_settings(state: Path, *, stages: bool = False, **overrides: Any) -> 
         metadata_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
         timeseries_dsn=f"postgresql://postgres@127.0.0.1:{pg}/f2pipe",
         redis_url=f"redis://127.0.0.1:{redis}/0",
-        kafka_bootstrap=f"127.0.0.1:{kafka}",
+        kafka_bootstrap=bootstrap,
         kafka_controller_port=controller,
         mqtt_port=mqtt,
         **overrides,

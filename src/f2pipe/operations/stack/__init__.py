@@ -29,6 +29,7 @@ The modules, one job each:
 - :mod:`.server`: the :class:`Server` base every supervised process derives from;
 - :mod:`.postgres`, :mod:`.redis`, :mod:`.kafka` (with topic creation),
   :mod:`.mosquitto` (with the broker's configuration and ACL): one server each;
+  :mod:`.kafka_cluster`: Kafka as three nodes (``F2PIPE_KAFKA_BROKERS=3``);
 - :mod:`.commands`: ``up``, ``down``, ``status`` and the ``f2pipe stack`` parser.
 """
 
@@ -39,7 +40,10 @@ from f2pipe.operations.stack.kafka import (
     DAY_MS,
     DEAD_LETTER_RETENTION_MS,
     Kafka,
+    KafkaNode2,
+    KafkaNode3,
     create_topics,
+    kafka_nodes,
 )
 from f2pipe.operations.stack.mosquitto import Mosquitto
 from f2pipe.operations.stack.postgres import Postgres
@@ -63,6 +67,8 @@ __all__ = [
     "NAMES",
     "SERVERS",
     "Kafka",
+    "KafkaNode2",
+    "KafkaNode3",
     "Mosquitto",
     "Paths",
     "PidFile",
@@ -75,6 +81,7 @@ __all__ = [
     "down",
     "ensure_programs",
     "kafka_libs",
+    "kafka_nodes",
     "kafka_version",
     "locked",
     "port_accepts",

@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 from f2pipe.errors import ConfigError, StackError
 from f2pipe.operations.stack import security
 from f2pipe.operations.stack.install import ensure_programs
-from f2pipe.operations.stack.kafka import Kafka
+from f2pipe.operations.stack.kafka import Kafka, KafkaNode2, KafkaNode3, kafka_nodes
+from f2pipe.operations.stack.kafka_cluster import node_ports
 from f2pipe.operations.stack.mosquitto import Mosquitto
 from f2pipe.operations.stack.postgres import Postgres
 from f2pipe.operations.stack.redis import Redis
@@ -27,6 +28,8 @@ _LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 SERVERS: tuple[type[Server], ...] = (Postgres, Redis, Kafka, Mosquitto)
 NAMES = tuple(cls.name for cls in SERVERS)
+# A cluster's nodes 2 and 3 follow `kafka`; they are named only in `--record` files.
+_NODE_NAMES = (KafkaNode2.name, KafkaNode3.name)
 
 
 def _check_settings(settings: Settings) -> None:
@@ -51,6 +54,11 @@ def _check_settings(settings: Settings) -> None:
         "F2PIPE_KAFKA_CONTROLLER_PORT": settings.kafka_controller_port,
         "F2PIPE_MQTT_PORT": settings.mqtt_port,
     }
+    for node, (client, controller) in enumerate(node_ports(settings)[1:], 2):
+        ports |= {
+            f"F2PIPE_KAFKA_BOOTSTRAP (broker {node})": client,
+            f"F2PIPE_KAFKA_CONTROLLER_PORT (+{2 * (node - 1)}, broker {node})": controller,
+        }
     seen: dict[int, str] = {}
     for variable, port in ports.items():
         if port in seen:
@@ -59,9 +67,17 @@ def _check_settings(settings: Settings) -> None:
 
 
 def _servers(settings: Settings, names: Sequence[str]) -> list[Server]:
+    """The chosen servers in start order; ``kafka`` stands for every node of a cluster."""
     paths = Paths(settings.state_dir)
     chosen = set(names) or set(NAMES)
-    return [cls(settings, paths) for cls in SERVERS if cls.name in chosen]
+    classes = [
+        node for cls in SERVERS for node in (kafka_nodes(settings) if cls is Kafka else (cls,))
+    ]
+    return [
+        cls(settings, paths)
+        for cls in classes
+        if cls.name in chosen or (issubclass(cls, Kafka) and Kafka.name in chosen)
+    ]
 
 
 def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None) -> list[str]:
@@ -161,7 +177,7 @@ def status(settings: Settings, names: Sequence[str] = ()) -> bool:
 
 def _names(values: Sequence[str]) -> list[str]:
     for value in values:
-        if value not in NAMES:
+        if value not in NAMES + _NODE_NAMES:
             raise StackError(f"unknown server {value!r}; choose from {', '.join(NAMES)}")
     return list(values)
 

@@ -1,10 +1,12 @@
-"""Apache Kafka 4, single-node KRaft, and the pipeline's topics.
+"""Apache Kafka 4 in KRaft mode, one node or three (:mod:`.kafka_cluster`), and the topics.
 
 The broker runs from the jars :mod:`.install` fetches (no Debian package);
 its configuration and log4j2 setup are rewritten under ``<state>/kafka`` on
 every ``up``. Once healthy, the raw, processed and dead-letter topics are
-created with their partition counts and retention (SPEC section 3); existing
-topics are kept as they are.
+created with their partition counts, retention and replicas (SPEC sections 4
+and 10); existing topics are kept as they are, unless they have fewer replicas
+than the cluster's topics need: then nothing is created and the error names the
+topic and the fix.
 
 Secured (``F2PIPE_STACK_SECURED``, the default) the broker listens with
 SASL_SSL only: SCRAM-SHA-512 users for the operator and each service, ACLs
@@ -18,11 +20,11 @@ import base64
 import subprocess
 import time
 import uuid
-from typing import Any
+from typing import Any, ClassVar
 
 from f2pipe.errors import StackError
 from f2pipe.operations.principals import ADMIN, KAFKA_BROKER_USER
-from f2pipe.operations.stack import rights, security
+from f2pipe.operations.stack import kafka_cluster, rights, security
 from f2pipe.operations.stack.install import (
     Program,
     check_java,
@@ -74,21 +76,27 @@ def broker_jaas(secret: str) -> str:
 
 
 class Kafka(Server):
-    """Apache Kafka 4, single-node KRaft, jars from Maven Central cached outside the clone."""
+    """Apache Kafka 4 in KRaft mode, jars from Maven Central cached outside the clone.
+
+    Node 1 of the cluster, or the only one; :class:`KafkaNode2` and :class:`KafkaNode3`
+    are the others (``<state>/kafka-2`` and so on, each with its ports, pid and log).
+    """
 
     name = "kafka"
+    node: ClassVar[int] = 1
     start_timeout = 120.0  # a cold JVM on a shared 2-core box
 
     def __init__(self, settings: Settings, paths: Paths) -> None:
         super().__init__(settings, paths)
-        self.home = paths.state / "kafka"
+        self.home = paths.state / self.name
         self.version = kafka_version()
         self.libs = kafka_libs(self.version)
+        self.port, self.controller_port = kafka_cluster.node_ports(settings)[self.node - 1]
 
     def ports(self) -> dict[int, str]:
         return {
-            self.settings.kafka_port(): "F2PIPE_KAFKA_BOOTSTRAP",
-            self.settings.kafka_controller_port: "F2PIPE_KAFKA_CONTROLLER_PORT",
+            self.port: "F2PIPE_KAFKA_BOOTSTRAP",
+            self.controller_port: "F2PIPE_KAFKA_CONTROLLER_PORT",
         }
 
     def programs(self) -> list[Program]:
@@ -98,7 +106,9 @@ class Kafka(Server):
         return needed
 
     def describe(self) -> str:
-        return f"{LOOPBACK}:{self.settings.kafka_port()} Kafka {self.version} (KRaft)"
+        of = self.settings.kafka_brokers
+        cluster = f", node {self.node} of {of}" if of > 1 else ""
+        return f"{LOOPBACK}:{self.port} Kafka {self.version} (KRaft{cluster})"
 
     def _java(self, *args: str) -> list[str]:
         return [
@@ -113,48 +123,52 @@ class Kafka(Server):
     def prepare(self) -> None:
         check_java()
         fetch_kafka_libs(self.version, self.libs, self.paths.log / "mvn.log")
+        # One id for every node of a cluster; raises if the state holds the other kind.
+        shared_id = kafka_cluster.cluster_id(self.paths, self.settings, kafka_cluster_id())
         self.home.mkdir(exist_ok=True)
-        security.mark(self.paths, self.name, self.settings.stack_secured)
+        # The nodes of a cluster are secured together, under node 1's name.
+        security.mark(self.paths, Kafka.name, self.settings.stack_secured)
         self._write_config()
         if (self.home / "data" / "meta.properties").is_file():
             return
-        format_log = self.paths.log / "kafka-format.log"
+        format_log = self.paths.log / f"{self.name}-format.log"
         with format_log.open("ab") as out:
             # A static voter set (controller.quorum.voters) is formatted without --standalone.
             result = subprocess.run(
                 self._java("kafka.tools.StorageTool", "format", "--ignore-formatted",
-                           "-t", kafka_cluster_id(), "-c", str(self.home / "server.properties")),
+                           "-t", shared_id or kafka_cluster_id(),
+                           "-c", str(self.home / "server.properties")),
                 stdout=out, stderr=out, check=False,
             )  # fmt: skip
         if result.returncode != 0:
             raise StackError(f"formatting Kafka storage failed{log_tail(format_log)}")
 
     def _write_config(self) -> None:
-        port, controller = self.settings.kafka_port(), self.settings.kafka_controller_port
+        port, controller = self.port, self.controller_port
         properties = {
             "process.roles": "broker,controller",
-            "node.id": "1",
-            "controller.quorum.voters": f"1@{LOOPBACK}:{controller}",
+            "node.id": str(self.node),
+            "controller.quorum.voters": kafka_cluster.voters(self.settings),
             "listeners": f"PLAINTEXT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller}",
             "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
         }
-        if security.is_secured(self.paths, self.name):
+        if security.is_secured(self.paths, Kafka.name):
             properties |= self._secured_properties()
         properties |= {
             "log.dirs": str(self.home / "data"),
             # Topics are created explicitly with their partition counts and retention.
             "auto.create.topics.enable": "false",
             "num.partitions": str(self.settings.data_topic_partitions),
-            **SINGLE_NODE,
+            **(kafka_cluster.CLUSTER if self.settings.kafka_brokers > 1 else SINGLE_NODE),
         }
         text = "# Written by `f2pipe stack` on every `up`; edits are overwritten.\n"
         text += "".join(f"{key}={value}\n" for key, value in properties.items())
         # 0600: when secured it holds the broker's own password.
         security.write_private_text(self.home / "server.properties", text)
-        log = self.paths.log / "kafka.log"
+        log = self.paths.log / f"{self.name}.log"
         (self.home / "log4j2.properties").write_text(
             "# Written by `f2pipe stack`: the broker logs to one rolling file under the state.\n"
             "status = warn\n"
@@ -182,7 +196,7 @@ class Kafka(Server):
         operator are super users, everyone else holds only the ACLs of
         :mod:`f2pipe.operations.principals`.
         """
-        port, controller = self.settings.kafka_port(), self.settings.kafka_controller_port
+        port, controller = self.port, self.controller_port
         cert, key = security.server_tls(self.settings, self.home, "f2pipe kafka", None)
         ca = security.ca_file(self.settings)
         keystore = self.home / "keystore.pem"
@@ -217,11 +231,11 @@ class Kafka(Server):
 
     def start(self) -> None:
         # kafka.Kafka writes its own log through log4j2; stdout only catches JVM failures.
-        self.log_file = self.paths.log / "kafka.out"
+        self.log_file = self.paths.log / f"{self.name}.out"
         super().start()
 
     def failure_hint(self) -> str:
-        out, log = self.paths.log / "kafka.out", self.paths.log / "kafka.log"
+        out, log = self.paths.log / f"{self.name}.out", self.paths.log / f"{self.name}.log"
         return f"{log_tail(out) or log_tail(log)} (logs: {out}, {log})"
 
     def _admin(self) -> Any:
@@ -230,29 +244,57 @@ class Kafka(Server):
         from f2pipe.runtime.kafka import admin_config
 
         update = security.PLAIN_KAFKA
-        if security.is_secured(self.paths, self.name):
+        if security.is_secured(self.paths, Kafka.name):
             # The stack acts as the broker's own super user, which exists from the start.
             update = security.kafka_settings(self.settings, self.paths, KAFKA_BROKER_USER, "PLAIN")
+        if self.settings.kafka_brokers > 1:  # this node, which must answer for itself
+            update = {**update, "kafka_bootstrap": f"{LOOPBACK}:{self.port}"}
         settings = self.settings.model_copy(update=update)
         # log_level 2: librdkafka would print every refused connection while the JVM starts.
         return AdminClient(admin_config(settings, log_level=2))
 
     def healthy(self) -> bool:
-        if not port_accepts(self.settings.kafka_port()):
-            self.last_error = f"port {self.settings.kafka_port()} does not accept connections"
+        if not port_accepts(self.port):
+            self.last_error = f"port {self.port} does not accept connections"
             return False
         try:
             metadata = self._admin().list_topics(timeout=3)
         except Exception as exc:  # KafkaException while the controller elects itself
             self.last_error = str(exc)
             return False
+        if self.settings.kafka_brokers > 1 and self.node not in metadata.brokers:
+            self.last_error = f"broker {self.node} is not registered with the controllers yet"
+            return False
         return bool(metadata.brokers)
 
     def after_healthy(self) -> None:
+        if self.node != self.settings.kafka_brokers:
+            return  # a cluster's users, ACLs and topics wait for its last node
         admin = self._admin()
-        if security.is_secured(self.paths, self.name):
+        if security.is_secured(self.paths, Kafka.name):
             rights.kafka_users_and_acls(admin, self.settings, self.paths)
-        create_topics(admin, topic_plan(self.settings), deadline=time.monotonic() + 60)
+        replicas, min_insync = kafka_cluster.replication(self.settings)
+        plan, deadline = topic_plan(self.settings), time.monotonic() + 60
+        create_topics(admin, plan, deadline, replicas=replicas, min_insync=min_insync)
+
+
+class KafkaNode2(Kafka):
+    """The cluster's second node."""
+
+    name = "kafka-2"
+    node = 2
+
+
+class KafkaNode3(Kafka):
+    """The cluster's third node."""
+
+    name = "kafka-3"
+    node = 3
+
+
+def kafka_nodes(settings: Settings) -> tuple[type[Kafka], ...]:
+    """The Kafka servers of the stack: one, or the cluster's three."""
+    return (Kafka, KafkaNode2, KafkaNode3) if settings.kafka_brokers > 1 else (Kafka,)
 
 
 def topic_plan(settings: Settings) -> dict[str, tuple[int, int]]:
@@ -264,19 +306,33 @@ def topic_plan(settings: Settings) -> dict[str, tuple[int, int]]:
     }
 
 
-def create_topics(admin: Any, wanted: dict[str, tuple[int, int]], deadline: float) -> None:
-    """Create each missing topic ``name -> (partitions, retention ms)``; existing ones are kept."""
+def create_topics(
+    admin: Any,
+    wanted: dict[str, tuple[int, int]],
+    deadline: float,
+    replicas: int = 1,
+    min_insync: int = 1,
+) -> None:
+    """Create each missing topic ``name -> (partitions, retention ms)``; existing ones are kept.
+
+    With ``replicas`` > 1 the topics get ``min.insync.replicas=min_insync``. Raises
+    StackError, before creating anything, when the cluster has fewer brokers than
+    ``replicas`` or an existing topic has fewer replicas.
+    """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
+    config = {"min.insync.replicas": str(min_insync)} if replicas > 1 else {}
     while True:
-        existing = set(admin.list_topics(timeout=5).topics)
+        metadata = admin.list_topics(timeout=5)
+        check_replicas(metadata, wanted, replicas)
+        existing = set(metadata.topics)
         new = [
             NewTopic(
                 name,
                 num_partitions=partitions,
-                replication_factor=1,
-                config={"cleanup.policy": "delete", "retention.ms": str(retention)},
+                replication_factor=replicas,
+                config={"cleanup.policy": "delete", "retention.ms": str(retention), **config},
             )
             for name, (partitions, retention) in wanted.items()
             if name not in existing
@@ -296,6 +352,25 @@ def create_topics(admin: Any, wanted: dict[str, tuple[int, int]], deadline: floa
         if time.monotonic() > deadline:
             raise StackError(failure)
         time.sleep(0.5)  # the controller may still be settling right after start
+
+
+def check_replicas(metadata: Any, wanted: dict[str, tuple[int, int]], replicas: int) -> None:
+    """StackError naming the first of ``wanted`` that the cluster cannot give ``replicas``."""
+    brokers = len(metadata.brokers)
+    for name in wanted:
+        topic = metadata.topics.get(name)
+        have = len(topic.partitions[0].replicas) if topic is not None and topic.partitions else None
+        if have is None and brokers < replicas:
+            raise StackError(
+                f"topic {name} needs {replicas} replicas but the cluster has {brokers} "
+                f"broker(s); start all {replicas} brokers (F2PIPE_KAFKA_BROKERS={replicas})"
+            )
+        if have is not None and have < replicas:
+            raise StackError(
+                f"topic {name} has {have} replica(s) where {replicas} are needed; raise its "
+                "replication factor with kafka-reassign-partitions, or delete it to have it "
+                "created again (its records with it)"
+            )
 
 
 def kafka_cluster_id() -> str:

@@ -1,0 +1,199 @@
+"""Kafka as a three-broker KRaft cluster (SPEC section 10, ``F2PIPE_KAFKA_BROKERS=3``).
+
+- ``test_cluster_loses_a_broker_without_losing_a_reading``: the whole pipeline on
+  a private secured stack whose Kafka is three combined broker-controller nodes.
+  The topics have three replicas and ``min.insync.replicas=2``; a topic left with
+  one replica is refused with one line and nothing else is created. Under a
+  steady QoS 1 load, broker 2 is killed with SIGKILL, rows keep landing while it
+  is down (and a topic needing three replicas is refused meanwhile), it comes
+  back and rejoins every in-sync replica set; then broker 1, the bootstrap's
+  first, is killed the same way. The table equals the ledger exactly.
+- The bad inputs without servers: a replication factor the cluster's brokers
+  cannot meet, and a state folder that holds the other kind of Kafka.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource
+
+from conftest import unique, wait_until
+from f2pipe.errors import StackError
+from f2pipe.operations import stack
+from f2pipe.operations.stack import Paths
+from f2pipe.operations.stack.kafka import check_replicas
+from f2pipe.operations.stack.kafka_cluster import cluster_id
+from f2pipe.runtime.kafka import admin_config
+from f2pipe.settings import Settings, load_settings
+from f2pipe.testing.stack import private_settings, private_state
+from test_pipeline import (
+    Publisher,
+    _kill,
+    drained,
+    expected_rows,
+    failure_logs,
+    own_stack,
+    read_ledger,
+    row_count,
+    stored_rows,
+)
+
+pytestmark = pytest.mark.servers
+
+
+def _admin(settings: Settings) -> Any:
+    return AdminClient(admin_config(settings, log_level=2))
+
+
+def _node(settings: Settings, number: int) -> stack.Kafka:
+    cls = stack.kafka_nodes(settings)[number - 1]
+    return cls(settings, Paths(settings.state_dir))
+
+
+def _in_sync(settings: Settings) -> bool:
+    """Every partition of every topic (Kafka's own included) has all three replicas in sync."""
+    metadata = _admin(settings).list_topics(timeout=5)
+    return len(metadata.brokers) == 3 and all(
+        len(partition.isrs) == 3
+        for topic in metadata.topics.values()
+        for partition in topic.partitions.values()
+    )
+
+
+def _topic_configs(settings: Settings, names: list[str]) -> dict[str, tuple[int, str]]:
+    """Topic -> (replicas of its first partition, its min.insync.replicas)."""
+    admin = _admin(settings)
+    metadata = admin.list_topics(timeout=5)
+    resources = [ConfigResource("topic", name) for name in names]
+    found = {}
+    for resource, future in admin.describe_configs(resources).items():
+        entries = future.result(timeout=15)
+        replicas = len(metadata.topics[resource.name].partitions[0].replicas)
+        found[resource.name] = (replicas, entries["min.insync.replicas"].value)
+    return found
+
+
+def _existing_topic_with_one_replica_is_refused(settings: Settings) -> None:
+    """``stack up`` with a topic of one replica: one line naming it, nothing created."""
+    admin = _admin(settings)
+    thin, fresh = unique("thin"), unique("fresh")
+    stack.create_topics(admin, {thin: (1, stack.DAY_MS)}, deadline=time.monotonic() + 30)
+    asking = settings.model_copy(update={"topic_raw": fresh, "topic_processed": thin})
+    with pytest.raises(StackError) as caught:
+        stack.up(asking, ["kafka"])
+    assert str(caught.value) == (
+        f"topic {thin} has 1 replica(s) where 3 are needed; raise its replication factor "
+        "with kafka-reassign-partitions, or delete it to have it created again (its records "
+        "with it)"
+    )
+    assert fresh not in admin.list_topics(timeout=5).topics  # nothing half-written
+    assert all(_node(settings, n).pid() is not None for n in (1, 2, 3))  # nothing stopped
+
+
+@pytest.mark.slow
+def test_cluster_loses_a_broker_without_losing_a_reading(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with own_stack(kafka_brokers=3) as settings:
+        dsn = settings.timeseries_dsn
+        assert len(settings.kafka_bootstrap.split(",")) == 3
+        names = [settings.topic_raw, settings.topic_processed, settings.topic_dead_letter]
+        assert _topic_configs(settings, names) == dict.fromkeys(names, (3, "2"))
+
+        publisher = Publisher(settings, tmp_path, minimum=2000, rate=40.0)
+        publisher.start()
+
+        def flowing(label: str, more: int = 40) -> None:
+            base = row_count(dsn)
+            try:
+                wait_until(
+                    lambda: publisher.failure is not None or row_count(dsn) >= base + more,
+                    timeout=90,
+                    what=f"rows to flow {label}",
+                )
+            except pytest.fail.Exception as exc:
+                pytest.fail(f"{exc}\n{failure_logs(settings)}")
+            assert publisher.failure is None, publisher.failure
+
+        flowing("at the start")
+        for number in (2, 1):
+            node = _node(settings, number)
+            _kill(node)
+            flowing(f"while broker {number} is down")
+            # The controllers fence the dead broker: a topic needing three replicas is
+            # refused then, before anything is created.
+            wait_until(
+                lambda: len(_admin(settings).list_topics(timeout=5).brokers) == 2,
+                timeout=30,
+                what=f"the controllers to fence broker {number}",
+            )
+            plan = {unique("fresh"): (1, stack.DAY_MS)}
+            with pytest.raises(StackError, match=r"needs 3 replicas but the cluster has 2 broker"):
+                stack.create_topics(
+                    _admin(settings), plan, time.monotonic() + 5, replicas=3, min_insync=2
+                )
+            assert not set(plan) & set(_admin(settings).list_topics(timeout=5).topics)
+            node.prepare()
+            node.start()
+            node.wait_healthy()
+            wait_until(lambda: _in_sync(settings), timeout=120, what="every replica in sync")
+            flowing(f"after broker {number} came back")
+
+        publisher.stop.set()
+        publisher.join(timeout=300)
+        assert publisher.failure is None, publisher.failure
+        expected = expected_rows(read_ledger(*publisher.ledgers), dsn)
+        wait_until(lambda: drained(settings, expected), timeout=120, interval=1.0, what="the drain")
+        stored = stored_rows(dsn)
+        missing, extra = expected - stored, stored - expected
+        assert not missing, f"{len(missing)} readings lost\n{failure_logs(settings)}"
+        assert not extra, f"{len(extra)} rows not in the ledger"
+        assert row_count(dsn) == len(stored)  # each reading once
+        print(f"{publisher.published} messages, {len(stored)} readings")
+        # Last: `stack up` with other topic names resets the services' ACLs to those.
+        _existing_topic_with_one_replica_is_refused(settings)
+    print(f"cluster test: {time.monotonic() - started:.0f} s")
+
+
+def test_replication_the_cluster_cannot_meet_is_one_line() -> None:
+    one_broker = SimpleNamespace(brokers={1: object()}, topics={})
+    with pytest.raises(StackError) as caught:
+        check_replicas(one_broker, {"raw-iot-data": (6, 1)}, replicas=3)
+    assert str(caught.value) == (
+        "topic raw-iot-data needs 3 replicas but the cluster has 1 broker(s); "
+        "start all 3 brokers (F2PIPE_KAFKA_BROKERS=3)"
+    )
+    check_replicas(one_broker, {"raw-iot-data": (6, 1)}, replicas=1)
+
+
+def test_a_state_holds_one_kind_of_kafka() -> None:
+    with private_state("f2pipe-kafka-kind-") as state:
+        (state / "kafka" / "data").mkdir(parents=True)
+        (state / "kafka" / "data" / "meta.properties").write_text("node.id=1\n")
+        cluster = private_settings(state, kafka_brokers=3, stack_install=False)
+        with pytest.raises(StackError, match=r"holds a one-broker Kafka; unset F2PIPE_KAFKA_BRO"):
+            stack.up(cluster, ["kafka"])
+        assert not any((state / "run").glob("kafka*.pid"))  # nothing started
+        assert not (state / "kafka-2").exists()
+
+    with private_state("f2pipe-kafka-kind-") as state:
+        paths = Paths(state)
+        assert cluster_id(paths, private_settings(state, kafka_brokers=3), "abc") == "abc"
+        assert cluster_id(paths, private_settings(state, kafka_brokers=3), "xyz") == "abc"
+        with pytest.raises(StackError, match=r"holds a three-broker Kafka cluster; set F2PIPE"):
+            cluster_id(paths, private_settings(state), "xyz")
+
+
+def test_three_brokers_take_their_ports_from_the_first() -> None:
+    settings = load_settings(
+        kafka_brokers="3", kafka_bootstrap="127.0.0.1:9092", kafka_controller_port=9093
+    )
+    assert settings.kafka_bootstrap == "127.0.0.1:9092,127.0.0.1:9094,127.0.0.1:9096"
+    assert [_node(settings, n).ports() for n in (1, 2, 3)] == [
+        {port: "F2PIPE_KAFKA_BOOTSTRAP", port + 1: "F2PIPE_KAFKA_CONTROLLER_PORT"}
+        for port in (9092, 9094, 9096)
+    ]
