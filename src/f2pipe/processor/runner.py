@@ -72,7 +72,7 @@ from f2pipe.runtime.gctune import quiet_gc
 from f2pipe.runtime.kafka import ConsumerWatch, Stopping, consume_available, consumer_config
 from f2pipe.runtime.kafkatrouble import KafkaTrouble
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
-from f2pipe.runtime.metrics import DEAD_LETTERS
+from f2pipe.runtime.metrics import DEAD_LETTERS, REBALANCES
 from f2pipe.runtime.opsserver import OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
 from f2pipe.settings import Settings, get_settings
@@ -159,6 +159,7 @@ class Processor:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
         ASSIGNED.dec(len(partitions))
+        REBALANCES.labels("processor", "revoked").inc()
         revoked = {tp.partition for tp in partitions}
         # Their new owner consumes them from the last committed offset: records held
         # for them (a batch waiting out a metadata outage) and offsets not yet
@@ -177,6 +178,7 @@ class Processor:
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
         ASSIGNED.inc(len(partitions))
+        REBALANCES.labels("processor", "assigned").inc()
         self.watch.assigned(consumer, partitions)
 
     # --- main loop ---

@@ -15,6 +15,11 @@ from f2pipe._version import package_version, python_version
 DEAD_LETTERS = Counter(
     "f2pipe_dead_letters", "records sent to the dead-letter topic", ["stage", "reason"]
 )
+# Consumer-group rebalances a replica went through, by stage (processor, sink) and kind:
+# partitions assigned, revoked, or lost (taken away without a revocation).
+REBALANCES = Counter(
+    "f2pipe_rebalances", "consumer-group rebalance callbacks of this replica", ["stage", "kind"]
+)
 
 _build_info: Info | None = None
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from f2pipe.runtime.metrics import REBALANCES
+
 __all__ = [
     "ASSIGNED",
     "BATCH_AGE",
@@ -22,6 +24,7 @@ __all__ = [
     "REJECTED",
     "ROWS_WRITTEN",
     "WRITE_SECONDS",
+    "owns",
 ]
 
 # Records taken from the processed topic (rows, unparseable ones included).
@@ -60,3 +63,10 @@ ASSIGNED = Gauge("f2pipe_sink_assigned_partitions", "partitions assigned to this
 DB_RETRIES = Counter("f2pipe_sink_db_retries", "write attempts retried after a database error")
 # Database waits cut short by lock_timeout or statement_timeout (then retried).
 DB_TIMEOUTS = Counter("f2pipe_sink_db_timeouts", "database waits ended by a timeout", ["kind"])
+
+
+def owns(kind: str, partitions: int) -> None:
+    """After a rebalance callback of ``kind`` (assigned, revoked, lost): count it in
+    ``f2pipe_rebalances_total{stage="sink"}``; the sink now owns ``partitions`` partitions."""
+    REBALANCES.labels("sink", kind).inc()
+    ASSIGNED.set(partitions)

@@ -53,7 +53,7 @@ from f2pipe.runtime.opsserver import NotReady, OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
 from f2pipe.settings import Settings, get_settings
 from f2pipe.sink.batching import Batch, CommitPolicy, retry_backoff
-from f2pipe.sink.metrics import ASSIGNED, BATCH_AGE, BATCH_ROWS, CONSUMED, DB_RETRIES, WRITE_SECONDS
+from f2pipe.sink.metrics import BATCH_AGE, BATCH_ROWS, CONSUMED, DB_RETRIES, WRITE_SECONDS, owns
 from f2pipe.sink.progress import Progress
 from f2pipe.sink.settle import Settler
 from f2pipe.sink.stage import parse_batch, parse_reading
@@ -426,7 +426,7 @@ class Sink:
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._assigned |= {(tp.topic, tp.partition) for tp in partitions}
-        ASSIGNED.set(len(self._assigned))
+        owns("assigned", len(self._assigned))
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
         self.watch.assigned(consumer, partitions)
         if self._in_backpressure and partitions:
@@ -435,7 +435,7 @@ class Sink:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
-        ASSIGNED.set(len(self._assigned))
+        owns("revoked", len(self._assigned))
         settled = self._settle_for_rebalance(gone)
         if settled and not self._in_backpressure and self.batch.rows:
             # Hand over cleanly: write what we hold, so the next owner starts after it.
@@ -456,7 +456,7 @@ class Sink:
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
         self._assigned -= gone
-        ASSIGNED.set(len(self._assigned))
+        owns("lost", len(self._assigned))
         self._settle_for_rebalance(gone)
         self.batch.drop_partitions(gone)
         self.writer.abandon()
