@@ -215,6 +215,16 @@ class Settings(BaseSettings):
     sink_port: int = Field(
         default=9103, ge=1, le=65535, description="Sink health and metrics port."
     )
+    # Replica n > 1 of a stage serves health and metrics on the stage's port + 100 (n - 1).
+    connector_replicas: int = Field(
+        default=1, ge=1, le=32, description="`f2pipe up`: connectors, on one $share group if > 1."
+    )
+    processor_replicas: int = Field(
+        default=1, ge=1, le=32, description="`f2pipe up`: processors in the processors' group."
+    )
+    sink_replicas: int = Field(
+        default=1, ge=1, le=32, description="`f2pipe up`: sinks in the sinks' consumer group."
+    )
     ops_host: str = Field(
         default="127.0.0.1", description="Where /healthz, /readyz and /metrics listen."
     )

@@ -3,7 +3,8 @@
 ``up`` brings up the local stack (:mod:`f2pipe.operations.stack`), migrates the database,
 seeds the demo fleet, initialises the certificate authority (with a device
 certificate per demo controller), then starts certgen, the connector, the
-processor and the sink as background processes (:mod:`f2pipe.operations.services`),
+processor and the sink as background processes (:mod:`f2pipe.operations.services`;
+each stage as many replicas as ``F2PIPE_<STAGE>_REPLICAS`` asks),
 each waited on until its ``/healthz`` answers, and finally the simulator with
 the demo fleet in live mode. ``down`` stops what ``up`` started, services first,
 then servers. ``run`` is ``up`` in the foreground with the live view of
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from f2pipe.errors import StackError
 from f2pipe.operations import stack
-from f2pipe.operations.services import NAMES, Service, services
+from f2pipe.operations.services import NAMES, Service, ensure_connector_identities, services
 from f2pipe.operations.stack import Paths, rights, security
 from f2pipe.settings import Settings, load_settings
 
@@ -85,6 +86,15 @@ def prepare_data(settings: Settings) -> None:
     security.write_admin_env(settings, paths)
 
 
+def _admit_connectors(settings: Settings) -> None:
+    """A running broker re-reads its ACL, which now names the connector replicas' identities."""
+    from f2pipe.operations.stack.mosquitto import ensure_config
+    from f2pipe.pki.revocation import reload_and_refresh
+
+    ensure_config(settings)
+    reload_and_refresh(settings)
+
+
 def _record(paths: Paths) -> Path:
     return paths.run / RECORD
 
@@ -113,9 +123,13 @@ def up(
     paths = Paths(settings.state_dir)
     started = Started() if started is None else started
     with stack.locked(paths, "services"):
+        # Before the broker starts, so that it reads them into its ACL at once.
+        identities = ensure_connector_identities(settings)
         if servers is None or servers:
             started.servers.extend(stack.up(settings, servers or ()))
         _remember(paths, started.servers)
+        if identities and "mosquitto" not in started.servers:
+            _admit_connectors(settings)
         prepare_data(settings)
         chosen = services(settings, names)
         launched: list[Service] = []
@@ -131,11 +145,11 @@ def up(
             for service in reversed(launched):
                 service.stop()
             raise
-        started.services = [s.name for s in launched]
+        started.services = [s.label for s in launched]
         if not quiet:
             for service in chosen:
                 verb = "started" if service in launched else "running"
-                print(f"{service.name:<10} {verb:<8} {service.describe()}")
+                print(f"{service.label:<10} {verb:<8} {service.describe()}")
     return started
 
 
@@ -150,12 +164,12 @@ def down(settings: Settings, only: Started | None = None, quiet: bool = False) -
     with stack.locked(paths, "services"):
         wanted = None if only is None else set(only.services)
         for service in reversed(services(settings)):
-            if wanted is not None and service.name not in wanted:
+            if wanted is not None and service.label not in wanted:
                 continue
             if service.stop():
-                stopped.append(service.name)
+                stopped.append(service.label)
                 if not quiet:
-                    print(f"{service.name:<10} stopped")
+                    print(f"{service.label:<10} stopped")
         record = _record(paths)
         recorded = record.read_text().split() if record.is_file() else []
         servers = recorded if only is None else [n for n in recorded if n in only.servers]

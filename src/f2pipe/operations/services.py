@@ -12,6 +12,19 @@ passphrase (:data:`CERTGEN_SECRETS`) reach certgen only.
 
 A service is healthy when its ``/healthz`` answers 200 and ready when its
 ``/readyz`` does; the simulator has no ops port, so it is healthy while it runs.
+
+Replicas: ``F2PIPE_CONNECTOR_REPLICAS``, ``F2PIPE_PROCESSOR_REPLICAS`` and
+``F2PIPE_SINK_REPLICAS`` run that many processes of a stage. Replica ``n`` > 1
+is ``<service>-<n>``: its own pid file and log under that name, its ops port
+:data:`REPLICA_PORT_STEP` ``* (n - 1)`` above the stage's, the stage's
+credentials and consumer group. Connectors are MQTT sessions: replica ``n`` is
+the identity ``svc-connector-<n>`` (certificate issued by
+:func:`ensure_connector_identities`), and when several run they all subscribe
+through one ``$share`` group (``F2PIPE_CONNECTOR_SHARE_GROUP``, else
+:data:`SHARE_GROUP`). The broker queues a share of the messages for a
+connector's session while it is away, so a killed connector replica is replaced
+under its own number, never by a new one. A replica beyond the configured count
+that is still running is listed too (:func:`services`), so ``down`` stops it.
 """
 
 from __future__ import annotations
@@ -26,7 +39,9 @@ from typing import ClassVar
 
 from pydantic import SecretStr
 
+from f2pipe.errors import StackError
 from f2pipe.operations.stack import LOOPBACK, Paths, Program, Server, port_accepts, security
+from f2pipe.operations.stack.supervise import PidFile
 from f2pipe.settings import Settings
 
 #: Settings only certgen may hold: with them, anyone issues any identity.
@@ -39,6 +54,13 @@ CERTGEN_SECRETS = frozenset(
 CREDENTIAL_FILES = frozenset(
     f"F2PIPE_{name}_FILE" for name in ("METADATA_DSN", "TIMESERIES_DSN", "REDIS_URL")
 )
+
+
+#: Replica n > 1 of a stage serves its ops port (n - 1) times this above the stage's:
+#: with the default ports, 9201, 9202 and 9203 for the second replicas, and so on.
+REPLICA_PORT_STEP = 100
+#: The $share group several connectors split the messages on when none is set.
+SHARE_GROUP = "f2pipe-connectors"
 
 
 def settings_env(settings: Settings, without: frozenset[str] = frozenset()) -> dict[str, str]:
@@ -81,10 +103,35 @@ class Service(Server):
 
     arguments: ClassVar[tuple[str, ...]]
     port_field: ClassVar[str] = ""  # the settings field holding its ops port ("": none)
+    replicas_field: ClassVar[str] = ""  # the settings field holding its replica count ("": 1)
     #: Settings it is not given, nor inherits: only certgen holds the admin token and CA key.
     not_given: ClassVar[frozenset[str]] = CERTGEN_SECRETS
     start_timeout = 60.0
     stop_timeout = 40.0  # connector and sink flush and commit before they exit
+
+    def __init__(self, settings: Settings, paths: Paths, replica: int = 1) -> None:
+        self.replica = replica
+        super().__init__(self.replica_settings(settings), paths)
+        if replica > 1:
+            self.pidfile = PidFile(paths.run / f"{self.label}.pid")
+            self.log_file = paths.log / f"{self.label}.log"
+
+    @property
+    def label(self) -> str:
+        """What it is shown and filed under: ``processor``, then ``processor-2``..."""
+        return self.name if self.replica == 1 else f"{self.name}-{self.replica}"
+
+    @classmethod
+    def replicas(cls, settings: Settings) -> int:
+        """How many of it ``settings`` run."""
+        return int(getattr(settings, cls.replicas_field)) if cls.replicas_field else 1
+
+    def replica_settings(self, settings: Settings) -> Settings:
+        """The settings this replica runs with: replica n > 1 has its own ops port."""
+        if self.replica == 1 or not self.port_field:
+            return settings
+        port = int(getattr(settings, self.port_field)) + REPLICA_PORT_STEP * (self.replica - 1)
+        return settings.model_copy(update={self.port_field: port})
 
     def port(self) -> int | None:
         return int(getattr(self.settings, self.port_field)) if self.port_field else None
@@ -94,7 +141,10 @@ class Service(Server):
 
     def ports(self) -> dict[int, str]:
         port = self.port()
-        return {} if port is None else {port: f"F2PIPE_{self.port_field.upper()}"}
+        variable = f"F2PIPE_{self.port_field.upper()}"
+        if self.replica > 1:
+            variable += f" (replica {self.replica}: + {REPLICA_PORT_STEP * (self.replica - 1)})"
+        return {} if port is None else {port: variable}
 
     def programs(self) -> list[Program]:
         return []
@@ -189,18 +239,32 @@ class Connector(Service):
     name = "connector"
     arguments = ("connector",)
     port_field = "connector_port"
+    replicas_field = "connector_replicas"
+
+    def replica_settings(self, settings: Settings) -> Settings:
+        """Replica n > 1 is the MQTT identity and client id ``<the first's>-<n>``; several
+        connectors subscribe through one ``$share`` group."""
+        update: dict[str, object] = {}
+        if settings.connector_replicas > 1 and not settings.connector_share_group:
+            update["connector_share_group"] = SHARE_GROUP
+        if self.replica > 1:
+            update["connector_identity"] = f"{settings.connector_identity}-{self.replica}"
+            update["connector_client_id"] = f"{settings.connector_client_id}-{self.replica}"
+        return super().replica_settings(settings).model_copy(update=update)
 
 
 class Processor(Service):
     name = "processor"
     arguments = ("processor",)
     port_field = "processor_port"
+    replicas_field = "processor_replicas"
 
 
 class Sink(Service):
     name = "sink"
     arguments = ("sink",)
     port_field = "sink_port"
+    replicas_field = "sink_replicas"
 
 
 class Simulator(Service):
@@ -219,6 +283,65 @@ NAMES = tuple(cls.name for cls in SERVICES)
 
 
 def services(settings: Settings, names: Sequence[str] = ()) -> list[Service]:
+    """The services named (default all), each replica its own; raises StackError when
+    a replica would share an ops port with another service or its port is past 65535.
+
+    A replica beyond the configured count is included while it runs (the count was
+    lowered since it started), so that ``down`` stops it and ``status`` shows it.
+    """
     paths = Paths(settings.state_dir)
     chosen = set(names) or set(NAMES)
-    return [cls(settings, paths) for cls in SERVICES if cls.name in chosen]
+    found: list[Service] = []
+    for cls in SERVICES:
+        if cls.name not in chosen:
+            continue
+        count = cls.replicas(settings)
+        found += [cls(settings, paths, n) for n in range(1, count + 1)]
+        for pidfile in sorted(paths.run.glob(f"{cls.name}-*.pid")):
+            number = pidfile.stem.rsplit("-", 1)[1]
+            if number.isdigit() and int(number) > count:
+                stray = cls(settings, paths, int(number))
+                if stray.pid() is not None:
+                    found.append(stray)
+    _check_ports(found)
+    return found
+
+
+def _check_ports(found: Sequence[Service]) -> None:
+    owners: dict[int, Service] = {}
+    for service in found:
+        port = service.port()
+        if port is None:
+            continue
+        if port > 65535:
+            raise StackError(
+                f"{service.label}'s ops port would be {port}, past 65535: lower"
+                f" F2PIPE_{service.replicas_field.upper()} or F2PIPE_{service.port_field.upper()}"
+            )
+        other = owners.setdefault(port, service)
+        if other is not service and max(other.replica, service.replica) > 1:
+            raise StackError(
+                f"{other.label} and {service.label} would both serve port {port} (replica n"
+                f" listens {REPLICA_PORT_STEP} x (n - 1) above its stage's port): set"
+                f" F2PIPE_{other.port_field.upper()} and F2PIPE_{service.port_field.upper()}"
+                " further apart"
+            )
+
+
+def ensure_connector_identities(settings: Settings) -> list[str]:
+    """Issue the MQTT certificate of every connector replica that has none; return the
+    identities issued (the broker's ACL gives them the connector's rights once it has
+    re-read it). Nothing to do over plain MQTT or with one connector. Raises CertError."""
+    if not settings.mqtt_tls or settings.connector_replicas < 2:
+        return []
+    from f2pipe.pki.ca import pki_paths
+    from f2pipe.pki.state import ensure_pki
+
+    paths = Paths(settings.state_dir)
+    names = [
+        Connector(settings, paths, n).settings.connector_identity
+        for n in range(2, settings.connector_replicas + 1)
+    ]
+    with security.PKI_LOCK:
+        created = set(ensure_pki(settings, names).created)
+    return [name for name in names if str(pki_paths(settings).service_cert(name)) in created]

@@ -63,6 +63,14 @@ DEAD_LETTER_FAMILY = "f2pipe_dead_letters"
 LAG_SAMPLES = 3
 # A stage whose oldest unconsumed record is this old is an alarm (retention: 7 days).
 LAG_AGE_ALARM_S = 3600
+# Gauges of a stage with several replicas that read as the worst replica's, not the sum.
+WORST_OF = frozenset(
+    {
+        "f2pipe_consumer_lag_seconds",
+        "f2pipe_processor_dead_letter_ratio",
+        "f2pipe_processor_dead_letter_alarm",
+    }
+)
 
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -253,7 +261,7 @@ class Observer:
             detail = "" if up else service.last_error
             if up and not ready:
                 detail = "/readyz: not ready"
-            out.append(Health(service.name, "service", up, ready, pid, _rss_mb(pid), detail))
+            out.append(Health(service.label, "service", up, ready, pid, _rss_mb(pid), detail))
         return out
 
     def lag(self) -> dict[str, int | None]:
@@ -278,11 +286,12 @@ class Observer:
         return brokerstats.read_once(s.mqtt_host, s.mqtt_port, context, timeout=8).as_dict()
 
     def snapshot(self, with_health: bool = True) -> Snapshot:
-        scraped = {
-            service.name: scrape(service.url("/metrics"), cafile=service.cafile())
-            for service in self.services
-            if service.port() is not None
-        }
+        # One set of samples per stage: its replicas' counters added up.
+        scraped: dict[str, Samples | None] = {}
+        for service in self.services:
+            if service.port() is not None:
+                samples = scrape(service.url("/metrics"), cafile=service.cafile())
+                scraped[service.name] = _added(scraped.get(service.name), samples)
         counters = {
             label: total(scraped.get(name), family) for label, (name, family) in THROUGHPUT.items()
         }
@@ -325,6 +334,18 @@ class Observer:
             ages,
             resets,
         )
+
+
+def _added(first: Samples | None, second: Samples | None) -> Samples | None:
+    """Two replicas' samples as one stage's: counts add up; a lag age or a ratio is the
+    worse of the two."""
+    if not first or not second:
+        return first or second
+    out = dict(first)
+    for key, value in second.items():
+        mine = out.get(key, 0.0)
+        out[key] = max(mine, value) if key[0] in WORST_OF else mine + value
+    return out
 
 
 def rates(before: Snapshot, after: Snapshot) -> dict[str, float]:
