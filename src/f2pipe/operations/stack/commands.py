@@ -102,8 +102,7 @@ def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None
                 server.after_healthy()
             security.write_admin_env(settings, paths)
         except BaseException:
-            for server in reversed(started):
-                server.stop()
+            _stop(started[::-1])
             raise
         if record is not None:
             record.write_text("".join(f"{s.name}\n" for s in started))
@@ -137,8 +136,7 @@ def _launch(servers: list[Server]) -> list[Server]:
         failure = interrupted
     started = [f.result() for f in futures if f.exception() is None]
     if failure is not None:
-        for server in reversed(started):
-            server.stop()
+        _stop(started[::-1])
         raise failure
     return started
 
@@ -148,13 +146,35 @@ def down(settings: Settings, names: Sequence[str] = ()) -> list[str]:
     servers = _servers(settings, names)
     stopped = []
     with locked(Paths(settings.state_dir)):
-        for server in reversed(servers):
-            if server.stop():
+        for server, was_running in zip(servers[::-1], _stop(servers[::-1]), strict=True):
+            if was_running:
                 stopped.append(server.name)
                 print(f"{server.name:<10} stopped")
             else:
                 print(f"{server.name:<10} was not running")
     return stopped
+
+
+def _stop(servers: list[Server]) -> list[bool]:
+    """Stop ``servers`` in this order, each True if it was running.
+
+    A cluster's Kafka nodes stop side by side: one after the other, the last
+    would wait out its stop timeout for a controller quorum already gone.
+    """
+    groups: list[list[Server]] = []
+    for server in servers:
+        if groups and isinstance(server, Kafka) and isinstance(groups[-1][0], Kafka):
+            groups[-1].append(server)
+        else:
+            groups.append([server])
+    results: list[bool] = []
+    for group in groups:
+        if len(group) == 1:
+            results.append(group[0].stop())
+        else:
+            with ThreadPoolExecutor(max_workers=len(group)) as pool:
+                results.extend(pool.map(lambda server: server.stop(), group))
+    return results
 
 
 def status(settings: Settings, names: Sequence[str] = ()) -> bool:
