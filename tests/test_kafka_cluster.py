@@ -25,7 +25,7 @@ from confluent_kafka.admin import AdminClient, ConfigResource
 
 from conftest import unique, wait_until
 from f2pipe.errors import StackError
-from f2pipe.operations import pipeline, stack
+from f2pipe.operations import pipeline, stack, status
 from f2pipe.operations.stack import Paths
 from f2pipe.operations.stack.kafka import check_replicas
 from f2pipe.operations.stack.kafka_cluster import cluster_id
@@ -142,6 +142,12 @@ def test_cluster_loses_a_broker_without_losing_a_reading(tmp_path: Path) -> None
             assert not set(plan) & set(_admin(settings).list_topics(timeout=5).topics)
             fenced = time.monotonic()
             flowing(f"while broker {number} is fenced")
+            # `f2pipe status` shows every broker, this one down.
+            brokers = {
+                h.name: h.up for h in status.Observer(settings).health() if "kafka" in h.name
+            }
+            names = {n: _node(settings, n).name for n in (1, 2, 3)}
+            assert brokers == {name: n != number for n, name in names.items()}
             node.prepare()
             node.start()
             node.wait_healthy()

@@ -37,7 +37,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from f2pipe.errors import ConfigError
 from f2pipe.operations import services as svc
 from f2pipe.operations import stack
-from f2pipe.operations.stack import Paths, security
+from f2pipe.operations.stack import security
 from f2pipe.pki.expiry import expiry_warnings
 from f2pipe.runtime import brokerstats, tls
 from f2pipe.settings import Settings
@@ -234,8 +234,7 @@ class Observer:
         # The operator's credentials when this state folder runs the servers secured.
         settings = security.admin_settings(settings)
         self.settings = settings
-        paths = Paths(settings.state_dir)
-        self.servers = [cls(settings, paths) for cls in stack.SERVERS]
+        self.servers = stack.servers(settings)  # every node of a Kafka cluster
         self.services = svc.services(settings)
         # log_level 2: a stopped broker would otherwise print every refused connection.
         self.admin = AdminClient(admin_config(settings, log_level=2))

@@ -33,7 +33,15 @@ The modules, one job each:
 - :mod:`.commands`: ``up``, ``down``, ``status`` and the ``f2pipe stack`` parser.
 """
 
-from f2pipe.operations.stack.commands import NAMES, SERVERS, configure, down, status, up
+from f2pipe.operations.stack.commands import (
+    NAMES,
+    SERVERS,
+    configure,
+    down,
+    servers,
+    status,
+    up,
+)
 from f2pipe.operations.stack.install import Program, ensure_programs, kafka_libs, kafka_version
 from f2pipe.operations.stack.kafka import (
     DATA_RETENTION_MS,
@@ -87,6 +95,7 @@ __all__ = [
     "port_accepts",
     "port_in_use",
     "reap",
+    "servers",
     "status",
     "up",
 ]

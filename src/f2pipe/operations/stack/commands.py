@@ -80,6 +80,11 @@ def _servers(settings: Settings, names: Sequence[str]) -> list[Server]:
     ]
 
 
+def servers(settings: Settings) -> list[Server]:
+    """Every server of the stack in start order, each node of a Kafka cluster included."""
+    return _servers(settings, ())
+
+
 def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None) -> list[str]:
     """Start every chosen server that is not running and wait until all are healthy.
 
