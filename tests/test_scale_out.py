@@ -9,7 +9,8 @@ pause, one replica of each stage is killed with SIGKILL and another process
 started: for the processor and the sink a third replica joins the group (the
 dead one's partitions move once its session times out); for the connector the
 killed replica is started again under its own number, since the broker queues
-that MQTT session's share of the messages until it returns. Then the table
+that MQTT session's share of the messages until it returns, and a third
+connector is added with ``f2pipe up`` while the broker runs. Then the table
 equals the ledger, every reading exactly once, and the rebalances show in the
 replicas' ``f2pipe_rebalances_total``.
 """
@@ -155,6 +156,16 @@ def test_replica_ports_that_clash_or_overflow_are_refused_in_one_line(
     assert "\n" not in str(error.value)
 
 
+def test_each_connector_replica_gets_a_certificate_once(tmp_path: Path) -> None:
+    settings = load_settings(state_dir=tmp_path, connector_replicas=3)
+    issued = services.ensure_connector_identities(settings)
+    assert issued == ["svc-connector-2", "svc-connector-3"]
+    assert (tmp_path / "pki" / "services" / "svc-connector-3.pem").is_file()
+    assert services.ensure_connector_identities(settings) == []
+    plain = load_settings(state_dir=tmp_path, connector_replicas=4, mqtt_tls=False)
+    assert services.ensure_connector_identities(plain) == []
+
+
 def test_a_bad_replica_count_names_its_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="F2PIPE_SINK_REPLICAS='0' is invalid"):
         load_settings(state_dir=tmp_path, sink_replicas=0)
@@ -229,6 +240,19 @@ def test_replicas_killed_and_started_under_load_lose_and_repeat_nothing(tmp_path
             timeout=60,
             what="the restarted connector-2 to receive its share",
         )
+        # And a third connector while all run: the running broker admits its new
+        # identity once it re-read its ACL (and the others' sessions were taken over once,
+        # so that the broker looks up their rights again: they reconnect).
+        wider = settings.model_copy(update={"connector_replicas": 3})
+        assert pipeline.up(wider, ["connector"], quiet=True, servers=[]).services == ["connector-3"]
+        third = replica(wider, "connector", 3)
+        wait_until(
+            lambda: metric(third, INPUT["connector"]) > 0,
+            timeout=60,
+            what="connector-3 to receive its share",
+        )
+        assert metric(first["connector"], "f2pipe_connector_reconnects") > 0
+        flowing("connector-3 joined")
         joined = {stage: replace_consumer(settings, stage, flowing) for stage in OWNED}
 
         publisher.stop.set()
@@ -255,7 +279,7 @@ def test_replicas_killed_and_started_under_load_lose_and_repeat_nothing(tmp_path
             assert metric(new, INPUT[stage]) > 0, f"{new.label} consumed nothing"
         # `f2pipe status` shows every replica, the one started past the count included.
         shown = {h.name: h.up for h in status.Observer(settings).health()}
-        for label in ("connector", "connector-2", "processor", "processor-3", "sink-3"):
+        for label in ("connector-2", "connector-3", "processor", "processor-3", "sink-3"):
             assert shown.get(label), shown
         assert not shown["processor-2"]
         assert not shown["sink-2"]
