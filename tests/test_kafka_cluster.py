@@ -102,6 +102,7 @@ def test_cluster_loses_a_broker_without_losing_a_reading(tmp_path: Path) -> None
     with own_stack(kafka_brokers=3) as settings:
         dsn = settings.timeseries_dsn
         assert len(settings.kafka_bootstrap.split(",")) == 3
+        assert settings.kafka_security_protocol == "SASL_SSL"  # secured as one broker is
         names = [settings.topic_raw, settings.topic_processed, settings.topic_dead_letter]
         assert _topic_configs(settings, names) == dict.fromkeys(names, (3, "2"))
 
@@ -131,7 +132,7 @@ def test_cluster_loses_a_broker_without_losing_a_reading(tmp_path: Path) -> None
             # refused then, before anything is created.
             wait_until(
                 lambda: len(_admin(settings).list_topics(timeout=5).brokers) == 2,
-                timeout=30,
+                timeout=60,
                 what=f"the controllers to fence broker {number}",
             )
             plan = {unique("fresh"): (1, stack.DAY_MS)}
