@@ -166,6 +166,19 @@ def test_each_connector_replica_gets_a_certificate_once(tmp_path: Path) -> None:
     assert services.ensure_connector_identities(plain) == []
 
 
+def test_fewer_connectors_than_have_identities_are_refused(tmp_path: Path) -> None:
+    # Nothing listens on port 1: were the refusal missing, `up` would fail elsewhere.
+    dsn = "postgresql://postgres@127.0.0.1:1/f2pipe"
+    three = load_settings(state_dir=tmp_path, connector_replicas=3, metadata_dsn=dsn)
+    services.ensure_connector_identities(three)
+    services.check_connector_count(three)
+    one = three.model_copy(update={"connector_replicas": 1})
+    with pytest.raises(StackError, match=r"set F2PIPE_CONNECTOR_REPLICAS=3$") as error:
+        pipeline.up(one, ["connector"], quiet=True, servers=[])
+    assert "svc-connector-2, svc-connector-3" in str(error.value)
+    assert not (tmp_path / "run" / "connector.pid").exists()
+
+
 def test_a_bad_replica_count_names_its_variable(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="F2PIPE_SINK_REPLICAS='0' is invalid"):
         load_settings(state_dir=tmp_path, sink_replicas=0)

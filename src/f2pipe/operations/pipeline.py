@@ -33,7 +33,13 @@ from pathlib import Path
 
 from f2pipe.errors import StackError
 from f2pipe.operations import stack
-from f2pipe.operations.services import NAMES, Service, ensure_connector_identities, services
+from f2pipe.operations.services import (
+    NAMES,
+    Service,
+    check_connector_count,
+    ensure_connector_identities,
+    services,
+)
 from f2pipe.operations.stack import Paths, rights, security
 from f2pipe.settings import Settings, load_settings
 
@@ -123,6 +129,8 @@ def up(
     paths = Paths(settings.state_dir)
     started = Started() if started is None else started
     with stack.locked(paths, "services"):
+        if not names or "connector" in names:
+            check_connector_count(settings)
         # Before the broker starts, so that it reads them into its ACL at once.
         identities = ensure_connector_identities(settings)
         if servers is None or servers:

@@ -23,12 +23,15 @@ the identity ``svc-connector-<n>`` (certificate issued by
 through one ``$share`` group (``F2PIPE_CONNECTOR_SHARE_GROUP``, else
 :data:`SHARE_GROUP`). The broker queues a share of the messages for a
 connector's session while it is away, so a killed connector replica is replaced
-under its own number, never by a new one. A replica beyond the configured count
-that is still running is listed too (:func:`services`), so ``down`` stops it.
+under its own number, never by a new one, and ``up`` refuses to run fewer
+connectors than have identities (:func:`check_connector_count`). A replica
+beyond the configured count that is still running is listed too
+(:func:`services`), so ``down`` stops it.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
 import sys
 import urllib.error
@@ -326,6 +329,28 @@ def _check_ports(found: Sequence[Service]) -> None:
                 f" F2PIPE_{other.port_field.upper()} and F2PIPE_{service.port_field.upper()}"
                 " further apart"
             )
+
+
+def check_connector_count(settings: Settings) -> None:
+    """Raise StackError when a connector replica past ``F2PIPE_CONNECTOR_REPLICAS`` has a
+    certificate: its MQTT session may be in the connectors' ``$share`` group, where the
+    broker goes on queuing a share of the messages for it, and without that connector
+    they would wait there until the session expires, then be dropped."""
+    from f2pipe.pki.state import connector_identities
+
+    replica = re.compile(rf"{re.escape(settings.connector_identity)}-([0-9]+)")
+    past = [
+        name
+        for name in connector_identities(settings)
+        if (found := replica.fullmatch(name)) and int(found[1]) > settings.connector_replicas
+    ]
+    if past:
+        count = max(int(name.rsplit("-", 1)[1]) for name in past)
+        raise StackError(
+            f"F2PIPE_CONNECTOR_REPLICAS={settings.connector_replicas} leaves out"
+            f" {', '.join(past)}, whose MQTT session may hold messages of the shared"
+            f" subscription: set F2PIPE_CONNECTOR_REPLICAS={count}"
+        )
 
 
 def ensure_connector_identities(settings: Settings) -> list[str]:
