@@ -196,8 +196,9 @@ def test_a_replica_past_the_count_is_shown_while_it_runs_and_down_stops_it(
     gone.wait()
     (tmp_path / "run" / "sink-2.pid").write_text(f"{gone.pid} 1\n")
     try:
-        labels = [s.label for s in services.services(settings, ["sink"])]
+        labels = [s.label for s in services.services(settings, ["sink"], past_count=True)]
         assert labels == ["sink", "sink-3"]
+        assert [s.label for s in services.services(settings, ["sink"])] == ["sink"]
         assert pipeline.down(settings, quiet=True) == ["sink-3"]
         assert running.wait(10) is not None
     finally:

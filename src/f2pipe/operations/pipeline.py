@@ -171,7 +171,7 @@ def down(settings: Settings, only: Started | None = None, quiet: bool = False) -
     stopped: list[str] = []
     with stack.locked(paths, "services"):
         wanted = None if only is None else set(only.services)
-        for service in reversed(services(settings)):
+        for service in reversed(services(settings, past_count=True)):
             if wanted is not None and service.label not in wanted:
                 continue
             if service.stop():

@@ -25,8 +25,8 @@ through one ``$share`` group (``F2PIPE_CONNECTOR_SHARE_GROUP``, else
 connector's session while it is away, so a killed connector replica is replaced
 under its own number, never by a new one, and ``up`` refuses to run fewer
 connectors than have identities (:func:`check_connector_count`). A replica
-beyond the configured count that is still running is listed too
-(:func:`services`), so ``down`` stops it.
+beyond the configured count that is still running is listed too when asked
+(:func:`services`), so that ``down`` stops it and ``status`` shows it.
 """
 
 from __future__ import annotations
@@ -285,28 +285,27 @@ SERVICES: tuple[type[Service], ...] = (Certgen, Connector, Processor, Sink, Simu
 NAMES = tuple(cls.name for cls in SERVICES)
 
 
-def services(settings: Settings, names: Sequence[str] = ()) -> list[Service]:
+def services(
+    settings: Settings, names: Sequence[str] = (), past_count: bool = False
+) -> list[Service]:
     """The services named (default all), each replica its own; raises StackError when
     a replica would share an ops port with another service or its port is past 65535.
 
-    A replica beyond the configured count is included while it runs (the count was
-    lowered since it started), so that ``down`` stops it and ``status`` shows it.
+    ``past_count``: also a replica beyond the configured count while it runs (the
+    count was lowered since it started), so that ``down`` stops it and ``status``
+    shows it.
     """
     paths = Paths(settings.state_dir)
-    chosen = set(names) or set(NAMES)
-    found: list[Service] = []
-    for cls in SERVICES:
-        if cls.name not in chosen:
-            continue
-        count = cls.replicas(settings)
-        found += [cls(settings, paths, n) for n in range(1, count + 1)]
+    kinds = [cls for cls in SERVICES if cls.name in (set(names) or set(NAMES))]
+    found = [cls(settings, paths, n) for cls in kinds for n in range(1, cls.replicas(settings) + 1)]
+    _check_ports(found)
+    for cls in kinds if past_count else []:
         for pidfile in sorted(paths.run.glob(f"{cls.name}-*.pid")):
             number = pidfile.stem.rsplit("-", 1)[1]
-            if number.isdigit() and int(number) > count:
+            if number.isdigit() and int(number) > cls.replicas(settings):
                 stray = cls(settings, paths, int(number))
                 if stray.pid() is not None:
                     found.append(stray)
-    _check_ports(found)
     return found
 
 

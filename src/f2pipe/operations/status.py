@@ -235,7 +235,7 @@ class Observer:
         settings = security.admin_settings(settings)
         self.settings = settings
         self.servers = stack.servers(settings)  # every node of a Kafka cluster
-        self.services = svc.services(settings)
+        self.services = svc.services(settings, past_count=True)
         # log_level 2: a stopped broker would otherwise print every refused connection.
         self.admin = AdminClient(admin_config(settings, log_level=2))
 
