@@ -1,14 +1,15 @@
 """Kafka as a three-broker KRaft cluster (SPEC section 10, ``F2PIPE_KAFKA_BROKERS=3``).
 
 - ``test_cluster_loses_a_broker_without_losing_a_reading``: the whole pipeline on
-  a private secured stack whose Kafka is three combined broker-controller nodes.
-  The topics have three replicas and ``min.insync.replicas=2``; a topic left with
-  one replica is refused with one line and nothing else is created. Under a
-  steady QoS 1 load, broker 2 is killed with SIGKILL, rows keep landing while it
-  is down (and a topic needing three replicas is refused meanwhile), it comes
-  back and rejoins every in-sync replica set; then broker 1, the bootstrap's
-  first, is killed the same way. The table equals the ledger exactly, and the
-  cluster stops without waiting out a stop timeout.
+  a private secured stack whose Kafka is three combined broker-controller nodes,
+  its topics with three replicas and ``min.insync.replicas=2``. Under a steady
+  QoS 1 load, broker 2 is killed with SIGKILL: rows keep landing while it is
+  down, before and after the controllers fence it; ``status`` shows it down; a
+  topic needing three replicas is refused meanwhile. It comes back and rejoins
+  every in-sync replica set; then broker 1, the bootstrap's first, goes the same
+  way. The table equals the ledger exactly. Then ``stack up`` refuses a topic
+  with one replica, and one acknowledged by one replica, with one line and
+  nothing created; and the cluster stops without waiting out a stop timeout.
 - The bad inputs without servers: a replication factor the cluster's brokers
   cannot meet, and a state folder that holds the other kind of Kafka.
 """
@@ -79,20 +80,28 @@ def _topic_configs(settings: Settings, names: list[str]) -> dict[str, tuple[int,
     return found
 
 
-def _existing_topic_with_one_replica_is_refused(settings: Settings) -> None:
-    """``stack up`` with a topic of one replica: one line naming it, nothing created."""
+def _weak_topics_are_refused(settings: Settings) -> None:
+    """``stack up`` with a topic of one replica, or one acknowledged by one replica: one
+    line naming it and the fix, nothing created, nothing stopped."""
     admin = _admin(settings)
-    thin, fresh = unique("thin"), unique("fresh")
-    stack.create_topics(admin, {thin: (1, stack.DAY_MS)}, deadline=time.monotonic() + 30)
-    asking = settings.model_copy(update={"topic_raw": fresh, "topic_processed": thin})
-    with pytest.raises(StackError) as caught:
-        stack.up(asking, ["kafka"])
-    assert str(caught.value) == (
-        f"topic {thin} has 1 replica(s) where 3 are needed; raise its replication factor "
+    thin, loose, fresh = unique("thin"), unique("loose"), unique("fresh")
+    deadline = time.monotonic() + 30
+    stack.create_topics(admin, {thin: (1, stack.DAY_MS)}, deadline)
+    stack.create_topics(admin, {loose: (1, stack.DAY_MS)}, deadline, replicas=3, min_insync=1)
+    refusals = {
+        thin: f"topic {thin} has 1 replica(s) where 3 are needed; raise its replication factor "
         "with kafka-reassign-partitions, or delete it to have it created again (its records "
-        "with it)"
-    )
-    assert fresh not in admin.list_topics(timeout=5).topics  # nothing half-written
+        "with it)",
+        loose: f"topic {loose} has min.insync.replicas=1 where 2 are needed; set it with "
+        f"kafka-configs --alter --entity-type topics --entity-name {loose} --add-config "
+        "min.insync.replicas=2",
+    }
+    for weak, refusal in refusals.items():
+        asking = settings.model_copy(update={"topic_raw": fresh, "topic_processed": weak})
+        with pytest.raises(StackError) as caught:
+            stack.up(asking, ["kafka"])
+        assert str(caught.value) == refusal
+        assert fresh not in admin.list_topics(timeout=5).topics  # nothing half-written
     assert all(_node(settings, n).pid() is not None for n in (1, 2, 3))  # nothing stopped
 
 
@@ -172,7 +181,7 @@ def test_cluster_loses_a_broker_without_losing_a_reading(tmp_path: Path) -> None
         assert row_count(dsn) == len(stored)  # each reading once
         print(f"{publisher.published} messages, {len(stored)} readings;", "; ".join(phases))
         # Last: `stack up` with other topic names resets the services' ACLs to those.
-        _existing_topic_with_one_replica_is_refused(settings)
+        _weak_topics_are_refused(settings)
         # The nodes stop side by side: one by one, the last would wait out its stop
         # timeout (60 s) for a controller quorum already gone.
         stopping = time.monotonic()
@@ -219,3 +228,16 @@ def test_three_brokers_take_their_ports_from_the_first() -> None:
         {port: "F2PIPE_KAFKA_BOOTSTRAP", port + 1: "F2PIPE_KAFKA_CONTROLLER_PORT"}
         for port in (9092, 9094, 9096)
     ]
+
+
+def test_a_broker_that_gives_up_is_explained_by_its_last_error(tmp_path: Path) -> None:
+    settings = private_settings(tmp_path, kafka_brokers=3)
+    node = _node(settings, 2)
+    node.paths.log.mkdir(parents=True)
+    log = node.paths.log / "kafka-2.log"
+    log.write_text("[t0] ERROR from an earlier run (c)\n")
+    node._log_start = log.stat().st_size  # as start() records it
+    with log.open("a") as out:
+        out.write("[t1] INFO starting (c)\n[t2] ERROR Exiting Kafka: port in use (c)\n")
+        out.write("[t3] INFO App info kafka.server for 2 unregistered (c)\n")
+    assert node.failure_hint().startswith(": [t2] ERROR Exiting Kafka: port in use (c) (logs: ")

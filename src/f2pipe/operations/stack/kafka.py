@@ -20,6 +20,7 @@ import base64
 import subprocess
 import time
 import uuid
+from pathlib import Path
 from typing import Any, ClassVar
 
 from f2pipe.errors import StackError
@@ -92,6 +93,7 @@ class Kafka(Server):
         self.version = kafka_version()
         self.libs = kafka_libs(self.version)
         self.port, self.controller_port = kafka_cluster.node_ports(settings)[self.node - 1]
+        self._log_start = 0  # where this start's lines begin in the (appended) broker log
 
     def ports(self) -> dict[int, str]:
         return {
@@ -232,11 +234,14 @@ class Kafka(Server):
     def start(self) -> None:
         # kafka.Kafka writes its own log through log4j2; stdout only catches JVM failures.
         self.log_file = self.paths.log / f"{self.name}.out"
+        log = self.paths.log / f"{self.name}.log"
+        self._log_start = log.stat().st_size if log.is_file() else 0
         super().start()
 
     def failure_hint(self) -> str:
         out, log = self.paths.log / f"{self.name}.out", self.paths.log / f"{self.name}.log"
-        return f"{log_tail(out) or log_tail(log)} (logs: {out}, {log})"
+        cause = _last_error(log, self._log_start)
+        return f"{cause or log_tail(out) or log_tail(log)} (logs: {out}, {log})"
 
     def _admin(self) -> Any:
         from confluent_kafka.admin import AdminClient
@@ -297,6 +302,19 @@ def kafka_nodes(settings: Settings) -> tuple[type[Kafka], ...]:
     return (Kafka, KafkaNode2, KafkaNode3) if settings.kafka_brokers > 1 else (Kafka,)
 
 
+def _last_error(log: Path, start: int) -> str:
+    """``": <the last ERROR line>"`` of a broker's log from byte ``start``, "" if none: a
+    broker that gives up logs the cause, then the shutdown that follows it."""
+    try:
+        with log.open("rb") as handle:
+            handle.seek(start)
+            lines = handle.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    last = next((line for line in reversed(lines) if "] ERROR " in line), "")
+    return f": {last[:300]}" if last else ""
+
+
 def topic_plan(settings: Settings) -> dict[str, tuple[int, int]]:
     """Topic -> (partitions, retention ms): what ``stack up`` and a deployment create (SPEC 4)."""
     return {
@@ -317,7 +335,7 @@ def create_topics(
 
     With ``replicas`` > 1 the topics get ``min.insync.replicas=min_insync``. Raises
     StackError, before creating anything, when the cluster has fewer brokers than
-    ``replicas`` or an existing topic has fewer replicas.
+    ``replicas`` or an existing topic has fewer replicas or a lower minimum.
     """
     from confluent_kafka import KafkaError, KafkaException
     from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
@@ -327,6 +345,8 @@ def create_topics(
         metadata = admin.list_topics(timeout=5)
         check_replicas(metadata, wanted, replicas)
         existing = set(metadata.topics)
+        if replicas > 1:
+            check_min_insync(admin, [name for name in wanted if name in existing], min_insync)
         new = [
             NewTopic(
                 name,
@@ -370,6 +390,21 @@ def check_replicas(metadata: Any, wanted: dict[str, tuple[int, int]], replicas: 
                 f"topic {name} has {have} replica(s) where {replicas} are needed; raise its "
                 "replication factor with kafka-reassign-partitions, or delete it to have it "
                 "created again (its records with it)"
+            )
+
+
+def check_min_insync(admin: Any, names: list[str], min_insync: int) -> None:
+    """StackError naming the first topic of ``names`` whose writes need fewer replicas."""
+    from confluent_kafka.admin import ConfigResource  # type: ignore[attr-defined]
+
+    resources = [ConfigResource("topic", name) for name in names]
+    for resource, future in admin.describe_configs(resources).items() if resources else ():
+        have = int(future.result(timeout=15)["min.insync.replicas"].value)
+        if have < min_insync:
+            raise StackError(
+                f"topic {resource.name} has min.insync.replicas={have} where {min_insync} are "
+                f"needed; set it with kafka-configs --alter --entity-type topics --entity-name "
+                f"{resource.name} --add-config min.insync.replicas={min_insync}"
             )
 
 
