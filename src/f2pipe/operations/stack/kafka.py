@@ -5,8 +5,8 @@ its configuration and log4j2 setup are rewritten under ``<state>/kafka`` on
 every ``up``. Once healthy, the raw, processed and dead-letter topics are
 created with their partition counts, retention and replicas (SPEC sections 4
 and 10); existing topics are kept as they are, unless they have fewer replicas
-than the cluster's topics need: then nothing is created and the error names the
-topic and the fix.
+or a lower ``min.insync.replicas`` than the cluster's topics need: then nothing
+is created and the error names the topic and the fix.
 
 Secured (``F2PIPE_STACK_SECURED``, the default) the broker listens with
 SASL_SSL only: SCRAM-SHA-512 users for the operator and each service, ACLs
