@@ -118,25 +118,13 @@ def test_cluster_loses_a_broker_without_losing_a_reading(tmp_path: Path) -> None
         publisher = Publisher(settings, tmp_path, minimum=2000, rate=40.0)
         publisher.start()
 
-        def flowing(label: str, more: int = 40) -> None:
-            base = row_count(dsn)
-            try:
-                wait_until(
-                    lambda: publisher.failure is not None or row_count(dsn) >= base + more,
-                    timeout=90,
-                    what=f"rows to flow {label}",
-                )
-            except pytest.fail.Exception as exc:
-                pytest.fail(f"{exc}\n{failure_logs(settings)}")
-            assert publisher.failure is None, publisher.failure
-
-        flowing("at the start")
+        publisher.rows_flow("at the start", more=40)
         phases: list[str] = []
         for number in (2, 1):
             node = _node(settings, number)
             _kill(node)
             killed = time.monotonic()
-            flowing(f"while broker {number} is down")
+            publisher.rows_flow(f"while broker {number} is down", more=40)
             # The controllers fence the dead broker: a topic needing three replicas is
             # refused then, before anything is created.
             wait_until(
@@ -151,7 +139,7 @@ def test_cluster_loses_a_broker_without_losing_a_reading(tmp_path: Path) -> None
                 )
             assert not set(plan) & set(_admin(settings).list_topics(timeout=5).topics)
             fenced = time.monotonic()
-            flowing(f"while broker {number} is fenced")
+            publisher.rows_flow(f"while broker {number} is fenced", more=40)
             # `f2pipe status` shows every broker, this one down.
             brokers = {
                 h.name: h.up for h in status.Observer(settings).health() if "kafka" in h.name
@@ -163,7 +151,7 @@ def test_cluster_loses_a_broker_without_losing_a_reading(tmp_path: Path) -> None
             node.wait_healthy()
             back = time.monotonic()
             wait_until(lambda: _in_sync(settings), timeout=120, what="every replica in sync")
-            flowing(f"after broker {number} came back")
+            publisher.rows_flow(f"after broker {number} came back", more=40)
             phases.append(
                 f"broker {number}: fenced in {fenced - killed:.1f} s, down {back - killed:.1f} s,"
                 f" in sync {time.monotonic() - back:.1f} s later"

@@ -207,18 +207,16 @@ _CLIENT_NOISE = re.compile(r'^%\d\||"msg":"(kafka|kafka client error)"|FAIL \[rd
 
 
 def failure_logs(settings: Settings) -> str:
-    """The tail of every service log and each stage's threads, for a failing assertion."""
-    logs = settings.state_dir / "log"
+    """The tail of every log (replicas' included) and each stage's threads, for a failing
+    assertion."""
     parts = []
-    for name in (*services.NAMES, *stack.NAMES):
-        path = logs / f"{name}.log"
-        if path.is_file():
-            lines = [
-                line
-                for line in path.read_text(errors="replace").splitlines()
-                if not _CLIENT_NOISE.search(line)
-            ][-25:]
-            parts.append(f"--- {name}\n" + "\n".join(line[:300] for line in lines))
+    for path in sorted((settings.state_dir / "log").glob("*.log")):
+        lines = [
+            line
+            for line in path.read_text(errors="replace").splitlines()
+            if not _CLIENT_NOISE.search(line)
+        ][-25:]
+        parts.append(f"--- {path.stem}\n" + "\n".join(line[:300] for line in lines))
     # Which stage stalled: each one's counters and the lag per consumer group.
     with contextlib.suppress(Exception):
         snapshot = status.Observer(settings).snapshot(with_health=False)
@@ -229,11 +227,10 @@ def failure_logs(settings: Settings) -> str:
 def _thread_dumps(settings: Settings) -> list[str]:
     """Where each running stage waits: its threads' stacks (SIGUSR1, see f2pipe.runtime.logs)."""
     sizes = {}
-    for name in services.NAMES:
-        service = _service(settings, name)
+    for service in services.services(settings):
         pid = service.pid()
         if pid is not None and service.log_file.is_file():
-            sizes[name] = (service.log_file, service.log_file.stat().st_size)
+            sizes[service.label] = (service.log_file, service.log_file.stat().st_size)
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGUSR1)
     dumps = []
@@ -458,6 +455,25 @@ class Publisher(threading.Thread):
         except BaseException as exc:  # reported by the test, not lost in the thread
             self.failure = repr(exc)
 
+    def rows_flow(self, label: str, more: int = 20, timeout: float = 180) -> None:
+        """Wait until ``more`` new rows land: what was killed or restarted is back in the
+        chain. Fails with every log's tail if they do not, or if publishing failed.
+
+        180 s by default: a killed sink's partitions wait out its 45 s session, and a
+        Kafka restart adds the coordinator's reload and a rebalance.
+        """
+        dsn = self.settings.timeseries_dsn
+        base = row_count(dsn)
+        try:
+            wait_until(
+                lambda: self.failure is not None or row_count(dsn) >= base + more,
+                timeout=timeout,
+                what=f"rows to flow again after {label}",
+            )
+        except pytest.fail.Exception as exc:
+            pytest.fail(f"{exc}\n{failure_logs(self.settings)}")
+        assert self.failure is None, self.failure
+
 
 @pytest.mark.slow
 def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
@@ -473,41 +489,26 @@ def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
     publisher = Publisher(settings, tmp_path, first, rate=max(30.0, first / 100), faults=0.2)
     publisher.start()
 
-    def flowing(label: str, more: int = 20) -> None:
-        """Wait until new rows land again: the stage (or server) is back in the chain."""
-        base = row_count(dsn)
-        try:
-            # A killed sink's partitions wait out its 45 s session, and a Kafka restart
-            # adds the coordinator's reload and a rebalance: 180 s is ample on a busy box.
-            wait_until(
-                lambda: publisher.failure is not None or row_count(dsn) >= base + more,
-                timeout=180,
-                what=f"rows to flow again after {label}",
-            )
-        except pytest.fail.Exception as exc:
-            pytest.fail(f"{exc}\n{failure_logs(settings)}")
-        assert publisher.failure is None, publisher.failure
-
-    flowing("start")
+    publisher.rows_flow("start")
     for name in STAGES:
         kill_and_restart(settings, name)
-        flowing(f"kill -9 {name}")
+        publisher.rows_flow(f"kill -9 {name}")
     for name in STAGES:
         crash_at_commit_point(settings, name)
-        flowing(f"{name} killed at its commit point")
+        publisher.rows_flow(f"{name} killed at its commit point")
     for name in ("postgres", "kafka"):
         kill_server_and_restart(settings, name)
-        flowing(f"kill -9 {name}")
+        publisher.rows_flow(f"kill -9 {name}")
     restart_server(settings, "kafka")
-    flowing("restarting kafka")
+    publisher.rows_flow("restarting kafka")
     # Redis down: the processor reads its metadata from PostgreSQL meanwhile.
     redis = _server(settings, "redis")
     _kill(redis)
-    flowing("kill -9 redis")
+    publisher.rows_flow("kill -9 redis")
     redis.prepare()
     redis.start()
     redis.wait_healthy()
-    flowing("redis back")
+    publisher.rows_flow("redis back")
     publisher.stop.set()
     publisher.join(timeout=900)
     assert publisher.failure is None, publisher.failure

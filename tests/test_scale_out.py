@@ -96,15 +96,6 @@ def replace_consumer(
     return new
 
 
-def logs(settings: Settings) -> str:
-    """Every stage log's tail, the replicas' included, and the pipeline's counters."""
-    parts = [failure_logs(settings)]
-    for path in sorted((settings.state_dir / "log").glob("*-[0-9].log")):
-        tail = path.read_text(errors="replace").splitlines()[-15:]
-        parts.append(f"--- {path.stem}\n" + "\n".join(line[:300] for line in tail))
-    return "\n".join(parts)
-
-
 def test_one_replica_each_is_the_pipeline_as_before(tmp_path: Path) -> None:
     found = services.services(load_settings(state_dir=tmp_path))
     assert [s.label for s in found] == list(services.NAMES)
@@ -219,18 +210,8 @@ def test_replicas_killed_and_started_under_load_lose_and_repeat_nothing(tmp_path
         publisher = Publisher(settings, tmp_path, minimum=3000, rate=60)
         publisher.start()
 
-        def flowing(after: str, more: int = 100) -> None:
-            """New rows land again; the publisher is still fine."""
-            base = row_count(dsn)
-            try:
-                wait_until(
-                    lambda: publisher.failure is not None or row_count(dsn) >= base + more,
-                    timeout=90,
-                    what=f"rows to flow after {after}",
-                )
-            except pytest.fail.Exception as exc:
-                pytest.fail(f"{exc}\n{logs(settings)}")
-            assert publisher.failure is None, publisher.failure
+        def flowing(after: str) -> None:
+            publisher.rows_flow(after, more=100)
 
         # Both replicas of every stage carry part of the load: the shared subscription
         # and the consumer groups split it.
@@ -282,10 +263,10 @@ def test_replicas_killed_and_started_under_load_lose_and_repeat_nothing(tmp_path
                 what="every stage to commit its input",
             )
         except pytest.fail.Exception as exc:
-            pytest.fail(f"{exc}\n{logs(settings)}")
+            pytest.fail(f"{exc}\n{failure_logs(settings)}")
         stored = stored_rows(dsn)
         missing, extra = expected - stored, stored - expected
-        assert not missing, f"{len(missing)} readings lost\n{logs(settings)}"
+        assert not missing, f"{len(missing)} readings lost\n{failure_logs(settings)}"
         assert not extra, f"{len(extra)} rows not in the ledger"
         assert row_count(dsn) == len(expected)
 
