@@ -459,8 +459,8 @@ class Publisher(threading.Thread):
         """Wait until ``more`` new rows land: what was killed or restarted is back in the
         chain. Fails with every log's tail if they do not, or if publishing failed.
 
-        180 s by default: a killed sink's partitions wait out its 45 s session, and a
-        Kafka restart adds the coordinator's reload and a rebalance.
+        180 s by default: a killed stage's partitions wait out its session, and a Kafka
+        restart adds the coordinator's reload and a rebalance.
         """
         dsn = self.settings.timeseries_dsn
         base = row_count(dsn)

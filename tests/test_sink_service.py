@@ -630,6 +630,32 @@ def test_a_second_sink_joining_and_the_first_leaving_loses_and_duplicates_nothin
     assert second.terminate() == 0
 
 
+def test_a_killed_sinks_partitions_move_within_its_session_timeout(
+    fresh_db: str, topics: Topics, sinks: list[SinkProcess], tmp_path: Path
+) -> None:
+    records = readings(0, 6000)
+    produce(topics.processed, records)
+    fast = {"F2PIPE_SINK_SESSION_TIMEOUT_S": "6", "F2PIPE_SINK_BATCH_AGE_MS": "200"}
+    first = start(sinks, fresh_db, topics, tmp_path, **fast)
+    second = start(sinks, fresh_db, topics, tmp_path, **fast)
+    owned = "f2pipe_sink_assigned_partitions"
+    wait_until(
+        lambda: first.metric(owned) > 0 and second.metric(owned) > 0,
+        timeout=120,
+        what="partitions shared by both sinks",
+    )
+    first.kill()  # no leaving: its partitions wait for its session to end
+    # Kafka's default session (45 s) would hold them past this deadline.
+    wait_until(
+        lambda: second.metric(owned) == 3,  # the topics fixture has 3 partitions
+        timeout=25,
+        what="the survivor to own every partition",
+    )
+    produce(topics.processed, readings(6000, 3000))
+    wait_until(lambda: count(fresh_db) == 9000, timeout=120, what="every row")
+    assert stored(fresh_db) == expected_rows(records + readings(6000, 3000))
+
+
 def test_the_sink_reports_each_settled_batch_in_order(fresh_db: str, topics: Topics) -> None:
     # In process: what bench/sink_bench.py measures through the public hook.
     settled: list[tuple[Batch, WriteResult]] = []

@@ -169,8 +169,8 @@ class Settings(BaseSettings):
     processor_poll_timeout_s: Annotated[float, Seconds] = Field(
         default=0.2, gt=0, le=60, description="Longest wait for the first record of a batch."
     )
-    # A replica killed without leaving holds its partitions this long (Kafka's 45 s
-    # default stalls them too long; 6 s is the broker's minimum).
+    # A replica killed without leaving holds its partitions this long (the sink's too:
+    # Kafka's 45 s default stalls them too long; 6 s is the broker's minimum).
     processor_session_timeout_s: Annotated[float, Seconds] = Field(
         default=10.0,
         ge=6,
@@ -242,6 +242,9 @@ class Settings(BaseSettings):
     )
     sink_batch_age_ms: Annotated[int, Milliseconds] = Field(
         default=500, ge=1, le=600_000, description="Age of its first record that ends a batch."
+    )
+    sink_session_timeout_s: Annotated[float, Seconds] = Field(
+        default=10.0, ge=6, le=300, description="How long a dead sink holds its partitions."
     )
     # Also write a batch as soon as the sink has caught up with its input and no
     # commit is in flight (low latency at light load; batches still grow under load).

@@ -116,8 +116,14 @@ class Sink:
                 error_cb=self.kafka_trouble.heard,
                 # A deep prefetch queue: with the shared default (20,000) the
                 # consumer waits on fetches and delivers under half the records
-                # per second (bench/sink.json). Bounded in bytes too.
-                **{"queued.min.messages": 200_000, "queued.max.messages.kbytes": 131_072},
+                # per second (bench/sink.json). Bounded in bytes too. A killed sink
+                # holds its partitions for the session timeout.
+                **{
+                    "queued.min.messages": 200_000,
+                    "queued.max.messages.kbytes": 131_072,
+                    "session.timeout.ms": int(settings.sink_session_timeout_s * 1000),
+                    "heartbeat.interval.ms": int(settings.sink_session_timeout_s * 1000 / 4),
+                },
             )
         )
         self.producer = Producer(producer_config(settings, error_cb=self.kafka_trouble.heard))
