@@ -549,7 +549,9 @@ def test_crash(own_pipeline: Settings, tmp_path: Path) -> None:
         for entry in entries
         if entry["fault"] in FAULT_REASONS
     }
-    assert len(malformed) > total * 0.1
+    # A fifth of phase one's messages were faulty, three fault kinds of five malformed:
+    # 12 % expected. How many messages there were depends on how long the events took.
+    assert len(malformed) > publisher.published * 0.08
     found = dead_letters(settings, len(malformed), timeout=60)
     assert {(value, reason) for value, _stage, reason in found} == malformed
 
