@@ -45,7 +45,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -66,6 +65,7 @@ import psycopg  # noqa: E402
 from f2pipe.operations import pipeline, services, stack, status  # noqa: E402
 from f2pipe.operations.stack import security  # noqa: E402
 from f2pipe.settings import Settings, load_settings  # noqa: E402
+from f2pipe.testing.stack import free_ports  # noqa: E402
 
 STAGES = ("connector", "processor", "sink")
 TICK = os.sysconf("SC_CLK_TCK")
@@ -73,17 +73,6 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 def log(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [int(sock.getsockname()[1]) for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _stat(process: Path) -> list[str] | None:
