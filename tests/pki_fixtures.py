@@ -263,10 +263,12 @@ def make_client(
     reconnect: bool = False,
     persistent: bool = False,
     will: str = "",
+    will_retain: bool = False,
 ) -> Client:
     """Connect (asynchronously) and return; poll ``connected()`` or ``connack``.
 
-    ``will``: a topic for a QoS 1 will message (payload ``will``)."""
+    ``will``: a topic for a QoS 1 will message (payload ``will``), retained if
+    ``will_retain``."""
     paho = mqtt.Client(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
@@ -303,7 +305,7 @@ def make_client(
     paho.on_subscribe = on_subscribe
     paho.reconnect_delay_set(1, 2)
     if will:
-        paho.will_set(will, b"will", qos=1)
+        paho.will_set(will, b"will", qos=1, retain=will_retain)
     properties = None
     if persistent:  # a session that outlives the connection, as the connector's does
         properties = Properties(PacketTypes.CONNECT)

@@ -48,8 +48,10 @@ A, B = "aabbccddee01", "aabbccddee02"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def _connected(settings: Settings, identity: Identity, client_id: str = "", will: str = ""):  # type: ignore[no-untyped-def]
-    client = make_client(settings, identity, client_id=client_id, will=will)
+def _connected(  # type: ignore[no-untyped-def]
+    settings: Settings, identity: Identity, client_id: str = "", will: str = "", **options
+):
+    client = make_client(settings, identity, client_id=client_id, will=will, **options)
     wait_until(client.connected, timeout=10, what=f"{identity.cert.name} to connect")
     return client
 
@@ -440,13 +442,14 @@ def test_the_broker_refuses_tls_1_0_and_1_1(
     assert _handshake(settings, ssl.TLSVersion.TLSv1_2, identity) == "ok"
 
 
-@pytest.mark.parametrize("owner", [B, A])
-def test_a_will_arrives_only_on_the_devices_own_topic(
-    settings: Settings, broker: Broker, tmp_path: Path, owner: str
+@pytest.mark.parametrize(("owner", "retain"), [(B, False), (A, False), (A, True)])
+def test_a_will_arrives_only_on_the_devices_own_topic_and_never_retained(
+    settings: Settings, broker: Broker, tmp_path: Path, owner: str, retain: bool
 ) -> None:
     connector = _telemetry_reader(settings)
     will = f"tele/f2-{owner}/sensor-mode/J1/sensor-2"
-    device = _connected(settings, device_identity(settings, A, tmp_path), will=will)
+    identity = device_identity(settings, A, tmp_path)
+    device = _connected(settings, identity, will=will, will_retain=retain)
     # Dropped without a DISCONNECT: the broker publishes the will, if the ACL lets it.
     device.mqtt.socket().close()  # type: ignore[union-attr]
     wait_until(lambda: device.disconnects, timeout=10, what="the connection to drop")
@@ -455,9 +458,35 @@ def test_a_will_arrives_only_on_the_devices_own_topic(
     again = _connected(settings, device_identity(settings, A, tmp_path / "again"))
     again.mqtt.publish(marker, b"marker", qos=1)
     wait_until(lambda: marker in connector.topics(), timeout=10, what="the marker")
-    assert (will in connector.topics()) == (owner == A)
+    assert (will in connector.topics()) == (owner == A and not retain)
     again.close()
     connector.close()
+
+
+def test_a_retained_flood_is_refused_and_nothing_is_retained(
+    settings: Settings, broker: Broker, tmp_path: Path
+) -> None:
+    """A device hoarding broker memory one retained topic at a time gets "not authorized"."""
+    connector = _telemetry_reader(settings)
+    device = _connected(settings, device_identity(settings, A, tmp_path))
+    acks: dict[int, int] = {}
+    device.mqtt.on_publish = lambda c, u, mid, reason, p: acks.__setitem__(mid, reason.value)
+    flood = [f"tele/f2-{A}/sensor-mode/J{j}/hoard-{n}" for j in (1, 2, 3, 4) for n in range(50)]
+    mids = [device.mqtt.publish(topic, b"x" * 1000, qos=1, retain=True).mid for topic in flood]
+    wait_until(lambda: set(mids) <= acks.keys(), timeout=20, what="every PUBACK")
+    assert {acks[mid] for mid in mids} == {0x87}  # MQTT 5 "Not authorized"
+    marker = f"tele/f2-{A}/sensor-mode/J1/sensor-1"
+    device.mqtt.publish(marker, b"marker", qos=1)
+    wait_until(lambda: marker in connector.topics(), timeout=10, what="the marker")
+    assert connector.topics() == [marker]
+    connector.close()
+    # A new subscriber gets retained messages right after its SUBACK, before anything new.
+    fresh = _telemetry_reader(settings)
+    device.mqtt.publish(marker, b"again", qos=1)
+    wait_until(lambda: marker in fresh.topics(), timeout=10, what="the second marker")
+    assert fresh.topics() == [marker]
+    device.close()
+    fresh.close()
 
 
 @pytest.mark.parametrize("pattern", ["#", "$SYS/#", f"$share/g/cmnd/f2-{B}/#", f"cmnd/f2-{B}/#"])

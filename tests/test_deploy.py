@@ -29,6 +29,7 @@ import yaml
 from f2pipe.cli import COMMANDS, build_parser
 from f2pipe.operations.deploy.containers import PARTIES, USERS
 from f2pipe.operations.deploy.render import render_files
+from f2pipe.operations.stack import retainguard
 from f2pipe.operations.stack.install import kafka_version
 from f2pipe.operations.stack.pgcluster import MIN_MAJOR
 from f2pipe.settings import Settings
@@ -227,6 +228,11 @@ def test_the_broker_files_are_the_local_stacks_renderers_output() -> None:
     assert queued == services()["mosquitto"]["mem_limit"] // 32
     assert "pid_file" not in conf
     assert "\nuser " not in conf
+    # The plugin refusing retained messages, where the broker image puts it, before the ACL.
+    dockerfile = (ROOT / "deploy/mosquitto/Dockerfile").read_text(encoding="utf-8")
+    plugin = re.search(r"^plugin (\S+)$", conf, re.MULTILINE)[1]  # type: ignore[index]
+    assert dockerfile.rstrip().endswith(f" {plugin}")
+    assert conf.index("\nplugin ") < conf.index("\nacl_file ")
     acl = (ROOT / "deploy/mosquitto/acl").read_text(encoding="utf-8")
     assert acl == render_acl(["svc-connector"])
     for identity in SERVICE_ACL:
@@ -475,10 +481,14 @@ def test_server_images_are_the_local_stacks_versions_pinned() -> None:
         "timescaledb": "timescale/timescaledb",
         "redis": "redis",
         "kafka": "apache/kafka",
-        "mosquitto": "eclipse-mosquitto",
+        "mosquitto": "f2pipe-mosquitto",
     }
     for name, repo in expected_repos.items():
         assert images[name].split(":")[0] == repo
+    # The broker image is the pinned official one with the retain guard compiled in.
+    dockerfile = (ROOT / services()["mosquitto"]["build"]["dockerfile"]).read_text("utf-8")
+    bases = set(re.findall(r"^FROM (\S+)", dockerfile, re.MULTILINE))
+    assert bases == {f"eclipse-mosquitto:{images['mosquitto'].partition(':')[2]}"}
     for name, image in images.items():
         if image == F2PIPE_IMAGE:
             continue
@@ -617,6 +627,7 @@ def test_the_broker_configuration_enforces_mtls_the_acl_and_the_crl(tmp_path: Pa
         .replace("/mosquitto/config/acl", str(ROOT / "deploy/mosquitto/acl"))
         .replace("/mosquitto/data/", f"{tmp_path / 'data'}/")
         .replace("listener 8883\n", f"listener {port} 127.0.0.1\n")
+        .replace(str(retainguard.IMAGE_PLUGIN), str(retainguard.build(tmp_path)))
     )
     # In the container the broker runs as its own user; here, as whoever runs the test.
     conf += f"user {getpass.getuser()}\n"

@@ -134,6 +134,15 @@ def test_the_wheel_carries_the_kafka_pom_and_bench_says_it_needs_a_checkout(
     assert bench.stderr.count("\n") == 1
     assert "needs an f2pipe checkout" in bench.stderr
 
+    # The broker plugin's C source comes with the wheel, so `stack up` can build it.
+    plugin = installed.run(
+        "python", "-c",
+        "import sys; from pathlib import Path; from f2pipe.operations.stack import retainguard; "
+        "print(retainguard.build(Path(sys.argv[1])))", str(installed.outside),
+    )  # fmt: skip
+    assert plugin.returncode == 0, plugin.stderr
+    assert Path(plugin.stdout.strip()).is_file()
+
 
 def test_the_sdist_holds_what_a_wheel_is_built_from(installed: Installed) -> None:
     (sdist,) = installed.dist.glob("f2pipe-*.tar.gz")

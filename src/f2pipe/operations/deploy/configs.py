@@ -19,6 +19,7 @@ from pathlib import Path, PurePosixPath
 
 from f2pipe.operations.principals import ADMIN, Names, Principal, pg_grant_sql, principals
 from f2pipe.operations.principals import redis_acl_line as _redis_acl_line
+from f2pipe.operations.stack import retainguard
 from f2pipe.operations.stack.mosquitto import (
     BrokerSite,
     render_acl,
@@ -72,6 +73,7 @@ def broker_site(settings: Settings) -> BrokerSite:
         persistence=Path(_BROKER_DATA),
         max_queued_bytes=queued,
         max_queued_messages=settings.mqtt_max_queued_messages or min(queued, 2**31 - 1),
+        plugin=Path(retainguard.IMAGE_PLUGIN),
     )
 
 

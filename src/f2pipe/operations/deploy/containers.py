@@ -214,7 +214,8 @@ def servers(images: Images, settings: Settings) -> dict[str, Commented]:
         ),
         "mosquitto": Commented(
             {
-                "image": images.mosquitto,
+                "image": images.broker,
+                "build": {"context": ".", "dockerfile": "deploy/mosquitto/Dockerfile"},
                 "user": USERS["mosquitto"],
                 "group_add": [str(F2PIPE_GROUP)],
                 "command": ["sh", f"{BROKER_CONF}/broker.sh", f"{BROKER_CONF}/mosquitto.conf"],
@@ -233,9 +234,10 @@ def servers(images: Images, settings: Settings) -> dict[str, Commented]:
             },
             [
                 "The device broker, on every interface: mutual TLS only. Its configuration and",
-                "ACL are f2pipe's (deploy/mosquitto); broker.sh reloads the CRL within seconds of",
-                "certgen changing it. The probe only opens the TLS port: any MQTT identity would",
-                "take its owner's session over.",
+                "ACL are f2pipe's (deploy/mosquitto), its image adds the plugin refusing",
+                "retained messages (deploy/mosquitto/Dockerfile); broker.sh reloads the CRL",
+                "within seconds of certgen changing it. The probe only opens the TLS port: any",
+                "MQTT identity would take its owner's session over.",
             ],
         ),
     }

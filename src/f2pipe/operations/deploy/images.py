@@ -44,6 +44,7 @@ class Images:
     redis: str
     kafka: str
     mosquitto: str
+    broker: str  # mosquitto with f2pipe's retain guard plugin, built by compose
     prometheus: str
     grafana: str
     f2pipe: str
@@ -57,6 +58,7 @@ def images() -> Images:
         redis=f"redis:{_REDIS}",
         kafka=f"apache/kafka:{kafka_version()}",
         mosquitto=f"eclipse-mosquitto:{_MOSQUITTO}",
+        broker=f"f2pipe-mosquitto:{_MOSQUITTO}",
         prometheus="prom/prometheus:v3.5.0",
         grafana="grafana/grafana:12.1.0",
         f2pipe="f2pipe:latest",

@@ -17,6 +17,7 @@ from f2pipe.operations.deploy import configs, kafka
 from f2pipe.operations.deploy.compose import render_compose
 from f2pipe.operations.deploy.containers import broker_names
 from f2pipe.operations.deploy.images import images
+from f2pipe.operations.stack import retainguard
 from f2pipe.settings import Settings
 
 __all__ = ["TARGETS", "issue_broker_files", "render_files", "write_files"]
@@ -79,6 +80,7 @@ def render_files(
         "deploy/mosquitto/mosquitto.conf": configs.mosquitto_conf(settings),
         "deploy/mosquitto/acl": configs.mosquitto_acl(connectors),
         "deploy/mosquitto/broker.sh": configs.mosquitto_start(),
+        "deploy/mosquitto/Dockerfile": retainguard.render_dockerfile(pinned.mosquitto),
         "deploy/kafka/setup.sh": kafka.setup_script(settings),
         "deploy/postgres/metadata-roles.sql": configs.postgres_roles(settings, "metadata"),
         "deploy/postgres/timeseries-roles.sql": configs.postgres_roles(settings, "timeseries"),

@@ -57,6 +57,7 @@ class Program:
     name: str
     package: str
     path: str = ""  # absolute path when it is not looked up on PATH
+    executable: bool = True  # False for a file that is only read (a C header)
     # Where it is once installed, asked again after apt-get (PostgreSQL's folder
     # names the major, which is known only once the package is in).
     locate: Callable[[], str | None] | None = field(default=None, compare=False)
@@ -66,7 +67,8 @@ class Program:
             found = self.locate()
             return found if found is not None and os.access(found, os.X_OK) else None
         if self.path:
-            return self.path if os.access(self.path, os.X_OK) else None
+            mode = os.X_OK if self.executable else os.R_OK
+            return self.path if os.path.isfile(self.path) and os.access(self.path, mode) else None
         # /usr/sbin holds mosquitto, and is not on a normal user's PATH.
         search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
         return shutil.which(self.name, path=search)

@@ -40,10 +40,12 @@ Sizing (all overridable through settings):
 - ``max_packet_size`` 256 KiB: larger packets are refused and the sender
   disconnected (payloads between ``F2PIPE_MAX_PAYLOAD_BYTES`` and this reach
   the pipeline and are dead-lettered as ``payload_too_large``).
-- Retained messages stay available: Mosquitto 2.0's only switch,
-  ``retain_available false``, also stops it retaining its own ``$SYS``
-  counters, and a counter it publishes only on change (the drop count) would
-  then be unknown to every reader that connected after the change.
+- No client may publish a retained message: the plugin of
+  :mod:`f2pipe.operations.stack.retainguard` refuses them, so no device can
+  hoard broker memory one retained topic at a time. Mosquitto 2.0's own
+  switch, ``retain_available false``, would also stop the broker retaining
+  its ``$SYS`` counters, and a counter it publishes only on change (the drop
+  count) would then be unknown to every reader that connected after the change.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ import resource
 from dataclasses import dataclass
 from pathlib import Path
 
+from f2pipe.operations.stack import retainguard
 from f2pipe.operations.stack.install import Program
 from f2pipe.operations.stack.security import PKI_LOCK
 from f2pipe.operations.stack.server import Server
@@ -138,13 +141,15 @@ class BrokerSite:
 
     ``user`` and ``pid_file`` are left out of the configuration when None (a
     container starts the broker as its own non-root user, and nothing signals
-    it by pid); ``listen_host`` None listens on every interface.
+    it by pid); ``listen_host`` None listens on every interface; ``plugin`` is
+    the built retain guard (None only for a test broker that does without it).
     """
 
     acl_file: Path
     persistence: Path
     max_queued_bytes: int
     max_queued_messages: int
+    plugin: Path | None = None
     user: str | None = None
     pid_file: Path | None = None
     listen_host: str | None = None
@@ -157,6 +162,7 @@ def local_site(settings: Settings) -> BrokerSite:
         persistence=settings.mosquitto_dir / "data",
         max_queued_bytes=max_queued_bytes(settings),
         max_queued_messages=max_queued_messages(settings),
+        plugin=retainguard.plugin_path(settings.mosquitto_dir),
         # The broker must keep reading the 0600 keys and the CRL after dropping
         # privileges (the CRL is re-read on SIGHUP), so it runs as their owner.
         user=getpass.getuser(),
@@ -182,6 +188,8 @@ def render_conf(settings: Settings, pki: PkiPaths, site: BrokerSite | None = Non
             *([f"pid_file {site.pid_file}"] if site.pid_file is not None else []),
             "per_listener_settings false",
             "allow_anonymous false",
+            # Before the ACL file: the broker asks the plugin first (see retainguard).
+            *([f"plugin {site.plugin}"] if site.plugin is not None else []),
             f"acl_file {site.acl_file}",
             "persistence true",
             f"persistence_location {site.persistence}/",
@@ -263,13 +271,16 @@ def ensure_config(settings: Settings) -> Path:
 
     Idempotent: existing keys and certificates are kept (see
     :func:`f2pipe.pki.state.ensure_pki`); the two files are rewritten only when
-    their content changes. Raises CertError if the PKI cannot be read.
+    their content changes, and the retain guard plugin is built once per
+    version. Raises CertError if the PKI cannot be read, StackError if the
+    plugin cannot be built.
     """
     with PKI_LOCK:  # the other servers' certificates are made side by side
         ensure_pki(settings)
     pki = pki_paths(settings)
     mdir = settings.mosquitto_dir
     (mdir / "data").mkdir(parents=True, exist_ok=True)
+    retainguard.build(mdir)
     _write_if_changed(acl_path(settings), render_acl(connector_identities(settings)))
     conf = conf_path(settings)
     _write_if_changed(conf, render_conf(settings, pki))
@@ -325,7 +336,11 @@ class Mosquitto(Server):
         return {self.settings.mqtt_port: "F2PIPE_MQTT_PORT"}
 
     def programs(self) -> list[Program]:
-        return [Program("mosquitto", "mosquitto"), Program("mosquitto_pub", "mosquitto-clients")]
+        return [
+            Program("mosquitto", "mosquitto"),
+            Program("mosquitto_pub", "mosquitto-clients"),
+            *retainguard.programs(),
+        ]
 
     def prepare(self) -> None:
         self.home.mkdir(exist_ok=True)
