@@ -32,6 +32,7 @@ __all__ = [
     "MIN_INSYNC",
     "REPLICAS",
     "cluster_id",
+    "node_host",
     "node_ports",
     "replication",
     "voters",
@@ -81,10 +82,19 @@ def node_ports(settings: Settings) -> list[tuple[int, int]]:
     ]
 
 
+def node_host(settings: Settings, node: int) -> str:
+    """The host node ``node`` (from 1) serves on: its address in the bootstrap."""
+    addresses = settings.kafka_bootstrap.split(",")
+    host = addresses[min(node, len(addresses)) - 1].strip().rpartition(":")[0]
+    return host.strip("[]") or LOOPBACK
+
+
 def voters(settings: Settings) -> str:
-    """``controller.quorum.voters``: every node's id at its controller port."""
+    """``controller.quorum.voters``: every node's id at its host and controller port."""
     ports = node_ports(settings)
-    return ",".join(f"{n}@{LOOPBACK}:{controller}" for n, (_, controller) in enumerate(ports, 1))
+    return ",".join(
+        f"{n}@{node_host(settings, n)}:{controller}" for n, (_, controller) in enumerate(ports, 1)
+    )
 
 
 def cluster_id(paths: Paths, settings: Settings, new_id: str) -> str | None:
