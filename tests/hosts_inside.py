@@ -14,6 +14,8 @@ import os
 import signal
 import socket
 import ssl
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,6 +23,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import psycopg
@@ -37,7 +40,7 @@ from f2pipe.operations.stack.server import LAUNCH_PREFIX
 from f2pipe.runtime.kafka import admin_config
 from f2pipe.runtime.tls import client_context
 from f2pipe.settings import Settings, load_settings
-from f2pipe.testing.stack import private_state
+from f2pipe.testing.stack import free_ports, private_state
 from pipeline_helpers import Fleet
 from test_pipeline import (
     dead_letters,
@@ -322,3 +325,57 @@ def test_a_stage_killed_under_load_loses_and_repeats_nothing(
     )
     assert row_count(dsn) == len(stored), "a reading stored twice"
     _report(crash_rows=len(expected), crash_s=round(time.monotonic() - began, 1))
+
+
+def _not_ready_because(port: int, answer: list[str]) -> bool:
+    """True once ``/readyz`` on ``port`` answers 503; its body goes to ``answer``."""
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=5).close()
+    except urllib.error.HTTPError as exc:
+        answer[:] = [exc.read().decode()]
+        return exc.code == 503 and "DSN" in answer[0]
+    except OSError:
+        return False
+    return False
+
+
+def test_a_stage_reaching_the_database_by_a_wrong_name_says_which_setting(
+    hosts: tuple[Settings, Settings], tmp_path: Path
+) -> None:
+    """The bad-input rule on a link between hosts: not ready, one line naming the
+    setting and the fix, and neither the line nor the log holds the password."""
+    _, plain = hosts
+    name, alias = LAYOUT["names"]["postgres"], LAYOUT["aliases"]["postgres"]
+    running: dict[str, tuple[subprocess.Popen[bytes], int, Path, str]] = {}
+    try:
+        for stage, port in zip(("sink", "processor"), free_ports(2), strict=True):
+            env = {k: v for k, v in os.environ.items() if not k.startswith("F2PIPE_")}
+            env.update(services.services(plain, [stage])[0].environment())
+            for variable in ("F2PIPE_METADATA_DSN", "F2PIPE_TIMESERIES_DSN"):
+                env[variable] = env[variable].replace(f"@{name}:", f"@{alias}:")
+            env[f"F2PIPE_{stage.upper()}_PORT"] = str(port)
+            secret = urlsplit(env["F2PIPE_METADATA_DSN"]).password or ""
+            assert secret, f"{stage} has no database password"
+            log = tmp_path / f"{stage}.log"
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    [sys.executable, "-m", "f2pipe.cli", stage], env=env, stdout=out, stderr=out
+                )
+            running[stage] = (process, port, log, secret)
+        for stage, (process, port, log, secret) in running.items():
+            answer: list[str] = []
+            wait_until(
+                lambda port=port, answer=answer: _not_ready_because(port, answer),
+                timeout=60,
+                what=f"{stage} to say why it is not ready",
+            )
+            variable = "F2PIPE_TIMESERIES_DSN" if stage == "sink" else "F2PIPE_METADATA_DSN"
+            assert answer[0].strip().splitlines() == [answer[0].strip()], answer
+            assert f"certificate does not name the host in {variable}" in answer[0], answer
+            assert secret not in answer[0]
+            assert secret not in log.read_text(errors="replace")
+            assert process.poll() is None, f"{stage} exited instead of waiting for the fix"
+    finally:
+        for process, _port, _log, _secret in running.values():
+            process.terminate()
+            process.wait(30)
