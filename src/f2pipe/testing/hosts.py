@@ -117,6 +117,14 @@ def host_network(
             folder = _NETNS_ETC / network.namespace(host)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / "hosts").write_text(network.hosts_file())
+        # `ip netns exec` also needs a mount namespace of its own, which a container
+        # may refuse even to root: find out now, not from a server that will not start.
+        entered = subprocess.run(
+            [*network.run_in(hosts[0]), "true"], capture_output=True, text=True, check=False
+        )
+        if entered.returncode != 0:
+            why = (entered.stderr.strip() or f"exit code {entered.returncode}").splitlines()[0]
+            raise NetworkRefused(f"`ip netns exec` failed: {why}")
         yield network
     finally:
         for namespace in reversed(made):

@@ -110,6 +110,11 @@ class Kafka(Server):
     def host(self) -> str:
         return kafka_cluster.node_host(self.settings, self.node)
 
+    def _listener_hosts(self) -> tuple[str, str]:
+        """(the name clients reach it by, the address it binds), as listeners write them."""
+        host = self.host()
+        return kafka_cluster.bracketed(host), kafka_cluster.bracketed(address_of(host))
+
     def describe(self) -> str:
         of = self.settings.kafka_brokers
         cluster = f", node {self.node} of {of}" if of > 1 else ""
@@ -150,7 +155,7 @@ class Kafka(Server):
 
     def _write_config(self) -> None:
         port, controller = self.port, self.controller_port
-        host, bind = self.host(), address_of(self.host())
+        host, bind = self._listener_hosts()
         properties = {
             "process.roles": "broker,controller",
             "node.id": str(self.node),
@@ -203,8 +208,8 @@ class Kafka(Server):
         :mod:`f2pipe.operations.principals`.
         """
         port, controller = self.port, self.controller_port
-        host, bind = self.host(), address_of(self.host())
-        cert, key = security.server_tls(self.settings, self.home, "f2pipe kafka", None, host)
+        host, bind = self._listener_hosts()
+        cert, key = security.server_tls(self.settings, self.home, "f2pipe kafka", None, self.host())
         ca = security.ca_file(self.settings)
         keystore = self.home / "keystore.pem"
         security.write_private_text(keystore, key.read_text() + cert.read_text())
@@ -259,7 +264,7 @@ class Kafka(Server):
             # The stack acts as the broker's own super user, which exists from the start.
             update = security.kafka_settings(self.settings, self.paths, KAFKA_BROKER_USER, "PLAIN")
         if self.settings.kafka_brokers > 1:  # this node, which must answer for itself
-            update = {**update, "kafka_bootstrap": f"{self.host()}:{self.port}"}
+            update = {**update, "kafka_bootstrap": f"{self._listener_hosts()[0]}:{self.port}"}
         settings = self.settings.model_copy(update=update)
         # log_level 2: librdkafka would print every refused connection while the JVM starts.
         return AdminClient(admin_config(settings, log_level=2))

@@ -31,6 +31,7 @@ __all__ = [
     "CLUSTER",
     "MIN_INSYNC",
     "REPLICAS",
+    "bracketed",
     "cluster_id",
     "node_host",
     "node_ports",
@@ -89,11 +90,17 @@ def node_host(settings: Settings, node: int) -> str:
     return host.strip("[]") or LOOPBACK
 
 
+def bracketed(host: str) -> str:
+    """``host`` as a listener or an address list names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def voters(settings: Settings) -> str:
     """``controller.quorum.voters``: every node's id at its host and controller port."""
     ports = node_ports(settings)
     return ",".join(
-        f"{n}@{node_host(settings, n)}:{controller}" for n, (_, controller) in enumerate(ports, 1)
+        f"{n}@{bracketed(node_host(settings, n))}:{controller}"
+        for n, (_, controller) in enumerate(ports, 1)
     )
 
 
