@@ -3,7 +3,8 @@
 The servers are started each in its own namespace (``LAUNCH_PREFIX``), bound to
 their own address and reached by name; certgen, the stages and the devices run
 here, in the services' namespace. The tests run in file order on one pipeline:
-the public vectors, one refusal only a name check catches, then a crash.
+the public vectors, a refusal per link that only a name check catches, kills
+under load, and a stage given a wrong name for PostgreSQL.
 Measurements go to the JSON file named by ``F2PIPE_HOSTS_REPORT``.
 """
 
@@ -34,7 +35,7 @@ from confluent_kafka.admin import AdminClient
 from paho.mqtt.enums import CallbackAPIVersion
 
 from conftest import VECTORS, wait_until
-from f2pipe.operations import pipeline, services
+from f2pipe.operations import pipeline, services, stack
 from f2pipe.operations.stack import security
 from f2pipe.operations.stack.server import LAUNCH_PREFIX
 from f2pipe.runtime.kafka import admin_config
@@ -60,8 +61,8 @@ pytestmark = pytest.mark.skipif(not LAYOUT, reason="run by test_hosts.py in its 
 STAGES = ("certgen", "connector", "processor", "sink")
 Row = tuple[datetime, int, int, float]
 MEASURED: dict[str, float] = {}
-#: Messages the demo fleet publishes through the crash: 30 s at 50 a second.
-LOAD = 1500
+#: Messages the demo fleet publishes through the kills: 50 s at 50 a second.
+LOAD = 2500
 
 
 def _report(**values: float) -> None:
@@ -283,11 +284,17 @@ def test_each_link_refuses_the_right_address_under_a_wrong_name(
         )
 
 
-def test_a_stage_killed_under_load_loses_and_repeats_nothing(
+def _rows_flow(dsn: str, what: str) -> None:
+    base = row_count(dsn)
+    wait_until(lambda: row_count(dsn) > base + 20, timeout=120, what=f"rows to flow {what}")
+
+
+def test_kills_under_load_lose_and_repeat_nothing(
     hosts: tuple[Settings, Settings], tmp_path: Path
 ) -> None:
-    """SIGKILL the processor, then the sink, while the demo fleet publishes; the rows
-    of the demo sensors equal what the broker acknowledged."""
+    """SIGKILL the processor, then the sink, then PostgreSQL on its own host (all its
+    processes) while the demo fleet publishes; the rows of the demo sensors equal what
+    the broker acknowledged, none twice."""
     settings, plain = hosts
     dsn = settings.timeseries_dsn
     before = stored_rows(dsn)
@@ -296,8 +303,7 @@ def test_a_stage_killed_under_load_loses_and_repeats_nothing(
     load = simulate(settings, ledger, LOAD, "--rate", "50", "--window", "200")
     try:
         for name in ("processor", "sink"):
-            base = row_count(dsn)
-            wait_until(lambda base=base: row_count(dsn) > base + 20, timeout=120, what="rows")
+            _rows_flow(dsn, f"before {name} is killed")
             service = services.services(plain, [name])[0]
             pid = service.pid()
             assert pid is not None, f"{name} is not running"
@@ -307,6 +313,18 @@ def test_a_stage_killed_under_load_loses_and_repeats_nothing(
             service.pidfile.remove()
             service.start()
             service.wait_healthy()
+        _rows_flow(dsn, "before PostgreSQL is killed")
+        database = next(server for server in stack.servers(plain) if server.name == "postgres")
+        pid = database.pid()
+        assert pid is not None, "PostgreSQL is not running"
+        assert load.poll() is None, "the load ended before PostgreSQL was killed"
+        os.killpg(pid, signal.SIGKILL)  # its own session: every backend with it
+        wait_until(lambda: database.pid() is None, timeout=30, what="PostgreSQL to die")
+        database.pidfile.remove()
+        database.prepare()
+        database.start()  # through `ip netns exec`, on its own host again
+        database.wait_healthy()
+        _rows_flow(dsn, "after PostgreSQL's restart")
         summary = finish(load, timeout=300)
     finally:
         if load.poll() is None:
