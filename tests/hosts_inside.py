@@ -1,8 +1,8 @@
 """The inside of ``test_hosts.py``: run by it, in the services' namespace, never collected.
 
-The servers are started each in its own namespace (``LAUNCH_PREFIX``), bound to
-their own address and reached by name; certgen, the stages and the devices run
-here, in the services' namespace. The tests run in file order on one pipeline:
+The servers and certgen are started each in its own namespace
+(``LAUNCH_PREFIX``), bound to their own address and reached by name; the stages
+and the devices run here, in the services' namespace. The tests run in file order on one pipeline:
 the public vectors, a refusal per link that only a name check catches, kills
 under load, and a stage given a wrong name for PostgreSQL.
 Measurements go to the JSON file named by ``F2PIPE_HOSTS_REPORT``.
@@ -90,8 +90,8 @@ def hosts() -> Iterator[tuple[Settings, Settings]]:
             mqtt_host=names["mosquitto"],
             mqtt_port=8883,
             mqtt_tls=True,
-            certgen_host=LAYOUT["services"],
-            certgen_url=f"https://{LAYOUT['services']}:8080",
+            certgen_host=names["certgen"],
+            certgen_url=f"https://{names['certgen']}:8080",
             stack_install=False,
             kafka_heap="512m",
             data_topic_partitions=2,
@@ -192,15 +192,19 @@ def test_the_public_vectors_cross_every_host(
     assert stored == expected, f"{len(expected - stored)} missing, {len(stored - expected)} extra"
     found = dead_letters(settings, len(malformed), timeout=60)
     assert sorted((value, reason) for value, _stage, reason in found) == sorted(malformed)
-    # The stages reach PostgreSQL from the services' host, over TLS, as themselves.
+    # Each reaches PostgreSQL from its own host, over TLS, as itself.
     with psycopg.connect(_verified(settings.metadata_dsn, settings)) as conn:
         sessions = conn.execute(
             "SELECT a.usename, host(a.client_addr), s.ssl FROM pg_stat_activity a"
             " JOIN pg_stat_ssl s USING (pid) WHERE a.usename LIKE 'f2pipe_%'"
         ).fetchall()
-    services_address = socket.gethostbyname(LAYOUT["services"])
-    assert {"f2pipe_processor", "f2pipe_sink"} <= {user for user, _, _ in sessions}
-    assert {(address, tls) for _, address, tls in sessions} == {(services_address, True)}
+    stages = socket.gethostbyname(LAYOUT["services"])
+    certgen = socket.gethostbyname(LAYOUT["names"]["certgen"])
+    origin = {"f2pipe_processor": stages, "f2pipe_sink": stages, "f2pipe_certgen": certgen}
+    assert {"f2pipe_processor", "f2pipe_sink", "f2pipe_certgen"} <= {u for u, _, _ in sessions}
+    assert {(user, address, tls) for user, address, tls in sessions} == {
+        (user, origin[user], True) for user, _, _ in sessions
+    }
     # The processor reached its cache over TLS (with none it would have read PostgreSQL).
     cache = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
     try:
@@ -275,7 +279,7 @@ def test_each_link_refuses_the_right_address_under_a_wrong_name(
     trust = ssl.create_default_context(cafile=str(security.ca_file(settings)))
     port = settings.certgen_port
     with urllib.request.urlopen(
-        f"https://{LAYOUT['services']}:{port}/healthz", timeout=10, context=trust
+        f"https://{names['certgen']}:{port}/healthz", timeout=10, context=trust
     ) as response:
         assert response.status == 200
     with pytest.raises(urllib.error.URLError, match="Hostname mismatch"):

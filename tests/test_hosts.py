@@ -1,9 +1,9 @@
 """The pipeline on separate hosts, as close as one machine allows (issue #14, item 5).
 
-PostgreSQL, Redis, Kafka and Mosquitto each run in a network namespace of
-their own with its own address and name (``pg.f2h.test``...); certgen, the
-connector, the processor, the sink, the devices and the test itself run in a
-fifth, ``svc.f2h.test`` (:mod:`f2pipe.testing.hosts`). Every link crosses
+PostgreSQL, Redis, Kafka, Mosquitto and certgen each run in a network
+namespace of their own with its own address and name (``pg.f2h.test``...);
+the connector, the processor, the sink, the devices and the test itself run in
+a sixth, ``svc.f2h.test`` (:mod:`f2pipe.testing.hosts`). Every link crosses
 the bridge between them and is secured with the server's name checked:
 PostgreSQL scram-sha-256 over TLS with ``sslmode=verify-full``, Redis an ACL
 user over TLS, Kafka SASL_SSL SCRAM-SHA-512 (librdkafka checks the broker's
@@ -31,7 +31,10 @@ from f2pipe.testing.hosts import DOMAIN, HostNetwork, NetworkRefused, host_netwo
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
-SERVERS = {"postgres": "pg", "redis": "redis", "kafka": "kafka", "mosquitto": "mqtt"}
+#: The processes started through LAUNCH_PREFIX, each on its host; the rest run on "svc".
+SERVERS = {
+    "postgres": "pg", "redis": "redis", "kafka": "kafka", "mosquitto": "mqtt", "certgen": "cert",
+}  # fmt: skip
 
 
 def alias(host: str) -> str:
@@ -46,7 +49,7 @@ def layout(network: HostNetwork) -> dict[str, object]:
         "namespaces": {server: network.namespace(host) for server, host in SERVERS.items()},
         "names": {server: network.name(host) for server, host in SERVERS.items()},
         "services": network.name("svc"),
-        "aliases": {server: alias(host) for server, host in [*SERVERS.items(), ("certgen", "svc")]},
+        "aliases": {server: alias(host) for server, host in SERVERS.items()},
     }
 
 

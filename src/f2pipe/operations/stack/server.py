@@ -31,8 +31,9 @@ from f2pipe.operations.stack.supervise import (
 )
 from f2pipe.settings import Settings
 
-#: Server name -> a command its process is started through, such as ``ip netns exec
-#: NAME``: how tests run each server as a host of its own on one machine. Empty in use.
+#: Server (or service) name -> a command its process is started through, such as
+#: ``ip netns exec NAME``: how tests run each on a host of its own on one machine.
+#: Empty in use.
 LAUNCH_PREFIX: dict[str, list[str]] = {}
 
 
