@@ -48,6 +48,37 @@ def test_broker_names_reissue_the_server_certificate(tmp_path: Path) -> None:
     }
 
 
+def test_each_server_certificate_names_the_host_its_clients_use(tmp_path: Path) -> None:
+    from f2pipe.operations.stack.security import server_tls
+
+    settings = load_settings(
+        state_dir=tmp_path, mqtt_host="mqtt.example.test",
+        certgen_host="0.0.0.0",  # noqa: S104 - an unspecified address names nothing
+        certgen_url="https://certgen.example.test:8080",
+    )  # fmt: skip
+    ensure_pki(settings)
+
+    def names(path: Path) -> set[str]:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        return {str(name) for name in san.get_values_for_type(x509.DNSName)} | {
+            str(ip) for ip in san.get_values_for_type(x509.IPAddress)
+        }
+
+    loopback = {"localhost", "127.0.0.1", "::1"}
+    assert names(tmp_path / "pki" / "broker.pem") == loopback | {"mqtt.example.test"}
+    assert names(tmp_path / "pki" / "certgen.pem") == loopback | {"certgen.example.test"}
+    folder = tmp_path / "pg"
+    folder.mkdir()
+    cert, _key = server_tls(settings, folder, "f2pipe postgres", None, "pg.example.test")
+    assert names(cert) == loopback | {"pg.example.test"}
+    issued = cert.read_bytes()
+    server_tls(settings, folder, "f2pipe postgres", None, "pg.example.test")
+    assert cert.read_bytes() == issued  # kept while it names the host
+    server_tls(settings, folder, "f2pipe postgres", None, "10.0.0.7")
+    assert names(cert) == loopback | {"10.0.0.7"}
+
+
 def test_crl_is_renewed_at_half_life_and_keeps_its_entries(tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path, crl_days=10)
     ensure_pki(settings)

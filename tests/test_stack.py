@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from f2pipe.operations.stack import Paths, PidFile, down, port_in_use
+from f2pipe.operations.stack.server import LAUNCH_PREFIX
 from f2pipe.settings import load_settings
 from f2pipe.testing.stack import free_ports
 
@@ -103,6 +104,9 @@ def test_port_held_by_another_process_is_refused(
         ("F2PIPE_REDIS_URL", "http://127.0.0.1:6379"),
         ("F2PIPE_KAFKA_HEAP", "lots"),
         ("F2PIPE_METADATA_DSN", "postgresql://postgres@db.example.com:5432/f2pipe"),
+        # TEST-NET-3: an address that is not this machine's.
+        ("F2PIPE_REDIS_URL", "rediss://203.0.113.1:6379/0"),
+        ("F2PIPE_MQTT_HOST", "203.0.113.1"),
     ],
 )
 def test_bad_variable_is_one_line_naming_it(
@@ -118,6 +122,25 @@ def test_bad_variable_is_one_line_naming_it(
     assert len(lines) == 1, result.stderr
     assert variable in lines[0]
     _assert_nothing_started(isolated, ports)
+
+
+def test_a_server_off_loopback_must_be_secured_and_redis_then_speaks_tls(
+    isolated: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from f2pipe.errors import ConfigError
+    from f2pipe.operations.stack import commands
+
+    # Launched elsewhere (as the separate-hosts test does), 203.0.113.1 is that host's.
+    monkeypatch.setitem(LAUNCH_PREFIX, "redis", ["ip", "netns", "exec", "elsewhere"])
+    env = {key.removeprefix("F2PIPE_").lower(): value for key, value in isolated.items()
+           if key.startswith("F2PIPE_")}  # fmt: skip
+    remote = load_settings(**{**env, "redis_url": "redis://203.0.113.1:6379/0"})
+    with pytest.raises(ConfigError, match=r"F2PIPE_REDIS_URL must start with rediss://"):
+        commands._check_settings(remote)
+    commands._check_settings(remote.model_copy(update={"redis_url": "rediss://203.0.113.1:6379/0"}))
+    plain = remote.model_copy(update={"stack_secured": False})
+    with pytest.raises(ConfigError, match=r"F2PIPE_REDIS_URL .* F2PIPE_STACK_SECURED=false"):
+        commands._check_settings(plain)
 
 
 def test_two_servers_on_one_port_is_refused(isolated: dict[str, str]) -> None:

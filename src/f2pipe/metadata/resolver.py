@@ -57,6 +57,7 @@ from f2pipe.core.reasons import Reason
 from f2pipe.core.topics import STATUS_KINDS
 from f2pipe.errors import MetadataUnavailable
 from f2pipe.metadata.lookup import SKIPPED, Resolution, Resolved
+from f2pipe.runtime import pgtrouble
 from f2pipe.runtime.backoff import Backoff
 from f2pipe.settings import Settings
 
@@ -170,6 +171,8 @@ class Resolver:
         self.hits = dict.fromkeys(TIERS, 0)
         self.misses = dict.fromkeys(TIERS, 0)
         self.database_ok = False
+        #: What an operator must fix for the database to answer (:mod:`.pgtrouble`), if anything.
+        self.database_trouble: str | None = None
         self.redis_ok = True
         self._stop = threading.Event()
         self._listener: threading.Thread | None = None
@@ -212,12 +215,14 @@ class Resolver:
                 with psycopg.connect(self._dsn, autocommit=True, connect_timeout=3) as conn:
                     conn.execute("LISTEN f2pipe_metadata")  # = CHANNEL
                     backoff.reset()
+                    self.database_trouble = None
                     while not self._stop.is_set():
                         for note in conn.notifies(timeout=0.5):
                             if note.payload.isdigit():
                                 self._announced = max(self._announced, int(note.payload))
             except psycopg.Error as exc:
                 log.warning("metadata listener disconnected", extra={"error": str(exc)})
+                self.database_trouble = pgtrouble.describe(exc, "F2PIPE_METADATA_DSN")
                 self._stop.wait(backoff.next_delay())
 
     # --- lookups ---------------------------------------------------------------------
@@ -322,11 +327,13 @@ class Resolver:
             rows = self._conn.execute(sql, params).fetchall()
         except psycopg.Error as exc:
             self.database_ok = False
+            self.database_trouble = pgtrouble.describe(exc, "F2PIPE_METADATA_DSN")
             if self._conn is not None:
                 self._conn.close()
                 self._conn = None
             raise MetadataUnavailable(f"metadata database: {exc}".strip()) from exc
         self.database_ok = True
+        self.database_trouble = None
         if not self.redis_ok and time.monotonic() >= self._redis_retry_at:
             self.redis_ok = True  # optimistic; the next Redis error flips it back
         return rows

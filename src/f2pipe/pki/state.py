@@ -31,6 +31,7 @@ import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -63,6 +64,7 @@ __all__ = [
     "crl_entries",
     "ensure_pki",
     "issue_service_files",
+    "needs_server_cert",
     "read_crl",
     "server_names",
     "sync_shares",
@@ -76,9 +78,20 @@ _PUBLIC_MODE = 0o644
 _SHARE_DIR_MODE = 0o750
 
 
-def server_names(settings: Settings) -> list[str]:
-    """SANs for the broker and certgen: localhost, 127.0.0.1, ::1 and ``broker_names``."""
-    return list(dict.fromkeys(["localhost", "127.0.0.1", "::1", *settings.extra_server_names()]))
+def server_names(settings: Settings, *hosts: str | None) -> list[str]:
+    """SANs for a server: localhost, 127.0.0.1, ::1, ``broker_names`` and the ``hosts`` its
+    clients name it by (an unspecified address such as 0.0.0.0 names nothing)."""
+    named = [host.strip("[]") for host in hosts if host and host not in ("0.0.0.0", "::")]  # noqa: S104
+    extra = [*settings.extra_server_names(), *named]
+    return list(dict.fromkeys(["localhost", "127.0.0.1", "::1", *extra]))
+
+
+def needs_server_cert(
+    ca: CertificateAuthority, cert_path: Path, key_path: Path, names: list[str]
+) -> bool:
+    """True when the server certificate at ``cert_path`` must be issued again: missing, of
+    another CA, near its end, or without one of ``names``."""
+    return _needs_server_cert(ca, cert_path, key_path, names)
 
 
 def read_crl(path: Path) -> x509.CertificateRevocationList | None:
@@ -184,11 +197,12 @@ def ensure_pki(settings: Settings, services: Iterable[str] = SERVICE_NAMES) -> P
         write_crl(ca, paths, [], settings.crl_days)
         created.append(str(paths.crl))
 
-    names = server_names(settings)
-    for cn, cert_path, key_path in (
-        ("f2pipe broker", paths.broker_cert, paths.broker_key),
-        ("f2pipe certgen", paths.certgen_cert, paths.certgen_key),
-    ):
+    for cn, cert_path, key_path, names in (
+        ("f2pipe broker", paths.broker_cert, paths.broker_key,
+         server_names(settings, settings.mqtt_host)),
+        ("f2pipe certgen", paths.certgen_cert, paths.certgen_key,
+         server_names(settings, settings.certgen_host, urlsplit(settings.certgen_url).hostname)),
+    ):  # fmt: skip
         if _needs_server_cert(ca, cert_path, key_path, names):
             server = ca.issue_server(cn, names, settings.service_cert_days)
             assert server.private_key is not None

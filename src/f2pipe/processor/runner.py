@@ -73,7 +73,7 @@ from f2pipe.runtime.kafka import ConsumerWatch, Stopping, consume_available, con
 from f2pipe.runtime.kafkatrouble import KafkaTrouble
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.metrics import DEAD_LETTERS, REBALANCES
-from f2pipe.runtime.opsserver import OpsServer
+from f2pipe.runtime.opsserver import NotReady, OpsServer
 from f2pipe.runtime.shutdown import stop_on_signals
 from f2pipe.settings import Settings, get_settings
 
@@ -142,6 +142,8 @@ class Processor:
 
     def ready(self) -> bool:
         self.kafka_trouble.check()  # an error of its Kafka clients only an operator can fix
+        if (trouble := self.resolver.database_trouble) is not None:
+            raise NotReady(trouble)
         return self.resolver.database_ok and not self._paused
 
     def _abandoning(self) -> bool:

@@ -34,11 +34,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-import psycopg
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from f2pipe.errors import DatabaseUnavailable
+from f2pipe.runtime import pgtrouble
 from f2pipe.runtime.gctune import quiet_gc
 from f2pipe.runtime.kafka import (
     ConsumerWatch,
@@ -164,8 +164,7 @@ class Sink:
         if reason := self.progress.stalled():
             raise NotReady(reason)
         self.kafka_trouble.check()
-        with psycopg.connect(self.settings.timeseries_dsn, connect_timeout=2) as conn:
-            conn.execute("SELECT 1")
+        pgtrouble.probe(self.settings.timeseries_dsn, "F2PIPE_TIMESERIES_DSN")
         # Its own client: the consumer's handle is busy in the loop's consume().
         self._admin.list_topics(self.settings.topic_processed, timeout=2)
         return True

@@ -2,9 +2,11 @@
 
 :mod:`.servers` starts private servers (Mosquitto, a single-node Kafka, the
 connector) on free loopback ports with their own data folders, makes a
-throwaway PKI, and reads topics back. Nothing here is used by the pipeline
-itself; it exists so that ``tests/`` and ``bench/`` exercise the real servers
-the same way, and so that a benchmark needs only the installed package.
+throwaway PKI, and reads topics back; :mod:`.hosts` gives servers hosts of
+their own on one machine (network namespaces, addresses and names). Nothing
+here is used by the pipeline itself; it exists so that ``tests/`` and
+``bench/`` exercise the real servers the same way, and so that a benchmark
+needs only the installed package.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The local stack: PostgreSQL 15 or newer, Redis 7, Kafka 4 (KRaft) and Mosquitto 2 on loopback.
+"""The local stack: PostgreSQL 15 or newer, Redis 7, Kafka 4 (KRaft) and Mosquitto 2.
 
 ``f2pipe stack up [SERVER...]`` starts what is not running yet and returns once
 every server answers its health probe (and the database and topics exist);
@@ -19,6 +19,14 @@ Contracts:
 - Run as root, PostgreSQL runs as the ``postgres`` user (it refuses root) and
   missing Debian packages are installed with apt-get unless
   ``F2PIPE_STACK_INSTALL=false``; otherwise the error says what to install.
+- Each server listens on the host its client setting names (the DSN's, the
+  Redis URL's, the bootstrap's, ``F2PIPE_MQTT_HOST``): loopback by default,
+  else an address of this machine, secured only, and with that host in its
+  certificate; Redis then speaks TLS only (``rediss://``) and PostgreSQL also
+  admits TLS clients of the networks the address is on (``samenet``). A
+  server in :data:`~.server.LAUNCH_PREFIX` is started through that command
+  (``ip netns exec NAME`` in the separate-hosts test), so its host is that
+  namespace's address.
 - Mosquitto's pid is also written to ``<state>/mosquitto/mosquitto.pid`` so the
   certificate authority can send it SIGHUP to reload the CRL.
 

@@ -16,15 +16,13 @@ from f2pipe.errors import ConfigError, StackError
 from f2pipe.operations.stack import security
 from f2pipe.operations.stack.install import ensure_programs
 from f2pipe.operations.stack.kafka import Kafka, KafkaNode2, KafkaNode3, kafka_nodes
-from f2pipe.operations.stack.kafka_cluster import node_ports
+from f2pipe.operations.stack.kafka_cluster import node_host, node_ports
 from f2pipe.operations.stack.mosquitto import Mosquitto
 from f2pipe.operations.stack.postgres import Postgres
 from f2pipe.operations.stack.redis import Redis
-from f2pipe.operations.stack.server import Server
-from f2pipe.operations.stack.supervise import LOOPBACK, Paths, locked
+from f2pipe.operations.stack.server import LAUNCH_PREFIX, Server
+from f2pipe.operations.stack.supervise import LOOPBACK, Paths, is_local, is_loopback, locked
 from f2pipe.settings import Settings, load_settings
-
-_LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 
 SERVERS: tuple[type[Server], ...] = (Postgres, Redis, Kafka, Mosquitto)
 NAMES = tuple(cls.name for cls in SERVERS)
@@ -33,20 +31,35 @@ _NODE_NAMES = (KafkaNode2.name, KafkaNode3.name)
 
 
 def _check_settings(settings: Settings) -> None:
-    """The stack serves loopback only, on distinct ports; say which variable is wrong."""
+    """Each server on loopback or another address of this machine (or of the host it is
+    launched on, see ``LAUNCH_PREFIX``), on distinct ports; say which variable is wrong."""
     hosts = {
-        "F2PIPE_METADATA_DSN": urlsplit(settings.metadata_dsn).hostname or LOOPBACK,
-        "F2PIPE_REDIS_URL": urlsplit(settings.redis_url).hostname or LOOPBACK,
-        "F2PIPE_KAFKA_BOOTSTRAP": settings.kafka_bootstrap.split(",")[0].rpartition(":")[0],
-        "F2PIPE_MQTT_HOST": settings.mqtt_host,
+        "F2PIPE_METADATA_DSN": (Postgres.name, urlsplit(settings.metadata_dsn).hostname),
+        "F2PIPE_REDIS_URL": (Redis.name, urlsplit(settings.redis_url).hostname),
+        "F2PIPE_KAFKA_BOOTSTRAP": (Kafka.name, node_host(settings, 1)),
+        "F2PIPE_MQTT_HOST": (Mosquitto.name, settings.mqtt_host),
     }
-    for variable, host in hosts.items():
-        if host.strip("[]") not in _LOOPBACK_NAMES:
+    for variable, (server, host) in hosts.items():
+        host = (host or LOOPBACK).strip("[]")
+        if is_loopback(host):
+            continue
+        if not settings.stack_secured:
             raise ConfigError(
-                f"{variable} points at {host}; `f2pipe stack` runs servers on {LOOPBACK} only"
+                f"{variable} points at {host}, but F2PIPE_STACK_SECURED=false serves loopback "
+                f"only; use {LOOPBACK}, or leave the stack secured"
             )
-    if urlsplit(settings.redis_url).scheme != "redis":
-        raise ConfigError("F2PIPE_REDIS_URL must be redis://127.0.0.1:PORT/DB for the local stack")
+        if server not in LAUNCH_PREFIX and not is_local(host):
+            raise ConfigError(
+                f"{variable} points at {host}, which is not an address of this machine; "
+                f"`f2pipe stack` runs its servers here: use {LOOPBACK} or this machine's address"
+            )
+    scheme = urlsplit(settings.redis_url).scheme
+    wanted = "redis" if is_loopback(urlsplit(settings.redis_url).hostname or LOOPBACK) else "rediss"
+    if scheme != wanted:
+        raise ConfigError(
+            f"F2PIPE_REDIS_URL must start with {wanted}:// for the local stack: plain on "
+            "loopback, TLS (rediss://) on any other address"
+        )
     ports = {
         "F2PIPE_METADATA_DSN": settings.pg_port(),
         "F2PIPE_REDIS_URL": settings.redis_port(),

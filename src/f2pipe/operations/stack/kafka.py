@@ -35,7 +35,7 @@ from f2pipe.operations.stack.install import (
     kafka_version,
 )
 from f2pipe.operations.stack.server import Server
-from f2pipe.operations.stack.supervise import LOOPBACK, Paths, log_tail, port_accepts
+from f2pipe.operations.stack.supervise import Paths, address_of, log_tail, port_accepts
 from f2pipe.settings import Settings
 
 DAY_MS = 24 * 3600 * 1000
@@ -107,10 +107,18 @@ class Kafka(Server):
             needed.append(Program("mvn", "maven"))
         return needed
 
+    def host(self) -> str:
+        return kafka_cluster.node_host(self.settings, self.node)
+
+    def _listener_hosts(self) -> tuple[str, str]:
+        """(the name clients reach it by, the address it binds), as listeners write them."""
+        host = self.host()
+        return kafka_cluster.bracketed(host), kafka_cluster.bracketed(address_of(host))
+
     def describe(self) -> str:
         of = self.settings.kafka_brokers
         cluster = f", node {self.node} of {of}" if of > 1 else ""
-        return f"{LOOPBACK}:{self.port} Kafka {self.version} (KRaft{cluster})"
+        return f"{self.host()}:{self.port} Kafka {self.version} (KRaft{cluster})"
 
     def _java(self, *args: str) -> list[str]:
         return [
@@ -147,12 +155,13 @@ class Kafka(Server):
 
     def _write_config(self) -> None:
         port, controller = self.port, self.controller_port
+        host, bind = self._listener_hosts()
         properties = {
             "process.roles": "broker,controller",
             "node.id": str(self.node),
             "controller.quorum.voters": kafka_cluster.voters(self.settings),
-            "listeners": f"PLAINTEXT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller}",
-            "advertised.listeners": f"PLAINTEXT://{LOOPBACK}:{port}",
+            "listeners": f"PLAINTEXT://{bind}:{port},CONTROLLER://{bind}:{controller}",
+            "advertised.listeners": f"PLAINTEXT://{host}:{port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "PLAINTEXT",
             "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
@@ -199,14 +208,16 @@ class Kafka(Server):
         :mod:`f2pipe.operations.principals`.
         """
         port, controller = self.port, self.controller_port
-        cert, key = security.server_tls(self.settings, self.home, "f2pipe kafka", None)
+        host, bind = self._listener_hosts()
+        cert, key = security.server_tls(self.settings, self.home, "f2pipe kafka", None, self.host())
         ca = security.ca_file(self.settings)
         keystore = self.home / "keystore.pem"
         security.write_private_text(keystore, key.read_text() + cert.read_text())
         plain = broker_jaas(security.password(self.paths, f"kafka-{KAFKA_BROKER_USER}"))
         return {
-            "listeners": f"CLIENT://{LOOPBACK}:{port},CONTROLLER://{LOOPBACK}:{controller}",
-            "advertised.listeners": f"CLIENT://{LOOPBACK}:{port}",
+            # Clients reach it by the bootstrap's name, which its certificate carries.
+            "listeners": f"CLIENT://{bind}:{port},CONTROLLER://{bind}:{controller}",
+            "advertised.listeners": f"CLIENT://{host}:{port}",
             "controller.listener.names": "CONTROLLER",
             "inter.broker.listener.name": "CLIENT",
             "listener.security.protocol.map": "CLIENT:SASL_SSL,CONTROLLER:SASL_SSL",
@@ -253,13 +264,13 @@ class Kafka(Server):
             # The stack acts as the broker's own super user, which exists from the start.
             update = security.kafka_settings(self.settings, self.paths, KAFKA_BROKER_USER, "PLAIN")
         if self.settings.kafka_brokers > 1:  # this node, which must answer for itself
-            update = {**update, "kafka_bootstrap": f"{LOOPBACK}:{self.port}"}
+            update = {**update, "kafka_bootstrap": f"{self._listener_hosts()[0]}:{self.port}"}
         settings = self.settings.model_copy(update=update)
         # log_level 2: librdkafka would print every refused connection while the JVM starts.
         return AdminClient(admin_config(settings, log_level=2))
 
     def healthy(self) -> bool:
-        if not port_accepts(self.port):
+        if not port_accepts(self.port, host=self.host()):
             self.last_error = f"port {self.port} does not accept connections"
             return False
         try:

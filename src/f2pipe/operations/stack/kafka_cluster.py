@@ -31,7 +31,9 @@ __all__ = [
     "CLUSTER",
     "MIN_INSYNC",
     "REPLICAS",
+    "bracketed",
     "cluster_id",
+    "node_host",
     "node_ports",
     "replication",
     "voters",
@@ -81,10 +83,25 @@ def node_ports(settings: Settings) -> list[tuple[int, int]]:
     ]
 
 
+def node_host(settings: Settings, node: int) -> str:
+    """The host node ``node`` (from 1) serves on: its address in the bootstrap."""
+    addresses = settings.kafka_bootstrap.split(",")
+    host = addresses[min(node, len(addresses)) - 1].strip().rpartition(":")[0]
+    return host.strip("[]") or LOOPBACK
+
+
+def bracketed(host: str) -> str:
+    """``host`` as a listener or an address list names it: an IPv6 address in brackets."""
+    return f"[{host}]" if ":" in host else host
+
+
 def voters(settings: Settings) -> str:
-    """``controller.quorum.voters``: every node's id at its controller port."""
+    """``controller.quorum.voters``: every node's id at its host and controller port."""
     ports = node_ports(settings)
-    return ",".join(f"{n}@{LOOPBACK}:{controller}" for n, (_, controller) in enumerate(ports, 1))
+    return ",".join(
+        f"{n}@{bracketed(node_host(settings, n))}:{controller}"
+        for n, (_, controller) in enumerate(ports, 1)
+    )
 
 
 def cluster_id(paths: Paths, settings: Settings, new_id: str) -> str | None:

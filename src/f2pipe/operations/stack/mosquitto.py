@@ -332,6 +332,9 @@ class Mosquitto(Server):
         self.broker_pidfile = broker_pid_path(settings)
         self.config: Path | None = None
 
+    def host(self) -> str:
+        return self.settings.mqtt_host
+
     def ports(self) -> dict[int, str]:
         return {self.settings.mqtt_port: "F2PIPE_MQTT_PORT"}
 
@@ -362,7 +365,7 @@ class Mosquitto(Server):
     def healthy(self) -> bool:
         # A TCP accept proves the listener is bound; an MQTT handshake would need a client
         # certificate, and any identity's CONNECT would take over that identity's session.
-        if port_accepts(self.settings.mqtt_port):
+        if port_accepts(self.settings.mqtt_port, host=self.host()):
             return True
         self.last_error = f"port {self.settings.mqtt_port} does not accept connections"
         return False

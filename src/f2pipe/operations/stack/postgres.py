@@ -1,11 +1,12 @@
 """PostgreSQL 15 or newer: the metadata and time-series database of the local stack.
 
-Data in ``<state>/pg`` (or where :mod:`.pgcluster` places it), on loopback
-only. Secured (the default), scram-sha-256 passwords over TLS and one role per
-service (:mod:`.rights`); ``F2PIPE_STACK_SECURED=false``: trust. Run as root,
-the server and initdb run as the ``postgres`` user (PostgreSQL refuses root).
-The major, TimescaleDB's preload and the data folder's place are chosen in
-:mod:`.pgcluster`.
+Data in ``<state>/pg`` (or where :mod:`.pgcluster` places it), listening on
+the host of ``F2PIPE_METADATA_DSN`` (loopback by default; another address of
+this machine only secured, see :mod:`.commands`). Secured (the default),
+scram-sha-256 passwords over TLS and one role per service (:mod:`.rights`);
+``F2PIPE_STACK_SECURED=false``: trust. Run as root, the server and initdb run
+as the ``postgres`` user (PostgreSQL refuses root). The major, TimescaleDB's
+preload and the data folder's place are chosen in :mod:`.pgcluster`.
 Once healthy, the database named by ``F2PIPE_METADATA_DSN`` is created if missing
 and, secured, the services' login roles with their generated passwords.
 """
@@ -29,6 +30,8 @@ from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import (
     LOOPBACK,
     Paths,
+    address_of,
+    is_loopback,
     log_tail,
     port_accepts,
     running_as_root,
@@ -41,7 +44,7 @@ if TYPE_CHECKING:
 
 
 class Postgres(Server):
-    """PostgreSQL from the Debian packages, data in ``<state>/pg``, on loopback only."""
+    """PostgreSQL from the Debian packages, data in ``<state>/pg``, on the DSN's host."""
 
     name = "postgres"
     stop_signal = signal.SIGINT  # "fast" shutdown; SIGTERM would wait for clients to leave
@@ -100,8 +103,11 @@ class Postgres(Server):
             raise StackError("user postgres is missing; reinstall: apt-get install postgresql")
         return account
 
+    def host(self) -> str:
+        return urlsplit(self.settings.metadata_dsn).hostname or LOOPBACK
+
     def describe(self) -> str:
-        return f"{LOOPBACK}:{self.port} database {self.database}"
+        return f"{self.host()}:{self.port} database {self.database}"
 
     def workdir(self) -> Path:
         return self.data
@@ -156,7 +162,7 @@ class Postgres(Server):
     def command(self) -> list[str]:
         return [
             str(self._bin() / "postgres"), "-D", str(self.data),
-            "-c", f"listen_addresses={LOOPBACK}",
+            "-c", f"listen_addresses={address_of(self.host())}",
             "-c", f"port={self.port}",
             # TCP only: a socket path under a deep state folder can exceed the 107-byte limit.
             "-c", "unix_socket_directories=",
@@ -171,15 +177,19 @@ class Postgres(Server):
         import psycopg
 
         secured = security.is_secured(self.paths, self.name)
+        host = self.host()
+        # Off loopback the server's name is checked too (SPEC section 10).
+        loopback = is_loopback(host)
         return psycopg.connect(
-            host=LOOPBACK, port=self.port, user=self.user, dbname=dbname,
+            host=host, port=self.port, user=self.user, dbname=dbname,
             connect_timeout=2, autocommit=True,
             password=security.pg_admin_password(self.paths) if secured else None,
-            sslmode="require" if secured else "prefer",
+            sslmode=("require" if loopback else "verify-full") if secured else "prefer",
+            sslrootcert=None if loopback else str(security.ca_file(self.settings)),
         )  # fmt: skip
 
     def healthy(self) -> bool:
-        if not port_accepts(self.port):
+        if not port_accepts(self.port, host=self.host()):
             self.last_error = f"port {self.port} does not accept connections"
             return False
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import pwd
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from f2pipe.errors import StackError
 from f2pipe.operations.principals import ADMIN, Names, principals
@@ -23,7 +24,7 @@ from f2pipe.operations.stack.security import (
     server_tls,
     write_owned,
 )
-from f2pipe.operations.stack.supervise import Paths
+from f2pipe.operations.stack.supervise import LOOPBACK, Paths, is_loopback
 from f2pipe.settings import Settings
 
 __all__ = ["create_roles", "grant", "kafka_users_and_acls", "redis_acl", "secure_postgres"]
@@ -52,13 +53,14 @@ def secure_postgres(
     server never runs a moment without it). Plain: trust on loopback.
     """
     secured = settings.stack_secured
+    host = urlsplit(settings.metadata_dsn).hostname or LOOPBACK
     main = data / "postgresql.conf"
     include = f"include_if_exists = '{_PG_CONF}'\n"
     text = main.read_text()
     if include not in text:
         main.write_text(text + ("" if text.endswith("\n") else "\n") + include)
     if secured:
-        server_tls(settings, data, "f2pipe postgres", owner)
+        server_tls(settings, data, "f2pipe postgres", owner, host)
         conf = (
             "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
             "ssl_min_protocol_version = 'TLSv1.2'\npassword_encryption = 'scram-sha-256'\n"
@@ -66,7 +68,11 @@ def secure_postgres(
     else:
         conf = "ssl = off\n"
     write_owned(data / _PG_CONF, "# Written by `f2pipe stack` at each start.\n" + conf, owner)
-    write_owned(data / "pg_hba.conf", _HBA[secured], owner)
+    hba = _HBA[secured]
+    if secured and not is_loopback(host):
+        # Served on another address: clients of the networks it is on, over TLS only.
+        hba += f"# F2PIPE_METADATA_DSN names {host}:\nhostssl all all samenet scram-sha-256\n"
+    write_owned(data / "pg_hba.conf", hba, owner)
     if secured:
         _set_pg_password(postgres, data, pg_user(settings), pg_admin_password(paths), owner)
     mark(paths, "postgres", secured)

@@ -57,6 +57,7 @@ __all__ = [
     "pg_admin_password",
     "pg_user",
     "read_admin_env",
+    "redis_url",
     "roles",
     "secrets_dir",
     "server_tls",
@@ -148,31 +149,23 @@ def is_secured(paths: Paths, server: str) -> bool:
 
 
 def server_tls(
-    settings: Settings, folder: Path, common_name: str, owner: pwd.struct_passwd | None
+    settings: Settings,
+    folder: Path,
+    common_name: str,
+    owner: pwd.struct_passwd | None,
+    host: str | None = None,
 ) -> tuple[Path, Path]:
-    """``folder/server.crt`` and ``server.key`` (0600, owned by ``owner``) from f2pipe's CA."""
-    from f2pipe.pki.ca import (
-        RENEW_BEFORE,
-        cert_pem,
-        key_pem,
-        load_cert,
-        utc_now,
-        write_private,
-        write_public,
-    )
-    from f2pipe.pki.state import ensure_pki, server_names
+    """``folder/server.crt`` and ``server.key`` (0600, owned by ``owner``) from f2pipe's CA,
+    naming loopback, ``broker_names`` and ``host`` (where clients reach the server)."""
+    from f2pipe.pki.ca import cert_pem, key_pem, write_private, write_public
+    from f2pipe.pki.state import ensure_pki, needs_server_cert, server_names
 
     with PKI_LOCK:
         ca = ensure_pki(settings).ca
     cert, key = folder / "server.crt", folder / "server.key"
-    fresh = cert.is_file() and key.is_file()
-    if fresh:
-        current = load_cert(cert)
-        fresh = ca.issued_by_me(current) and (
-            current.not_valid_after_utc - utc_now() >= RENEW_BEFORE
-        )
-    if not fresh:
-        issued = ca.issue_server(common_name, server_names(settings), settings.service_cert_days)
+    names = server_names(settings, host)
+    if needs_server_cert(ca, cert, key, names):
+        issued = ca.issue_server(common_name, names, settings.service_cert_days)
         assert issued.private_key is not None
         write_private(key, key_pem(issued.private_key))
         write_public(cert, cert_pem(issued.certificate))
@@ -210,6 +203,13 @@ def pg_user(settings: Settings) -> str:
     return unquote(urlsplit(settings.metadata_dsn).username or "postgres")
 
 
+def redis_url(settings: Settings, user: str | None, secret: str | None) -> str:
+    """``F2PIPE_REDIS_URL`` with ``user``'s credentials; over TLS, checked against f2pipe's CA."""
+    trust = {"ssl_ca_certs": str(ca_file(settings))}
+    tls = urlsplit(settings.redis_url).scheme == "rediss"
+    return with_credentials(settings.redis_url, user, secret, **(trust if tls else {}))
+
+
 def _pg_dsn(settings: Settings, dsn: str, user: str | None, secret: str | None) -> str:
     return with_credentials(
         dsn, user, secret, sslmode="verify-full", sslrootcert=str(ca_file(settings))
@@ -238,7 +238,7 @@ def service_env(settings: Settings, paths: Paths, service: str) -> dict[str, str
     if is_secured(paths, "redis"):
         user = None if who is None else who.redis_user
         secret = None if user is None else password(paths, f"redis-{user}")
-        env["F2PIPE_REDIS_URL"] = with_credentials(settings.redis_url, user, secret)
+        env["F2PIPE_REDIS_URL"] = redis_url(settings, user, secret)
     if is_secured(paths, "kafka"):
         env |= kafka_env(settings, paths, None if who is None else who.kafka_user)
     if stack_secured(paths):
@@ -270,7 +270,7 @@ def admin_env(settings: Settings, paths: Paths) -> dict[str, str]:
         env["F2PIPE_TIMESERIES_DSN"] = settings.timeseries_dsn
     if is_secured(paths, "redis"):
         secret = password(paths, f"redis-{ADMIN}")
-        env["F2PIPE_REDIS_URL"] = with_credentials(settings.redis_url, ADMIN, secret)
+        env["F2PIPE_REDIS_URL"] = redis_url(settings, ADMIN, secret)
     else:
         env["F2PIPE_REDIS_URL"] = settings.redis_url
     env["F2PIPE_KAFKA_BOOTSTRAP"] = settings.kafka_bootstrap

@@ -31,6 +31,11 @@ from f2pipe.operations.stack.supervise import (
 )
 from f2pipe.settings import Settings
 
+#: Server (or service) name -> a command its process is started through, such as
+#: ``ip netns exec NAME``: how tests run each on a host of its own on one machine.
+#: Empty in use.
+LAUNCH_PREFIX: dict[str, list[str]] = {}
+
 
 class Server(abc.ABC):
     """One local server: what it needs, how it starts, how it is probed and stopped.
@@ -88,8 +93,12 @@ class Server(abc.ABC):
         """Variables of the caller's environment the process must not inherit."""
         return frozenset()
 
+    def host(self) -> str:
+        """Where it listens and is probed: its client setting's host (loopback by default)."""
+        return LOOPBACK
+
     def describe(self) -> str:
-        return ", ".join(f"{LOOPBACK}:{port}" for port in self.ports())
+        return ", ".join(f"{self.host()}:{port}" for port in self.ports())
 
     def workdir(self) -> Path:
         """The server's own folder under the state folder (its working directory)."""
@@ -102,7 +111,7 @@ class Server(abc.ABC):
 
     def foreign_port(self) -> int | None:
         """A port of ours that some other process holds, if any."""
-        return next((port for port in self.ports() if port_in_use(port)), None)
+        return next((port for port in self.ports() if port_in_use(port, self.host())), None)
 
     def check_ports(self) -> None:
         port = self.foreign_port()
@@ -121,9 +130,17 @@ class Server(abc.ABC):
         env.update(self.environment())
         if user is not None:
             env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
+        command = self.command()
+        prefix = LAUNCH_PREFIX.get(self.name, [])
+        if prefix and user is not None:
+            # The prefix enters a namespace, which takes root: the server drops to its
+            # account only after it.
+            drop = [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups"]
+            command = ["setpriv", *drop, "--", *command]
+            user = None
         with self.log_file.open("ab") as out:
             self._proc = subprocess.Popen(
-                self.command(),
+                [*prefix, *command],
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -8,7 +8,9 @@ mistaken for ours and nothing here ever signals a foreign process.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import ipaddress
 import os
 import pwd
 import socket
@@ -120,22 +122,64 @@ def locked(paths: Paths, name: str = "stack") -> Iterator[None]:
         yield
 
 
-def port_in_use(port: int) -> bool:
-    """True when something listens on (or holds) ``127.0.0.1:port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+def is_loopback(host: str) -> bool:
+    """True for a loopback name or address (``localhost``, ``127.x``, ``::1``)."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def address_of(host: str) -> str:
+    """The IPv4 (else IPv6) address ``host`` resolves to here; StackError if it does not."""
+    host = host.strip("[]")
+    try:
+        found = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except OSError:
+        raise StackError(f"{host} does not resolve on this machine; fix its name") from None
+    found.sort(key=lambda entry: entry[0] != socket.AF_INET)
+    return str(found[0][4][0])
+
+
+def is_local(host: str) -> bool:
+    """True when ``host`` is loopback or an address of this machine (one a server can bind)."""
+    if is_loopback(host):
+        return True
+    try:
+        address = address_of(host)
+    except StackError:
+        return False
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+def port_in_use(port: int, host: str = LOOPBACK) -> bool:
+    """True when something listens on (or holds) ``host:port``; an address that is not
+    this machine's is held by no process here."""
+    address = host if host == LOOPBACK else address_of(host)
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
         # SO_REUSEADDR so that our own recent connections in TIME_WAIT do not count.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind((LOOPBACK, port))
-        except OSError:
-            return True
+            probe.bind((address, port))
+        except OSError as exc:
+            return exc.errno != errno.EADDRNOTAVAIL
     return False
 
 
-def port_accepts(port: int, timeout: float = 0.5) -> bool:
-    """True when a TCP connection to ``127.0.0.1:port`` succeeds."""
+def port_accepts(port: int, timeout: float = 0.5, host: str = LOOPBACK) -> bool:
+    """True when a TCP connection to ``host:port`` succeeds."""
     try:
-        with socket.create_connection((LOOPBACK, port), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False
