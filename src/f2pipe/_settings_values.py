@@ -71,6 +71,14 @@ Seconds = BeforeValidator(functools.partial(parse_duration, unit_seconds=1.0))
 Days = BeforeValidator(functools.partial(parse_duration, unit_seconds=86400.0))
 
 
+def default_state_dir() -> Path:
+    """``var/`` in the checkout when run from one (src layout), else under the working folder."""
+    checkout = Path(__file__).resolve().parent.parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "var"
+    return Path.cwd() / "var"
+
+
 def upper(value: object) -> object:
     """Text upper-cased (closed choices are spelled in any case); anything else unchanged."""
     return value.upper() if isinstance(value, str) else value

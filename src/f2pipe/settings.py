@@ -45,6 +45,7 @@ from f2pipe._settings_values import (
     Milliseconds,
     Seconds,
     config_file_values,
+    default_state_dir,
     deprecated_environment,
     every_broker,
     mask_url,
@@ -57,16 +58,6 @@ from f2pipe.errors import ConfigError
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
-
-
-def _default_state_dir() -> Path:
-    # var/ in the checkout when run from one (src layout: <checkout>/src/f2pipe/settings.py),
-    # else var/ under the working directory.
-    here = Path(__file__).resolve().parent
-    checkout = here.parent.parent
-    if (checkout / "pyproject.toml").is_file():
-        return checkout / "var"
-    return Path.cwd() / "var"
 
 
 class Settings(BaseSettings):
@@ -127,6 +118,11 @@ class Settings(BaseSettings):
     )
     mqtt_host: str = Field(default="127.0.0.1", description="MQTT broker host.")
     mqtt_port: int = Field(default=8883, ge=1, le=65535, description="MQTT broker port (TLS).")
+    # Devices are spread over brokers mqtt-1..N (SPEC section 10; f2pipe.runtime.mqttbrokers).
+    mqtt_brokers: int = Field(
+        default=1, ge=1, le=16, description="MQTT brokers mqtt-1..N; mqtt-n listens on "
+        "F2PIPE_MQTT_PORT + 2 (n - 1), and `f2pipe up` runs a connector group for each.",
+    )  # fmt: skip
     certgen_url: str = Field(
         default="http://127.0.0.1:8080", description="Where tools reach the certificate service."
     )
@@ -137,7 +133,7 @@ class Settings(BaseSettings):
         default=None, description="File holding the certgen admin token."
     )
     state_dir: Path = Field(
-        default_factory=_default_state_dir,
+        default_factory=default_state_dir,
         description="Local state: CA, keys, server data, logs (default var/ in the checkout).",
     )
     max_payload_bytes: int = Field(
