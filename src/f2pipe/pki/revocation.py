@@ -72,6 +72,7 @@ from f2pipe.pki.ca import (
 )
 from f2pipe.pki.state import broker_pid_path, connector_identities, crl_entries, read_crl, write_crl
 from f2pipe.pki.store import CertificateStore
+from f2pipe.runtime.mqttbrokers import broker_named, broker_names, connector_broker
 from f2pipe.runtime.tls import client_context
 from f2pipe.settings import Settings
 
@@ -117,23 +118,28 @@ class RevokeResult:
 
 
 def reload_broker(settings: Settings) -> bool:
-    """SIGHUP the broker named in ``<state>/mosquitto/mosquitto.pid``; True if sent.
+    """SIGHUP every broker named in ``<state>/mosquitto/mosquitto.pid`` (and
+    ``<state>/mosquitto-<n>/`` for the others); True if the first was signalled.
 
-    An optimisation where certgen and the broker share a machine and a user:
+    An optimisation where certgen and the brokers share a machine and a user:
     a broker elsewhere reloads on its own when the CRL file changes (see the
     module docstring), so a missing or foreign pid is not an error.
     """
-    path = broker_pid_path(settings)
-    try:
-        pid = int(path.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
-        log.info(
-            "broker not signalled; its CRL watcher reloads it",
-            extra={"pid_file": str(path), "error": type(exc).__name__},
-        )
-        return False
-    return True
+    sent = []
+    for number in range(1, settings.mqtt_brokers + 1):
+        path = broker_pid_path(settings, number)
+        try:
+            pid = int(path.read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError) as exc:
+            log.info(
+                "broker not signalled; its CRL watcher reloads it",
+                extra={"pid_file": str(path), "error": type(exc).__name__},
+            )
+            sent.append(False)
+            continue
+        sent.append(True)
+    return sent[0]
 
 
 def reload_and_refresh(settings: Settings) -> bool:
@@ -151,10 +157,14 @@ def reload_and_refresh(settings: Settings) -> bool:
         return _reload_with_probe(settings, ca, None, [], signal=False)
 
 
-def refresh_service_sessions(settings: Settings) -> None:
-    """Connect once as each connector identity so the broker re-reads its ACL (see module doc)."""
+def refresh_service_sessions(settings: Settings, brokers: list[str] | None = None) -> None:
+    """Connect once as each connector identity to its own broker (of ``brokers``, default
+    all) so that broker re-reads the identity's ACL (see the module docstring)."""
     paths = pki_paths(settings)
     for name in connector_identities(settings):
+        broker = connector_broker(name)
+        if broker not in broker_names(settings) or (brokers is not None and broker not in brokers):
+            continue
         try:
             context = client_context(
                 paths.ca_cert, paths.service_cert(name), paths.service_key(name)
@@ -164,7 +174,7 @@ def refresh_service_sessions(settings: Settings) -> None:
                 "cannot refresh service session", extra={"identity": name, "error": str(exc)}
             )
             continue
-        if not _take_over(settings, context, name):
+        if not _take_over(broker_named(settings, broker).settings(settings), context, name):
             log.warning("service session not refreshed", extra={"identity": name})
 
 
