@@ -47,7 +47,7 @@ from f2pipe.operations.stack.mosquitto import acl_path, listed_devices, render_a
 from f2pipe.operations.stack.mqtt_shards import sync_acls
 from f2pipe.runtime.mqttbrokers import broker_named, brokers, device_broker_file
 from f2pipe.settings import Settings, load_settings
-from f2pipe.testing.stack import private_settings, private_state
+from f2pipe.testing.stack import free_ports, private_settings, private_state
 from f2pipe.tools.simulator.provisioning import device_ssl_context, provision_certificates
 from pipeline_helpers import Fleet, env_frame
 from test_pipeline import (
@@ -121,6 +121,27 @@ def test_with_several_brokers_each_acl_lists_its_own_devices_only() -> None:
     assert "user svc-connector-mqtt-2\ntopic read stat/#\ntopic read tele/#\n" in acl
     # One broker: the patterns, as before.
     assert "pattern write tele/%u/+/+/+" in render_acl(["svc-connector"])
+
+
+def test_the_simulator_names_a_broker_it_cannot_reach_in_one_line(tmp_path: Path) -> None:
+    (mqtt,) = free_ports(1)
+    settings = load_settings(state_dir=tmp_path, mqtt_port=mqtt, mqtt_brokers=2, mqtt_tls=False)
+    second = broker_named(settings, "mqtt-2")
+    for mac in ("aabbccddee01", "aabbccddee02", "aabbccddee03", "aabbccddee04"):
+        device_broker_file(settings, mac).parent.mkdir(parents=True, exist_ok=True)
+        device_broker_file(settings, mac).write_text(second.url)
+    done = subprocess.run(
+        [sys.executable, "-m", "f2pipe.cli", "simulate", "--count", "4"],
+        env={**os.environ, **services.settings_env(settings)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert f"cannot reach the broker at 127.0.0.1:{second.port}" in line
+    assert "F2PIPE_MQTT_BROKERS" in line
 
 
 # --------------------------------------------------------------------------- two brokers

@@ -95,7 +95,7 @@ class Load:
             self.ledger.write("".join([message.ledger_line() for message in messages]))
 
     async def connect(self) -> None:
-        """One connection per controller; raises OSError or MqttError if one is refused."""
+        """One connection per controller; raises MqttError if one is refused."""
         for sensor in self.sensors:
             if sensor.mac not in self.clients:
                 host, port = self.addresses.get(
