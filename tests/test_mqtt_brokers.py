@@ -2,7 +2,7 @@
 
 The first tests check, without servers, what two or three brokers make of the
 brokers' names and ports, the stack's servers, the connector groups and the
-ACLs. The last two run on a private stack with two brokers (``f2pipe up`` in a
+ACLs. The others run on a private stack with two brokers (``f2pipe up`` in a
 temporary state folder, certgen included), the demo fleet split over them by
 ``f2pipe fleet import``:
 
@@ -12,7 +12,8 @@ temporary state folder, certgen included), the demo fleet split over them by
   readings land exactly, the bad frames are dead-lettered. A controller with a
   valid certificate that publishes to the other broker is refused there
   (PUBACK "not authorized") and lands nothing. ``f2pipe status`` shows both
-  brokers with their connectors;
+  brokers with their connectors, and ``f2pipe cmnd`` reaches a controller on
+  the broker it belongs to;
 - while the simulator publishes, the connector of ``mqtt-2`` is killed with
   SIGKILL: rows from ``mqtt-1``'s controllers keep arriving while ``mqtt-2``'s
   stop; started again, its connector drains what the broker queued for it, and
@@ -202,6 +203,10 @@ class Device:
         assert context is not None
         self.client.tls_set_context(context)
         self.client.on_publish = self._on_publish
+        self.received: list[tuple[str, bytes]] = []
+        self.client.on_message = lambda client, userdata, m: self.received.append(
+            (m.topic, m.payload)
+        )
         connected = threading.Event()
         self.client.on_connect = lambda *args: connected.set()
         self.client.connect(host, port, keepalive=30)
@@ -219,6 +224,20 @@ class Device:
         with self.done:
             assert self.done.wait_for(lambda: mid in self.acked, timeout=15), topic
             return self.acked[mid]
+
+    def subscribe(self, topic: str) -> int:
+        """Subscribe at QoS 1 and wait for the SUBACK; its reason code (< 128: granted)."""
+        granted: list[int] = []
+        done = threading.Event()
+
+        def on_subscribe(client: Any, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+            granted.extend(int(code.value) for code in codes)
+            done.set()
+
+        self.client.on_subscribe = on_subscribe
+        self.client.subscribe(topic, qos=1)
+        assert done.wait(15), topic
+        return granted[0]
 
     def close(self) -> None:
         self.client.disconnect()
@@ -345,6 +364,33 @@ def test_the_vectors_land_through_both_brokers_and_the_other_broker_refuses(
     }
     assert all(b["connected_clients"] for b in report.brokers.values())
     assert not [p for p in report.problems if "broker" in p], report.problems
+
+
+def test_a_command_goes_to_the_broker_of_its_controller(
+    two_brokers: Settings, tmp_path: Path
+) -> None:
+    settings = two_brokers
+    split_demo_fleet(settings, tmp_path)
+    mac = SECOND[0]
+    broker = broker_named(settings, "mqtt-2")
+    device = Device(settings, mac, broker.host, broker.port)
+    try:
+        assert device.subscribe(f"cmnd/f2-{mac}/#") == 1
+        # The commander connects to mqtt-1 by its settings: only routing by the
+        # controller's broker brings the command to mqtt-2.
+        done = subprocess.run(
+            [sys.executable, "-m", "f2pipe.cli", "cmnd", mac, "J1", "strike-1",
+             '{"power-flag": 1}'],
+            env={**os.environ, **services.settings_env(settings)},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        wait_until(lambda: device.received, timeout=15, what="the command on mqtt-2")
+        assert device.received == [
+            (f"cmnd/f2-{mac}/access-control-mode/J1/strike-1", b'{"power-flag":1}')
+        ]
+    finally:
+        device.close()
 
 
 def demo_sensors(settings: Settings) -> dict[str, list[int]]:
