@@ -80,6 +80,23 @@ def test_brokers_are_named_and_listen_two_ports_apart(tmp_path: Path) -> None:
         broker_named(settings, "mqtt-4")
 
 
+def test_devices_may_reach_a_broker_at_another_address(tmp_path: Path) -> None:
+    urls = "mqtt-2=mqtts://broker-b.example.net:8883"
+    settings = load_settings(
+        state_dir=tmp_path, mqtt_port=8883, mqtt_brokers=2, mqtt_broker_urls=urls
+    )
+    assert [b.url for b in brokers(settings)] == [
+        "mqtts://127.0.0.1:8883",
+        "mqtts://broker-b.example.net:8883",
+    ]
+    assert brokers(settings)[1].port == 8885  # the stack and the connectors stay local
+    with pytest.raises(ConfigError, match=r"F2PIPE_MQTT_BROKER_URLS='mqtt-2=http://b:1' is"):
+        load_settings(state_dir=tmp_path, mqtt_broker_urls="mqtt-2=http://b:1")
+    past = settings.model_copy(update={"mqtt_brokers": 1})
+    with pytest.raises(ConfigError, match="names mqtt-2, but F2PIPE_MQTT_BROKERS=1"):
+        brokers(past)
+
+
 def test_the_stack_runs_one_mosquitto_per_broker_with_its_own_folder(tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path, mqtt_port=8883, mqtt_brokers=2)
     found = {server.name: server for server in commands.servers(settings)}

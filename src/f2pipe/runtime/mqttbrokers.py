@@ -6,7 +6,9 @@ broker serves is split: ``F2PIPE_MQTT_BROKERS=N`` names brokers ``mqtt-1`` to
 ``F2PIPE_MQTT_PORT`` + :data:`PORT_STEP` ``* (n - 1)`` (with the default port:
 8883, 8885, 8887...; the Kafka cluster's + 2 and + 4 are taken from Kafka's own
 ports, and the stage replicas' + 100 steps from the ops ports, so neither
-meets these). A controller belongs to the broker its metadata names
+meets these). Where devices reach a broker from outside (certgen names it in
+each certificate answer) is ``F2PIPE_MQTT_BROKER_URLS``, else the same host
+and port. A controller belongs to the broker its metadata names
 (``devices.broker``); a controller without one belongs to
 :data:`DEFAULT_BROKER`.
 
@@ -22,6 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from f2pipe._settings_values import broker_urls
 from f2pipe.errors import ConfigError
 from f2pipe.settings import Settings
 
@@ -53,6 +56,7 @@ class Broker:
     host: str
     port: int
     tls: bool = True
+    public_url: str | None = None  # F2PIPE_MQTT_BROKER_URLS: where devices reach it
 
     @property
     def name(self) -> str:
@@ -60,7 +64,10 @@ class Broker:
 
     @property
     def url(self) -> str:
-        """Where a device connects: ``mqtts://host:port`` (``mqtt://`` without TLS)."""
+        """Where a device connects: its ``F2PIPE_MQTT_BROKER_URLS`` entry, else
+        ``mqtts://host:port`` (``mqtt://`` without TLS)."""
+        if self.public_url is not None:
+            return self.public_url
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
 
@@ -72,11 +79,25 @@ class Broker:
 
 
 def brokers(settings: Settings) -> list[Broker]:
-    """Every broker ``settings`` name, ``mqtt-1`` first."""
-    return [
-        Broker(n, settings.mqtt_host, settings.mqtt_port + PORT_STEP * (n - 1), settings.mqtt_tls)
+    """Every broker ``settings`` name, ``mqtt-1`` first; ConfigError when
+    ``F2PIPE_MQTT_BROKER_URLS`` names a broker past ``F2PIPE_MQTT_BROKERS``."""
+    urls = broker_urls(settings.mqtt_broker_urls)
+    found = [
+        Broker(
+            n,
+            settings.mqtt_host,
+            settings.mqtt_port + PORT_STEP * (n - 1),
+            settings.mqtt_tls,
+            urls.pop(f"mqtt-{n}", None),
+        )
         for n in range(1, settings.mqtt_brokers + 1)
     ]
+    if urls:
+        raise ConfigError(
+            f"F2PIPE_MQTT_BROKER_URLS names {', '.join(urls)}, but F2PIPE_MQTT_BROKERS="
+            f"{settings.mqtt_brokers}: raise the count or drop the entry"
+        )
+    return found
 
 
 def broker_names(settings: Settings) -> list[str]:
