@@ -129,6 +129,11 @@ def test_each_broker_has_its_connector_group(tmp_path: Path) -> None:
     assert found["connector-2"].settings.mqtt_port == 8883
     issued = services.ensure_connector_identities(settings)
     assert issued == ["svc-connector-2", "svc-connector-mqtt-2", "svc-connector-mqtt-2-2"]
+    # A connector left from a larger broker count is still known by its label, to stop it.
+    one = settings.model_copy(update={"mqtt_brokers": 1})
+    stray = services.Connector(one, Paths(tmp_path), 2, broker=3)
+    assert stray.label == "connector-mqtt-3-2"
+    assert stray.settings.mqtt_port == 8887
 
 
 def test_with_several_brokers_each_acl_lists_its_own_devices_only() -> None:

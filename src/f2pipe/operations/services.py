@@ -54,7 +54,7 @@ from pydantic import SecretStr
 from f2pipe.errors import StackError
 from f2pipe.operations.stack import LOOPBACK, Paths, Program, Server, port_accepts, security
 from f2pipe.operations.stack.supervise import PidFile
-from f2pipe.runtime.mqttbrokers import brokers
+from f2pipe.runtime.mqttbrokers import PORT_STEP
 from f2pipe.settings import Settings
 
 #: Settings only certgen may hold: with them, anyone issues any identity.
@@ -280,18 +280,15 @@ class Connector(Service):
         if suffix:
             update["connector_identity"] = f"{settings.connector_identity}{suffix}"
             update["connector_client_id"] = f"{settings.connector_client_id}{suffix}"
-        if self.broker > 1:
-            broker = brokers(settings)[self.broker - 1]
-            update["mqtt_host"], update["mqtt_port"] = broker.host, broker.port
+        if self.broker > 1:  # also a stray past F2PIPE_MQTT_BROKERS, to be stopped or shown
+            update["mqtt_port"] = settings.mqtt_port + PORT_STEP * (self.broker - 1)
             update["connector_port"] = settings.connector_port + BROKER_PORT_STEP * (
                 self.broker - 1
             )
         return super().replica_settings(settings.model_copy(update=update))
 
     def describe(self) -> str:
-        broker = brokers(self.settings)[self.broker - 1] if self.broker > 1 else None
-        reads = f" reads {broker.name}" if broker is not None else ""
-        return super().describe() + reads
+        return super().describe() + (f" reads mqtt-{self.broker}" if self.broker > 1 else "")
 
 
 class Processor(Service):
