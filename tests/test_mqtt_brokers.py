@@ -17,7 +17,8 @@ temporary state folder, certgen included), the demo fleet split over them by
 - while the simulator publishes, the connector of ``mqtt-2`` is killed with
   SIGKILL: rows from ``mqtt-1``'s controllers keep arriving while ``mqtt-2``'s
   stop; started again, its connector drains what the broker queued for it, and
-  the table holds every acknowledged reading exactly once.
+  the table holds every acknowledged reading exactly once;
+- revoking a controller of ``mqtt-2`` closes its live session there.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import ssl
 import subprocess
 import sys
 import threading
@@ -226,6 +228,8 @@ class Device:
         self.client.tls_set_context(context)
         self.client.on_publish = self._on_publish
         self.received: list[tuple[str, bytes]] = []
+        self.gone = threading.Event()
+        self.client.on_disconnect = lambda *args: self.gone.set()
         self.client.on_message = lambda client, userdata, m: self.received.append(
             (m.topic, m.payload)
         )
@@ -478,6 +482,43 @@ def test_a_killed_connector_stops_only_its_broker_and_loses_nothing(
     assert not expected - stored, f"readings lost\n{failure_logs(settings)}"
     assert not stored - expected, "readings no ledger holds"
     assert Paths(settings.state_dir).run.joinpath("connector-mqtt-2.pid").is_file()
+
+
+def test_revoking_a_device_closes_its_session_on_its_own_broker(two_brokers: Settings) -> None:
+    import httpx
+    from cryptography import x509
+
+    from f2pipe.pki.auth import admin_token
+    from f2pipe.pki.revocation import accepts
+
+    settings, mac = two_brokers, "cc0000000001"
+    fleet = Fleet(settings.metadata_dsn)
+    try:
+        fleet.controller(mac)
+        fleet.conn.execute("UPDATE devices SET broker = 'mqtt-2' WHERE mac_address = %s", (mac,))
+    finally:
+        fleet.close()
+    sync_acls(settings)
+    provision_certificates(settings, [mac])
+    broker = broker_named(settings, "mqtt-2")
+    device = Device(settings, mac, broker.host, broker.port)
+    cert = x509.load_pem_x509_certificate((settings.pki_dir / f"devices/f2-{mac}.pem").read_bytes())
+    token = admin_token(settings, False).get_secret_value()
+    try:
+        trust = ssl.create_default_context(cafile=str(settings.pki_dir / "ca.pem"))
+        with httpx.Client(verify=trust, timeout=120) as http:
+            answer = http.post(
+                f"{settings.certgen_url}/v1/certificates/{cert.serial_number:x}/revoke",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["session_closed"] is True
+        wait_until(device.gone.is_set, timeout=60, what="the revoked session on mqtt-2 to close")
+    finally:
+        device.close()
+    context = device_ssl_context(settings, mac)
+    assert context is not None
+    assert accepts(broker.settings(settings), context) is False
 
 
 def test_a_controller_on_a_broker_the_settings_do_not_run_is_refused(

@@ -27,10 +27,13 @@ the real broker in the tests):
   connection is held (and taken over again each time the device comes back)
   until the reload is seen, then made once more: from then on the device's
   handshake is refused. All of it within :data:`RELOAD_WITHIN` seconds.
+- With several brokers every local one is signalled, and the session is closed
+  on the identity's own broker (a device's metadata, a connector's name).
 - A reload drops the ``user`` ACL entries of every *offline* persistent
   session until that client reconnects; meanwhile messages routed to it are
-  silently discarded. Device sessions are unaffected (their rules are
-  ``pattern`` rules), but the connector's session is exactly such a session.
+  silently discarded. With one broker device rules are patterns, unaffected;
+  with several, an offline device misses commands until it reconnects. The
+  connector's session is exactly such a session.
   After each reload, :func:`refresh_service_sessions` therefore connects once
   under each connector identity found in ``<state>/pki/services`` (resuming
   its session, acknowledging nothing), which makes the broker look the ACL up
@@ -252,7 +255,8 @@ def revoke(
         probe = _probe(settings, ca, store)
         write_crl(ca, pki_paths(settings), [*store.revoked(), probe.entry], settings.crl_days)
         reload_broker(settings)
-        reloaded, closed = close_session(settings, ca, store, record.common_name, probe.context)
+        home = _home_broker(settings, store, record.common_name)
+        reloaded, closed = close_session(home, ca, store, record.common_name, probe.context)
         if reloaded:
             refresh_service_sessions(settings)
     log.info(
@@ -265,6 +269,21 @@ def revoke(
         },
     )
     return RevokeResult(serial, record.common_name, record.revoked_at.isoformat(), reloaded, closed)
+
+
+def _home_broker(settings: Settings, store: CertificateStore, common_name: str) -> Settings:
+    """``settings`` pointed at the broker ``common_name`` connects to: a connector's by
+    its identity, a device's by its metadata (mqtt-1 when unknown or unassigned)."""
+    if settings.mqtt_brokers == 1:
+        return settings
+    name: str | None = connector_broker(common_name)
+    if common_name.startswith("f2-"):
+        device = store.device(common_name.removeprefix("f2-"))
+        name = None if device is None else device.broker
+    try:
+        return broker_named(settings, name).settings(settings)
+    except ConfigError:
+        return settings
 
 
 def close_session(
