@@ -51,6 +51,7 @@ from f2pipe.operations.stack.mqtt_shards import sync_acls
 from f2pipe.runtime.mqttbrokers import broker_named, brokers, device_broker_file
 from f2pipe.settings import Settings, load_settings
 from f2pipe.testing.stack import free_ports, private_settings, private_state
+from f2pipe.tools import cmnd
 from f2pipe.tools.simulator.provisioning import device_ssl_context, provision_certificates
 from pipeline_helpers import Fleet, env_frame
 from test_pipeline import (
@@ -415,6 +416,18 @@ def test_a_command_goes_to_the_broker_of_its_controller(
         assert device.received == [
             (f"cmnd/f2-{mac}/access-control-mode/J1/strike-1", b'{"power-flag":1}')
         ]
+        # A controller of mqtt-1 on mqtt-2 may subscribe, but nothing is delivered to it:
+        # its command, sent first on the same connection, never arrives, the next one does.
+        stray = Device(settings, "aabbccddee01", broker.host, broker.port)
+        try:
+            stray.subscribe("cmnd/f2-aabbccddee01/#")
+            send = broker.settings(settings)
+            cmnd.send(send, "cmnd/f2-aabbccddee01/access-control-mode/J1/strike-1", b"{}")
+            cmnd.send(send, f"cmnd/f2-{mac}/access-control-mode/J1/strike-2", b"{}")
+            wait_until(lambda: len(device.received) == 2, timeout=15, what="the second command")
+            assert stray.received == []
+        finally:
+            stray.close()
     finally:
         device.close()
 
