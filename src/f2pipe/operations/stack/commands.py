@@ -118,7 +118,7 @@ def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None
                 server.wait_healthy()
                 server.after_healthy()
             security.write_admin_env(settings, paths)
-            if any(isinstance(server, Mosquitto) for server in servers):
+            if settings.mqtt_brokers > 1 and any(isinstance(s, Mosquitto) for s in servers):
                 _device_acls(settings)
         except BaseException:
             _stop(started[::-1])
