@@ -98,8 +98,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
         # The local brokers' ACLs name their controllers one by one: bring them up to date.
         from f2pipe.operations.stack.mqtt_shards import sync_acls
 
-        if reloaded := sync_acls(settings):
-            print(f"broker ACLs rewritten: {', '.join(reloaded)}")
+        if rewritten := sync_acls(settings):
+            print(f"broker ACLs rewritten: {', '.join(rewritten)}")
     return 0
 
 
