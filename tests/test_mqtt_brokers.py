@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import ssl
 import subprocess
 import sys
@@ -48,6 +49,7 @@ from f2pipe.operations import pipeline, services, status
 from f2pipe.operations.stack import Paths, commands, security
 from f2pipe.operations.stack.mosquitto import acl_path, listed_devices, render_acl
 from f2pipe.operations.stack.mqtt_shards import sync_acls
+from f2pipe.operations.stack.supervise import port_in_use
 from f2pipe.runtime.mqttbrokers import broker_named, brokers, device_broker_file
 from f2pipe.settings import Settings, load_settings
 from f2pipe.testing.stack import free_ports, private_settings, private_state
@@ -112,6 +114,23 @@ def test_the_stack_runs_one_mosquitto_per_broker_with_its_own_folder(tmp_path: P
     clash = settings.model_copy(update={"kafka_bootstrap": "127.0.0.1:8885"})
     with pytest.raises(ConfigError, match=r"mqtt-2\) and F2PIPE_KAFKA_BOOTSTRAP both use port"):
         commands._check_settings(clash)
+
+
+def test_a_broker_port_held_elsewhere_is_named_before_anything_starts(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        held = holder.getsockname()[1]
+        if port_in_use(held - 2):
+            pytest.skip(f"port {held - 2}, mqtt-1's here, is taken by chance")
+        settings = load_settings(state_dir=tmp_path, mqtt_port=held - 2, mqtt_brokers=2)
+        with pytest.raises(StackError) as error:
+            commands.up(settings, ["mosquitto"])
+    assert str(error.value) == (
+        f"port {held} for mosquitto-2 is already in use by another process; stop that"
+        " process or choose another port with F2PIPE_MQTT_PORT + 2"
+    )
+    assert not list((tmp_path / "run").glob("*.pid"))
 
 
 def test_each_broker_has_its_connector_group(tmp_path: Path) -> None:
