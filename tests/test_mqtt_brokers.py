@@ -333,6 +333,7 @@ def readings_of(dsn: str, sensors: list[int]) -> dict[tuple[int, int, datetime],
     return {(int(d), int(p), ts): float(v) for d, p, ts, v in rows}
 
 
+@pytest.mark.servers
 def test_the_vectors_land_through_both_brokers_and_the_other_broker_refuses(
     two_brokers: Settings, tmp_path: Path
 ) -> None:
@@ -412,6 +413,7 @@ def test_the_vectors_land_through_both_brokers_and_the_other_broker_refuses(
     assert not [p for p in report.problems if "broker" in p], report.problems
 
 
+@pytest.mark.servers
 def test_a_command_goes_to_the_broker_of_its_controller(
     two_brokers: Settings, tmp_path: Path
 ) -> None:
@@ -466,6 +468,8 @@ def demo_sensors(settings: Settings) -> dict[str, list[int]]:
     return found
 
 
+@pytest.mark.servers
+@pytest.mark.slow
 def test_a_killed_connector_stops_only_its_broker_and_loses_nothing(
     two_brokers: Settings, tmp_path: Path
 ) -> None:
@@ -517,6 +521,7 @@ def test_a_killed_connector_stops_only_its_broker_and_loses_nothing(
     assert Paths(settings.state_dir).run.joinpath("connector-mqtt-2.pid").is_file()
 
 
+@pytest.mark.servers
 def test_revoking_a_device_closes_its_session_on_its_own_broker(two_brokers: Settings) -> None:
     import httpx
     from cryptography import x509
@@ -554,6 +559,7 @@ def test_revoking_a_device_closes_its_session_on_its_own_broker(two_brokers: Set
     assert accepts(broker.settings(settings), context) is False
 
 
+@pytest.mark.servers
 def test_a_controller_on_a_broker_the_settings_do_not_run_is_refused(
     two_brokers: Settings,
 ) -> None:
