@@ -50,6 +50,7 @@ from f2pipe.operations.stack import Paths, commands, security
 from f2pipe.operations.stack.mosquitto import acl_path, listed_devices, render_acl
 from f2pipe.operations.stack.mqtt_shards import sync_acls
 from f2pipe.operations.stack.supervise import port_in_use
+from f2pipe.runtime.brokerstats import BrokerMonitor, BrokerMonitors
 from f2pipe.runtime.mqttbrokers import broker_named, brokers, device_broker_file
 from f2pipe.settings import Settings, load_settings
 from f2pipe.testing.stack import free_ports, private_settings, private_state
@@ -156,6 +157,20 @@ def test_each_broker_has_its_connector_group(tmp_path: Path) -> None:
     stray = services.Connector(one, Paths(tmp_path), 2, broker=3)
     assert stray.label == "connector-mqtt-3-2"
     assert stray.settings.mqtt_port == 8887
+
+
+def test_certgen_exports_each_brokers_counters_under_its_name() -> None:
+    monitors = BrokerMonitors(
+        {name: BrokerMonitor("127.0.0.1", 1, None) for name in ("mqtt-1", "mqtt-2")}
+    )
+    up = next(f for f in monitors.collect() if f.name == "f2pipe_broker_up")
+    assert [(s.labels, s.value) for s in up.samples] == [
+        ({"broker": "mqtt-1"}, 0.0),
+        ({"broker": "mqtt-2"}, 0.0),
+    ]
+    # One broker: the families as before, without a label.
+    single = next(f for f in BrokerMonitor("127.0.0.1", 1, None).collect())
+    assert [(s.labels, s.value) for s in single.samples] == [({}, 0.0)]
 
 
 def test_with_several_brokers_each_acl_lists_its_own_devices_only() -> None:
@@ -403,7 +418,18 @@ def test_the_vectors_land_through_both_brokers_and_the_other_broker_refuses(
     found = dead_letters(settings, len(bad), timeout=30)
     assert sorted((value, reason) for value, _stage, reason in found) == bad
 
-    # `f2pipe status` shows both brokers up, each with its connector group.
+    # certgen watches both brokers, and `f2pipe status` shows both up, each with its
+    # connector group.
+    certgen = next(s for s in services.services(settings, ["certgen"]))
+    wait_until(
+        lambda: all(
+            status.total(status.scrape(certgen.url("/metrics"), cafile=certgen.cafile()),
+                         "f2pipe_broker_up", broker=name) == 1
+            for name in ("mqtt-1", "mqtt-2")
+        ),
+        timeout=30,
+        what="certgen's monitor on both brokers",
+    )  # fmt: skip
     report = status.report(settings, interval=1.0)
     assert {name: (b["up"], b["connectors"]) for name, b in report.brokers.items()} == {
         "mqtt-1": (True, ["connector"]),

@@ -17,8 +17,8 @@ devices but dropped at its queue bound) come from certgen's ``f2pipe_broker_*``
 metrics, which its ``svc-monitor`` connection keeps current, or from one
 ``$SYS`` read when certgen cannot say. With several MQTT brokers
 (``F2PIPE_MQTT_BROKERS``) every broker is listed (``brokers``): reachable or
-not, connected clients, queued and dropped messages (``$SYS`` of the others
-read once each), and the connectors of its group.
+not, connected clients, queued and dropped messages (certgen's monitor labels
+each broker), and the connectors of its group.
 ``f2pipe status`` exits 1 when a server or service is down, when a stage's
 lag keeps growing (see :func:`growing`) or when the broker dropped messages,
 else 0. ``--json`` prints the same report as one JSON object.
@@ -280,12 +280,14 @@ class Observer:
     def broker(
         self, certgen: Samples | None, broker: mqttbrokers.Broker | None = None
     ) -> dict[str, int | None]:
-        """A broker's statistics (default mqtt-1): from certgen's monitor, which watches
-        mqtt-1, else from one ``$SYS`` read."""
-        mine = broker is None or broker.number == 1
-        if mine and certgen and total(certgen, "f2pipe_broker_up") == 1:
+        """A broker's statistics (default mqtt-1): from certgen's monitor, else from one
+        ``$SYS`` read."""
+        first = mqttbrokers.brokers(self.settings)[0]
+        # certgen's monitor labels each broker when there are several.
+        label = {} if self.settings.mqtt_brokers == 1 else {"broker": (broker or first).name}
+        if certgen and total(certgen, "f2pipe_broker_up", **label) == 1:
             return {
-                name: int(total(certgen, f"f2pipe_broker_{name}"))
+                name: int(total(certgen, f"f2pipe_broker_{name}", **label))
                 for name in brokerstats.SYS_TOPICS.values()
             }
         s = self.settings
