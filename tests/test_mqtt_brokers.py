@@ -204,6 +204,22 @@ def test_the_simulator_names_a_broker_it_cannot_reach_in_one_line(tmp_path: Path
     assert "F2PIPE_MQTT_BROKERS" in line
 
 
+def test_the_deployment_render_refuses_several_brokers_in_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "f2pipe.cli", "deploy", "render", str(tmp_path / "out")],
+        env={**os.environ, "F2PIPE_MQTT_BROKERS": "2", "F2PIPE_STATE_DIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert "F2PIPE_MQTT_BROKERS=2" in line
+    assert "F2PIPE_MQTT_BROKERS=1" in line
+    assert not (tmp_path / "out").exists()
+
+
 # --------------------------------------------------------------------------- two brokers
 @pytest.fixture(scope="module")
 def two_brokers() -> Iterator[Settings]:
