@@ -84,8 +84,11 @@ def test_admin_token_issues_key_and_certificate(settings: Settings, certgen: Cer
         "certificate",
         "ca_certificate",
         "private_key",
+        "broker_url",
     }
     assert body["mac"] == MAC
+    # One broker: every device's is mqtt-1 (several: tests/test_mqtt_brokers.py).
+    assert body["broker_url"] == f"mqtts://127.0.0.1:{settings.mqtt_port}"
     assert body["common_name"] == f"f2-{MAC}"
     cert = x509.load_pem_x509_certificate(body["certificate"].encode())
     ca = x509.load_pem_x509_certificate(body["ca_certificate"].encode())

@@ -658,3 +658,53 @@ def test_progress_shows_only_on_a_terminal() -> None:
     assert "fleet import: 10 of 10 entries" in shown
     assert "1 of 10" not in shown
     assert shown.endswith(" s)\n")
+
+
+# --- brokers (SPEC section 10) ------------------------------------------------------------
+
+TWO_BROKERS = ["mqtt-1", "mqtt-2"]
+
+
+@pytest.mark.servers
+def test_a_controller_names_its_broker_and_export_keeps_it(fresh_db: str, tmp_path: Path) -> None:
+    text = SMALL.replace(
+        "{name: Attic, mac: 001122334455, template: Ctl}",
+        "{name: Attic, mac: 001122334455, template: Ctl, broker: mqtt-2}",
+    )
+    assert import_fleet(fresh_db, write(tmp_path, text), brokers=TWO_BROKERS).total
+    with psycopg.connect(fresh_db) as conn:
+        rows = conn.execute(
+            "SELECT mac_address, broker FROM devices WHERE mac_address IS NOT NULL ORDER BY 1"
+        ).fetchall()
+    assert rows == [("001122334455", "mqtt-2"), ("aabbcc000001", None)]
+    exported = yaml.safe_load(export_fleet(fresh_db))
+    brokers = {c["mac"]: c.get("broker") for c in exported["controllers"]}
+    assert brokers == {"001122334455": "mqtt-2", "aabbcc000001": None}
+    before = snapshot(fresh_db)
+    assert import_fleet(fresh_db, write(tmp_path, text), brokers=TWO_BROKERS).total == 0
+    assert snapshot(fresh_db) == before
+    # Taking the assignment out moves the controller back to the default broker.
+    assert import_fleet(fresh_db, write(tmp_path, SMALL)).counts == {"controllers": {"updated": 1}}
+
+
+@pytest.mark.servers
+def test_an_unknown_broker_is_refused_by_name_and_nothing_is_written(
+    fresh_db: str, tmp_path: Path
+) -> None:
+    text = SMALL.replace(
+        "{name: Attic, mac: 001122334455, template: Ctl}",
+        "{name: Attic, mac: 001122334455, template: Ctl, broker: mqtt-3}",
+    )
+    before = snapshot(fresh_db)
+    with pytest.raises(FleetError) as info:
+        import_fleet(fresh_db, write(tmp_path, text), brokers=TWO_BROKERS)
+    problem = str(info.value).splitlines()[1].strip()
+    assert problem.startswith(f"{tmp_path / 'fleet.yaml'}:{line_with(text, 'mqtt-3')}:")
+    for word in ("001122334455", "'Attic'", "'mqtt-3'", "known: mqtt-1, mqtt-2"):
+        assert word in problem
+    assert "F2PIPE_MQTT_BROKERS" in problem
+    assert snapshot(fresh_db) == before
+    with pytest.raises(FleetError, match=r"controllers\[1\]\.broker: .*'mqtt-3'"):
+        apply_fleet(fresh_db, parse_fleet(text), brokers=TWO_BROKERS)
+    assert snapshot(fresh_db) == before
+    assert "pattern" in problem_of(text.replace("broker: mqtt-3", "broker: eu-west"))

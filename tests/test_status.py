@@ -161,3 +161,54 @@ def test_certgen_over_https_is_probed_against_f2pipes_ca(tmp_path: Path) -> None
     finally:
         server.shutdown()
         server.server_close()
+
+
+def two_brokers(second_up: bool) -> dict[str, dict[str, object]]:
+    return {
+        "mqtt-1": {
+            "url": "mqtts://127.0.0.1:8883",
+            "up": True,
+            "connected_clients": 3,
+            "queued_messages": 0,
+            "dropped_messages": 0,
+            "connectors": ["connector"],
+        },
+        "mqtt-2": {
+            "url": "mqtts://127.0.0.1:8885",
+            "up": second_up,
+            "connected_clients": 2 if second_up else None,
+            "queued_messages": 7 if second_up else None,
+            "dropped_messages": 5 if second_up else None,
+            "connectors": ["connector-mqtt-2", "connector-mqtt-2-2"],
+        },
+    }
+
+
+def test_every_broker_is_shown_and_an_unreachable_one_is_a_problem() -> None:
+    from rich.console import Console
+
+    from f2pipe.operations.statusview import tables
+
+    down = two_brokers(second_up=False)
+    found = status.problems([], {}, {}, brokers=down)
+    assert found == [
+        "broker mqtt-2 at mqtts://127.0.0.1:8885 is unreachable: start it (`f2pipe up`) or"
+        " check F2PIPE_MQTT_HOST, F2PIPE_MQTT_PORT and F2PIPE_MQTT_BROKERS"
+    ]
+    assert status.problems([], {}, {}, brokers=two_brokers(second_up=True)) == [
+        "broker mqtt-2 dropped 5 messages since it started: its queue reached"
+        " F2PIPE_BROKER_MAX_QUEUED_BYTES while its connectors were down"
+    ]
+    before = status.Snapshot(0.0, [], {}, {}, {}, brokers=down)
+    after = status.Snapshot(2.0, [], {}, {}, {}, brokers=down)
+    rep = status.fold(before, after, [{}], 2.0)
+    assert not rep.ok
+    assert rep.as_dict()["brokers"]["mqtt-2"]["up"] is False
+    console = Console(record=True, width=200)
+    console.print(tables(rep))
+    text = console.export_text()
+    lines = {row.split()[1]: row for row in text.splitlines() if row.startswith("│ mqtt-")}
+    assert "up" in lines["mqtt-1"]
+    assert "connector" in lines["mqtt-1"]
+    assert "unreachable" in lines["mqtt-2"]
+    assert "connector-mqtt-2, connector-mqtt-2-2" in lines["mqtt-2"]

@@ -71,6 +71,14 @@ Seconds = BeforeValidator(functools.partial(parse_duration, unit_seconds=1.0))
 Days = BeforeValidator(functools.partial(parse_duration, unit_seconds=86400.0))
 
 
+def default_state_dir() -> Path:
+    """``var/`` in the checkout when run from one (src layout), else under the working folder."""
+    checkout = Path(__file__).resolve().parent.parent.parent
+    if (checkout / "pyproject.toml").is_file():
+        return checkout / "var"
+    return Path.cwd() / "var"
+
+
 def upper(value: object) -> object:
     """Text upper-cased (closed choices are spelled in any case); anything else unchanged."""
     return value.upper() if isinstance(value, str) else value
@@ -178,6 +186,55 @@ def secret_file_environment() -> dict[str, str]:
             raise ConfigError(f"{variable(name)} and {file_variable} are both set: keep one")
         values[name] = read_secret_file(Path(os.environ[file_variable]), name + "_file")
     return values
+
+
+def _bootstrap(value: str) -> str:
+    for server in value.split(","):
+        host, sep, port = server.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError("expected host:port[,host:port...]")
+    return value
+
+
+def _postgres(value: str) -> str:
+    if value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+        raise ValueError("expected a postgresql:// URL")
+    return value
+
+
+def _redis(value: str) -> str:
+    if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+        raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def broker_urls(value: str) -> dict[str, str]:
+    """``mqtt-1=mqtts://host:port,...`` as {name: URL}; ValueError naming what is wrong."""
+    found: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, _, url = item.partition("=")
+        parts = urlsplit(url.strip())
+        if not re.fullmatch(r"mqtt-[1-9][0-9]?", name.strip()):
+            raise ValueError(f"{item!r}: expected mqtt-<n>=mqtts://host:port")
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or parts.port is None:
+            raise ValueError(f"{item!r}: expected an mqtts://host:port URL")
+        found[name.strip()] = url.strip()
+    return found
+
+
+def _broker_urls(value: str) -> str:
+    broker_urls(value)
+    return value
+
+
+#: Settings holding an address, and the check of its shape (ValueError says what is expected).
+URL_CHECKS = {
+    "kafka_bootstrap": _bootstrap,
+    "metadata_dsn": _postgres,
+    "timeseries_dsn": _postgres,
+    "redis_url": _redis,
+    "mqtt_broker_urls": _broker_urls,
+}
 
 
 def every_broker(settings: Any) -> str:

@@ -27,6 +27,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -41,10 +42,12 @@ from f2pipe._settings_values import (
     CONFIG_FILE_VARIABLE,
     DEPRECATED_NAMES,
     ENV_PREFIX,
+    URL_CHECKS,
     Days,
     Milliseconds,
     Seconds,
     config_file_values,
+    default_state_dir,
     deprecated_environment,
     every_broker,
     mask_url,
@@ -57,16 +60,6 @@ from f2pipe.errors import ConfigError
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 LOG_LEVELS: tuple[str, ...] = get_args(LogLevel)
-
-
-def _default_state_dir() -> Path:
-    # var/ in the checkout when run from one (src layout: <checkout>/src/f2pipe/settings.py),
-    # else var/ under the working directory.
-    here = Path(__file__).resolve().parent
-    checkout = here.parent.parent
-    if (checkout / "pyproject.toml").is_file():
-        return checkout / "var"
-    return Path.cwd() / "var"
 
 
 class Settings(BaseSettings):
@@ -127,6 +120,15 @@ class Settings(BaseSettings):
     )
     mqtt_host: str = Field(default="127.0.0.1", description="MQTT broker host.")
     mqtt_port: int = Field(default=8883, ge=1, le=65535, description="MQTT broker port (TLS).")
+    # Devices are spread over brokers mqtt-1..N (SPEC section 10; f2pipe.runtime.mqttbrokers).
+    mqtt_brokers: int = Field(
+        default=1, ge=1, le=16, description="MQTT brokers mqtt-1..N; mqtt-n listens on "
+        "F2PIPE_MQTT_PORT + 2 (n - 1), and `f2pipe up` runs a connector group for each.",
+    )  # fmt: skip
+    mqtt_broker_urls: str = Field(
+        default="", description="Where devices reach the brokers, name=mqtts://host:port "
+        "comma-separated (certgen's answer); unset: F2PIPE_MQTT_HOST and the brokers' ports.",
+    )  # fmt: skip
     certgen_url: str = Field(
         default="http://127.0.0.1:8080", description="Where tools reach the certificate service."
     )
@@ -137,7 +139,7 @@ class Settings(BaseSettings):
         default=None, description="File holding the certgen admin token."
     )
     state_dir: Path = Field(
-        default_factory=_default_state_dir,
+        default_factory=default_state_dir,
         description="Local state: CA, keys, server data, logs (default var/ in the checkout).",
     )
     max_payload_bytes: int = Field(
@@ -441,28 +443,10 @@ class Settings(BaseSettings):
             InitSettingsSource(settings_cls, file_values),
         )
 
-    @field_validator("kafka_bootstrap")
+    @field_validator(*URL_CHECKS)
     @classmethod
-    def _bootstrap_has_port(cls, value: str) -> str:
-        for server in value.split(","):
-            host, sep, port = server.strip().rpartition(":")
-            if not sep or not host or not port.isdigit():
-                raise ValueError("expected host:port[,host:port...]")
-        return value
-
-    @field_validator("metadata_dsn", "timeseries_dsn")
-    @classmethod
-    def _dsn_is_postgres(cls, value: str) -> str:
-        if value and urlsplit(value).scheme not in ("postgresql", "postgres"):
-            raise ValueError("expected a postgresql:// URL")
-        return value
-
-    @field_validator("redis_url")
-    @classmethod
-    def _redis_url(cls, value: str) -> str:
-        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
-            raise ValueError("expected a redis://, rediss:// or unix:// URL")
-        return value
+    def _url_shape(cls, value: str, info: ValidationInfo) -> str:
+        return URL_CHECKS[str(info.field_name)](value)
 
     @model_validator(mode="after")
     def _derived_defaults(self) -> Settings:

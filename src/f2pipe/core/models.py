@@ -82,3 +82,8 @@ class CertificateResponse(BaseModel):
     certificate: str
     ca_certificate: str
     private_key: str | None
+    broker_url: str | None = Field(
+        default=None,
+        description="The MQTT broker this device belongs to (mqtts://host:port); null when"
+        " its metadata names a broker certgen's settings do not know",
+    )

@@ -268,4 +268,9 @@ def _cmd_seed(args: argparse.Namespace) -> int:
         f"demo fleet loaded: {len(codes)} controllers, {len(demo_fleet().sensors)} sensors;"
         f" claiming codes in {settings.state_dir / 'claiming-codes.json'}"
     )
+    if settings.mqtt_brokers > 1:  # unassigned controllers belong in mqtt-1's ACL
+        from f2pipe.operations.stack.mqtt_shards import sync_acls
+
+        if rewritten := sync_acls(settings):
+            print(f"broker ACLs rewritten: {', '.join(rewritten)}")
     return 0

@@ -89,15 +89,21 @@ def prepare_data(settings: Settings) -> None:
                 issue_device_files(settings, mac, devices, ca=ca, store=store)
     finally:
         store.close()
+    if settings.mqtt_brokers > 1:  # each broker lets in the controllers assigned to it
+        from f2pipe.operations.stack.mqtt_shards import sync_acls
+
+        sync_acls(settings)
     security.write_admin_env(settings, paths)
 
 
 def _admit_connectors(settings: Settings) -> None:
-    """A running broker re-reads its ACL, which now names the connector replicas' identities."""
+    """The running brokers re-read their ACLs, which now name the connector replicas'
+    identities."""
     from f2pipe.operations.stack.mosquitto import ensure_config
     from f2pipe.pki.revocation import reload_and_refresh
 
-    ensure_config(settings)
+    for number in range(1, settings.mqtt_brokers + 1):
+        ensure_config(settings, number)
     reload_and_refresh(settings)
 
 
@@ -136,7 +142,7 @@ def up(
         if servers is None or servers:
             started.servers.extend(stack.up(settings, servers or ()))
         _remember(paths, started.servers)
-        if identities and "mosquitto" not in started.servers:
+        if identities and not any(name.startswith("mosquitto") for name in started.servers):
             _admit_connectors(settings)
         prepare_data(settings)
         chosen = services(settings, names)

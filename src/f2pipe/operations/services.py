@@ -27,6 +27,15 @@ under its own number, never by a new one, and ``up`` refuses to run fewer
 connectors than have identities (:func:`check_connector_count`). A replica
 beyond the configured count that is still running is listed too when asked
 (:func:`services`), so that ``down`` stops it and ``status`` shows it.
+
+Brokers: with ``F2PIPE_MQTT_BROKERS=N`` each broker ``mqtt-b`` has a connector
+group of its own, ``F2PIPE_CONNECTOR_REPLICAS`` connectors reading only that
+broker. mqtt-1's are the connectors above; mqtt-b's (b > 1) are labelled
+``connector-mqtt-<b>``, ``connector-mqtt-<b>-2``... (identities
+``svc-connector-mqtt-<b>``...), serve their ops ports
+:data:`BROKER_PORT_STEP` ``* (b - 1)`` above the replica's and share a
+``$share`` group on their broker when several. The processors and sinks do
+not change: every group writes the one raw topic.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ from pydantic import SecretStr
 from f2pipe.errors import StackError
 from f2pipe.operations.stack import LOOPBACK, Paths, Program, Server, port_accepts, security
 from f2pipe.operations.stack.supervise import PidFile
+from f2pipe.runtime.mqttbrokers import PORT_STEP
 from f2pipe.settings import Settings
 
 #: Settings only certgen may hold: with them, anyone issues any identity.
@@ -64,6 +74,9 @@ CREDENTIAL_FILES = frozenset(
 REPLICA_PORT_STEP = 100
 #: The $share group several connectors split the messages on when none is set.
 SHARE_GROUP = "f2pipe-connectors"
+#: The connectors of broker mqtt-b (b > 1) serve their ops ports (b - 1) times this above
+#: mqtt-1's: with the default port, 9111 for mqtt-2's first connector.
+BROKER_PORT_STEP = 10
 
 
 def settings_env(settings: Settings, without: frozenset[str] = frozenset()) -> dict[str, str]:
@@ -112,10 +125,12 @@ class Service(Server):
     start_timeout = 60.0
     stop_timeout = 40.0  # connector and sink flush and commit before they exit
 
-    def __init__(self, settings: Settings, paths: Paths, replica: int = 1) -> None:
+    def __init__(self, settings: Settings, paths: Paths, replica: int = 1, broker: int = 1) -> None:
         self.replica = replica
+        self.broker = broker  # connectors: the number of the broker it reads (mqtt-<broker>)
+        self.stage_port = int(getattr(settings, self.port_field)) if self.port_field else 0
         super().__init__(self.replica_settings(settings), paths)
-        if replica > 1:
+        if self.label != self.name:
             self.pidfile = PidFile(paths.run / f"{self.label}.pid")
             self.log_file = paths.log / f"{self.label}.log"
 
@@ -145,8 +160,8 @@ class Service(Server):
     def ports(self) -> dict[int, str]:
         port = self.port()
         variable = f"F2PIPE_{self.port_field.upper()}"
-        if self.replica > 1:
-            variable += f" (replica {self.replica}: + {REPLICA_PORT_STEP * (self.replica - 1)})"
+        if port is not None and port != self.stage_port:
+            variable += f" ({self.label}: + {port - self.stage_port})"
         return {} if port is None else {port: variable}
 
     def programs(self) -> list[Program]:
@@ -239,21 +254,41 @@ class Certgen(Service):
 
 
 class Connector(Service):
+    """A connector of broker ``mqtt-<broker>``'s group (see the module docstring)."""
+
     name = "connector"
     arguments = ("connector",)
     port_field = "connector_port"
     replicas_field = "connector_replicas"
 
+    @property
+    def label(self) -> str:
+        """``connector``, ``connector-2``... on mqtt-1; ``connector-mqtt-2``,
+        ``connector-mqtt-2-2``... on the others."""
+        group = self.name if self.broker == 1 else f"{self.name}-mqtt-{self.broker}"
+        return group if self.replica == 1 else f"{group}-{self.replica}"
+
     def replica_settings(self, settings: Settings) -> Settings:
         """Replica n > 1 is the MQTT identity and client id ``<the first's>-<n>``; several
-        connectors subscribe through one ``$share`` group."""
+        connectors subscribe through one ``$share`` group. The group of broker
+        ``mqtt-<b>`` (b > 1) reads that broker as ``<the first's>-mqtt-<b>[-<n>]`` and
+        serves its ops port :data:`BROKER_PORT_STEP` ``* (b - 1)`` above its replica's."""
         update: dict[str, object] = {}
         if settings.connector_replicas > 1 and not settings.connector_share_group:
             update["connector_share_group"] = SHARE_GROUP
-        if self.replica > 1:
-            update["connector_identity"] = f"{settings.connector_identity}-{self.replica}"
-            update["connector_client_id"] = f"{settings.connector_client_id}-{self.replica}"
-        return super().replica_settings(settings).model_copy(update=update)
+        suffix = self.label.removeprefix(self.name)
+        if suffix:
+            update["connector_identity"] = f"{settings.connector_identity}{suffix}"
+            update["connector_client_id"] = f"{settings.connector_client_id}{suffix}"
+        if self.broker > 1:  # also a stray past F2PIPE_MQTT_BROKERS, to be stopped or shown
+            update["mqtt_port"] = settings.mqtt_port + PORT_STEP * (self.broker - 1)
+            update["connector_port"] = settings.connector_port + BROKER_PORT_STEP * (
+                self.broker - 1
+            )
+        return super().replica_settings(settings.model_copy(update=update))
+
+    def describe(self) -> str:
+        return super().describe() + (f" reads mqtt-{self.broker}" if self.broker > 1 else "")
 
 
 class Processor(Service):
@@ -297,16 +332,30 @@ def services(
     """
     paths = Paths(settings.state_dir)
     kinds = [cls for cls in SERVICES if cls.name in (set(names) or set(NAMES))]
-    found = [cls(settings, paths, n) for cls in kinds for n in range(1, cls.replicas(settings) + 1)]
+    found = [
+        cls(settings, paths, n, broker)
+        for cls in kinds
+        for broker in range(1, (settings.mqtt_brokers if cls is Connector else 1) + 1)
+        for n in range(1, cls.replicas(settings) + 1)
+    ]
     _check_ports(found)
+    labels = {service.label for service in found}
     for cls in kinds if past_count else []:
         for pidfile in sorted(paths.run.glob(f"{cls.name}-*.pid")):
-            number = pidfile.stem.rsplit("-", 1)[1]
-            if number.isdigit() and int(number) > cls.replicas(settings):
-                stray = cls(settings, paths, int(number))
-                if stray.pid() is not None:
-                    found.append(stray)
+            place = _STRAY.fullmatch(pidfile.stem.removeprefix(cls.name))
+            if pidfile.stem in labels or place is None:
+                continue
+            broker = int(place["broker"] or 1)
+            if cls is not Connector and broker > 1:
+                continue
+            stray = cls(settings, paths, int(place["replica"] or 1), broker)
+            if stray.pid() is not None:
+                found.append(stray)
     return found
+
+
+# What follows a stage's name in a replica's label: -<n>, -mqtt-<b> or -mqtt-<b>-<n>.
+_STRAY = re.compile(r"(?:-mqtt-(?P<broker>[0-9]+))?(?:-(?P<replica>[0-9]+))?")
 
 
 def _check_ports(found: Sequence[Service]) -> None:
@@ -321,12 +370,13 @@ def _check_ports(found: Sequence[Service]) -> None:
                 f" F2PIPE_{service.replicas_field.upper()} or F2PIPE_{service.port_field.upper()}"
             )
         other = owners.setdefault(port, service)
-        if other is not service and max(other.replica, service.replica) > 1:
+        if other is not service and (other.label != other.name or service.label != service.name):
             raise StackError(
                 f"{other.label} and {service.label} would both serve port {port} (replica n"
-                f" listens {REPLICA_PORT_STEP} x (n - 1) above its stage's port): set"
+                f" listens {REPLICA_PORT_STEP} x (n - 1) above its stage's port, the"
+                f" connectors of broker mqtt-b {BROKER_PORT_STEP} x (b - 1) above): set"
                 f" F2PIPE_{other.port_field.upper()} and F2PIPE_{service.port_field.upper()}"
-                " further apart"
+                " further apart, or lower the replica or broker count"
             )
 
 
@@ -356,15 +406,15 @@ def ensure_connector_identities(settings: Settings) -> list[str]:
     """Issue the MQTT certificate of every connector replica that has none; return the
     identities issued (the broker's ACL gives them the connector's rights once it has
     re-read it). Nothing to do over plain MQTT or with one connector. Raises CertError."""
-    if not settings.mqtt_tls or settings.connector_replicas < 2:
+    if not settings.mqtt_tls or settings.connector_replicas * settings.mqtt_brokers < 2:
         return []
     from f2pipe.pki.ca import pki_paths
     from f2pipe.pki.state import ensure_pki
 
-    paths = Paths(settings.state_dir)
     names = [
-        Connector(settings, paths, n).settings.connector_identity
-        for n in range(2, settings.connector_replicas + 1)
+        connector.settings.connector_identity
+        for connector in services(settings, ["connector"])
+        if connector.label != connector.name
     ]
     with security.PKI_LOCK:
         created = set(ensure_pki(settings, names).created)

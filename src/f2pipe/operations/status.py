@@ -15,7 +15,10 @@ not read as an outage. So is a CRL or CA less than a week from expiry. The
 broker's own statistics (queued messages, and messages it acknowledged to
 devices but dropped at its queue bound) come from certgen's ``f2pipe_broker_*``
 metrics, which its ``svc-monitor`` connection keeps current, or from one
-``$SYS`` read when certgen cannot say.
+``$SYS`` read when certgen cannot say. With several MQTT brokers
+(``F2PIPE_MQTT_BROKERS``) every broker is listed (``brokers``): reachable or
+not, connected clients, queued and dropped messages (certgen's monitor labels
+each broker), and the connectors of its group.
 ``f2pipe status`` exits 1 when a server or service is down, when a stage's
 lag keeps growing (see :func:`growing`) or when the broker dropped messages,
 else 0. ``--json`` prints the same report as one JSON object.
@@ -24,6 +27,7 @@ else 0. ``--json`` prints the same report as one JSON object.
 from __future__ import annotations
 
 import itertools
+import socket
 import ssl
 import time
 import urllib.request
@@ -39,7 +43,7 @@ from f2pipe.operations import services as svc
 from f2pipe.operations import stack
 from f2pipe.operations.stack import security
 from f2pipe.pki.expiry import expiry_warnings
-from f2pipe.runtime import brokerstats, tls
+from f2pipe.runtime import brokerstats, mqttbrokers, tls
 from f2pipe.settings import Settings
 
 # Counters turned into rates: label in the report -> (service, metric family).
@@ -179,6 +183,7 @@ class Snapshot:
     broker: dict[str, int | None] = field(default_factory=dict)
     lag_seconds: dict[str, float | None] = field(default_factory=dict)
     offset_resets: dict[str, int] = field(default_factory=dict)
+    brokers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
@@ -199,6 +204,8 @@ class Report:
     # Per stage: the age of its oldest unconsumed record, and offsets reset past retention.
     lag_seconds: dict[str, float | None] = field(default_factory=dict)
     offset_resets: dict[str, int] = field(default_factory=dict)
+    # Per broker name: url, up, the $SYS statistics (as ``broker``) and its connectors.
+    brokers: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -270,19 +277,41 @@ class Observer:
             "sink": consumer_lag(self.admin, s.sink_group, s.topic_processed),
         }
 
-    def broker(self, certgen: Samples | None) -> dict[str, int | None]:
-        """The broker's statistics from certgen's monitor, else from one ``$SYS`` read."""
-        if certgen and total(certgen, "f2pipe_broker_up") == 1:
+    def broker(
+        self, certgen: Samples | None, broker: mqttbrokers.Broker | None = None
+    ) -> dict[str, int | None]:
+        """A broker's statistics (default mqtt-1): from certgen's monitor, else from one
+        ``$SYS`` read."""
+        first = mqttbrokers.brokers(self.settings)[0]
+        # certgen's monitor labels each broker when there are several.
+        label = {} if self.settings.mqtt_brokers == 1 else {"broker": (broker or first).name}
+        if certgen and total(certgen, "f2pipe_broker_up", **label) == 1:
             return {
-                name: int(total(certgen, f"f2pipe_broker_{name}"))
+                name: int(total(certgen, f"f2pipe_broker_{name}", **label))
                 for name in brokerstats.SYS_TOPICS.values()
             }
         s = self.settings
+        host, port = (s.mqtt_host, s.mqtt_port) if broker is None else (broker.host, broker.port)
         try:
             context = tls.service_context(s.pki_dir, brokerstats.MONITOR_IDENTITY)
         except ConfigError:  # no monitor identity: the broker cannot be asked
             return {}
-        return brokerstats.read_once(s.mqtt_host, s.mqtt_port, context, timeout=8).as_dict()
+        return brokerstats.read_once(host, port, context, timeout=8).as_dict()
+
+    def brokers(self, certgen: Samples | None) -> dict[str, dict[str, Any]]:
+        """Every broker: its URL, whether it accepts connections, its statistics
+        (:meth:`broker`) and the labels of its connector group."""
+        out: dict[str, dict[str, Any]] = {}
+        for broker in mqttbrokers.brokers(self.settings):
+            up = _accepts(broker.host, broker.port)
+            stats = self.broker(certgen, broker) if up else {}
+            connectors = [
+                s.label
+                for s in self.services
+                if isinstance(s, svc.Connector) and s.broker == broker.number
+            ]
+            out[broker.name] = {"url": broker.url, "up": up, **stats, "connectors": connectors}
+        return out
 
     def snapshot(self, with_health: bool = True) -> Snapshot:
         # One set of samples per stage: its replicas' counters added up.
@@ -322,6 +351,8 @@ class Observer:
                 alarms.append(
                     f"{stage} is {ages[stage]:,.0f} s behind (the data topics keep 7 days)"
                 )
+        brokers = self.brokers(scraped.get("certgen"))
+        first = brokers.get(mqttbrokers.DEFAULT_BROKER, {})
         return Snapshot(
             time.monotonic(),
             self.health() if with_health else [],
@@ -329,10 +360,20 @@ class Observer:
             dead,
             self.lag(),
             alarms,
-            self.broker(scraped.get("certgen")),
+            {name: first.get(name) for name in brokerstats.SYS_TOPICS.values() if name in first},
             ages,
             resets,
+            brokers,
         )
+
+
+def _accepts(host: str, port: int, timeout: float = 2.0) -> bool:
+    """Does ``host:port`` accept a TCP connection (the broker's listener is up)?"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _added(first: Samples | None, second: Samples | None) -> Samples | None:
@@ -373,8 +414,21 @@ def problems(
     lag_growing: dict[str, bool],
     broker: dict[str, int | None],
     offset_resets: dict[str, int] | None = None,
+    brokers: dict[str, dict[str, Any]] | None = None,
 ) -> list[str]:
     found = [f"{h.name} is down ({h.detail})" for h in health if not h.up]
+    found += [
+        f"broker {name} at {entry.get('url')} is unreachable: start it (`f2pipe up`) or"
+        " check F2PIPE_MQTT_HOST, F2PIPE_MQTT_PORT and F2PIPE_MQTT_BROKERS"
+        for name, entry in (brokers or {}).items()
+        if not entry.get("up")
+    ]
+    for name, entry in (brokers or {}).items():
+        if name != mqttbrokers.DEFAULT_BROKER and (dropped := entry.get("dropped_messages")):
+            found.append(
+                f"broker {name} dropped {dropped:,} messages since it started: its queue"
+                " reached F2PIPE_BROKER_MAX_QUEUED_BYTES while its connectors were down"
+            )
     found += [f"{stage} lag keeps growing" for stage, grows in lag_growing.items() if grows]
     found += [
         f"{stage} reset {count} partition offsets past Kafka's retention: records between"
@@ -417,9 +471,10 @@ def fold(
         lag_growing=trend,
         dead_letters=after.dead_letters,
         interval_s=interval,
-        problems=problems(after.health, trend, after.broker, after.offset_resets),
+        problems=problems(after.health, trend, after.broker, after.offset_resets, after.brokers),
         alarms=after.alarms,
         broker=after.broker,
         lag_seconds=after.lag_seconds,
         offset_resets=after.offset_resets,
+        brokers=after.brokers,
     )

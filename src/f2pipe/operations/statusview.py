@@ -48,11 +48,25 @@ def tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
             trend = f"{age:,.0f} s behind {trend}".strip()
         lag.add_row(stage, "?" if behind is None else f"{behind:,}", trend)
 
-    if rep.broker:
+    if rep.broker and len(rep.brokers) < 2:
         dropped = rep.broker.get("dropped_messages")
         queued = rep.broker.get("queued_messages") or 0
         note = f"[red]{dropped:,} dropped[/]" if dropped else ""
         lag.add_row("broker queue", f"{queued:,}", note)
+
+    brokers = Table(title="MQTT brokers", title_justify="left")
+    for column in ("broker", "state", "clients", "queued", "dropped", "connectors"):
+        brokers.add_column(column, justify="right" if column in ("clients", "queued") else "left")
+    for name, entry in rep.brokers.items():
+        dropped = entry.get("dropped_messages")
+        brokers.add_row(
+            f"{name} {entry.get('url', '')}",
+            "[green]up[/]" if entry.get("up") else "[red]unreachable[/]",
+            _count(entry.get("connected_clients")),
+            _count(entry.get("queued_messages")),
+            f"[red]{dropped:,}[/]" if dropped else _count(dropped),
+            ", ".join(entry.get("connectors", [])),
+        )
 
     dead = Table(title="dead letters by reason (since start)", title_justify="left")
     dead.add_column("stage/reason")
@@ -64,6 +78,8 @@ def tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
 
     # Side by side where the terminal is wide enough, so the view fits one screen.
     parts: list[Any] = [Columns([health, flow]), Columns([lag, dead])]
+    if len(rep.brokers) > 1:  # one broker: its queue is a row of the lag table
+        parts.append(brokers)
     if readings is not None:
         latest = Table(title="latest readings", title_justify="left")
         for column in ("time (UTC)", "device", "datapoint", "value", "unit"):
@@ -77,6 +93,10 @@ def tables(rep: Report, readings: list[tuple[Any, ...]] | None = None) -> Any:
     if rep.alarms:
         parts.append("[yellow]alarm: " + "; ".join(rep.alarms) + "[/]")
     return Group(*parts)
+
+
+def _count(value: object) -> str:
+    return "?" if value is None else f"{value:,}"
 
 
 def latest_readings(settings: Settings, limit: int = 10) -> list[tuple[Any, ...]] | None:

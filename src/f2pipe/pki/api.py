@@ -3,7 +3,8 @@
 - ``POST /v1/devices/{mac}/certificate``: issue a device certificate to the
   operator (admin bearer token) or to the device itself (its one-time claiming
   code). A CSR is preferred; without one a key pair is generated here and
-  returned once, never stored.
+  returned once, never stored. The answer also names the MQTT broker the
+  device belongs to (``broker_url``, from its metadata; SPEC section 10).
 - ``POST /v1/certificates/{serial}/revoke`` (admin): revoke, rewrite the CRL,
   reload the broker, close the identity's live session.
 - ``GET /v1/ca.pem``, ``GET /v1/crl.pem``, ``GET /healthz``, ``GET /readyz``,
@@ -61,6 +62,7 @@ from f2pipe.pki.ca import (
 from f2pipe.pki.expiry import pki_expiry
 from f2pipe.pki.local import record_local_certificates
 from f2pipe.pki.store import CertificateStore, ClaimAlreadyUsed, DeviceRow
+from f2pipe.runtime.mqttbrokers import broker_named
 from f2pipe.settings import Settings
 
 log = logging.getLogger("f2pipe.pki")
@@ -317,7 +319,17 @@ async def issue_device_certificate(
         certificate=issued.certificate_pem(),
         ca_certificate=runtime.ca_pem,
         private_key=issued.private_key_pem(),
+        broker_url=_broker_url(settings, grant.mac, grant.device.broker),
     )
+
+
+def _broker_url(settings: Settings, mac: str, broker: str | None) -> str | None:
+    """Where device ``mac`` connects: its broker's URL (None, logged, for an unknown broker)."""
+    try:
+        return broker_named(settings, broker).url
+    except ConfigError as exc:
+        log.warning("device assigned to an unknown broker", extra={"mac": mac, "error": str(exc)})
+        return None
 
 
 certificates = APIRouter(

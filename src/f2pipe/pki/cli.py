@@ -26,9 +26,10 @@ from f2pipe.pki.renewal import CrlRenewer
 from f2pipe.pki.revocation import refresh_crl
 from f2pipe.pki.state import ensure_pki, issue_service_files
 from f2pipe.runtime import tls
-from f2pipe.runtime.brokerstats import MONITOR_IDENTITY, BrokerMonitor
+from f2pipe.runtime.brokerstats import MONITOR_IDENTITY, BrokerMonitor, BrokerMonitors
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.metrics import register_build_info
+from f2pipe.runtime.mqttbrokers import brokers
 from f2pipe.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -147,8 +148,9 @@ def server_config(app: FastAPI, settings: Settings, host: str, port: int) -> uvi
     return config
 
 
-def start_broker_monitor(settings: Settings) -> BrokerMonitor | None:
-    """Keep the broker's ``$SYS`` counters in certgen's /metrics (``f2pipe_broker_*``).
+def start_broker_monitor(settings: Settings) -> BrokerMonitor | BrokerMonitors | None:
+    """Keep the broker's ``$SYS`` counters in certgen's /metrics (``f2pipe_broker_*``);
+    with several brokers every broker's, labelled ``broker``.
 
     certgen runs whether or not Kafka and the connectors do, which is exactly when
     the broker queues and may drop, so the counters live here.
@@ -162,6 +164,13 @@ def start_broker_monitor(settings: Settings) -> BrokerMonitor | None:
         except ConfigError as exc:
             log.warning("broker statistics are not exported", extra={"error": str(exc)})
             return None
+    if settings.mqtt_brokers > 1:
+        several = BrokerMonitors(
+            {b.name: BrokerMonitor(b.host, b.port, context) for b in brokers(settings)}
+        )
+        REGISTRY.register(several)
+        several.start()
+        return several
     monitor = BrokerMonitor(settings.mqtt_host, settings.mqtt_port, context)
     REGISTRY.register(monitor)
     monitor.start()

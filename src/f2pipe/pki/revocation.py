@@ -27,10 +27,13 @@ the real broker in the tests):
   connection is held (and taken over again each time the device comes back)
   until the reload is seen, then made once more: from then on the device's
   handshake is refused. All of it within :data:`RELOAD_WITHIN` seconds.
+- With several brokers every local one is signalled, and the session is closed
+  on the identity's own broker (a device's metadata, a connector's name).
 - A reload drops the ``user`` ACL entries of every *offline* persistent
   session until that client reconnects; meanwhile messages routed to it are
-  silently discarded. Device sessions are unaffected (their rules are
-  ``pattern`` rules), but the connector's session is exactly such a session.
+  silently discarded. With one broker device rules are patterns, unaffected;
+  with several, an offline device misses commands until it reconnects. The
+  connector's session is exactly such a session.
   After each reload, :func:`refresh_service_sessions` therefore connects once
   under each connector identity found in ``<state>/pki/services`` (resuming
   its session, acknowledging nothing), which makes the broker look the ACL up
@@ -72,6 +75,7 @@ from f2pipe.pki.ca import (
 )
 from f2pipe.pki.state import broker_pid_path, connector_identities, crl_entries, read_crl, write_crl
 from f2pipe.pki.store import CertificateStore
+from f2pipe.runtime.mqttbrokers import broker_named, broker_names, connector_broker
 from f2pipe.runtime.tls import client_context
 from f2pipe.settings import Settings
 
@@ -117,23 +121,28 @@ class RevokeResult:
 
 
 def reload_broker(settings: Settings) -> bool:
-    """SIGHUP the broker named in ``<state>/mosquitto/mosquitto.pid``; True if sent.
+    """SIGHUP every broker named in ``<state>/mosquitto/mosquitto.pid`` (and
+    ``<state>/mosquitto-<n>/`` for the others); True if the first was signalled.
 
-    An optimisation where certgen and the broker share a machine and a user:
+    An optimisation where certgen and the brokers share a machine and a user:
     a broker elsewhere reloads on its own when the CRL file changes (see the
     module docstring), so a missing or foreign pid is not an error.
     """
-    path = broker_pid_path(settings)
-    try:
-        pid = int(path.read_text().strip())
-        os.kill(pid, signal.SIGHUP)
-    except (OSError, ValueError) as exc:
-        log.info(
-            "broker not signalled; its CRL watcher reloads it",
-            extra={"pid_file": str(path), "error": type(exc).__name__},
-        )
-        return False
-    return True
+    sent = []
+    for number in range(1, settings.mqtt_brokers + 1):
+        path = broker_pid_path(settings, number)
+        try:
+            pid = int(path.read_text().strip())
+            os.kill(pid, signal.SIGHUP)
+        except (OSError, ValueError) as exc:
+            log.info(
+                "broker not signalled; its CRL watcher reloads it",
+                extra={"pid_file": str(path), "error": type(exc).__name__},
+            )
+            sent.append(False)
+            continue
+        sent.append(True)
+    return sent[0]
 
 
 def reload_and_refresh(settings: Settings) -> bool:
@@ -151,10 +160,14 @@ def reload_and_refresh(settings: Settings) -> bool:
         return _reload_with_probe(settings, ca, None, [], signal=False)
 
 
-def refresh_service_sessions(settings: Settings) -> None:
-    """Connect once as each connector identity so the broker re-reads its ACL (see module doc)."""
+def refresh_service_sessions(settings: Settings, brokers: list[str] | None = None) -> None:
+    """Connect once as each connector identity to its own broker (of ``brokers``, default
+    all) so that broker re-reads the identity's ACL (see the module docstring)."""
     paths = pki_paths(settings)
     for name in connector_identities(settings):
+        broker = connector_broker(name)
+        if broker not in broker_names(settings) or (brokers is not None and broker not in brokers):
+            continue
         try:
             context = client_context(
                 paths.ca_cert, paths.service_cert(name), paths.service_key(name)
@@ -164,7 +177,7 @@ def refresh_service_sessions(settings: Settings) -> None:
                 "cannot refresh service session", extra={"identity": name, "error": str(exc)}
             )
             continue
-        if not _take_over(settings, context, name):
+        if not _take_over(broker_named(settings, broker).settings(settings), context, name):
             log.warning("service session not refreshed", extra={"identity": name})
 
 
@@ -242,7 +255,8 @@ def revoke(
         probe = _probe(settings, ca, store)
         write_crl(ca, pki_paths(settings), [*store.revoked(), probe.entry], settings.crl_days)
         reload_broker(settings)
-        reloaded, closed = close_session(settings, ca, store, record.common_name, probe.context)
+        home = _home_broker(settings, store, record.common_name)
+        reloaded, closed = close_session(home, ca, store, record.common_name, probe.context)
         if reloaded:
             refresh_service_sessions(settings)
     log.info(
@@ -255,6 +269,21 @@ def revoke(
         },
     )
     return RevokeResult(serial, record.common_name, record.revoked_at.isoformat(), reloaded, closed)
+
+
+def _home_broker(settings: Settings, store: CertificateStore, common_name: str) -> Settings:
+    """``settings`` pointed at the broker ``common_name`` connects to: a connector's by
+    its identity, a device's by its metadata (mqtt-1 when unknown or unassigned)."""
+    if settings.mqtt_brokers == 1:
+        return settings
+    name: str | None = connector_broker(common_name)
+    if common_name.startswith("f2-"):
+        device = store.device(common_name.removeprefix("f2-"))
+        name = None if device is None else device.broker
+    try:
+        return broker_named(settings, name).settings(settings)
+    except ConfigError:
+        return settings
 
 
 def close_session(

@@ -287,9 +287,11 @@ def _copy_if_changed(source: Path, target: Path, mode: int) -> bool:
     return True
 
 
-def broker_pid_path(settings: Settings) -> Path:
-    """Where the broker writes its pid (certgen sends SIGHUP there after a revocation)."""
-    return settings.mosquitto_dir / "mosquitto.pid"
+def broker_pid_path(settings: Settings, number: int = 1) -> Path:
+    """Where broker ``mqtt-<number>`` writes its pid (certgen sends SIGHUP there after a
+    revocation): ``<state>/mosquitto/mosquitto.pid``, ``<state>/mosquitto-2/...``."""
+    folder = settings.mosquitto_dir
+    return (folder if number == 1 else folder.with_name(f"mosquitto-{number}")) / "mosquitto.pid"
 
 
 def connector_identities(settings: Settings) -> list[str]:

@@ -25,6 +25,7 @@ class DeviceRow:
     device_id: int
     claiming_code: str | None
     claimed_at: dt.datetime | None
+    broker: str | None = None  # the MQTT broker it belongs to; None: the default one
 
 
 @dataclass(frozen=True)
@@ -64,13 +65,13 @@ class CertificateStore:
         """The controller with this MAC and whether its current claiming code was used."""
         with self._pool.connection() as conn:
             row = conn.execute(
-                "SELECT d.device_id, d.claiming_code, c.claimed_at FROM devices d "
+                "SELECT d.device_id, d.claiming_code, c.claimed_at, d.broker FROM devices d "
                 "LEFT JOIN device_claims c ON c.device_id = d.device_id "
                 "AND c.code_sha256 = sha256(convert_to(d.claiming_code, 'UTF8')) "
                 "WHERE d.mac_address = %s",
                 (mac,),
             ).fetchone()
-        return None if row is None else DeviceRow(int(row[0]), row[1], row[2])
+        return None if row is None else DeviceRow(int(row[0]), row[1], row[2], row[3])
 
     def record(
         self,

@@ -43,6 +43,10 @@ SYS_TOPICS: dict[str, str] = {
 _UPTIME = "$SYS/broker/uptime"
 
 
+#: The ``f2pipe_broker_*`` families of one /metrics page, keyed by statistic.
+Families = dict[str, GaugeMetricFamily | CounterMetricFamily]
+
+
 @dataclass(frozen=True)
 class BrokerStats:
     """The latest values the broker published; None for one not received yet."""
@@ -158,30 +162,66 @@ class BrokerMonitor(Collector):
 
     def collect(self) -> Iterator[Metric]:
         # Every family always, so /metrics names them all; a value only once the broker sent it.
+        families = _families(labelled=False)
+        self.add_samples(families, [])
+        yield from families.values()
+
+    def add_samples(self, families: Families, labels: list[str]) -> None:
+        """Add this broker's values, with ``labels``, to :func:`_families`' families."""
         stats = self.stats()
-        up = GaugeMetricFamily(
-            "f2pipe_broker_up", "1 while the monitor identity is connected to the broker"
-        )
-        up.add_metric([], 1.0 if self.connected else 0.0)
-        yield up
-        dropped = CounterMetricFamily(
-            "f2pipe_broker_dropped_messages",
-            "Messages the broker acknowledged but dropped since it started (queue bound)",
-        )
-        if stats.dropped_messages is not None:
-            dropped.add_metric([], float(stats.dropped_messages))
-        yield dropped
-        gauges = {
-            "queued_messages": "Messages the broker holds for its subscribers",
-            "queued_bytes": "Payload bytes of the messages the broker holds",
-            "connected_clients": "Clients connected to the broker",
-        }
-        for name, text in gauges.items():
-            family = GaugeMetricFamily(f"f2pipe_broker_{name}", text)
+        families["up"].add_metric(labels, 1.0 if self.connected else 0.0)
+        for name in SYS_TOPICS.values():
             value = getattr(stats, name)
             if value is not None:
-                family.add_metric([], float(value))
-            yield family
+                families[name].add_metric(labels, float(value))
+
+
+class BrokerMonitors(Collector):
+    """One :class:`BrokerMonitor` per broker (``F2PIPE_MQTT_BROKERS``), exported as the same
+    ``f2pipe_broker_*`` families with a ``broker`` label naming each (mqtt-1, ...)."""
+
+    def __init__(self, monitors: dict[str, BrokerMonitor]) -> None:
+        self.monitors = monitors
+
+    def start(self) -> None:
+        for monitor in self.monitors.values():
+            monitor.start()
+
+    def stop(self) -> None:
+        for monitor in self.monitors.values():
+            monitor.stop()
+
+    def collect(self) -> Iterator[Metric]:
+        families = _families(labelled=True)
+        for name, monitor in self.monitors.items():
+            monitor.add_samples(families, [name])
+        yield from families.values()
+
+
+def _families(labelled: bool) -> Families:
+    """The empty ``f2pipe_broker_*`` families, keyed by statistic (``up`` and SYS_TOPICS)."""
+    labels = ["broker"] if labelled else []
+    gauges = {
+        "queued_messages": "Messages the broker holds for its subscribers",
+        "queued_bytes": "Payload bytes of the messages the broker holds",
+        "connected_clients": "Clients connected to the broker",
+    }
+    return {
+        "up": GaugeMetricFamily(
+            "f2pipe_broker_up",
+            "1 while the monitor identity is connected to the broker",
+            labels=labels,
+        ),
+        "dropped_messages": CounterMetricFamily(
+            "f2pipe_broker_dropped_messages",
+            "Messages the broker acknowledged but dropped since it started (queue bound)",
+            labels=labels,
+        ),
+        **{
+            name: GaugeMetricFamily(f"f2pipe_broker_{name}", text, labels=labels)
+            for name, text in gauges.items()
+        },
+    }
 
 
 def read_once(

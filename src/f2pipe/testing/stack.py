@@ -35,12 +35,13 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _port_run(taken: set[int]) -> int:
-    """A free port p, not in ``taken``, with p + 2 and p + 4 free and not taken either."""
+def _port_run(taken: set[int], length: int = 3) -> int:
+    """A free port p, not in ``taken``, with p + 2, p + 4... (``length`` ports in all)
+    free and not taken either."""
     while True:
         (port,) = free_ports(1)
-        run = {port, port + 2, port + 4}
-        if port + 4 < 65536 and not run & taken and not any(map(port_in_use, run - {port})):
+        run = {port + 2 * n for n in range(length)}
+        if max(run) < 65536 and not run & taken and not any(map(port_in_use, run - {port})):
             return port
 
 
@@ -60,7 +61,8 @@ def private_settings(state: Path, *, stages: bool = False, **overrides: Any) -> 
     series in one database), Redis, Kafka and its controller, the MQTT broker; with
     ``stages`` also the connector's, processor's, sink's and certgen's ops ports. With
     ``kafka_brokers=3`` the bootstrap names three free ports and the controller port is
-    one whose + 2 and + 4 are free too (the cluster's other controllers)."""
+    one whose + 2 and + 4 are free too (the cluster's other controllers); with
+    ``mqtt_brokers=N`` the MQTT port is one whose + 2... + 2 (N - 1) are free too."""
     pg, redis, kafka, controller, mqtt, *ops = free_ports(9 if stages else 5)
     bootstrap = f"127.0.0.1:{kafka}"
     if overrides.get("kafka_brokers", 1) > 1:
@@ -68,6 +70,10 @@ def private_settings(state: Path, *, stages: bool = False, **overrides: Any) -> 
         others = [port for port in free_ports(len(taken) + 2) if port not in taken][:2]
         bootstrap = ",".join(f"127.0.0.1:{port}" for port in (kafka, *others))
         controller = _port_run(taken | set(others))
+    if overrides.get("mqtt_brokers", 1) > 1:
+        used = {pg, redis, controller, controller + 2, controller + 4, *ops}
+        used |= {int(address.rpartition(":")[2]) for address in bootstrap.split(",")}
+        mqtt = _port_run(used, overrides["mqtt_brokers"])
     if stages:
         connector, processor, sink, certgen = ops
         overrides = dict(

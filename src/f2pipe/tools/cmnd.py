@@ -1,7 +1,9 @@
 """``f2pipe cmnd MAC J<n> COMPONENT PAYLOAD``: send one command to a device.
 
 Connects as the ``svc-commander`` identity (the only one the broker lets write
-``cmnd/#``), publishes with QoS 1 and returns once the broker acknowledged it.
+``cmnd/#``) to the broker the controller belongs to (several brokers: its
+broker in the metadata), publishes with QoS 1 and returns once the broker
+acknowledged it.
 The topic is built and checked against SPEC section 1 and the payload
 validated before anything is sent:
 
@@ -228,12 +230,25 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=main)
 
 
+def device_broker(settings: Settings, mac: str) -> Settings:
+    """``settings`` pointed at the broker ``mac`` belongs to (SPEC section 10): with several
+    brokers a command must go where the controller is connected. Raises ConfigError for a
+    broker these settings do not run."""
+    if settings.mqtt_brokers == 1:
+        return settings
+    from f2pipe.tools.simulator.provisioning import broker_addresses
+
+    host, port = broker_addresses(settings, [mac])[mac]
+    return settings.model_copy(update={"mqtt_host": host, "mqtt_port": port})
+
+
 def main(args: argparse.Namespace) -> int:
     settings = get_settings()
     try:
         topic, payload = build_command(
             args.mac, args.connector, args.component, args.payload, args.mode
         )
+        settings = device_broker(settings, topic.split("/")[1].removeprefix("f2-"))
         if args.wait is not None and args.wait <= 0:
             raise CommandError("--wait takes a positive number of seconds")
         expected = None if args.wait is None else expected_answers(topic, payload)

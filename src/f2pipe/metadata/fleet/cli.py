@@ -13,6 +13,7 @@ from typing import TextIO
 from f2pipe.metadata.fleet.exporter import export_fleet
 from f2pipe.metadata.fleet.importer import import_fleet
 from f2pipe.metadata.fleet.schema import fleet_json_schema
+from f2pipe.runtime.mqttbrokers import broker_names
 from f2pipe.settings import get_settings
 
 
@@ -80,14 +81,25 @@ class ProgressLine:
 def _cmd_import(args: argparse.Namespace) -> int:
     progress = ProgressLine(sys.stderr)
     progress.note(f"reading and checking {args.file}")
+    settings = get_settings()
     try:
         changes = import_fleet(
-            get_settings().metadata_dsn, args.file, dry_run=args.dry_run, progress=progress
+            settings.metadata_dsn,
+            args.file,
+            dry_run=args.dry_run,
+            progress=progress,
+            brokers=broker_names(settings),
         )
     finally:
         progress.close()
     prefix = "dry run, would write: " if args.dry_run and changes.total else ""
     print(f"{args.file}: {prefix}{changes.summary()}")
+    if changes.total and not args.dry_run and settings.mqtt_brokers > 1:
+        # The local brokers' ACLs name their controllers one by one: bring them up to date.
+        from f2pipe.operations.stack.mqtt_shards import sync_acls
+
+        if rewritten := sync_acls(settings):
+            print(f"broker ACLs rewritten: {', '.join(rewritten)}")
     return 0
 
 

@@ -105,6 +105,8 @@ class ControllerEntry(_Entry):
     timezone: str = Field(default="UTC", min_length=1)
     serial_number: str | None = None
     claiming_code: str | None = Field(default=None, min_length=1)
+    # The MQTT broker it connects to (mqtt-1, mqtt-2...); None: the default broker.
+    broker: str | None = Field(default=None, pattern=r"^mqtt-[1-9][0-9]?$")
 
     @field_validator("mac")
     @classmethod
@@ -139,6 +141,21 @@ class Fleet(_Entry):
     controllers: list[ControllerEntry] = Field(default_factory=list)
     sensors: list[SensorEntry] = Field(default_factory=list)
     wiring: list[WiringEntry] = Field(default_factory=list)
+
+
+def check_brokers(fleet: Fleet, known: Iterable[str]) -> list[tuple[Loc, str]]:
+    """Controllers assigned to a broker outside ``known``: one problem each, naming the
+    controller, its broker, the known ones and the fix."""
+    names = list(known)
+    return [
+        (
+            ("controllers", i, "broker"),
+            f"controller {ctl.mac} ({ctl.name!r}) is assigned to unknown broker {ctl.broker!r};"
+            f" known: {', '.join(names)} (raise F2PIPE_MQTT_BROKERS or assign one of those)",
+        )
+        for i, ctl in enumerate(fleet.controllers)
+        if ctl.broker is not None and ctl.broker not in names
+    ]
 
 
 def check_references(fleet: Fleet) -> list[tuple[Loc, str]]:

@@ -44,7 +44,8 @@ def _read_fleet(dsn: str) -> tuple[Rows, Rows, Rows, Rows, Rows, Rows]:
             " ORDER BY device_template_id, byte_offset, label"
         ).fetchall()
         controllers = conn.execute(
-            "SELECT d.name, d.mac_address, t.name, d.timezone, d.serial_number, d.claiming_code"
+            "SELECT d.name, d.mac_address, t.name, d.timezone, d.serial_number, d.claiming_code,"
+            " d.broker"
             " FROM devices d JOIN device_templates t USING (device_template_id)"
             " WHERE d.mac_address IS NOT NULL ORDER BY d.mac_address"
         ).fetchall()
@@ -126,9 +127,10 @@ def _render(
                     "timezone": tz,
                     "serial_number": serial,
                     "claiming_code": code if with_claiming_codes else None,
+                    "broker": broker,
                 }
             )
-            for name, mac, template, tz, serial, code in controllers
+            for name, mac, template, tz, serial, code, broker in controllers
         ],
         "sensors": [
             compact({"name": name, "template": template, "serial_number": serial})

@@ -15,7 +15,7 @@ entry (and its line), and the whole import rolls back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,13 @@ import psycopg
 
 from f2pipe.errors import FleetError
 from f2pipe.metadata.fleet.bulk import Conn, Progress, ProgressReport, Refused, Row, bulk, run
-from f2pipe.metadata.fleet.document import Fleet, Loc, TemplateEntry, check_references
+from f2pipe.metadata.fleet.document import (
+    Fleet,
+    Loc,
+    TemplateEntry,
+    check_brokers,
+    check_references,
+)
 from f2pipe.metadata.fleet.yamlload import Problem, line_of, load_document, problems_error
 
 _LOCK_KEY = 0xF2_F1_EE  # serialises concurrent imports: each plans its changes from a fresh read
@@ -57,14 +63,19 @@ class Changes:
 
 
 def import_fleet(
-    dsn: str, path: Path, dry_run: bool = False, progress: ProgressReport | None = None
+    dsn: str,
+    path: Path,
+    dry_run: bool = False,
+    progress: ProgressReport | None = None,
+    brokers: Sequence[str] | None = None,
 ) -> Changes:
     """Validate ``path`` and make the database match it in one transaction.
 
     Raises FleetError (every message names the file's line and the field) when the
-    file is invalid or the database refuses an entry; then nothing is written.
-    With ``dry_run`` the changes are counted and rolled back. ``progress``, when
-    given, is told the entries done after each bulk statement.
+    file is invalid, names a broker outside ``brokers`` (when given), or the
+    database refuses an entry; then nothing is written. With ``dry_run`` the
+    changes are counted and rolled back. ``progress``, when given, is told the
+    entries done after each bulk statement.
     """
     source = str(path)
     try:
@@ -72,6 +83,9 @@ def import_fleet(
     except OSError as exc:
         raise FleetError(f"cannot read {source}: {exc.strerror}") from None
     document, fleet = load_document(text, source)
+    if brokers is not None and (wrong := check_brokers(fleet, brokers)):
+        found = [Problem(line_of(document, loc), loc, message) for loc, message in wrong]
+        raise problems_error(source, found)
     return _in_transaction(
         dsn,
         dry_run,
@@ -81,16 +95,19 @@ def import_fleet(
     )
 
 
-def apply_fleet(dsn: str, fleet: Fleet, dry_run: bool = False) -> Changes:
+def apply_fleet(
+    dsn: str, fleet: Fleet, dry_run: bool = False, brokers: Sequence[str] | None = None
+) -> Changes:
     """Make the database match an already-parsed fleet document, as :func:`import_fleet` does.
 
     The same guarantees: the references are checked before anything is written,
     the writes run in one transaction under the importers' advisory lock, only
     rows that differ are written (so applying the same fleet twice changes
     nothing), and ``dry_run`` counts the changes and rolls them back. Raises
-    FleetError naming the entry (``controllers[0].name: ...``) on a problem.
+    FleetError naming the entry (``controllers[0].name: ...``) on a problem,
+    a broker outside ``brokers`` (when given) included.
     """
-    _check(fleet)
+    _check(fleet, brokers)
     return _in_transaction(
         dsn, dry_run, lambda conn: _write(conn, fleet, _SOURCE, _no_line, Progress(fleet))
     )
@@ -119,8 +136,9 @@ def _no_line(loc: Loc) -> int | None:
     return None
 
 
-def _check(fleet: Fleet) -> None:
-    problems = [Problem(None, loc, message) for loc, message in check_references(fleet)]
+def _check(fleet: Fleet, brokers: Sequence[str] | None = None) -> None:
+    found = check_references(fleet) + ([] if brokers is None else check_brokers(fleet, brokers))
+    problems = [Problem(None, loc, message) for loc, message in found]
     if problems:
         raise problems_error(_SOURCE, problems)
 
@@ -296,7 +314,7 @@ def _apply_controllers(
         row[0]: row[1:]
         for row in conn.execute(
             "SELECT mac_address, device_id, name, device_template_id, timezone, serial_number,"
-            " claiming_code FROM devices WHERE mac_address = ANY(%s)",
+            " broker, claiming_code FROM devices WHERE mac_address = ANY(%s)",
             (macs,),
         )
     }
@@ -306,13 +324,19 @@ def _apply_controllers(
     for i, entry in enumerate(fleet.controllers):
         loc: Loc = ("controllers", i)
         have = current.get(entry.mac)
-        wanted = (entry.name, template_ids[entry.template], entry.timezone, entry.serial_number)
+        wanted = (
+            entry.name,
+            template_ids[entry.template],
+            entry.timezone,
+            entry.serial_number,
+            entry.broker,
+        )
         if have is None:
             inserts.append((loc, (*wanted, entry.claiming_code, entry.mac)))
             continue
         ids[entry.mac] = have[0]
-        code = have[5] if entry.claiming_code is None else entry.claiming_code
-        if (*have[1:5], have[5]) != (*wanted, code):
+        code = have[6] if entry.claiming_code is None else entry.claiming_code
+        if (*have[1:6], have[6]) != (*wanted, code):
             updates.append((loc, (*wanted, code, have[0])))
     progress.advance(len(fleet.controllers) - len(inserts) - len(updates))
     for mac, device_id in bulk(conn, inserts, _INSERT_CONTROLLERS, progress):
@@ -324,15 +348,16 @@ def _apply_controllers(
 
 
 _INSERT_CONTROLLERS = (
-    "INSERT INTO devices (name, device_template_id, timezone, serial_number, claiming_code,"
-    " mac_address) SELECT n, t, z, s, c, m FROM unnest(%s::text[], %s::int[], %s::text[],"
-    " %s::text[], %s::text[], %s::text[]) WITH ORDINALITY AS u(n, t, z, s, c, m, o)"
-    " ORDER BY o RETURNING mac_address, device_id"
+    "INSERT INTO devices (name, device_template_id, timezone, serial_number, broker,"
+    " claiming_code, mac_address) SELECT n, t, z, s, b, c, m FROM unnest(%s::text[],"
+    " %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[])"
+    " WITH ORDINALITY AS u(n, t, z, s, b, c, m, o) ORDER BY o RETURNING mac_address, device_id"
 )
 _UPDATE_CONTROLLERS = (
     "UPDATE devices d SET name = u.n, device_template_id = u.t, timezone = u.z,"
-    " serial_number = u.s, claiming_code = u.c FROM unnest(%s::text[], %s::int[], %s::text[],"
-    " %s::text[], %s::text[], %s::int[]) AS u(n, t, z, s, c, id) WHERE d.device_id = u.id"
+    " serial_number = u.s, broker = u.b, claiming_code = u.c FROM unnest(%s::text[],"
+    " %s::int[], %s::text[], %s::text[], %s::text[], %s::text[], %s::int[])"
+    " AS u(n, t, z, s, b, c, id) WHERE d.device_id = u.id"
 )
 
 

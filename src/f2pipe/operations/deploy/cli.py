@@ -60,6 +60,12 @@ def _render(args: argparse.Namespace) -> int:
     if args.connectors < 1:
         raise ConfigError("--connectors must be 1 or more")
     settings = get_settings()
+    if settings.mqtt_brokers > 1:
+        # Its broker's ACL is patterns: several brokers need ACLs that follow the fleet.
+        raise ConfigError(
+            f"F2PIPE_MQTT_BROKERS={settings.mqtt_brokers}: the rendered deployment runs one"
+            " broker; render with F2PIPE_MQTT_BROKERS=1 (several run on the local stack)"
+        )
     if args.broker_name:
         names = [*settings.extra_server_names(), *args.broker_name]
         settings = settings.model_copy(update={"broker_names": ",".join(names)})

@@ -28,7 +28,9 @@ Contracts:
   (``ip netns exec NAME`` in the separate-hosts test), so its host is that
   namespace's address.
 - Mosquitto's pid is also written to ``<state>/mosquitto/mosquitto.pid`` so the
-  certificate authority can send it SIGHUP to reload the CRL.
+  certificate authority can send it SIGHUP to reload the CRL. With
+  ``F2PIPE_MQTT_BROKERS=N`` brokers ``mosquitto-2``... ``mosquitto-N`` run beside
+  it, each in ``<state>/mosquitto-<n>/`` on its own port.
 
 The modules, one job each:
 
@@ -38,6 +40,7 @@ The modules, one job each:
 - :mod:`.postgres`, :mod:`.redis`, :mod:`.kafka` (with topic creation),
   :mod:`.mosquitto` (with the broker's configuration and ACL): one server each;
   :mod:`.kafka_cluster`: Kafka as three nodes (``F2PIPE_KAFKA_BROKERS=3``);
+  :mod:`.mqtt_shards`: several MQTT brokers and their per-device ACLs;
 - :mod:`.commands`: ``up``, ``down``, ``status`` and the ``f2pipe stack`` parser.
 """
 

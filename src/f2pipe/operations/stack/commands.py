@@ -7,6 +7,7 @@ own module and supervised through :mod:`.supervise`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -18,16 +19,23 @@ from f2pipe.operations.stack.install import ensure_programs
 from f2pipe.operations.stack.kafka import Kafka, KafkaNode2, KafkaNode3, kafka_nodes
 from f2pipe.operations.stack.kafka_cluster import node_host, node_ports
 from f2pipe.operations.stack.mosquitto import Mosquitto
+from f2pipe.operations.stack.mqtt_shards import mosquitto_nodes, sync_acls
 from f2pipe.operations.stack.postgres import Postgres
 from f2pipe.operations.stack.redis import Redis
 from f2pipe.operations.stack.server import LAUNCH_PREFIX, Server
 from f2pipe.operations.stack.supervise import LOOPBACK, Paths, is_local, is_loopback, locked
+from f2pipe.runtime.mqttbrokers import brokers
 from f2pipe.settings import Settings, load_settings
 
 SERVERS: tuple[type[Server], ...] = (Postgres, Redis, Kafka, Mosquitto)
 NAMES = tuple(cls.name for cls in SERVERS)
-# A cluster's nodes 2 and 3 follow `kafka`; they are named only in `--record` files.
-_NODE_NAMES = (KafkaNode2.name, KafkaNode3.name)
+
+
+def _node_name(value: str) -> bool:
+    """A cluster's Kafka nodes 2 and 3 follow `kafka`, brokers mosquitto-2... follow
+    `mosquitto`; they may be named too (and are, in `--record` files)."""
+    number = value.removeprefix("mosquitto-")
+    return value in (KafkaNode2.name, KafkaNode3.name) or (number.isdigit() and int(number) > 1)
 
 
 def _check_settings(settings: Settings) -> None:
@@ -72,6 +80,9 @@ def _check_settings(settings: Settings) -> None:
             f"F2PIPE_KAFKA_BOOTSTRAP (broker {node})": client,
             f"F2PIPE_KAFKA_CONTROLLER_PORT (+{2 * (node - 1)}, broker {node})": controller,
         }
+    for broker in brokers(settings)[1:]:
+        offset = broker.port - settings.mqtt_port
+        ports[f"F2PIPE_MQTT_PORT (+{offset}, broker {broker.name})"] = broker.port
     seen: dict[int, str] = {}
     for variable, port in ports.items():
         if port in seen:
@@ -83,13 +94,14 @@ def _servers(settings: Settings, names: Sequence[str]) -> list[Server]:
     """The chosen servers in start order; ``kafka`` stands for every node of a cluster."""
     paths = Paths(settings.state_dir)
     chosen = set(names) or set(NAMES)
-    classes = [
-        node for cls in SERVERS for node in (kafka_nodes(settings) if cls is Kafka else (cls,))
-    ]
+    nodes = {Kafka: kafka_nodes(settings), Mosquitto: mosquitto_nodes(settings)}
+    classes = [node for cls in SERVERS for node in nodes.get(cls, (cls,))]
     return [
         cls(settings, paths)
         for cls in classes
-        if cls.name in chosen or (issubclass(cls, Kafka) and Kafka.name in chosen)
+        if cls.name in chosen
+        or (issubclass(cls, Kafka) and Kafka.name in chosen)
+        or (issubclass(cls, Mosquitto) and Mosquitto.name in chosen)
     ]
 
 
@@ -119,6 +131,8 @@ def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None
                 server.wait_healthy()
                 server.after_healthy()
             security.write_admin_env(settings, paths)
+            if settings.mqtt_brokers > 1 and any(isinstance(s, Mosquitto) for s in servers):
+                _device_acls(settings)
         except BaseException:
             _stop(started[::-1])
             raise
@@ -128,6 +142,18 @@ def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None
             verb = "started" if server in started else "running"
             print(f"{server.name:<10} {verb:<8} {server.describe()}")
         return [server.name for server in started]
+
+
+def _device_acls(settings: Settings) -> None:
+    """Several brokers: each one's ACL from the metadata, once the database is up.
+
+    A database not migrated yet (a new stack) holds no controllers: the ACLs are
+    written when ``f2pipe up`` seeds the fleet or ``fleet import`` writes one.
+    """
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error):
+        sync_acls(security.admin_settings(settings))
 
 
 def _launch(servers: list[Server]) -> list[Server]:
@@ -215,7 +241,7 @@ def status(settings: Settings, names: Sequence[str] = ()) -> bool:
 
 def _names(values: Sequence[str]) -> list[str]:
     for value in values:
-        if value not in NAMES + _NODE_NAMES:
+        if value not in NAMES and not _node_name(value):
             raise StackError(f"unknown server {value!r}; choose from {', '.join(NAMES)}")
     return list(values)
 

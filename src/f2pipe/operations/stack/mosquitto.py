@@ -55,6 +55,7 @@ import os
 import resource
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from f2pipe.operations.stack import retainguard
 from f2pipe.operations.stack.install import Program
@@ -63,6 +64,7 @@ from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import Paths, port_accepts
 from f2pipe.pki.ca import PkiPaths, pki_paths
 from f2pipe.pki.state import broker_pid_path, connector_identities, ensure_pki
+from f2pipe.runtime.mqttbrokers import PORT_STEP, brokers
 from f2pipe.settings import Settings
 
 MAX_PACKET_BYTES = 256 * 1024
@@ -96,35 +98,59 @@ def max_queued_messages(settings: Settings) -> int:
     return min(max_queued_bytes(settings), 2**31 - 1)
 
 
-def conf_path(settings: Settings) -> Path:
-    return settings.mosquitto_dir / "mosquitto.conf"
+def broker_dir(settings: Settings, number: int = 1) -> Path:
+    """Broker ``mqtt-<number>``'s folder: ``<state>/mosquitto``, ``<state>/mosquitto-2``..."""
+    return settings.state_dir / ("mosquitto" if number == 1 else f"mosquitto-{number}")
 
 
-def acl_path(settings: Settings) -> Path:
-    return settings.mosquitto_dir / "acl"
+def conf_path(settings: Settings, number: int = 1) -> Path:
+    return broker_dir(settings, number) / "mosquitto.conf"
 
 
-def render_acl(connectors: list[str] | None = None) -> str:
+def acl_path(settings: Settings, number: int = 1) -> Path:
+    return broker_dir(settings, number) / "acl"
+
+
+#: The rules of one device ``f2-<mac>`` where devices are listed one by one.
+DEVICE_RULES = ("topic write stat/{u}/+/+/+", "topic write tele/{u}/+/+/+", "topic read cmnd/{u}/#")
+
+
+def render_acl(connectors: list[str] | None = None, devices: list[str] | None = None) -> str:
     """The ACL file: devices reach only their own topics, services only theirs.
 
-    Pattern rules apply to every user; ``%u`` is the certificate CN, so a
-    device ``f2-<mac>`` may write exactly the topics of the grammar's depth
-    (``stat/f2-<mac>/<mode>/<connector>/<component>``, the same under
-    ``tele/``) and read ``cmnd/f2-<mac>/#``. A service
-    identity matches the same patterns only for topics named after itself
+    ``devices`` None (one broker): pattern rules apply to every user; ``%u``
+    is the certificate CN, so a device ``f2-<mac>`` may write exactly the
+    topics of the grammar's depth (``stat/f2-<mac>/<mode>/<connector>/<component>``,
+    the same under ``tele/``) and read ``cmnd/f2-<mac>/#``. A service identity
+    matches the same patterns only for topics named after itself
     (``tele/svc-connector/...``), which no device reads and the pipeline treats
-    as an invalid topic. ``connectors`` adds identities with the connector's
-    rights (``svc-connector-2``...): several connectors sharing the load need
-    one identity each, since the identity is the client id.
+    as an invalid topic.
+
+    ``devices`` a list of MACs (several brokers): no pattern at all, a ``user``
+    block of those same rules for each listed device, so a device with a valid
+    certificate may connect to another broker but publishes and subscribes
+    nothing there. Mosquitto finds a client's own block once, at connect, so a
+    publish costs the device's three rules, not a scan of the fleet.
+
+    ``connectors`` adds identities with the connector's rights
+    (``svc-connector-2``...): several connectors sharing the load need one
+    identity each, since the identity is the client id.
     """
-    lines = [
-        "# Written by f2pipe (f2pipe.operations.stack.mosquitto); changes are overwritten.",
-        "# Devices: the certificate CN f2-<mac> is the username (%u).",
-        "pattern write stat/%u/+/+/+",
-        "pattern write tele/%u/+/+/+",
-        "pattern read cmnd/%u/#",
-        "",
-    ]
+    lines = ["# Written by f2pipe (f2pipe.operations.stack.mosquitto); changes are overwritten."]
+    if devices is None:
+        lines += [
+            "# Devices: the certificate CN f2-<mac> is the username (%u).",
+            "pattern write stat/%u/+/+/+",
+            "pattern write tele/%u/+/+/+",
+            "pattern read cmnd/%u/#",
+            "",
+        ]
+    else:
+        lines += [f"# Devices of this broker: {len(devices)} (from the fleet metadata).", ""]
+        for mac in devices:
+            lines.append(f"user f2-{mac}")
+            lines.extend(rule.format(u=f"f2-{mac}") for rule in DEVICE_RULES)
+            lines.append("")
     users = dict(SERVICE_ACL)
     for name in connectors or []:
         users.setdefault(name, SERVICE_ACL["svc-connector"])
@@ -155,18 +181,19 @@ class BrokerSite:
     listen_host: str | None = None
 
 
-def local_site(settings: Settings) -> BrokerSite:
-    """The local stack's broker: under ``<state>/mosquitto``, as this user, on ``mqtt_host``."""
+def local_site(settings: Settings, number: int = 1) -> BrokerSite:
+    """The local stack's broker ``mqtt-<number>``: under its :func:`broker_dir`, as this
+    user, on ``mqtt_host``."""
     return BrokerSite(
-        acl_file=acl_path(settings),
-        persistence=settings.mosquitto_dir / "data",
+        acl_file=acl_path(settings, number),
+        persistence=broker_dir(settings, number) / "data",
         max_queued_bytes=max_queued_bytes(settings),
         max_queued_messages=max_queued_messages(settings),
         plugin=retainguard.plugin_path(settings.mosquitto_dir),
         # The broker must keep reading the 0600 keys and the CRL after dropping
         # privileges (the CRL is re-read on SIGHUP), so it runs as their owner.
         user=getpass.getuser(),
-        pid_file=broker_pid_path(settings),
+        pid_file=broker_pid_path(settings, number),
         listen_host=settings.mqtt_host,
     )
 
@@ -266,9 +293,14 @@ wait "$broker"
 """
 
 
-def ensure_config(settings: Settings) -> Path:
-    """Create the PKI if missing and write the broker's config and ACL; return the conf path.
+def ensure_config(settings: Settings, number: int = 1, devices: list[str] | None = None) -> Path:
+    """Create the PKI if missing and write broker ``mqtt-<number>``'s config and ACL;
+    return the conf path.
 
+    With one broker the ACL's device rules are patterns. With several, each
+    broker's ACL lists its ``devices`` (MACs); None keeps the list its ACL
+    file already holds (none at first), which the stack brings up to date
+    from the metadata once the database is up (:mod:`.mqtt_shards`).
     Idempotent: existing keys and certificates are kept (see
     :func:`f2pipe.pki.state.ensure_pki`); the two files are rewritten only when
     their content changes, and the retain guard plugin is built once per
@@ -278,24 +310,39 @@ def ensure_config(settings: Settings) -> Path:
     with PKI_LOCK:  # the other servers' certificates are made side by side
         ensure_pki(settings)
     pki = pki_paths(settings)
-    mdir = settings.mosquitto_dir
-    (mdir / "data").mkdir(parents=True, exist_ok=True)
-    retainguard.build(mdir)
-    _write_if_changed(acl_path(settings), render_acl(connector_identities(settings)))
-    conf = conf_path(settings)
-    _write_if_changed(conf, render_conf(settings, pki))
+    (broker_dir(settings, number) / "data").mkdir(parents=True, exist_ok=True)
+    retainguard.build(settings.mosquitto_dir)  # one plugin for every broker
+    acl = acl_path(settings, number)
+    if settings.mqtt_brokers > 1 and devices is None:
+        devices = listed_devices(acl)
+    listed = None if settings.mqtt_brokers == 1 else devices
+    write_if_changed(acl, render_acl(connector_identities(settings), listed))
+    conf = conf_path(settings, number)
+    broker = brokers(settings)[number - 1].settings(settings)
+    write_if_changed(conf, render_conf(broker, pki, local_site(settings, number)))
     return conf
 
 
-def _write_if_changed(path: Path, text: str) -> None:
+def listed_devices(acl: Path) -> list[str]:
+    """The MACs an ACL file lists one by one (none for a missing file or one of patterns)."""
+    try:
+        text = acl.read_text()
+    except FileNotFoundError:
+        return []
+    return [line[len("user f2-") :] for line in text.splitlines() if line.startswith("user f2-")]
+
+
+def write_if_changed(path: Path, text: str) -> bool:
+    """Replace ``path`` atomically with ``text`` unless it holds it; True if written."""
     try:
         if path.read_text() == text:
-            return
+            return False
     except FileNotFoundError:
         pass
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.replace(path)
+    return True
 
 
 def fd_limit_needed(settings: Settings) -> int:
@@ -320,23 +367,35 @@ def raise_fd_limit(settings: Settings) -> int:
 
 
 class Mosquitto(Server):
-    """Mosquitto 2 from the Debian package, with the configuration f2pipe writes."""
+    """Mosquitto 2 from the Debian package, with the configuration f2pipe writes.
+
+    Broker ``mqtt-1``; the others of ``F2PIPE_MQTT_BROKERS`` are subclasses with
+    their own ``number`` (:func:`f2pipe.operations.stack.mqtt_shards.mosquitto_nodes`).
+    """
 
     name = "mosquitto"
+    number: ClassVar[int] = 1
     start_timeout = 30.0
 
     def __init__(self, settings: Settings, paths: Paths) -> None:
         super().__init__(settings, paths)
-        self.home = settings.mosquitto_dir
+        self.home = broker_dir(settings, self.number)
+        self.port = settings.mqtt_port + PORT_STEP * (self.number - 1)
         # The contract with the certificate authority, which sends SIGHUP to reload the CRL.
-        self.broker_pidfile = broker_pid_path(settings)
+        self.broker_pidfile = broker_pid_path(settings, self.number)
         self.config: Path | None = None
 
     def host(self) -> str:
         return self.settings.mqtt_host
 
     def ports(self) -> dict[int, str]:
-        return {self.settings.mqtt_port: "F2PIPE_MQTT_PORT"}
+        offset = f" + {PORT_STEP * (self.number - 1)}" if self.number > 1 else ""
+        return {self.port: f"F2PIPE_MQTT_PORT{offset}"}
+
+    def describe(self) -> str:
+        brokers = self.settings.mqtt_brokers
+        of = f" mqtt-{self.number} of {brokers}" if brokers > 1 else ""
+        return f"{self.settings.mqtt_host}:{self.port}{of}"
 
     def programs(self) -> list[Program]:
         return [
@@ -347,7 +406,7 @@ class Mosquitto(Server):
 
     def prepare(self) -> None:
         self.home.mkdir(exist_ok=True)
-        self.config = ensure_config(self.settings)
+        self.config = ensure_config(self.settings, self.number)
         # Children inherit the limit: thousands of device connections need descriptors.
         raise_fd_limit(self.settings)
 
@@ -365,7 +424,7 @@ class Mosquitto(Server):
     def healthy(self) -> bool:
         # A TCP accept proves the listener is bound; an MQTT handshake would need a client
         # certificate, and any identity's CONNECT would take over that identity's session.
-        if port_accepts(self.settings.mqtt_port, host=self.host()):
+        if port_accepts(self.port, host=self.host()):
             return True
-        self.last_error = f"port {self.settings.mqtt_port} does not accept connections"
+        self.last_error = f"port {self.port} does not accept connections"
         return False

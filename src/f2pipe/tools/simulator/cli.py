@@ -17,7 +17,11 @@ from f2pipe.tools.simulator.fleet import demo_fleet, generated_fleet
 from f2pipe.tools.simulator.live import Live
 from f2pipe.tools.simulator.load import run_load
 from f2pipe.tools.simulator.messages import Summary
-from f2pipe.tools.simulator.provisioning import provision_certificates, provision_fleet
+from f2pipe.tools.simulator.provisioning import (
+    broker_addresses,
+    provision_certificates,
+    provision_fleet,
+)
 
 __all__ = ["configure", "main"]
 
@@ -77,10 +81,13 @@ def main(args: argparse.Namespace) -> int:
         provision_fleet(settings, sensors)
     if args.provision_certs:
         provision_certificates(settings, dict.fromkeys(s.mac for s in sensors))
+    addresses = broker_addresses(settings, dict.fromkeys(s.mac for s in sensors))
     # Up to the window of messages waits for its PUBACK.
     quiet_gc(50_000)
     if args.count is None:
-        live = Live(settings, sensors, args.interval, asyncio.Event(), args.status_interval)
+        live = Live(
+            settings, sensors, args.interval, asyncio.Event(), args.status_interval, addresses
+        )
         stop_on_signals(live.request_stop)
         summary = asyncio.run(live.run())
     else:
@@ -111,6 +118,7 @@ def main(args: argparse.Namespace) -> int:
                         seed=args.seed,
                         progress=progress,
                         give_up=args.give_up,
+                        addresses=addresses,
                     )
                 )
         finally:

@@ -187,8 +187,16 @@ class LeanClient:
     # --- connection ---
 
     async def connect(self) -> None:
-        """Open the first connection; raises OSError or MqttError (no retry here)."""
-        await self._open()
+        """Open the first connection; raises MqttError naming the broker (no retry here)."""
+        try:
+            await self._open()
+        except OSError as exc:  # refused, unreachable, timed out, TLS handshake refused
+            why = exc.strerror or str(exc) or type(exc).__name__
+            raise MqttError(
+                f"{self.client_id}: cannot reach the broker at {self.host}:{self.port} ({why}):"
+                " start it (`f2pipe up`), or check F2PIPE_MQTT_HOST, F2PIPE_MQTT_PORT and"
+                " F2PIPE_MQTT_BROKERS"
+            ) from None
         self.usable.set()
         self._spawn(self._ping_loop())
 

@@ -52,8 +52,11 @@ class Live:
         interval: float,
         stop: asyncio.Event,
         status_interval: float = 60.0,
+        addresses: dict[str, tuple[str, int]] | None = None,
     ) -> None:
         self.settings = settings
+        # Each controller's broker (host, port); one missing connects to the settings' broker.
+        self.addresses = addresses or {}
         self.sensors = sensors
         self.interval = interval
         self.stop = stop
@@ -133,9 +136,12 @@ class Live:
         """One connection per controller, subscribed to its commands."""
         for sensor in self.sensors:
             if sensor.mac not in self.clients:
+                host, port = self.addresses.get(
+                    sensor.mac, (self.settings.mqtt_host, self.settings.mqtt_port)
+                )
                 client = LeanClient(
-                    self.settings.mqtt_host,
-                    self.settings.mqtt_port,
+                    host,
+                    port,
                     f"f2-{sensor.mac}",
                     device_ssl_context(self.settings, sensor.mac),
                     self.window,

@@ -69,8 +69,11 @@ class Load:
         ssl_for: Any = None,
         progress: Callable[[Summary], None] | None = None,
         give_up: float = 120.0,
+        addresses: dict[str, tuple[str, int]] | None = None,
     ) -> None:
         self.settings = settings
+        # Each controller's broker (host, port); one missing connects to the settings' broker.
+        self.addresses = addresses or {}
         self.sensors = sensors
         self.count = count
         self.rate = rate
@@ -92,12 +95,15 @@ class Load:
             self.ledger.write("".join([message.ledger_line() for message in messages]))
 
     async def connect(self) -> None:
-        """One connection per controller; raises OSError or MqttError if one is refused."""
+        """One connection per controller; raises MqttError if one is refused."""
         for sensor in self.sensors:
             if sensor.mac not in self.clients:
+                host, port = self.addresses.get(
+                    sensor.mac, (self.settings.mqtt_host, self.settings.mqtt_port)
+                )
                 self.clients[sensor.mac] = LeanClient(
-                    self.settings.mqtt_host,
-                    self.settings.mqtt_port,
+                    host,
+                    port,
                     f"f2-{sensor.mac}",
                     self.ssl_for(sensor.mac),
                     self.window,

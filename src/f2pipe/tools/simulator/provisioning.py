@@ -12,12 +12,14 @@ import logging
 import ssl
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from f2pipe.runtime import tls
 from f2pipe.settings import Settings
 from f2pipe.tools.simulator.fleet import Sensor
 
 __all__ = [
+    "broker_addresses",
     "device_cert_paths",
     "device_ssl_context",
     "provision_certificates",
@@ -90,6 +92,7 @@ def provision_certificates(
     from f2pipe.errors import CertError
     from f2pipe.pki.auth import admin_token
     from f2pipe.pki.ca import generate_key, key_pem, write_private, write_public
+    from f2pipe.runtime.mqttbrokers import device_broker_file
 
     codes = claiming_codes or {}
     missing = [m for m in macs if not all(p.is_file() for p in device_cert_paths(settings, m))]
@@ -128,9 +131,63 @@ def provision_certificates(
             write_public(cert_path, issued_cert["certificate"].encode())
             if not ca_file.is_file():
                 write_public(ca_file, issued_cert["ca_certificate"].encode())
+            if issued_cert.get("broker_url"):
+                url = issued_cert["broker_url"].encode()
+                write_public(device_broker_file(settings, mac), url)
             issued += 1
     log.info("device certificates issued", extra={"issued": issued})
     return issued
+
+
+def broker_addresses(settings: Settings, macs: Iterable[str]) -> dict[str, tuple[str, int]]:
+    """(host, port) of each device's broker: the URL certgen named for it
+    (:func:`~f2pipe.runtime.mqttbrokers.device_broker_file`), else its broker in the
+    metadata, else the default one.
+
+    Empty with one broker (every device connects to the settings' broker). Raises
+    ConfigError naming a device whose broker these settings do not know, and the fix.
+    """
+    from f2pipe.errors import ConfigError
+    from f2pipe.runtime.mqttbrokers import broker_named, device_broker_file
+
+    if settings.mqtt_brokers == 1:
+        return {}
+    found: dict[str, tuple[str, int]] = {}
+    unknown: list[str] = []
+    for mac in macs:
+        try:
+            url = urlsplit(device_broker_file(settings, mac).read_text().strip())
+        except FileNotFoundError:
+            unknown.append(mac)
+            continue
+        if url.hostname is None or url.port is None:
+            raise ConfigError(f"{device_broker_file(settings, mac)}: not an mqtts://host:port URL")
+        found[mac] = (url.hostname, url.port)
+    assigned = _assigned_brokers(settings, unknown) if unknown else {}
+    for mac in unknown:
+        try:
+            broker = broker_named(settings, assigned.get(mac))
+        except ConfigError as exc:
+            raise ConfigError(f"controller {mac}: {exc}") from None
+        found[mac] = (broker.host, broker.port)
+    return found
+
+
+def _assigned_brokers(settings: Settings, macs: list[str]) -> dict[str, str]:
+    """The brokers the metadata assigns to ``macs`` (none when it cannot be read)."""
+    import psycopg
+
+    try:
+        with psycopg.connect(settings.metadata_dsn, connect_timeout=10) as conn:
+            rows = conn.execute(
+                "SELECT mac_address, broker FROM devices"
+                " WHERE mac_address = ANY(%s) AND broker IS NOT NULL",
+                (macs,),
+            ).fetchall()
+    except psycopg.Error as exc:
+        log.warning("device brokers unknown: the default broker for all", extra={"error": str(exc)})
+        return {}
+    return {mac: broker for mac, broker in rows}
 
 
 def device_ssl_context(settings: Settings, mac: str) -> ssl.SSLContext | None:
