@@ -17,7 +17,9 @@ never sent.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
+import threading
 from pathlib import Path, PurePosixPath
 
 from f2pipe.errors import StackError
@@ -58,9 +60,11 @@ def build(directory: Path) -> Path:
     target = plugin_path(directory)
     if target.is_file():
         return target
+    directory.mkdir(parents=True, exist_ok=True)
     for stale in directory.glob("retain_guard-*.so"):
-        stale.unlink()
-    tmp = target.with_name(f".{target.name}.tmp")
+        if stale != target:  # another broker's start may have built this one meanwhile
+            stale.unlink(missing_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     compiled = subprocess.run(
         ["cc", *_COMPILE, "-o", str(tmp), str(SOURCE)],
         capture_output=True,
