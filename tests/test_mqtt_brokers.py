@@ -73,6 +73,18 @@ SECOND = ("aabbccddee03", "aabbccddee04")
 NOT_AUTHORIZED = 135  # MQTT v5 reason code of a PUBACK the broker's ACL refused
 
 
+def _f2pipe(environment: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """``f2pipe ARGS`` as an operator runs it, with ``environment`` over this one's."""
+    return subprocess.run(
+        [sys.executable, "-m", "f2pipe.cli", *args],
+        env={**os.environ, **environment},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
 # --------------------------------------------------------------------------- no servers
 def test_brokers_are_named_and_listen_two_ports_apart(tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path, mqtt_port=8883, mqtt_brokers=3)
@@ -190,14 +202,7 @@ def test_the_simulator_names_a_broker_it_cannot_reach_in_one_line(tmp_path: Path
     for mac in ("aabbccddee01", "aabbccddee02", "aabbccddee03", "aabbccddee04"):
         device_broker_file(settings, mac).parent.mkdir(parents=True, exist_ok=True)
         device_broker_file(settings, mac).write_text(second.url)
-    done = subprocess.run(
-        [sys.executable, "-m", "f2pipe.cli", "simulate", "--count", "4"],
-        env={**os.environ, **services.settings_env(settings)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = _f2pipe(services.settings_env(settings), "simulate", "--count", "4")
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert f"cannot reach the broker at 127.0.0.1:{second.port}" in line
@@ -205,14 +210,8 @@ def test_the_simulator_names_a_broker_it_cannot_reach_in_one_line(tmp_path: Path
 
 
 def test_the_deployment_render_refuses_several_brokers_in_one_line(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "f2pipe.cli", "deploy", "render", str(tmp_path / "out")],
-        env={**os.environ, "F2PIPE_MQTT_BROKERS": "2", "F2PIPE_STATE_DIR": str(tmp_path)},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    environment = {"F2PIPE_MQTT_BROKERS": "2", "F2PIPE_STATE_DIR": str(tmp_path)}
+    done = _f2pipe(environment, "deploy", "render", str(tmp_path / "out"))
     assert done.returncode == 1
     (line,) = done.stderr.splitlines()
     assert "F2PIPE_MQTT_BROKERS=2" in line
@@ -253,14 +252,7 @@ def split_demo_fleet(settings: Settings, folder: Path) -> str:
             controller["broker"] = "mqtt-2"
     path = folder / "split.yaml"
     path.write_text(yaml.safe_dump(demo, sort_keys=False))
-    done = subprocess.run(
-        [sys.executable, "-m", "f2pipe.cli", "fleet", "import", str(path)],
-        env={**os.environ, **services.settings_env(settings)},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    done = _f2pipe(services.settings_env(settings), "fleet", "import", str(path))
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -468,12 +460,8 @@ def test_a_command_goes_to_the_broker_of_its_controller(
         assert device.subscribe(f"cmnd/f2-{mac}/#") == 1
         # The commander connects to mqtt-1 by its settings: only routing by the
         # controller's broker brings the command to mqtt-2.
-        done = subprocess.run(
-            [sys.executable, "-m", "f2pipe.cli", "cmnd", mac, "J1", "strike-1",
-             '{"power-flag": 1}'],
-            env={**os.environ, **services.settings_env(settings)},
-            capture_output=True, text=True, timeout=60, check=False,
-        )  # fmt: skip
+        command = ("cmnd", mac, "J1", "strike-1", '{"power-flag": 1}')
+        done = _f2pipe(services.settings_env(settings), *command)
         assert done.returncode == 0, done.stderr[-2000:]
         wait_until(lambda: device.received, timeout=15, what="the command on mqtt-2")
         assert device.received == [
