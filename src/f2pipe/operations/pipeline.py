@@ -161,9 +161,10 @@ def up(
             raise
         started.services = [s.label for s in launched]
         if not quiet:
+            width = max((len(s.label) for s in chosen), default=0)
             for service in chosen:
                 verb = "started" if service in launched else "running"
-                print(f"{service.label:<10} {verb:<8} {service.describe()}")
+                print(f"{service.label:<{width}} {verb:<8} {service.describe()}")
     return started
 
 

@@ -140,7 +140,7 @@ def up(settings: Settings, names: Sequence[str] = (), record: Path | None = None
             record.write_text("".join(f"{s.name}\n" for s in started))
         for server in servers:
             verb = "started" if server in started else "running"
-            print(f"{server.name:<10} {verb:<8} {server.describe()}")
+            print(f"{server.name:<11} {verb:<8} {server.describe()}")
         return [server.name for server in started]
 
 
@@ -193,9 +193,9 @@ def down(settings: Settings, names: Sequence[str] = ()) -> list[str]:
         for server, was_running in zip(servers[::-1], _stop(servers[::-1]), strict=True):
             if was_running:
                 stopped.append(server.name)
-                print(f"{server.name:<10} stopped")
+                print(f"{server.name:<11} stopped")
             else:
-                print(f"{server.name:<10} was not running")
+                print(f"{server.name:<11} was not running")
     return stopped
 
 
@@ -235,7 +235,7 @@ def status(settings: Settings, names: Sequence[str] = ()) -> bool:
             held = f" (port {port} is held by another process)" if port is not None else ""
             line = f"down{held}"
         all_up = all_up and line.startswith("up")
-        print(f"{server.name:<10} {line}")
+        print(f"{server.name:<11} {line}")
     return all_up
 
 
