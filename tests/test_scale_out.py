@@ -168,6 +168,16 @@ def test_fewer_connectors_than_have_identities_are_refused(tmp_path: Path) -> No
         pipeline.up(one, ["connector"], quiet=True, servers=[])
     assert "svc-connector-2, svc-connector-3" in str(error.value)
     assert not (tmp_path / "run" / "connector.pid").exists()
+    # The second broker's group counts as well.
+    two = three.model_copy(update={"connector_replicas": 2, "mqtt_brokers": 2})
+    services.ensure_connector_identities(two)
+    with pytest.raises(StackError, match=r"set F2PIPE_CONNECTOR_REPLICAS=3$") as error:
+        services.check_connector_count(two)
+    assert str(error.value).count("svc-connector-") == 1
+    services.ensure_connector_identities(two.model_copy(update={"connector_replicas": 3}))
+    with pytest.raises(StackError, match=r"set F2PIPE_CONNECTOR_REPLICAS=3$") as error:
+        services.check_connector_count(two)
+    assert "svc-connector-3, svc-connector-mqtt-2-3" in str(error.value)
 
 
 def test_a_bad_replica_count_names_its_variable(tmp_path: Path) -> None:

@@ -387,14 +387,16 @@ def check_connector_count(settings: Settings) -> None:
     they would wait there until the session expires, then be dropped."""
     from f2pipe.pki.state import connector_identities
 
-    replica = re.compile(rf"{re.escape(settings.connector_identity)}-([0-9]+)")
-    past = [
-        name
+    # svc-connector-2 (mqtt-1's second), svc-connector-mqtt-2-3 (mqtt-2's third)...
+    replica = re.compile(rf"{re.escape(settings.connector_identity)}(?:-mqtt-[0-9]+)?-([0-9]+)")
+    numbers = {
+        name: int(found[1])
         for name in connector_identities(settings)
-        if (found := replica.fullmatch(name)) and int(found[1]) > settings.connector_replicas
-    ]
+        if (found := replica.fullmatch(name))
+    }
+    past = [name for name, number in numbers.items() if number > settings.connector_replicas]
     if past:
-        count = max(int(name.rsplit("-", 1)[1]) for name in past)
+        count = max(numbers[name] for name in past)
         raise StackError(
             f"F2PIPE_CONNECTOR_REPLICAS={settings.connector_replicas} leaves out"
             f" {', '.join(past)}, whose MQTT session may hold messages of the shared"
