@@ -45,6 +45,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -238,7 +239,7 @@ class Bench:
         """Block until both consumer groups have committed everything; return when (monotonic)."""
         deadline = time.monotonic() + timeout
         observer = status.Observer(self.admin)
-        last_rows, still = -1, 0
+        last_rows, still, lags = -1, 0, {}
         while time.monotonic() < deadline:
             lags = observer.lag()
             rows = self.stored()
@@ -249,7 +250,22 @@ class Bench:
                     return time.monotonic()
             last_rows = rows
             time.sleep(0.5)
-        raise RuntimeError("the pipeline did not drain in time")
+        raise RuntimeError(
+            f"the pipeline did not drain in {timeout:.0f} s: consumer lag {lags}, {last_rows} rows"
+        )
+
+    def keep_evidence(self) -> Path:
+        """After a failure: each stage writes its threads' stacks to its log (SIGUSR1), and
+        the logs are copied to a folder that outlives the run; return that folder."""
+        for _label, service in self.stage_services():
+            pid = service.pid()
+            if pid is not None:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGUSR1)
+        time.sleep(1)  # the dumps are written by the stages' own threads
+        kept = Path(tempfile.mkdtemp(prefix="f2pipe-bench-failed-"))
+        shutil.copytree(self.settings.state_dir / "log", kept / "log", dirs_exist_ok=True)
+        return kept
 
     # -- replicas
     def add_replicas(self, ports: list[int]) -> None:
@@ -759,6 +775,9 @@ def main() -> int:
         (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (args.out / "report.md").write_text(pipeline_report.markdown(report))
         log(f"wrote {args.out / 'report.json'} and report.md")
+    except BaseException:
+        log(f"failed: the stages' logs and thread stacks are kept in {bench.keep_evidence()}")
+        raise
     finally:
         bench.stop_replicas()
         pipeline.down(settings, quiet=True)
