@@ -26,7 +26,7 @@ from prometheus_client import REGISTRY
 
 from conftest import wait_until
 from f2pipe.errors import DatabaseUnavailable
-from f2pipe.runtime.kafka import client_config
+from f2pipe.runtime.kafka import client_config, consumer_config
 from f2pipe.runtime.opsserver import OpsServer
 from f2pipe.settings import get_settings
 from f2pipe.sink.batching import CommitPolicy
@@ -332,3 +332,46 @@ def test_progress_turns_not_ready_when_stalled_or_failing_and_back_when_written(
     )
     progress.settled()
     assert progress.stalled() is None
+
+
+def test_partitions_paused_in_an_outage_are_fetched_again_when_they_come_back(
+    fresh_db: str,
+) -> None:
+    """The client keeps a partition's pause across assignments: partitions handed to
+    another member while the sink waited out the database must be fetched once they
+    return, after the outage ended."""
+    with sink_topics("sink-bp", 3) as topics:
+        settings = sink_settings(
+            fresh_db, topics, sink_lock_timeout_s=0.3, sink_backoff_max_ms=300, sink_stall_s=600
+        )
+        sink = Sink(settings, CommitPolicy(500, 0.2))
+        retries = REGISTRY.get_sample_value("f2pipe_sink_db_retries_total") or 0.0
+        records = readings(0, 1200)
+        joiner = Consumer(consumer_config(get_settings(), topics.group))
+        try:
+            with running(sink), psycopg.connect(fresh_db) as other:
+                other.execute("LOCK TABLE decoded_data IN SHARE MODE")
+                produce(topics.processed, records[:600])
+                wait_until(
+                    lambda: (
+                        (REGISTRY.get_sample_value("f2pipe_sink_db_retries_total") or 0)
+                        >= retries + 2
+                    ),
+                    timeout=30,
+                    what="the sink waiting out the lock, its partitions paused",
+                )
+                joiner.subscribe([topics.processed])  # takes some of the paused partitions
+                wait_until(
+                    lambda: joiner.poll(0.2) is None and bool(joiner.assignment()),
+                    timeout=60,
+                    what="the second member's partitions",
+                )
+                other.rollback()  # the outage ends; the sink resumes what it still owns
+                wait_until(lambda: count(fresh_db) > 0, timeout=30, what="the kept rows")
+                joiner.close()  # its partitions return to the sink
+                produce(topics.processed, records[600:])
+                wait_until(lambda: count(fresh_db) == len(records), timeout=60, what="every row")
+        finally:
+            with contextlib.suppress(RuntimeError):  # already closed
+                joiner.close()
+    assert stored(fresh_db) == expected_rows(records)

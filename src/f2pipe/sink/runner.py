@@ -436,6 +436,8 @@ class Sink:
         self.watch.assigned(consumer, partitions)
         if self._in_backpressure and partitions:
             consumer.pause(partitions)
+        elif partitions:  # the client keeps a pause across assignments (one from an outage)
+            consumer.resume(partitions)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
