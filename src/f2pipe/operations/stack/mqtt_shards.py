@@ -97,23 +97,22 @@ def sync_acls(settings: Settings) -> list[str]:
     if settings.mqtt_brokers == 1 or not acl_path(settings).parent.is_dir():
         return []
     wanted = assignments(settings)
-    changed = [
-        name
+    changed = {
+        name: number
         for number, name in enumerate(wanted, 1)
-        if listed_devices(acl_path(settings, number)) != wanted[name]
-        or not acl_path(settings, number).is_file()
-    ]
-    for name in changed:
-        number = int(name.rpartition("-")[2])
+        if not acl_path(settings, number).is_file()
+        or listed_devices(acl_path(settings, number)) != wanted[name]
+    }
+    for name, number in changed.items():
         ensure_config(settings, number, wanted[name])
     _local_devices_follow(settings, wanted)
-    reloaded = [name for name in changed if _reload(settings, int(name.rpartition("-")[2]))]
+    reloaded = [name for name, number in changed.items() if _reload(settings, number)]
     if reloaded:
         from f2pipe.pki.revocation import refresh_service_sessions
 
         refresh_service_sessions(settings, reloaded)
-    log.info("broker ACLs written", extra={"changed": changed, "reloaded": reloaded})
-    return changed
+    log.info("broker ACLs written", extra={"changed": list(changed), "reloaded": reloaded})
+    return list(changed)
 
 
 def _local_devices_follow(settings: Settings, wanted: dict[str, list[str]]) -> None:
