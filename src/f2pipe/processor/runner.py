@@ -69,7 +69,13 @@ from f2pipe.processor.metrics import (
 from f2pipe.processor.stage import Stage
 from f2pipe.runtime.backoff import Backoff
 from f2pipe.runtime.gctune import quiet_gc
-from f2pipe.runtime.kafka import ConsumerWatch, Stopping, consume_available, consumer_config
+from f2pipe.runtime.kafka import (
+    ConsumerWatch,
+    Stopping,
+    consume_available,
+    consumer_config,
+    set_fetching,
+)
 from f2pipe.runtime.kafkatrouble import KafkaTrouble
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.metrics import DEAD_LETTERS, REBALANCES
@@ -172,16 +178,13 @@ class Processor:
             BUFFERED.set(len(self._held))
         self.delivery.forget(partitions)
         self.watch.revoked(partitions)
-        if self._paused:
-            # The client keeps a partition's pause across assignments: one paused here
-            # and assigned back after the outage would otherwise never be fetched again.
-            consumer.resume(partitions)
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions assigned", extra={"partitions": [p.partition for p in partitions]})
         ASSIGNED.inc(len(partitions))
         REBALANCES.labels("processor", "assigned").inc()
         self.watch.assigned(consumer, partitions)
+        set_fetching(consumer, partitions, paused=self._paused)
 
     # --- main loop ---
 

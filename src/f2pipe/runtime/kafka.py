@@ -263,6 +263,22 @@ CONSUMER_LAG_SECONDS = Gauge(
 LAG_ALARM_S = 3600.0
 
 
+def set_fetching(consumer: Consumer, partitions: list[TopicPartition], paused: bool) -> None:
+    """Pause or resume newly assigned ``partitions``, whatever their state was before.
+
+    Called from each stage's ``on_assign``. The client keeps a partition's pause
+    across assignments: one paused during an outage, revoked, and assigned back
+    after the outage ended would otherwise never be fetched again, and its lag
+    would grow without an error.
+    """
+    if not partitions:
+        return
+    if paused:
+        consumer.pause(partitions)
+    else:
+        consumer.resume(partitions)
+
+
 class ConsumerWatch:
     """A stage's consumer lag as an age, and offsets that fell out of retention.
 

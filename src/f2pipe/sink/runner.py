@@ -46,6 +46,7 @@ from f2pipe.runtime.kafka import (
     consume_available,
     consumer_config,
     producer_config,
+    set_fetching,
 )
 from f2pipe.runtime.kafkatrouble import KafkaTrouble
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
@@ -434,10 +435,7 @@ class Sink:
         owns("assigned", len(self._assigned))
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
         self.watch.assigned(consumer, partitions)
-        if self._in_backpressure and partitions:
-            consumer.pause(partitions)
-        elif partitions:  # the client keeps a pause across assignments (one from an outage)
-            consumer.resume(partitions)
+        set_fetching(consumer, partitions, paused=self._in_backpressure)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         gone = {(tp.topic, tp.partition) for tp in partitions}
