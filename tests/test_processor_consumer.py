@@ -8,6 +8,7 @@ under it); PostgreSQL for the outage is a dedicated server that the test stops.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from confluent_kafka import KafkaException, Producer, TopicPartition
+from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from conftest import unique, wait_until
@@ -200,6 +201,55 @@ def test_metadata_outage_with_rebalances_holds_one_batch_and_processes_each_reco
     assert read_topic(kafka.bootstrap, topics.dead, 0, 2, partitions=1) == []
 
 
+def _wait_all_committed(bootstrap: str, group_id: str, topic: str, partitions: int) -> None:
+    """Wait until ``group_id`` committed every partition of ``topic`` up to its end."""
+    group = Consumer({"bootstrap.servers": bootstrap, "group.id": group_id})
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+    def uncommitted() -> int:
+        committed = group.committed(tps, timeout=10)
+        ends = [group.get_watermark_offsets(tp, timeout=10)[1] for tp in tps]
+        return sum(end - max(tp.offset, 0) for tp, end in zip(committed, ends, strict=True))
+
+    try:
+        wait_until(lambda: uncommitted() == 0, 30, 0.5, what=f"{group_id} committed everything")
+    finally:
+        group.close()
+
+
+def test_offsets_whose_commit_failed_in_a_rebalance_are_committed_again(
+    kafka: KafkaServer, fresh_db: str, tmp_path: Path
+) -> None:
+    """A replica joining makes the group rebalance twice: the first round takes
+    partitions from the first processor, the second hands them over. Commits the
+    first makes between the two fail (the generation moved on). Records that all
+    arrive in that window are processed but their offsets are not committed, and
+    without a retry their lag never returns to 0 (nothing more arrives)."""
+    topics = _new_topics(kafka.bootstrap)
+    macs = [f"0a7a9d0000{i:02x}" for i in range(8)]
+    wire_env_fleet(fresh_db, macs)
+    env = processor_env(
+        fresh_db, topics, F2PIPE_KAFKA_BOOTSTRAP=kafka.bootstrap, F2PIPE_PROCESSOR_BATCH_SIZE="20"
+    )
+    first = ProcessorProcess(env, tmp_path / "first.log")
+    second: ProcessorProcess | None = None
+    try:
+        wait_until(lambda: _assigned(first) == 4, 60, what="the first processor owns 4")
+        second = ProcessorProcess(
+            {**env, "F2PIPE_PROCESSOR_PORT": str(free_port())}, tmp_path / "second.log"
+        )
+        wait_until(lambda: _assigned(first) == 2, 60, 0.01, what="the first round of the rebalance")
+        _publish(kafka.bootstrap, topics.raw, macs, 1, 400)
+        wait_until(lambda: _assigned(second) == 2, 60, what="the second round")
+        wait_until(lambda: _consumed(first, second) >= 400, 60, what="every record processed")
+        assert "offset commit failed" in (tmp_path / "first.log").read_text(), "not provoked"
+        _wait_all_committed(kafka.bootstrap, topics.group, topics.raw, 4)
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.stop()
+
+
 def test_an_offset_out_of_retention_is_counted_and_logged_as_an_error(
     kafka: KafkaServer, fresh_db: str, tmp_path: Path
 ) -> None:
@@ -246,43 +296,88 @@ def test_an_offset_out_of_retention_is_counted_and_logged_as_an_error(
     assert len(readings) == 3 * 150  # 100 before, the 50 retention kept after
 
 
+def _sink_env(bootstrap: str, dsn: str, topics: Topics, port: int) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("F2PIPE_")}
+    env.update(
+        F2PIPE_KAFKA_BOOTSTRAP=bootstrap,
+        F2PIPE_TIMESERIES_DSN=dsn,
+        F2PIPE_METADATA_DSN=dsn,
+        F2PIPE_TOPIC_PROCESSED=topics.processed,
+        F2PIPE_TOPIC_DEAD_LETTER=topics.dead,
+        F2PIPE_SINK_GROUP=topics.group,
+        F2PIPE_SINK_PORT=str(port),
+    )
+    return env
+
+
+def _send_readings(bootstrap: str, topic: str, first: int, count: int) -> None:
+    """``count`` processed records, one reading each, keyed over 60 devices."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    for i in range(first, first + count):
+        value = {"v": 1, "ts": f"2024-07-15T00:00:{i // 60 % 60:02d}.{i % 60:06d}+00:00"}
+        value.update(device_id=1 + i % 60, datapoint_id=1, value=float(i))
+        producer.produce(topic, json.dumps(value).encode(), f"{1 + i % 60}:1".encode())
+    assert producer.flush(30) == 0
+
+
+def _rows(dsn: str) -> int:
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
+    return int(row[0]) if row else 0
+
+
+def _start_sink(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen([str(VENV_BIN / "f2pipe"), "sink"], env=env, stderr=log)
+
+
+def test_sink_offsets_whose_commit_a_rebalance_refused_are_committed_again(
+    kafka: KafkaServer, fresh_db: str, tmp_path: Path
+) -> None:
+    """The sink's counterpart of the processor's test above: readings stored between
+    the two rounds of a rebalance, on partitions the first sink keeps."""
+    topics = dataclasses.replace(_new_topics(kafka.bootstrap), processed=unique("processed"))
+    create_topics(kafka.bootstrap, topics.processed, partitions=4)
+    port = free_port()
+    env = _sink_env(kafka.bootstrap, fresh_db, topics, port)
+    assigned = "f2pipe_sink_assigned_partitions"
+    sinks = [_start_sink(env, tmp_path / "first.log")]
+    try:
+        wait_until(lambda: _metric(port, assigned) == 4, 60, what="the first sink owns 4")
+        second_env = {**env, "F2PIPE_SINK_PORT": str(free_port())}
+        sinks.append(_start_sink(second_env, tmp_path / "second.log"))
+        wait_until(lambda: _metric(port, assigned) == 2, 60, 0.01, what="the first round")
+        _send_readings(kafka.bootstrap, topics.processed, 0, 400)
+        wait_until(lambda: _rows(fresh_db) == 400, 60, what="every reading stored")
+        assert "deferred by a rebalance" in (tmp_path / "first.log").read_text(), "not provoked"
+        _wait_all_committed(kafka.bootstrap, topics.group, topics.processed, 4)
+    finally:
+        for sink in sinks:
+            if sink.poll() is None:
+                sink.send_signal(signal.SIGTERM)
+                sink.wait(60)
+
+
 def test_the_sink_counts_an_offset_out_of_retention_with_the_same_watch(
     kafka: KafkaServer, fresh_db: str, tmp_path: Path
 ) -> None:
     """The sink reports through the processor's ConsumerWatch: its reset is counted too."""
     topics = _new_topics(kafka.bootstrap, raw_partitions=1)  # processed: one partition
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("F2PIPE_")}
-    env.update(
-        F2PIPE_KAFKA_BOOTSTRAP=kafka.bootstrap,
-        F2PIPE_TIMESERIES_DSN=fresh_db,
-        F2PIPE_METADATA_DSN=fresh_db,
-        F2PIPE_TOPIC_PROCESSED=topics.processed,
-        F2PIPE_TOPIC_DEAD_LETTER=topics.dead,
-        F2PIPE_SINK_GROUP=topics.group,
-        F2PIPE_SINK_PORT=str(port),
-    )
-    producer = Producer({"bootstrap.servers": kafka.bootstrap})
+    env = _sink_env(kafka.bootstrap, fresh_db, topics, port)
 
     def send(first: int, count: int) -> None:
-        for i in range(first, first + count):
-            value = {"v": 1, "ts": f"2024-07-15T00:00:{i // 60:02d}.{i % 60:06d}+00:00"}
-            value.update(device_id=1 + i % 60, datapoint_id=1, value=float(i))
-            producer.produce(topics.processed, json.dumps(value).encode(), b"1:1")
-        assert producer.flush(30) == 0
+        _send_readings(kafka.bootstrap, topics.processed, first, count)
 
     def rows() -> int:
-        with psycopg.connect(fresh_db) as conn:
-            row = conn.execute("SELECT count(*) FROM decoded_data").fetchone()
-        return int(row[0]) if row else 0
+        return _rows(fresh_db)
 
     resets = 'f2pipe_offset_resets_total{stage="sink"}'
     log_path = tmp_path / "sink.log"
     sink: subprocess.Popen[bytes] | None = None
 
     def start() -> subprocess.Popen[bytes]:
-        with log_path.open("ab") as log:
-            return subprocess.Popen([str(VENV_BIN / "f2pipe"), "sink"], env=env, stderr=log)
+        return _start_sink(env, log_path)
 
     try:
         sink = start()

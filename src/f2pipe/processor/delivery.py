@@ -36,6 +36,10 @@ __all__ = ["Delivery", "transactional_id"]
 
 log = logging.getLogger(__name__)
 
+# A commit failed inside a rebalance is retried this long after: by then the group
+# has usually settled, and a retry that fails again only schedules another.
+RECOMMIT_AFTER_S = 1.0
+
 
 def transactional_id(settings: Settings) -> str:
     """The producer's transactional id: the same for a replica across restarts.
@@ -73,6 +77,7 @@ class Delivery:
         self._abandoning = abandoning
         self._errors: list[str] = []
         self._pending: dict[tuple[str, int], int] = {}  # offsets committed asynchronously
+        self._recommit_at: float | None = None  # after a failed commit: when to retry
         extra: dict[str, Any] = {
             "on_delivery": self._on_delivery,
             # Only failures come back to Python: a callback per record would cost ~1 µs each.
@@ -175,6 +180,27 @@ class Delivery:
         # Asynchronous: ordered after every earlier commit, and only issued once the
         # outputs are acknowledged; the final commit at shutdown is synchronous.
         self.consumer.commit(offsets=offsets, asynchronous=True)
+
+    def commit_failed(self) -> None:
+        """An asynchronous commit failed (a rebalance moved the group on, or its
+        coordinator): :meth:`recommit` commits the offsets still owned again."""
+        if self._recommit_at is None:
+            self._recommit_at = time.monotonic() + RECOMMIT_AFTER_S
+
+    def recommit(self) -> None:
+        """After a failed commit, commit the latest delivered offset of every partition
+        still owned, once the group has had time to settle; a failure schedules another.
+
+        Without it a partition that got no record after the failure keeps its old
+        committed offset: nothing is lost, but its lag never returns to 0 and a
+        restart consumes those records again.
+        """
+        if self._recommit_at is None or time.monotonic() < self._recommit_at:
+            return
+        self._recommit_at = None
+        if self._pending:
+            offsets = [TopicPartition(t, p, o) for (t, p), o in self._pending.items()]
+            self.consumer.commit(offsets=offsets, asynchronous=True)
 
     def forget(self, partitions: list[TopicPartition]) -> None:
         """Never commit again for ``partitions`` (revoked: their new owner commits)."""

@@ -160,9 +160,8 @@ class Processor:
 
     def _on_commit(self, err: KafkaError | None, partitions: list[TopicPartition]) -> None:
         if err is not None and err.code() != KafkaError._NO_OFFSET:
-            log.warning(
-                "offset commit failed (batch will be consumed again)", extra={"error": str(err)}
-            )
+            log.warning("offset commit failed (committed again)", extra={"error": str(err)})
+            self.delivery.commit_failed()
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         log.info("partitions revoked", extra={"partitions": [p.partition for p in partitions]})
@@ -210,6 +209,7 @@ class Processor:
                     self._synced_at = time.monotonic()
                 elif time.monotonic() - self._synced_at > 5.0:
                     self._idle_sync()
+                self.delivery.recommit()
                 self.watch.update(self.consumer)
         except Stopping:
             log.info("stopping with a batch uncommitted; it will be consumed again")
