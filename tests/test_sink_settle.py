@@ -1,4 +1,4 @@
-"""Which offset-commit errors the sink retries and which it skips.
+"""Which offset-commit errors the sink retries, which it defers and which it skips.
 
 Skipping is always safe (the rows are stored; re-reading them is absorbed by
 the idempotent write), retrying an error that cannot change would stop the
@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
+from f2pipe.sink import settle
 from f2pipe.sink.batching import retry_backoff
 from f2pipe.sink.settle import Settler
 
@@ -62,3 +63,19 @@ def test_a_commit_error_that_cannot_pass_skips_the_commit_instead_of_stalling(co
     settler(consumer).commit_offsets({("processed-iot-data", 0): 41})
     assert consumer.calls == 1
     assert consumer.committed is None
+
+
+def test_a_commit_a_rebalance_refused_is_made_again_for_the_partitions_still_owned(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(settle, "RECOMMIT_AFTER_S", 0.0)
+    consumer = FailingConsumer(KafkaError.REBALANCE_IN_PROGRESS, failures=1)
+    s = settler(consumer)
+    s.commit_offsets({("t", 0): 41, ("t", 1): 9, ("t", 2): 5})
+    assert consumer.committed is None
+    s.forget({("t", 2)})  # assigned again: whoever had it meanwhile committed its own
+    s.recommit({("t", 0), ("t", 2)})  # partition 1 went to another member
+    assert consumer.committed == [TopicPartition("t", 0, 42)]
+    consumer.committed = None
+    s.recommit({("t", 0), ("t", 1), ("t", 2)})
+    assert consumer.committed is None  # once committed, nothing is left to commit again

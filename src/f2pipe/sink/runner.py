@@ -248,6 +248,7 @@ class Sink:
         if messages:
             self._add(messages)
         self.watch.update(self.consumer)  # every few seconds, not per poll
+        self.settler.recommit(self._assigned)
         batch = self.batch  # a rebalance callback inside consume() may have replaced it
         if len(batch) and (
             len(batch) >= self.policy.max_rows
@@ -435,6 +436,7 @@ class Sink:
         owns("assigned", len(self._assigned))
         log.info("partitions assigned", extra={"partitions": [tp.partition for tp in partitions]})
         self.watch.assigned(consumer, partitions)
+        self.settler.forget({(tp.topic, tp.partition) for tp in partitions})
         set_fetching(consumer, partitions, paused=self._in_backpressure)
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:

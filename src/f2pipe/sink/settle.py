@@ -30,7 +30,8 @@ __all__ = ["DeadLettersUndelivered", "Settler"]
 
 log = logging.getLogger(__name__)
 
-# Commit errors that mean the partitions moved to another member: nothing to retry.
+# Commit errors that mean the group moved on to a new generation: the partitions may
+# have gone to another member (nothing to commit), or stayed (committed again later).
 _REBALANCED = (
     KafkaError.ILLEGAL_GENERATION,
     KafkaError.UNKNOWN_MEMBER_ID,
@@ -54,6 +55,11 @@ _TRANSIENT = (
     KafkaError._WAIT_COORD,
     KafkaError._ALL_BROKERS_DOWN,
 )
+
+
+# A commit refused inside a rebalance is tried again this long after: by then the
+# group has usually settled.
+RECOMMIT_AFTER_S = 1.0
 
 
 class DeadLettersUndelivered(F2PipeError):
@@ -85,6 +91,10 @@ class Settler:
         self._stopping = stopping
         self._sleep = sleep
         self._delivery_errors: list[str] = []
+        # Offsets refused by a rebalance, committed again once the group settled if
+        # their partitions stayed here; and when to try.
+        self._deferred: dict[tuple[str, int], int] = {}
+        self._recommit_at = 0.0
 
     def settle(self, batch: Batch, result: WriteResult) -> None:
         """After the database commit: count, dead-letter the rejects, commit offsets.
@@ -101,6 +111,20 @@ class Settler:
         if rejected:
             self.dead_letter(rejected)
         self.commit_offsets(batch.offsets)
+
+    def recommit(self, owned: set[tuple[str, int]]) -> None:
+        """Commit again the offsets a rebalance refused whose partitions are still
+        ``owned``, once the group settled (called from the loop; nothing to do in the
+        common case). A rebalance that refuses them again defers them again."""
+        if self._deferred and time.monotonic() >= self._recommit_at:
+            deferred, self._deferred = self._deferred, {}
+            self.commit_offsets({k: v for k, v in deferred.items() if k in owned})
+
+    def forget(self, partitions: set[tuple[str, int]]) -> None:
+        """Never commit the deferred offsets of ``partitions`` (newly assigned: whoever
+        owned them meanwhile committed progress that a late commit would rewind)."""
+        for key in partitions:
+            self._deferred.pop(key, None)
 
     def dead_letter(self, rejected: Sequence[tuple[Message, str, str]]) -> None:
         """Dead-letter each ``(record, detail, cause)`` and wait until Kafka acknowledged all.
@@ -170,9 +194,13 @@ class Settler:
                 err = exc.args[0] if exc.args else None
                 code = err.code() if isinstance(err, KafkaError) else None
                 if code in _REBALANCED:
-                    # The partitions moved; the rows are stored, and the new owner
-                    # re-reads from the last commit into the idempotent write.
-                    log.info("offset commit skipped after a rebalance", extra={"error": str(err)})
+                    # The rows are stored. Partitions that moved are re-read by their
+                    # new owner into the idempotent write; those that stayed here are
+                    # committed by recommit(), or their lag would never reach 0 when
+                    # no record follows.
+                    log.info("offset commit deferred by a rebalance", extra={"error": str(err)})
+                    self._deferred.update(offsets)
+                    self._recommit_at = time.monotonic() + RECOMMIT_AFTER_S
                     return
                 if code not in _TRANSIENT:
                     log.warning(
@@ -187,6 +215,8 @@ class Settler:
                     log.warning("stopping without an offset commit")
                     return
                 self._sleep(backoff.next_delay())
+        for key in offsets:
+            self._deferred.pop(key, None)  # batches settle in order: this one is newer
         for (t, p), off in offsets.items():
             try:
                 _low, high = self.consumer.get_watermark_offsets(TopicPartition(t, p), cached=True)
