@@ -295,8 +295,8 @@ class Settings(BaseSettings):
     )
     kafka_brokers: Annotated[Literal[1, 3], BeforeValidator(int)] = Field(
         default=1,
-        description="Local stack: Kafka brokers, 1 or 3 (a KRaft cluster); brokers 2 and 3 use "
-        "the first's ports + 2 and + 4 unless the bootstrap names them.",
+        description="Local stack and `deploy render`: Kafka brokers, 1 or 3 (a KRaft cluster); "
+        "brokers 2 and 3 use the first's ports + 2 and + 4 unless the bootstrap names them.",
     )
     stack_install: bool = Field(
         default=True, description="Local stack: root may apt-get install missing servers."

@@ -10,6 +10,8 @@ and one share folder per party (:func:`f2pipe.pki.state.sync_shares`).
 
 - :mod:`.images`: the server images, pinned to the local stack's versions;
 - :mod:`.configs`: the servers' configuration files;
+- :mod:`.kafka`: Kafka's nodes (one, or the stack's three-node cluster with
+  ``F2PIPE_KAFKA_BROKERS=3``), users, ACLs and topics;
 - :mod:`.containers`: users, shares, probes and the server containers;
 - :mod:`.compose`: docker-compose.yml with the f2pipe services;
 - :mod:`.yamltext`: YAML text with comments, deterministic;

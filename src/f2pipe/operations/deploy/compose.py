@@ -25,7 +25,6 @@ from __future__ import annotations
 from f2pipe.metadata.fleet.demo import demo_fleet
 from f2pipe.operations.deploy.configs import DATABASES, PASSWORD_VARIABLES
 from f2pipe.operations.deploy.containers import (
-    KAFKA_INTERNAL,
     PARTIES,
     PKI,
     SHARES,
@@ -44,7 +43,13 @@ from f2pipe.operations.deploy.containers import (
     share,
 )
 from f2pipe.operations.deploy.images import Images
-from f2pipe.operations.deploy.kafka import ADMIN_PASSWORD, BROKER_PASSWORD, password_variable
+from f2pipe.operations.deploy.kafka import (
+    ADMIN_PASSWORD,
+    BROKER_PASSWORD,
+    internal_bootstrap,
+    node_names,
+    password_variable,
+)
 from f2pipe.operations.deploy.yamltext import Commented, document
 from f2pipe.operations.principals import principal
 from f2pipe.settings import Settings
@@ -183,7 +188,7 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
                 "image": images.kafka,
                 "user": "appuser",
                 "restart": "no",
-                "command": ["bash", "/etc/f2pipe/setup.sh", "apply", KAFKA_INTERNAL],
+                "command": ["bash", "/etc/f2pipe/setup.sh", "apply", internal_bootstrap(settings)],
                 "environment": {
                     name: env(name)
                     for name in (
@@ -193,7 +198,7 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
                     )
                 },
                 "volumes": ["./deploy/kafka/setup.sh:/etc/f2pipe/setup.sh:ro"],
-                "depends_on": healthy("kafka"),
+                "depends_on": healthy(*node_names(settings)),
             },
             [
                 "The operator's and the services' SCRAM users, their ACLs and the three topics",
@@ -210,7 +215,7 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
 
     def kafka(service: str) -> dict[str, str]:
         return {
-            "F2PIPE_KAFKA_BOOTSTRAP": KAFKA_INTERNAL,
+            "F2PIPE_KAFKA_BOOTSTRAP": internal_bootstrap(settings),
             "F2PIPE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
             "F2PIPE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
             "F2PIPE_KAFKA_SASL_USERNAME": principal(service).kafka_user or "",
@@ -377,7 +382,7 @@ def render_compose(settings: Settings, images: Images) -> str:
                         "metadata",
                         "timeseries",
                         "cache",
-                        "kafka",
+                        *node_names(settings),
                         "mosquitto",
                         "prometheus",
                         "grafana",

@@ -20,14 +20,15 @@ from f2pipe.operations.deploy.kafka import (
     BROKER_PASSWORD,
     INTERNAL_PORT,
     image_environment,
+    node_names,
     server_properties,
 )
 from f2pipe.operations.deploy.yamltext import Commented
+from f2pipe.operations.stack.kafka_cluster import node_ports
 from f2pipe.settings import Settings
 
 __all__ = [
     "F2PIPE_GROUP",
-    "KAFKA_INTERNAL",
     "PARTIES",
     "PKI",
     "SHARES",
@@ -49,7 +50,6 @@ __all__ = [
 STATE = "/var/lib/f2pipe"
 SHARES = f"{STATE}/shares"
 PKI = f"{STATE}/pki"
-KAFKA_INTERNAL = f"kafka:{INTERNAL_PORT}"
 _PROMETHEUS_PKI = "/etc/prometheus/pki"
 
 #: The group of certgen's user, which may read the keys in the shares.
@@ -185,33 +185,7 @@ def servers(images: Images, settings: Settings) -> dict[str, Commented]:
             },
             ["The metadata cache: ACL users only (deploy/redis/redis.sh), append-only file."],
         ),
-        "kafka": Commented(
-            {
-                "image": images.kafka,
-                "user": "appuser",
-                "environment": {
-                    "CLUSTER_ID": env("KAFKA_CLUSTER_ID"),
-                    **image_environment(server_properties(settings, env(BROKER_PASSWORD))),
-                    # Not KAFKA_*: the image would make it a broker property. For the probe.
-                    BROKER_PASSWORD: env(BROKER_PASSWORD),
-                },
-                "volumes": [
-                    "./deploy/kafka/setup.sh:/etc/f2pipe/setup.sh:ro",
-                    "kafka:/var/lib/kafka/data",
-                ],
-                "ports": [f"127.0.0.1:{settings.kafka_port()}:{settings.kafka_port()}"],
-                "healthcheck": probe(
-                    ["CMD", "bash", "/etc/f2pipe/setup.sh", "probe", f"127.0.0.1:{INTERNAL_PORT}"],
-                    timeout="20s",
-                ),
-                "restart": "unless-stopped",
-            },
-            [
-                "Single-node KRaft, the Kafka version of deploy/kafka/pom.xml; no ZooKeeper.",
-                "INTERNAL for the containers, EXTERNAL for tools on the host (status, dlq);",
-                "SCRAM-SHA-512 users with ACLs only (deploy/kafka/setup.sh), as the local stack.",
-            ],
-        ),
+        **_kafka(images, settings),
         "mosquitto": Commented(
             {
                 "image": images.broker,
@@ -241,6 +215,57 @@ def servers(images: Images, settings: Settings) -> dict[str, Commented]:
             ],
         ),
     }
+
+
+def _kafka(images: Images, settings: Settings) -> dict[str, Commented]:
+    """The Kafka node, or each node of the cluster: the same image, security and probe."""
+    names = node_names(settings)
+    services: dict[str, Commented] = {}
+    for node, name in enumerate(names, 1):
+        port = node_ports(settings)[node - 1][0]
+        services[name] = Commented(
+            {
+                "image": images.kafka,
+                "user": "appuser",
+                "environment": {
+                    # One id for every node of a cluster.
+                    "CLUSTER_ID": env("KAFKA_CLUSTER_ID"),
+                    **image_environment(server_properties(settings, env(BROKER_PASSWORD), node)),
+                    # Not KAFKA_*: the image would make it a broker property. For the probe.
+                    BROKER_PASSWORD: env(BROKER_PASSWORD),
+                },
+                "volumes": [
+                    "./deploy/kafka/setup.sh:/etc/f2pipe/setup.sh:ro",
+                    f"{name}:/var/lib/kafka/data",
+                ],
+                "ports": [f"127.0.0.1:{port}:{port}"],
+                "healthcheck": probe(
+                    ["CMD", "bash", "/etc/f2pipe/setup.sh", "probe", f"127.0.0.1:{INTERNAL_PORT}"],
+                    timeout="20s",
+                ),
+                "restart": "unless-stopped",
+            },
+            _kafka_comment(node, len(names)),
+        )
+    return services
+
+
+def _kafka_comment(node: int, nodes: int) -> list[str]:
+    if nodes == 1:
+        return [
+            "Single-node KRaft, the Kafka version of deploy/kafka/pom.xml; no ZooKeeper.",
+            "INTERNAL for the containers, EXTERNAL for tools on the host (status, dlq);",
+            "SCRAM-SHA-512 users with ACLs only (deploy/kafka/setup.sh), as the local stack.",
+        ]
+    if node > 1:
+        return [f"Node {node} of the cluster: as kafka-1 but for its id, name, port and volume."]
+    return [
+        f"A {nodes}-node KRaft cluster (F2PIPE_KAFKA_BROKERS), the Kafka version of",
+        "deploy/kafka/pom.xml; no ZooKeeper. Each node is broker and controller, the quorum",
+        "is all of them, so one may be lost. Topics: the local stack's replicas and",
+        "min.insync.replicas. INTERNAL for the containers, EXTERNAL for tools on the host",
+        "(status, dlq); SCRAM-SHA-512 users with ACLs only (deploy/kafka/setup.sh).",
+    ]
 
 
 def observability(images: Images) -> dict[str, Commented]:

@@ -1,4 +1,10 @@
-"""Kafka for a deployment: the broker's security settings, users, ACLs and topics.
+"""Kafka for a deployment: its nodes, their security settings, users, ACLs and topics.
+
+One KRaft node (``kafka``), or with ``F2PIPE_KAFKA_BROKERS=3`` the local
+stack's cluster (:mod:`f2pipe.operations.stack.kafka_cluster`): ``kafka-1`` to
+``kafka-3``, each broker and controller at once, all three voters of the
+quorum, topics with the stack's replicas and ``min.insync.replicas``. Every
+container reaches every node on the INTERNAL listener (:func:`internal_bootstrap`).
 
 As the secured local stack does (SPEC section 10): the services authenticate
 with SCRAM-SHA-512 each as its own user from :mod:`f2pipe.operations.principals`
@@ -28,6 +34,7 @@ from f2pipe.operations.stack.kafka import (
     broker_jaas,
     topic_plan,
 )
+from f2pipe.operations.stack.kafka_cluster import CLUSTER, node_ports, quorum_voters, replication
 from f2pipe.settings import Settings
 
 __all__ = [
@@ -35,6 +42,8 @@ __all__ = [
     "BROKER_PASSWORD",
     "INTERNAL_PORT",
     "image_environment",
+    "internal_bootstrap",
+    "node_names",
     "password_variable",
     "server_properties",
     "setup_script",
@@ -53,18 +62,39 @@ def password_variable(service: str) -> str:
     return f"{service.upper()}_KAFKA_PASSWORD"
 
 
-def server_properties(settings: Settings, broker_password: str) -> dict[str, str]:
-    """The single-node KRaft broker's properties; ``broker_password`` as it should appear."""
-    port = settings.kafka_port()
+def node_names(settings: Settings) -> list[str]:
+    """The Kafka services' names: ``kafka`` alone, or ``kafka-1``... for a cluster."""
+    if settings.kafka_brokers == 1:
+        return ["kafka"]
+    return [f"kafka-{n}" for n in range(1, settings.kafka_brokers + 1)]
+
+
+def internal_bootstrap(settings: Settings) -> str:
+    """The containers' bootstrap: every node on the INTERNAL listener."""
+    return ",".join(f"{name}:{INTERNAL_PORT}" for name in node_names(settings))
+
+
+def server_properties(settings: Settings, broker_password: str, node: int = 1) -> dict[str, str]:
+    """Node ``node``'s (from 1) KRaft properties; ``broker_password`` as it should appear.
+
+    Each node is broker and controller at once. EXTERNAL listens on the node's
+    port of the settings' bootstrap (the stack's: 9092, then 9094 and 9096 for
+    a cluster). Raises ConfigError when the bootstrap names another number of
+    brokers than ``F2PIPE_KAFKA_BROKERS``.
+    """
+    names = node_names(settings)
+    port = node_ports(settings)[node - 1][0]
     plain = broker_jaas(broker_password)
     return {
-        "node.id": "1",
+        "node.id": str(node),
         "process.roles": "broker,controller",
-        "controller.quorum.voters": f"1@kafka:{_CONTROLLER_PORT}",
+        # Every node has a host name of its own, so all use the same controller port.
+        "controller.quorum.voters": quorum_voters([(name, _CONTROLLER_PORT) for name in names]),
         "controller.listener.names": "CONTROLLER",
         "listeners": f"INTERNAL://:{INTERNAL_PORT},EXTERNAL://:{port},"
         f"CONTROLLER://:{_CONTROLLER_PORT}",
-        "advertised.listeners": f"INTERNAL://kafka:{INTERNAL_PORT},EXTERNAL://127.0.0.1:{port}",
+        "advertised.listeners": f"INTERNAL://{names[node - 1]}:{INTERNAL_PORT},"
+        f"EXTERNAL://127.0.0.1:{port}",
         "listener.security.protocol.map": "INTERNAL:SASL_PLAINTEXT,EXTERNAL:SASL_PLAINTEXT,"
         "CONTROLLER:SASL_PLAINTEXT",
         "inter.broker.listener.name": "INTERNAL",
@@ -82,7 +112,7 @@ def server_properties(settings: Settings, broker_password: str) -> dict[str, str
         "log.dirs": "/var/lib/kafka/data",
         # Topics are created explicitly (setup.sh), never by a typo.
         "auto.create.topics.enable": "false",
-        **SINGLE_NODE,
+        **(CLUSTER if settings.kafka_brokers > 1 else SINGLE_NODE),
     }
 
 
@@ -98,6 +128,9 @@ def image_environment(properties: dict[str, str]) -> dict[str, str]:
 def setup_script(settings: Settings) -> str:
     """``setup.sh apply|probe BOOTSTRAP``: users, ACLs and topics; or a health probe."""
     services = [p for p in all_principals(Names.from_settings(settings)) if p.kafka_user]
+    replicas, min_insync = replication(settings)
+    # As the stack's create_topics: a cluster's topics also say how many replicas a write needs.
+    durability = [f"        --config min.insync.replicas={min_insync} \\"] if replicas > 1 else []
     lines = [
         "#!/bin/bash",
         "# Written by `f2pipe deploy render`; changes are overwritten.",
@@ -133,7 +166,9 @@ def setup_script(settings: Settings) -> str:
         "}",
         "topic() {",
         '    "$bin/kafka-topics.sh" --bootstrap-server "$bootstrap" --command-config "$config" \\',
-        '        --create --if-not-exists --topic "$1" --partitions "$2" --replication-factor 1 \\',
+        '        --create --if-not-exists --topic "$1" --partitions "$2" '
+        f"--replication-factor {replicas} \\",
+        *durability,
         '        --config cleanup.policy=delete --config retention.ms="$3"',
         "}",
         "",
@@ -151,6 +186,10 @@ def setup_script(settings: Settings) -> str:
         "# Topics: explicit partitions, the delete policy (the sink needs every record),",
         "# 7 days for the data topics, 30 for dead letters (SPEC section 4).",
     ]
+    if replicas > 1:
+        lines.append(
+            f"# {replicas} replicas each; a write is acknowledged once {min_insync} hold it."
+        )
     for topic, (partitions, retention) in topic_plan(settings).items():
         lines.append(f"topic {shlex.quote(topic)} {partitions} {retention}")
     return "\n".join(lines) + "\n"

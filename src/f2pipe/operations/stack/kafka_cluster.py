@@ -35,6 +35,7 @@ __all__ = [
     "cluster_id",
     "node_host",
     "node_ports",
+    "quorum_voters",
     "replication",
     "voters",
 ]
@@ -98,9 +99,16 @@ def bracketed(host: str) -> str:
 def voters(settings: Settings) -> str:
     """``controller.quorum.voters``: every node's id at its host and controller port."""
     ports = node_ports(settings)
+    return quorum_voters(
+        [(node_host(settings, n), controller) for n, (_, controller) in enumerate(ports, 1)]
+    )
+
+
+def quorum_voters(controllers: list[tuple[str, int]]) -> str:
+    """``controller.quorum.voters`` of nodes 1..n at ``(host, controller port)``: the local
+    stack's and a deployment's (whose nodes are containers, each with its own host name)."""
     return ",".join(
-        f"{n}@{bracketed(node_host(settings, n))}:{controller}"
-        for n, (_, controller) in enumerate(ports, 1)
+        f"{n}@{bracketed(host)}:{port}" for n, (host, port) in enumerate(controllers, 1)
     )
 
 
