@@ -129,6 +129,10 @@ class Settings(BaseSettings):
         default="", description="Where devices reach the brokers, name=mqtts://host:port "
         "comma-separated (certgen's answer); unset: F2PIPE_MQTT_HOST and the brokers' ports.",
     )  # fmt: skip
+    mqtt_broker_hosts: str = Field(
+        default="", description="Where the services reach brokers on hosts of their own, "
+        "name=host comma-separated (e.g. mqtt-2=mosquitto-2); unset: F2PIPE_MQTT_HOST.",
+    )  # fmt: skip
     certgen_url: str = Field(
         default="http://127.0.0.1:8080", description="Where tools reach the certificate service."
     )
