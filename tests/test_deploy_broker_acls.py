@@ -309,7 +309,7 @@ def test_the_sync_reads_the_real_metadata_with_two_columns_only(
             with conn.transaction(force_rollback=True):
                 conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
                 rows = conn.execute("SELECT mac_address, broker FROM devices").fetchall()
-                assert len(rows) == len(macs)
+                assert sorted(mac for mac, _ in rows if mac) == macs
             with conn.transaction(force_rollback=True):
                 conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(role)))
                 with pytest.raises(psycopg.errors.InsufficientPrivilege):
