@@ -123,7 +123,8 @@ class Settings(BaseSettings):
     # Devices are spread over brokers mqtt-1..N (SPEC section 10; f2pipe.runtime.mqttbrokers).
     mqtt_brokers: int = Field(
         default=1, ge=1, le=16, description="MQTT brokers mqtt-1..N; mqtt-n listens on "
-        "F2PIPE_MQTT_PORT + 2 (n - 1), and `f2pipe up` runs a connector group for each.",
+        "F2PIPE_MQTT_PORT + 2 (n - 1), and `f2pipe up` runs a connector group for each; "
+        "`deploy render` renders them, with broker-acls keeping their ACLs.",
     )  # fmt: skip
     mqtt_broker_urls: str = Field(
         default="", description="Where devices reach the brokers, name=mqtts://host:port "
