@@ -115,6 +115,31 @@ def test_devices_may_reach_a_broker_at_another_address(tmp_path: Path) -> None:
         brokers(past)
 
 
+def test_services_may_reach_each_broker_on_a_host_of_its_own(tmp_path: Path) -> None:
+    settings = load_settings(
+        state_dir=tmp_path,
+        mqtt_host="mosquitto",
+        mqtt_port=8883,
+        mqtt_brokers=3,
+        mqtt_broker_hosts="mqtt-2=mosquitto-2, mqtt-3=mosquitto-3",
+    )
+    assert [(b.host, b.port) for b in brokers(settings)] == [
+        ("mosquitto", 8883),
+        ("mosquitto-2", 8885),
+        ("mosquitto-3", 8887),
+    ]
+    # What a connector of mqtt-2 or certgen's monitor connects to; devices are told the same.
+    second = broker_named(settings, "mqtt-2").settings(settings)
+    assert (second.mqtt_host, second.mqtt_port) == ("mosquitto-2", 8885)
+    assert brokers(settings)[1].url == "mqtts://mosquitto-2:8885"
+    for wrong in ("mqtt-2=", "mqtt-2=h:1", "broker-2=h"):
+        with pytest.raises(ConfigError, match="F2PIPE_MQTT_BROKER_HOSTS"):
+            load_settings(state_dir=tmp_path, mqtt_broker_hosts=wrong)
+    past = settings.model_copy(update={"mqtt_brokers": 2})
+    with pytest.raises(ConfigError, match="HOSTS names mqtt-3, but F2PIPE_MQTT_BROKERS=2"):
+        brokers(past)
+
+
 def test_the_stack_runs_one_mosquitto_per_broker_with_its_own_folder(tmp_path: Path) -> None:
     settings = load_settings(state_dir=tmp_path, mqtt_port=8883, mqtt_brokers=2)
     found = {server.name: server for server in commands.servers(settings)}
@@ -209,14 +234,19 @@ def test_the_simulator_names_a_broker_it_cannot_reach_in_one_line(tmp_path: Path
     assert "F2PIPE_MQTT_BROKERS" in line
 
 
-def test_the_deployment_render_refuses_several_brokers_in_one_line(tmp_path: Path) -> None:
-    environment = {"F2PIPE_MQTT_BROKERS": "2", "F2PIPE_STATE_DIR": str(tmp_path)}
+def test_the_deployment_render_runs_every_broker(tmp_path: Path) -> None:
+    """The compose render follows F2PIPE_MQTT_BROKERS (tests/test_deploy_mqtt_brokers.py
+    checks it in detail); its brokers' ACLs are written from the metadata, not rendered."""
+    environment = {
+        "F2PIPE_MQTT_BROKERS": "2",
+        "F2PIPE_MQTT_PORT": "8883",
+        "F2PIPE_STATE_DIR": str(tmp_path),
+    }
     done = _f2pipe(environment, "deploy", "render", str(tmp_path / "out"))
-    assert done.returncode == 1
-    (line,) = done.stderr.splitlines()
-    assert "F2PIPE_MQTT_BROKERS=2" in line
-    assert "F2PIPE_MQTT_BROKERS=1" in line
-    assert not (tmp_path / "out").exists()
+    assert done.returncode == 0, done.stderr
+    rendered = tmp_path / "out" / "deploy" / "mosquitto"
+    assert "listener 8885\n" in (rendered / "mosquitto-2.conf").read_text(encoding="utf-8")
+    assert not (rendered / "acl").exists()
 
 
 # --------------------------------------------------------------------------- two brokers

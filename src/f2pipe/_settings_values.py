@@ -227,6 +227,24 @@ def _broker_urls(value: str) -> str:
     return value
 
 
+def broker_hosts(value: str) -> dict[str, str]:
+    """``mqtt-2=host,...`` as {name: host}; ValueError naming what is wrong."""
+    found: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, _, host = (part.strip() for part in item.partition("="))
+        if not re.fullmatch(r"mqtt-[1-9][0-9]?", name):
+            raise ValueError(f"{item!r}: expected mqtt-<n>=host")
+        if not host or re.search(r"[\s/:@]", host):
+            raise ValueError(f"{item!r}: expected a host name or IPv4 address after '='")
+        found[name] = host
+    return found
+
+
+def _broker_hosts(value: str) -> str:
+    broker_hosts(value)
+    return value
+
+
 #: Settings holding an address, and the check of its shape (ValueError says what is expected).
 URL_CHECKS = {
     "kafka_bootstrap": _bootstrap,
@@ -234,6 +252,7 @@ URL_CHECKS = {
     "timeseries_dsn": _postgres,
     "redis_url": _redis,
     "mqtt_broker_urls": _broker_urls,
+    "mqtt_broker_hosts": _broker_hosts,
 }
 
 

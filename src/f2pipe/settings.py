@@ -123,11 +123,16 @@ class Settings(BaseSettings):
     # Devices are spread over brokers mqtt-1..N (SPEC section 10; f2pipe.runtime.mqttbrokers).
     mqtt_brokers: int = Field(
         default=1, ge=1, le=16, description="MQTT brokers mqtt-1..N; mqtt-n listens on "
-        "F2PIPE_MQTT_PORT + 2 (n - 1), and `f2pipe up` runs a connector group for each.",
+        "F2PIPE_MQTT_PORT + 2 (n - 1), and `f2pipe up` runs a connector group for each; "
+        "`deploy render` renders them, with broker-acls keeping their ACLs.",
     )  # fmt: skip
     mqtt_broker_urls: str = Field(
         default="", description="Where devices reach the brokers, name=mqtts://host:port "
         "comma-separated (certgen's answer); unset: F2PIPE_MQTT_HOST and the brokers' ports.",
+    )  # fmt: skip
+    mqtt_broker_hosts: str = Field(
+        default="", description="Where the services reach brokers on hosts of their own, "
+        "name=host comma-separated (e.g. mqtt-2=mosquitto-2); unset: F2PIPE_MQTT_HOST.",
     )  # fmt: skip
     certgen_url: str = Field(
         default="http://127.0.0.1:8080", description="Where tools reach the certificate service."

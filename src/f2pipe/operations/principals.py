@@ -18,6 +18,13 @@ Least privilege, as SPEC section 10 states it:
 - certgen: no Kafka; PostgreSQL its own tables (``certificates``,
   ``device_claims``) and read of ``devices`` (claiming codes).
 
+With several MQTT brokers a deployment adds two kinds of principal
+(:func:`deployment_principals`): each further broker's connector group
+(:func:`broker_connector`: the connector's rights under a Kafka user and MQTT
+identity of its own) and :data:`ACL_SYNC`, which reads which broker each
+controller belongs to (``devices.mac_address`` and ``devices.broker``, no other
+column) to write the brokers' ACLs (:mod:`f2pipe.operations.aclsync`).
+
 The operator (:data:`ADMIN`) holds every right on every server; the broker's
 own principal (:data:`KAFKA_BROKER_USER`) is a Kafka super user so the node
 can talk to itself. Devices have no Kafka principal at all: the only way
@@ -29,10 +36,11 @@ Names a deployment may change (topics, consumer groups) come in through
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final, Literal, Protocol
 
 __all__ = [
+    "ACL_SYNC",
     "ADMIN",
     "KAFKA_BROKER_USER",
     "PRINCIPALS",
@@ -42,6 +50,8 @@ __all__ = [
     "Names",
     "PgGrant",
     "Principal",
+    "broker_connector",
+    "deployment_principals",
     "kafka_acl_arguments",
     "pg_grant_sql",
     "principal",
@@ -233,6 +243,44 @@ def principal(service: str, names: Names | None = None) -> Principal:
         if candidate.service == service:
             return candidate
     raise ValueError(f"unknown service {service!r}; choose from {', '.join(SERVICES)}")
+
+
+#: The broker ACL writer of a deployment with several brokers: one column pair, read only.
+ACL_SYNC: Final = Principal(
+    service="aclsync",
+    kafka_user=None,
+    kafka_acls=(),
+    pg_role="f2pipe_aclsync",
+    pg_grants=(PgGrant(("SELECT (mac_address, broker)",), ("devices",)),),
+    redis_user=None,
+    redis_rules=(),
+    mqtt_identity=None,
+)
+
+
+def broker_connector(broker: int, names: Names | None = None) -> Principal:
+    """The connector group of broker ``mqtt-<broker>`` (> 1) as a principal of its own:
+    the connector's rights, as ``connector-mqtt-<broker>`` with Kafka user
+    ``f2pipe-connector-mqtt-<broker>`` and MQTT identity ``svc-connector-mqtt-<broker>``."""
+    if broker < 2:
+        raise ValueError("broker mqtt-1's connectors are the connector principal")
+    base = principal("connector", names)
+    suffix = f"-mqtt-{broker}"
+    return replace(
+        base,
+        service=f"{base.service}{suffix}",
+        kafka_user=f"{base.kafka_user}{suffix}",
+        mqtt_identity=f"{base.mqtt_identity}{suffix}",
+    )
+
+
+def deployment_principals(brokers: int = 1, names: Names | None = None) -> tuple[Principal, ...]:
+    """Every principal of a deployment with ``brokers`` MQTT brokers: :func:`principals`,
+    then (several brokers) each further broker's connector group and :data:`ACL_SYNC`."""
+    if brokers < 2:
+        return principals(names)
+    extra = tuple(broker_connector(b, names) for b in range(2, brokers + 1))
+    return (*principals(names), *extra, ACL_SYNC)
 
 
 def _quote_ident(name: str) -> str:

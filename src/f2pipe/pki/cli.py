@@ -15,7 +15,7 @@ import psycopg
 
 from f2pipe.errors import CertError, ConfigError
 from f2pipe.pki.auth import admin_token, admin_token_path
-from f2pipe.pki.ca import check_service_name, parse_serial, pki_paths, serial_text
+from f2pipe.pki.ca import check_service_name, parse_serial, pki_paths, serial_text, write_public
 from f2pipe.pki.local import (
     issue_device_files,
     load_ca,
@@ -29,7 +29,7 @@ from f2pipe.runtime import tls
 from f2pipe.runtime.brokerstats import MONITOR_IDENTITY, BrokerMonitor, BrokerMonitors
 from f2pipe.runtime.logs import add_log_level_argument, setup_logging
 from f2pipe.runtime.metrics import register_build_info
-from f2pipe.runtime.mqttbrokers import brokers
+from f2pipe.runtime.mqttbrokers import broker_named, brokers
 from f2pipe.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -55,7 +55,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     service.set_defaults(func=_issue_service)
 
     device = sub.add_parser(
-        "issue-device", help="issue a device certificate and key into a directory"
+        "issue-device",
+        help="issue a device certificate and key into a directory (with several brokers, "
+        "also f2-<mac>.broker naming its broker's URL)",
     )
     device.add_argument("mac", help="controller MAC (aabbccddee01 or aa:bb:...)")
     device.add_argument("--out", type=Path, default=Path("."), help="directory (default .)")
@@ -243,7 +245,13 @@ def _issue_device(args: argparse.Namespace) -> int:
     assert store is not None
     try:
         cert, key = issue_device_files(settings, args.mac, args.out, store=store)
-    except ValueError as exc:
+        if settings.mqtt_brokers > 1:
+            # As certgen's answer names it: the device's broker, beside its certificate.
+            device = store.device(cert.stem.removeprefix("f2-"))
+            url = broker_named(settings, None if device is None else device.broker).url
+            write_public(cert.with_suffix(".broker"), url.encode())
+            print(cert.with_suffix(".broker"))
+    except (ValueError, ConfigError) as exc:
         raise CertError(str(exc)) from None
     finally:
         store.close()

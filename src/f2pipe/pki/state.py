@@ -11,7 +11,8 @@ certificate primitives are in :mod:`f2pipe.pki.ca`.
 Shares: where the broker and the services run apart from the CA (containers,
 hosts), each gets a folder of its own under ``<state>/shares/<party>/`` laid
 out like ``<state>/pki`` but holding only ``ca.pem``, ``crl.pem`` and that
-party's certificate and key: ``broker.pem``/``.key`` for ``broker``,
+party's certificate and key: ``broker.pem``/``.key`` for ``broker`` (and for
+``broker-<n>``, a further broker of several, which share one certificate),
 ``services/<name>.pem``/``.key`` for a service identity ``svc-<name>``, nothing
 more for any other party (a scraper, a simulator). The party mounts its folder,
 read-only, as its own ``<state>/pki``; the CA key never leaves ``<state>/pki``.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -253,7 +255,7 @@ def sync_shares(paths: PkiPaths) -> list[Path]:
             share / "ca.pem": (paths.ca_cert, _PUBLIC_MODE),
             share / "crl.pem": (paths.crl, _PUBLIC_MODE),
         }
-        if share.name == "broker":
+        if share.name == "broker" or re.fullmatch(r"broker-[0-9]+", share.name):
             wanted[share / "broker.pem"] = (paths.broker_cert, _PUBLIC_MODE)
             wanted[share / "broker.key"] = (paths.broker_key, _SHARED_KEY_MODE)
         elif share.name.startswith("svc-"):

@@ -6,7 +6,9 @@ broker serves is split: ``F2PIPE_MQTT_BROKERS=N`` names brokers ``mqtt-1`` to
 ``F2PIPE_MQTT_PORT`` + :data:`PORT_STEP` ``* (n - 1)`` (with the default port:
 8883, 8885, 8887...; the Kafka cluster's + 2 and + 4 are taken from Kafka's own
 ports, and the stage replicas' + 100 steps from the ops ports, so neither
-meets these). Where devices reach a broker from outside (certgen names it in
+meets these). Where each broker runs on a host of its own (a container each in
+the compose render), ``F2PIPE_MQTT_BROKER_HOSTS`` names the host the services
+reach it on, still at its port. Where devices reach a broker from outside (certgen names it in
 each certificate answer) is ``F2PIPE_MQTT_BROKER_URLS``, else the same host
 and port. A controller belongs to the broker its metadata names
 (``devices.broker``); a controller without one belongs to
@@ -24,7 +26,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from f2pipe._settings_values import broker_urls
+from f2pipe._settings_values import broker_hosts, broker_urls
 from f2pipe.errors import ConfigError
 from f2pipe.settings import Settings
 
@@ -80,23 +82,26 @@ class Broker:
 
 def brokers(settings: Settings) -> list[Broker]:
     """Every broker ``settings`` name, ``mqtt-1`` first; ConfigError when
-    ``F2PIPE_MQTT_BROKER_URLS`` names a broker past ``F2PIPE_MQTT_BROKERS``."""
+    ``F2PIPE_MQTT_BROKER_URLS`` or ``F2PIPE_MQTT_BROKER_HOSTS`` names a broker past
+    ``F2PIPE_MQTT_BROKERS``."""
     urls = broker_urls(settings.mqtt_broker_urls)
+    hosts = broker_hosts(settings.mqtt_broker_hosts)
     found = [
         Broker(
             n,
-            settings.mqtt_host,
+            hosts.pop(f"mqtt-{n}", settings.mqtt_host),
             settings.mqtt_port + PORT_STEP * (n - 1),
             settings.mqtt_tls,
             urls.pop(f"mqtt-{n}", None),
         )
         for n in range(1, settings.mqtt_brokers + 1)
     ]
-    if urls:
-        raise ConfigError(
-            f"F2PIPE_MQTT_BROKER_URLS names {', '.join(urls)}, but F2PIPE_MQTT_BROKERS="
-            f"{settings.mqtt_brokers}: raise the count or drop the entry"
-        )
+    for variable, extra in (("URLS", urls), ("HOSTS", hosts)):
+        if extra:
+            raise ConfigError(
+                f"F2PIPE_MQTT_BROKER_{variable} names {', '.join(extra)}, but"
+                f" F2PIPE_MQTT_BROKERS={settings.mqtt_brokers}: raise the count or drop the entry"
+            )
     return found
 
 

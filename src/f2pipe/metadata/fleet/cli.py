@@ -1,4 +1,5 @@
-"""``f2pipe fleet import FILE.yaml``, ``f2pipe fleet export [FILE]`` and ``f2pipe fleet schema``."""
+"""``f2pipe fleet import FILE.yaml``, ``fleet export [FILE]``, ``fleet schema`` and
+``fleet sync-acls`` (:mod:`f2pipe.operations.aclsync`)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
     sub.add_parser(
         "schema", help="print the JSON Schema (draft 2020-12) of fleet files, for editors"
     ).set_defaults(func=_cmd_schema)
+    from f2pipe.operations import aclsync
+
+    aclsync.configure(
+        sub.add_parser(
+            "sync-acls",
+            help="write each broker's ACL from the metadata (several brokers)",
+            description="Write DIR/<broker>/acl for every broker of F2PIPE_MQTT_BROKERS: each "
+            "admits only the controllers the metadata assigns to it. Once, or with --every "
+            "as a service (the compose render's broker-acls).",
+        )
+    )
 
 
 class ProgressLine:

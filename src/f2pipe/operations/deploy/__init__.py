@@ -12,7 +12,12 @@ and one share folder per party (:func:`f2pipe.pki.state.sync_shares`).
 - :mod:`.configs`: the servers' configuration files;
 - :mod:`.kafka`: Kafka's nodes (one, or the stack's three-node cluster with
   ``F2PIPE_KAFKA_BROKERS=3``), users, ACLs and topics;
+- :mod:`.mqtt`: the brokers' names, ports, shares and ACL folders (one, or
+  with ``F2PIPE_MQTT_BROKERS=N`` the local stack's brokers, whose ACLs the
+  ``broker-acls`` service writes from the metadata);
 - :mod:`.containers`: users, shares, probes and the server containers;
+- :mod:`.identities`: each f2pipe container's principal, DSN and Kafka secret;
+- :mod:`.connectors`: one connector per broker, and broker-acls;
 - :mod:`.compose`: docker-compose.yml with the f2pipe services;
 - :mod:`.yamltext`: YAML text with comments, deterministic;
 - :mod:`.render`: every file of a target, written to a folder;

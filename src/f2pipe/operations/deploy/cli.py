@@ -26,14 +26,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--connectors",
         type=int,
         default=1,
-        help="connector identities the broker admits (svc-connector, svc-connector-2, ...)",
+        help="connector identities the broker admits (svc-connector, svc-connector-2, ...); "
+        "with several brokers, each broker's from its own group",
     )
     render.add_argument(
         "--broker-name",
         action="append",
         default=[],
         metavar="NAME",
-        help="a DNS name or address devices reach the broker by (repeatable)",
+        help="a DNS name or address devices reach the broker by (repeatable; with several "
+        "brokers, one certificate names them all)",
     )
     render.add_argument(
         "--with-certificates",
@@ -48,7 +50,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="make the PKI and a share folder for each party (run where the CA is)",
         description="Create what is missing of the PKI (as `certgen init` does) and a folder "
         "<state>/shares/PARTY for each party, holding the CA certificate, the CRL and the "
-        "party's own certificate and key (broker, svc-<name>; others get the first two).",
+        "party's own certificate and key (broker, broker-<n>, svc-<name>, whose identity is "
+        "issued if missing; others get the first two).",
     )
     shares.add_argument("parties", nargs="+", metavar="PARTY")
     shares.set_defaults(func=_shares)
@@ -60,12 +63,6 @@ def _render(args: argparse.Namespace) -> int:
     if args.connectors < 1:
         raise ConfigError("--connectors must be 1 or more")
     settings = get_settings()
-    if settings.mqtt_brokers > 1:
-        # Its broker's ACL is patterns: several brokers need ACLs that follow the fleet.
-        raise ConfigError(
-            f"F2PIPE_MQTT_BROKERS={settings.mqtt_brokers}: the rendered deployment runs one"
-            " broker; render with F2PIPE_MQTT_BROKERS=1 (several run on the local stack)"
-        )
     if args.broker_name:
         names = [*settings.extra_server_names(), *args.broker_name]
         settings = settings.model_copy(update={"broker_names": ",".join(names)})
@@ -90,9 +87,12 @@ def _shares(args: argparse.Namespace) -> int:
 def make_shares(settings: Settings, parties: list[str]) -> list[str]:
     """Create the PKI's missing parts and a share folder per party; return what was created.
 
-    Raises ConfigError for a party name that is not a plain folder name, CertError
-    when the PKI cannot be read.
+    A party ``svc-<name>`` is a service identity: its certificate is issued if
+    missing (``svc-connector-mqtt-2``, a further broker's connector). Raises
+    ConfigError for a party name that is not a plain folder name, CertError when
+    the PKI cannot be read or a service name is invalid.
     """
+    from f2pipe.pki.ca import SERVICE_NAMES
     from f2pipe.pki.state import SHARES, ensure_pki
 
     root = settings.state_dir / SHARES
@@ -100,4 +100,5 @@ def make_shares(settings: Settings, parties: list[str]) -> list[str]:
         if not party or "/" in party or party.startswith("."):
             raise ConfigError(f"not a party name: {party!r}")
         (root / party).mkdir(parents=True, exist_ok=True)
-    return ensure_pki(settings).created
+    identities = [p for p in parties if p.startswith("svc-") and p not in SERVICE_NAMES]
+    return ensure_pki(settings, [*SERVICE_NAMES, *identities]).created

@@ -18,14 +18,26 @@ Least privilege, container by container:
 
 - Each service has its own Kafka user (SCRAM-SHA-512) holding only its ACLs
   (:mod:`.kafka`).
+
+With several MQTT brokers (``F2PIPE_MQTT_BROKERS=N``, :mod:`.mqtt`) each broker
+has its own connector (``connector-mqtt-<n>``: identity, share, Kafka user, ops
+port), and the ``broker-acls`` service, with a database role that reads only
+which broker each controller belongs to, keeps the brokers' ACLs in step with
+the fleet.
 """
 
 from __future__ import annotations
 
 from f2pipe.metadata.fleet.demo import demo_fleet
 from f2pipe.operations.deploy.configs import DATABASES, PASSWORD_VARIABLES
+from f2pipe.operations.deploy.connectors import (
+    acl_service,
+    brokers_env,
+    connector_container,
+    connectors_of,
+    mqtt_env,
+)
 from f2pipe.operations.deploy.containers import (
-    PARTIES,
     PKI,
     SHARES,
     STATE,
@@ -37,10 +49,17 @@ from f2pipe.operations.deploy.containers import (
     f2pipe_service,
     healthy,
     observability,
+    parties,
     probe,
     readyz,
     servers,
     share,
+)
+from f2pipe.operations.deploy.identities import (
+    kafka_secret,
+    kafka_services,
+    service_dsn,
+    service_principal,
 )
 from f2pipe.operations.deploy.images import Images
 from f2pipe.operations.deploy.kafka import (
@@ -50,35 +69,25 @@ from f2pipe.operations.deploy.kafka import (
     node_names,
     password_variable,
 )
+from f2pipe.operations.deploy.mqtt import (
+    ACL_SERVICE,
+    broker_service,
+    connector_service,
+    several,
+)
 from f2pipe.operations.deploy.yamltext import Commented, document
-from f2pipe.operations.principals import principal
+from f2pipe.operations.principals import (
+    deployment_principals,
+    principal,
+)
 from f2pipe.settings import Settings
 
 __all__ = ["render_compose", "shares_command"]
 
-#: The services with a Kafka user of their own.
-KAFKA_SERVICES = ("connector", "processor", "sink")
 
-
-def _kafka_secret(service: str) -> str:
-    return f"{service}_kafka_password"
-
-
-#: The server holding each database, by its compose name.
-_DATABASE_HOSTS = {"metadata": "postgres", "timeseries": "timescaledb"}
-
-
-def _service_dsn(service: str) -> str:
-    """``service``'s DSN as its own role (:mod:`f2pipe.operations.principals`) on its database."""
-    role = principal(service).pg_role
-    assert role is not None, service
-    host = _DATABASE_HOSTS[DATABASES[service]]
-    return dsn(role, PASSWORD_VARIABLES[("postgres", service)], host)
-
-
-def shares_command() -> list[str]:
+def shares_command(settings: Settings) -> list[str]:
     """certgen-init: the PKI, and a share folder for every party."""
-    return ["deploy", "shares", *PARTIES]
+    return ["deploy", "shares", *parties(settings)]
 
 
 def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
@@ -88,20 +97,33 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
     }
     macs = " ".join(c.mac for c in demo_fleet().controllers)
     devices = f"{SHARES}/simulator/devices"
+    with_roles = [
+        who.service
+        for who in deployment_principals(settings.mqtt_brokers)
+        if who.pg_role is not None
+    ]
+    role_passwords = {s: PASSWORD_VARIABLES[("postgres", s)] for s in with_roles}
+
+    def passwords(database: str) -> str:
+        return "".join(
+            f'-v {s}_password="${variable}" '
+            for s, variable in role_passwords.items()
+            if DATABASES[s] == database
+        )
+
     roles = (
         "set -eu\n"
         'PGPASSWORD="$POSTGRES_PASSWORD" psql -h postgres -U f2pipe -d f2pipe -q '
-        '-v certgen_password="$CERTGEN_DB_PASSWORD" '
-        '-v processor_password="$PROCESSOR_DB_PASSWORD" -f /etc/f2pipe/metadata-roles.sql\n'
+        f"{passwords('metadata')}-f /etc/f2pipe/metadata-roles.sql\n"
         'PGPASSWORD="$TIMESCALE_PASSWORD" psql -h timescaledb -U f2pipe -d f2pipe -q '
-        '-v sink_password="$SINK_DB_PASSWORD" -f /etc/f2pipe/timeseries-roles.sql\n'
+        f"{passwords('timeseries')}-f /etc/f2pipe/timeseries-roles.sql\n"
     )
     return {
         "certgen-init": Commented(
             f2pipe_service(
                 images,
                 "certgen",
-                shares_command(),
+                shares_command(settings),
                 build=True,
                 restart="no",
                 environment={
@@ -135,11 +157,7 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
                 "environment": {
                     "POSTGRES_PASSWORD": env("POSTGRES_PASSWORD"),
                     "TIMESCALE_PASSWORD": env("TIMESCALE_PASSWORD"),
-                    **{
-                        variable: env(variable)
-                        for (server, _), variable in PASSWORD_VARIABLES.items()
-                        if server == "postgres"
-                    },
+                    **{variable: env(variable) for variable in role_passwords.values()},
                 },
                 "volumes": ["./deploy/postgres:/etc/f2pipe:ro"],
                 "depends_on": done("db-migrate"),
@@ -176,7 +194,11 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
                 restart="no",
                 environment={
                     "F2PIPE_STATE_DIR": STATE,
-                    "F2PIPE_METADATA_DSN": _service_dsn("certgen"),
+                    "F2PIPE_METADATA_DSN": service_dsn("certgen"),
+                    # Each controller's broker file names the broker's compose host.
+                    **(
+                        {**mqtt_env(settings), **brokers_env(settings)} if several(settings) else {}
+                    ),
                 },
                 volumes=[f"certgen:{STATE}", f"shares:{SHARES}"],
                 depends_on=done("certgen-init", "db-seed", "db-roles"),
@@ -194,7 +216,7 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
                     for name in (
                         BROKER_PASSWORD,
                         ADMIN_PASSWORD,
-                        *(password_variable(s) for s in KAFKA_SERVICES),
+                        *(password_variable(s) for s in kafka_services(settings)),
                     )
                 },
                 "volumes": ["./deploy/kafka/setup.sh:/etc/f2pipe/setup.sh:ro"],
@@ -208,19 +230,19 @@ def _oneshots(images: Images, settings: Settings) -> dict[str, Commented]:
     }
 
 
-def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
+def _pipeline(images: Images, settings: Settings, connectors: int) -> dict[str, Commented]:
     # Probes and Prometheus reach the ops endpoints from outside the container.
     ops = {"F2PIPE_OPS_HOST": "0.0.0.0"}  # noqa: S104
-    mqtt = {"F2PIPE_MQTT_HOST": "mosquitto", "F2PIPE_MQTT_PORT": str(settings.mqtt_port)}
+    mqtt = mqtt_env(settings)
 
     def kafka(service: str) -> dict[str, str]:
         return {
             "F2PIPE_KAFKA_BOOTSTRAP": internal_bootstrap(settings),
             "F2PIPE_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT",
             "F2PIPE_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
-            "F2PIPE_KAFKA_SASL_USERNAME": principal(service).kafka_user or "",
+            "F2PIPE_KAFKA_SASL_USERNAME": service_principal(service).kafka_user or "",
             # A compose secret (a file), so the password is not in the container's environment.
-            "F2PIPE_KAFKA_SASL_PASSWORD_FILE": f"/run/secrets/{_kafka_secret(service)}",
+            "F2PIPE_KAFKA_SASL_PASSWORD_FILE": f"/run/secrets/{kafka_secret(service)}",
         }
 
     certgen_url = f"https://certgen:{settings.certgen_port}"
@@ -239,13 +261,20 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 ["certgen", "serve"],
                 environment={
                     "F2PIPE_STATE_DIR": STATE,
-                    "F2PIPE_METADATA_DSN": _service_dsn("certgen"),
+                    "F2PIPE_METADATA_DSN": service_dsn("certgen"),
                     "F2PIPE_ADMIN_TOKEN_FILE": "/run/secrets/admin_token",
                     "F2PIPE_CERTGEN_HOST": "0.0.0.0",  # noqa: S104 (HTTPS only)
                     "F2PIPE_CERTGEN_TLS": "true",
                     "F2PIPE_CERTGEN_URL": certgen_url,
                     "F2PIPE_BROKER_NAMES": ",".join(broker_names(settings)),
                     **mqtt,
+                    **brokers_env(settings),
+                    # What certgen tells each device (the compose host names when empty).
+                    **(
+                        {"F2PIPE_MQTT_BROKER_URLS": "${F2PIPE_MQTT_BROKER_URLS:-}"}
+                        if several(settings)
+                        else {}
+                    ),
                 },
                 secrets=["admin_token"],
                 volumes=[f"certgen:{STATE}", f"shares:{SHARES}"],
@@ -259,28 +288,21 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 "key and the admin token. It rewrites the CRL in every share at a revocation.",
             ],
         ),
-        "connector": Commented(
-            f2pipe_service(
-                images,
-                "connector",
-                ["connector"],
-                secrets=[_kafka_secret("connector")],
-                environment={"F2PIPE_STATE_DIR": STATE, **kafka("connector"), **mqtt, **ops},
-                volumes=[share("svc-connector", PKI)],
-                ports=[f"127.0.0.1:{settings.connector_port}:{settings.connector_port}"],
-                healthcheck=readyz(settings.connector_port),
-                depends_on={**healthy("mosquitto"), **done("kafka-setup")},
-                restart="unless-stopped",
-            ),
-        ),
+        **{
+            connector_service(n): connector_container(
+                images, settings, n, kafka(connector_service(n))
+            )
+            for n in range(1, settings.mqtt_brokers + 1)
+        },
+        **acl_service(images, settings, connectors),
         "processor": Commented(
             f2pipe_service(
                 images,
                 "processor",
                 ["processor"],
-                secrets=[_kafka_secret("processor")],
+                secrets=[kafka_secret("processor")],
                 environment={
-                    "F2PIPE_METADATA_DSN": _service_dsn("processor"),
+                    "F2PIPE_METADATA_DSN": service_dsn("processor"),
                     "F2PIPE_REDIS_URL": f"redis://{principal('processor').redis_user}:"
                     f"{env(processor_redis)}@redis:6379/0",
                     **kafka("processor"),
@@ -297,9 +319,9 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 images,
                 "sink",
                 ["sink"],
-                secrets=[_kafka_secret("sink")],
+                secrets=[kafka_secret("sink")],
                 environment={
-                    "F2PIPE_TIMESERIES_DSN": _service_dsn("sink"),
+                    "F2PIPE_TIMESERIES_DSN": service_dsn("sink"),
                     **kafka("sink"),
                     **ops,
                 },
@@ -314,11 +336,11 @@ def _pipeline(images: Images, settings: Settings) -> dict[str, Commented]:
                 images,
                 "simulator",
                 ["simulate"],
-                environment={"F2PIPE_STATE_DIR": STATE, **mqtt},
+                environment={"F2PIPE_STATE_DIR": STATE, **mqtt, **brokers_env(settings)},
                 volumes=[share("simulator", PKI)],
                 depends_on={
                     **done("simulator-certs"),
-                    **healthy("certgen", "connector", "processor", "sink"),
+                    **healthy("certgen", *connectors_of(settings), "processor", "sink"),
                 },
                 restart="unless-stopped",
             ),
@@ -346,12 +368,14 @@ _HEADER = [
 ]
 
 
-def render_compose(settings: Settings, images: Images) -> str:
-    """The compose file's text (deterministic: the same settings give the same bytes)."""
+def render_compose(settings: Settings, images: Images, connectors: int = 1) -> str:
+    """The compose file's text (deterministic: the same settings give the same bytes);
+    ``connectors`` identities of each broker's connector group are admitted by the
+    brokers' ACLs (several brokers: passed to broker-acls)."""
     services = {
         **servers(images, settings),
         **_oneshots(images, settings),
-        **_pipeline(images, settings),
+        **_pipeline(images, settings, connectors),
         **observability(images),
     }
     return document(
@@ -363,8 +387,8 @@ def render_compose(settings: Settings, images: Images) -> str:
                 {
                     "admin_token": {"environment": "F2PIPE_ADMIN_TOKEN"},
                     **{
-                        _kafka_secret(s): {"environment": password_variable(s)}
-                        for s in KAFKA_SERVICES
+                        kafka_secret(s): {"environment": password_variable(s)}
+                        for s in kafka_services(settings)
                     },
                 },
                 [
@@ -383,7 +407,8 @@ def render_compose(settings: Settings, images: Images) -> str:
                         "timeseries",
                         "cache",
                         *node_names(settings),
-                        "mosquitto",
+                        *(broker_service(n) for n in range(1, settings.mqtt_brokers + 1)),
+                        *([ACL_SERVICE] if several(settings) else []),
                         "prometheus",
                         "grafana",
                     )

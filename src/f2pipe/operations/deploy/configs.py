@@ -5,8 +5,10 @@ secret (passwords are read from the environment when the file runs) or a
 timestamp, so a render is the same wherever and whenever it runs.
 
 - Mosquitto: the configuration and ACL of :mod:`f2pipe.operations.stack.mosquitto`
-  for a broker in a container (:data:`BROKER_SITE`), and its start script,
-  which reloads the CRL when certgen changes it.
+  for a broker in a container (:func:`broker_site`), and its start script,
+  which reloads the CRL when certgen changes it. With several brokers, one
+  configuration each; their ACLs are written by the ``broker-acls`` service
+  instead (:mod:`.mqtt`), and the start script reloads them too.
 - Kafka: all of it (users, ACLs, topics) is in :mod:`.kafka`.
 - PostgreSQL and Redis: each service's role, grants and user, from
   :mod:`f2pipe.operations.principals`.
@@ -17,7 +19,14 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from f2pipe.operations.principals import ADMIN, Names, Principal, pg_grant_sql, principals
+from f2pipe.operations.deploy.mqtt import BROKER_ACL, connector_ops_port, connector_service
+from f2pipe.operations.principals import (
+    ADMIN,
+    Names,
+    Principal,
+    deployment_principals,
+    pg_grant_sql,
+)
 from f2pipe.operations.principals import redis_acl_line as _redis_acl_line
 from f2pipe.operations.stack import retainguard
 from f2pipe.operations.stack.mosquitto import (
@@ -27,6 +36,7 @@ from f2pipe.operations.stack.mosquitto import (
     render_start_script,
 )
 from f2pipe.pki.ca import PkiPaths
+from f2pipe.runtime.mqttbrokers import brokers
 from f2pipe.settings import Settings
 
 __all__ = [
@@ -54,22 +64,29 @@ _BROKER_DATA = PurePosixPath("/mosquitto/data")
 BROKER_MEMORY_BYTES = 4 * 1024**3
 
 #: Which database each service with a PostgreSQL role uses: the DSN it is given.
-DATABASES = {"certgen": "metadata", "processor": "metadata", "sink": "timeseries"}
+DATABASES = {
+    "certgen": "metadata",
+    "processor": "metadata",
+    "sink": "timeseries",
+    "aclsync": "metadata",  # several brokers only
+}
 
 #: The environment variable (from .env) holding each service's password on a server.
 PASSWORD_VARIABLES = {
     ("postgres", "certgen"): "CERTGEN_DB_PASSWORD",
     ("postgres", "processor"): "PROCESSOR_DB_PASSWORD",
     ("postgres", "sink"): "SINK_DB_PASSWORD",
+    ("postgres", "aclsync"): "ACLSYNC_DB_PASSWORD",
     ("redis", "processor"): "PROCESSOR_REDIS_PASSWORD",
 }
 
 
 def broker_site(settings: Settings) -> BrokerSite:
-    """The broker in its container: its own user, no pid file, every interface."""
+    """The broker in its container: its own user, no pid file, every interface; with several
+    brokers its ACL is the one the broker-acls service writes into its ACL folder."""
     queued = settings.broker_max_queued_bytes or BROKER_MEMORY_BYTES // 32
     return BrokerSite(
-        acl_file=Path(BROKER_CONF / "acl"),
+        acl_file=Path((BROKER_ACL if settings.mqtt_brokers > 1 else BROKER_CONF) / "acl"),
         persistence=Path(_BROKER_DATA),
         max_queued_bytes=queued,
         max_queued_messages=settings.mqtt_max_queued_messages or min(queued, 2**31 - 1),
@@ -77,8 +94,10 @@ def broker_site(settings: Settings) -> BrokerSite:
     )
 
 
-def mosquitto_conf(settings: Settings) -> str:
-    return render_conf(settings, PkiPaths(Path(BROKER_PKI)), broker_site(settings))
+def mosquitto_conf(settings: Settings, number: int = 1) -> str:
+    """Broker mqtt-<number>'s configuration: on its port of the stack's."""
+    broker = brokers(settings)[number - 1].settings(settings)
+    return render_conf(broker, PkiPaths(Path(BROKER_PKI)), broker_site(settings))
 
 
 def mosquitto_acl(connectors: int) -> str:
@@ -90,8 +109,8 @@ def connector_identities(connectors: int) -> list[str]:
     return ["svc-connector", *(f"svc-connector-{n}" for n in range(2, connectors + 1))]
 
 
-def mosquitto_start() -> str:
-    return render_start_script()
+def mosquitto_start(settings: Settings) -> str:
+    return render_start_script(watch_acl=settings.mqtt_brokers > 1)
 
 
 def _sql_literal(text: str) -> str:
@@ -163,12 +182,17 @@ def redis_start(settings: Settings) -> str:
 
 
 def prometheus_config(settings: Settings, ca_file: str) -> str:
-    """prometheus.yml: the four services by their compose names; certgen over HTTPS."""
+    """prometheus.yml: the four services by their compose names; certgen over HTTPS. Every
+    broker's connector is a target of the ``connector`` job."""
+    connectors = [
+        f"{connector_service(n)}:{connector_ops_port(settings, n)}"
+        for n in range(1, settings.mqtt_brokers + 1)
+    ]
     jobs = [
-        ("certgen", settings.certgen_port),
-        ("connector", settings.connector_port),
-        ("processor", settings.processor_port),
-        ("sink", settings.sink_port),
+        ("certgen", [f"certgen:{settings.certgen_port}"]),
+        ("connector", connectors),
+        ("processor", [f"processor:{settings.processor_port}"]),
+        ("sink", [f"sink:{settings.sink_port}"]),
     ]
     lines = [
         "# Written by `f2pipe deploy render`; changes are overwritten.",
@@ -181,14 +205,15 @@ def prometheus_config(settings: Settings, ca_file: str) -> str:
         "",
         "scrape_configs:",
     ]
-    for name, port in jobs:
+    for name, targets in jobs:
         lines.append(f"  - job_name: {name}")
         if name == "certgen":
             lines += ["    scheme: https", "    tls_config:", f"      ca_file: {ca_file}"]
-        lines += ["    static_configs:", f'      - targets: ["{name}:{port}"]']
+        listed = ", ".join(f'"{target}"' for target in targets)
+        lines += ["    static_configs:", f"      - targets: [{listed}]"]
     lines += ["", "rule_files:", "  - alerts.yml"]
     return "\n".join(lines) + "\n"
 
 
 def _principals(settings: Settings) -> tuple[Principal, ...]:
-    return principals(Names.from_settings(settings))
+    return deployment_principals(settings.mqtt_brokers, Names.from_settings(settings))

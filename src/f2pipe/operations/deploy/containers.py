@@ -23,6 +23,16 @@ from f2pipe.operations.deploy.kafka import (
     node_names,
     server_properties,
 )
+from f2pipe.operations.deploy.mqtt import (
+    ACL_SERVICE,
+    BROKER_ACL,
+    broker_conf_file,
+    broker_port,
+    broker_service,
+    broker_share,
+    connector_service,
+    several,
+)
 from f2pipe.operations.deploy.yamltext import Commented
 from f2pipe.operations.stack.kafka_cluster import node_ports
 from f2pipe.settings import Settings
@@ -41,6 +51,7 @@ __all__ = [
     "f2pipe_service",
     "healthy",
     "observability",
+    "parties",
     "probe",
     "readyz",
     "servers",
@@ -64,6 +75,7 @@ USERS = {
     "db-migrate": f"10006:{F2PIPE_GROUP}",
     "db-seed": f"10007:{F2PIPE_GROUP}",
     "db-roles": "10008:10008",
+    "broker-acls": f"10009:{F2PIPE_GROUP}",  # several brokers only
     "mosquitto": "1883:1883",  # the eclipse-mosquitto image's own user
     "prometheus": "65534:65534",  # the prom/prometheus image's own user
     "grafana": "472:0",  # the grafana image's own user
@@ -79,10 +91,22 @@ PARTIES = {
 _PROBE = {"interval": "10s", "timeout": "5s", "retries": 6, "start_period": "30s"}
 
 
+def parties(settings: Settings) -> dict[str, str]:
+    """:data:`PARTIES`, and with several brokers each further broker's share and its
+    connector's (``broker-2``, ``svc-connector-mqtt-2``...)."""
+    found = dict(PARTIES)
+    for n in range(2, settings.mqtt_brokers + 1):
+        found[broker_share(n)] = broker_service(n)
+        found[f"svc-{connector_service(n)}"] = connector_service(n)
+    return found
+
+
 def broker_names(settings: Settings) -> list[str]:
-    """The broker's and certgen's certificate names: their compose host names, then the
-    settings' (``--broker-name``: what devices reach the broker by)."""
-    return list(dict.fromkeys(["mosquitto", "certgen", *settings.extra_server_names()]))
+    """The brokers' and certgen's certificate names: their compose host names (every
+    broker's: they share one certificate), then the settings' (``--broker-name``:
+    what devices reach the brokers by)."""
+    hosts = [broker_service(n) for n in range(1, settings.mqtt_brokers + 1)]
+    return list(dict.fromkeys([*hosts, "certgen", *settings.extra_server_names()]))
 
 
 def env(name: str) -> str:
@@ -106,11 +130,12 @@ def readyz(port: int) -> dict[str, object]:
     return probe(["CMD", "python", "-c", code])
 
 
-def share(party: str, target: str) -> dict[str, object]:
-    """A party's share, read-only (Compose volume subpath: Docker Engine 26+, Compose 2.23+)."""
+def share(party: str, target: str, source: str = "shares") -> dict[str, object]:
+    """A party's share, read-only (Compose volume subpath: Docker Engine 26+, Compose 2.23+);
+    ``source`` another volume than the shares, its folder ``party``."""
     return {
         "type": "volume",
-        "source": "shares",
+        "source": source,
         "target": target,
         "read_only": True,
         "volume": {"subpath": party},
@@ -186,35 +211,72 @@ def servers(images: Images, settings: Settings) -> dict[str, Commented]:
             ["The metadata cache: ACL users only (deploy/redis/redis.sh), append-only file."],
         ),
         **_kafka(images, settings),
-        "mosquitto": Commented(
+        **_mosquitto(images, settings),
+    }
+
+
+def _mosquitto(images: Images, settings: Settings) -> dict[str, Commented]:
+    """The broker, or each broker of several: the same image, limits and probe."""
+    services: dict[str, Commented] = {}
+    for n in range(1, settings.mqtt_brokers + 1):
+        port = broker_port(settings, n)
+        acl: list[object] = []
+        waits = done("certgen-init")
+        if several(settings):
+            acl = [share(f"mqtt-{n}", str(BROKER_ACL), source=ACL_SERVICE)]
+            waits = {**waits, **healthy(ACL_SERVICE)}
+        services[broker_service(n)] = Commented(
             {
                 "image": images.broker,
                 "build": {"context": ".", "dockerfile": "deploy/mosquitto/Dockerfile"},
                 "user": USERS["mosquitto"],
                 "group_add": [str(F2PIPE_GROUP)],
-                "command": ["sh", f"{BROKER_CONF}/broker.sh", f"{BROKER_CONF}/mosquitto.conf"],
+                "command": [
+                    "sh",
+                    f"{BROKER_CONF}/broker.sh",
+                    f"{BROKER_CONF}/{broker_conf_file(n)}",
+                ],
                 "stop_grace_period": "30s",
                 "mem_limit": BROKER_MEMORY_BYTES,
                 "ulimits": {"nofile": settings.mqtt_max_connections + 1024},
                 "volumes": [
                     f"./deploy/mosquitto:{BROKER_CONF}:ro",
-                    share("broker", str(BROKER_PKI)),
-                    "mosquitto:/mosquitto/data",
+                    share(broker_share(n), str(BROKER_PKI)),
+                    *acl,
+                    f"{broker_service(n)}:/mosquitto/data",
                 ],
-                "ports": [f"{settings.mqtt_port}:{settings.mqtt_port}"],
-                "healthcheck": probe(["CMD", "nc", "-z", "127.0.0.1", str(settings.mqtt_port)]),
-                "depends_on": done("certgen-init"),
+                "ports": [f"{port}:{port}"],
+                "healthcheck": probe(["CMD", "nc", "-z", "127.0.0.1", str(port)]),
+                "depends_on": waits,
                 "restart": "unless-stopped",
             },
-            [
-                "The device broker, on every interface: mutual TLS only. Its configuration and",
-                "ACL are f2pipe's (deploy/mosquitto), its image adds the plugin refusing",
-                "retained messages (deploy/mosquitto/Dockerfile); broker.sh reloads the CRL",
-                "within seconds of certgen changing it. The probe only opens the TLS port: any",
-                "MQTT identity would take its owner's session over.",
-            ],
-        ),
-    }
+            _mosquitto_comment(n, settings.mqtt_brokers),
+        )
+    return services
+
+
+def _mosquitto_comment(number: int, brokers: int) -> list[str]:
+    if brokers == 1:
+        return [
+            "The device broker, on every interface: mutual TLS only. Its configuration and",
+            "ACL are f2pipe's (deploy/mosquitto), its image adds the plugin refusing",
+            "retained messages (deploy/mosquitto/Dockerfile); broker.sh reloads the CRL",
+            "within seconds of certgen changing it. The probe only opens the TLS port: any",
+            "MQTT identity would take its owner's session over.",
+        ]
+    if number > 1:
+        return [
+            f"Broker mqtt-{number}: as mosquitto but for its port, configuration, share, ACL",
+            "folder and volume.",
+        ]
+    return [
+        f"Device broker mqtt-1 of {brokers} (F2PIPE_MQTT_BROKERS), on every interface:",
+        "mutual TLS only. Its configuration is f2pipe's (deploy/mosquitto), its image adds",
+        "the plugin refusing retained messages. Its ACL, its folder of the broker-acls",
+        "volume, names the controllers the metadata assigns to it; broker.sh waits for",
+        "that file, and reloads it and the CRL within seconds of a change. The probe only",
+        "opens the TLS port: any MQTT identity would take its owner's session over.",
+    ]
 
 
 def _kafka(images: Images, settings: Settings) -> dict[str, Commented]:

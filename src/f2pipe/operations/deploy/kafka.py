@@ -25,8 +25,13 @@ from __future__ import annotations
 
 import shlex
 
-from f2pipe.operations.principals import ADMIN, KAFKA_BROKER_USER, Names, kafka_acl_arguments
-from f2pipe.operations.principals import principals as all_principals
+from f2pipe.operations.principals import (
+    ADMIN,
+    KAFKA_BROKER_USER,
+    Names,
+    deployment_principals,
+    kafka_acl_arguments,
+)
 from f2pipe.operations.stack.kafka import (
     AUTHORIZER,
     SCRAM_JAAS,
@@ -58,8 +63,9 @@ _CONTROLLER_PORT = 9093
 
 
 def password_variable(service: str) -> str:
-    """The environment variable holding ``service``'s Kafka password (CONNECTOR_KAFKA_...)."""
-    return f"{service.upper()}_KAFKA_PASSWORD"
+    """The environment variable holding ``service``'s Kafka password (CONNECTOR_KAFKA_...,
+    CONNECTOR_MQTT_2_KAFKA_... for ``connector-mqtt-2``)."""
+    return f"{service.upper().replace('-', '_')}_KAFKA_PASSWORD"
 
 
 def node_names(settings: Settings) -> list[str]:
@@ -127,7 +133,8 @@ def image_environment(properties: dict[str, str]) -> dict[str, str]:
 
 def setup_script(settings: Settings) -> str:
     """``setup.sh apply|probe BOOTSTRAP``: users, ACLs and topics; or a health probe."""
-    services = [p for p in all_principals(Names.from_settings(settings)) if p.kafka_user]
+    every = deployment_principals(settings.mqtt_brokers, Names.from_settings(settings))
+    services = [p for p in every if p.kafka_user]
     replicas, min_insync = replication(settings)
     # As the stack's create_topics: a cluster's topics also say how many replicas a write needs.
     durability = [f"        --config min.insync.replicas={min_insync} \\"] if replicas > 1 else []

@@ -15,8 +15,11 @@ from pathlib import Path
 
 from f2pipe.operations.deploy import configs, kafka
 from f2pipe.operations.deploy.compose import render_compose
+from f2pipe.operations.deploy.configs import PASSWORD_VARIABLES
 from f2pipe.operations.deploy.containers import broker_names
 from f2pipe.operations.deploy.images import images
+from f2pipe.operations.deploy.kafka import password_variable
+from f2pipe.operations.deploy.mqtt import broker_conf_file, broker_port, connector_service, several
 from f2pipe.operations.stack import retainguard
 from f2pipe.settings import Settings
 
@@ -68,18 +71,25 @@ def render_files(
     """Path -> text of every file of ``target`` for ``settings``; pure and deterministic.
 
     ``connectors`` is how many connector identities the broker's ACL admits
-    (``svc-connector``, ``svc-connector-2``...). Raises ValueError for an
+    (``svc-connector``, ``svc-connector-2``...); with several brokers, each
+    broker's from its own group (:mod:`.mqtt`). Raises ValueError for an
     unknown target, StackError if the Kafka pom cannot be read.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
     pinned = images()
+    brokers = range(1, settings.mqtt_brokers + 1)
+    # One broker: f2pipe's pattern ACL, a file here. Several: broker-acls writes theirs.
+    acl = {} if several(settings) else {"deploy/mosquitto/acl": configs.mosquitto_acl(connectors)}
     return {
-        "docker-compose.yml": render_compose(settings, pinned),
-        ".env.example": _ENV_EXAMPLE.format(kafka=pinned.kafka),
-        "deploy/mosquitto/mosquitto.conf": configs.mosquitto_conf(settings),
-        "deploy/mosquitto/acl": configs.mosquitto_acl(connectors),
-        "deploy/mosquitto/broker.sh": configs.mosquitto_start(),
+        "docker-compose.yml": render_compose(settings, pinned, connectors),
+        ".env.example": _ENV_EXAMPLE.format(kafka=pinned.kafka) + _env_brokers(settings),
+        **{
+            f"deploy/mosquitto/{broker_conf_file(n)}": configs.mosquitto_conf(settings, n)
+            for n in brokers
+        },
+        **acl,
+        "deploy/mosquitto/broker.sh": configs.mosquitto_start(settings),
         "deploy/mosquitto/Dockerfile": retainguard.render_dockerfile(pinned.mosquitto),
         "deploy/kafka/setup.sh": kafka.setup_script(settings),
         "deploy/postgres/metadata-roles.sql": configs.postgres_roles(settings, "metadata"),
@@ -89,6 +99,32 @@ def render_files(
             settings, "/etc/prometheus/pki/ca.pem"
         ),
     }
+
+
+def _env_brokers(settings: Settings) -> str:
+    """.env.example's lines for several brokers (none for one)."""
+    if not several(settings):
+        return ""
+    connectors = [connector_service(n) for n in range(2, settings.mqtt_brokers + 1)]
+    first = broker_port(settings, 1)
+    return "\n".join(
+        [
+            "",
+            f"# {settings.mqtt_brokers} MQTT brokers (F2PIPE_MQTT_BROKERS): the database role of",
+            "# broker-acls, which reads which broker each controller belongs to, and the Kafka",
+            "# user of each further broker's connector.",
+            f"{PASSWORD_VARIABLES[('postgres', 'aclsync')]}=change-me-aclsync",
+            *(f"{password_variable(c)}=change-me-kafka-{c}" for c in connectors),
+            "# Where devices reach each broker, named in certgen's certificate answers: set it",
+            "# to the public names and ports, e.g. (one line)",
+            f"# mqtt-1=mqtts://mqtt1.example.net:{first},",
+            f"#   mqtt-2=mqtts://mqtt2.example.net:{first + 2}",
+            "# Empty: the compose host names (mosquitto, mosquitto-2...), which only the",
+            "# containers (the simulator) resolve.",
+            "F2PIPE_MQTT_BROKER_URLS=",
+            "",
+        ]
+    )
 
 
 def write_files(out: Path, files: dict[str, str]) -> list[Path]:

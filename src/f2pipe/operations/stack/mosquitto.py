@@ -257,7 +257,7 @@ def render_conf(settings: Settings, pki: PkiPaths, site: BrokerSite | None = Non
 CRL_WATCH_SECONDS = 2
 
 
-def render_start_script() -> str:
+def render_start_script(watch_acl: bool = False) -> str:
     """``broker.sh CONF``: run Mosquitto, SIGHUP it when its CRL file changes, pass stops on.
 
     For a broker that certgen cannot signal by pid (another container, host or
@@ -266,24 +266,51 @@ def render_start_script() -> str:
     :data:`CRL_WATCH_SECONDS` seconds and signals its own child when it
     changed. TERM and INT reach the broker, which then saves its queued
     messages; the script exits with the broker's status.
+
+    ``watch_acl`` (several brokers, whose ACLs another service writes from the
+    fleet metadata, :mod:`f2pipe.operations.aclsync`): the conf's ``acl_file``
+    is watched the same way (Mosquitto re-reads it on the same SIGHUP), and
+    until that file exists the script waits for it, saying so once, rather than
+    letting Mosquitto fail to start on a missing ACL again and again.
     """
+    what = "CRL file (the conf's crlfile)"
+    acl_usage = ""
+    acl_lines = ""
+    if watch_acl:
+        what = "CRL or ACL file (the conf's crlfile, acl_file)"
+        acl_usage = (
+            "# The ACL is written by another service (broker-acls): until it exists the broker\n"
+            "# is not started, so it never runs without one.\n"
+        )
+        acl_lines = f"""acl=$(sed -n 's/^acl_file //p' "$conf")
+trap 'exit 143' TERM INT
+while [ ! -f "$acl" ]; do
+    [ -n "${{said:-}}" ] || echo "broker.sh: waiting for $acl (written by broker-acls)" >&2
+    said=1
+    sleep {CRL_WATCH_SECONDS} &
+    wait $!
+done
+"""
+    look = 'cksum < "$crl" 2>/dev/null'
+    if watch_acl:
+        look = '{ cksum < "$crl"; cksum < "$acl"; } 2>/dev/null'
     return f"""#!/bin/sh
 # Written by f2pipe (f2pipe.operations.stack.mosquitto); changes are overwritten.
 # Usage: broker.sh MOSQUITTO_CONF. Starts Mosquitto with that configuration and
-# sends it SIGHUP within {CRL_WATCH_SECONDS} s of its CRL file (the conf's crlfile) changing:
+# sends it SIGHUP within {CRL_WATCH_SECONDS} s of its {what} changing:
 # Mosquitto re-reads the CRL only then, and certgen, which rewrites the file when
 # it revokes a certificate, need not be able to signal this process.
-set -u
+{acl_usage}set -u
 conf=${{1:?usage: broker.sh MOSQUITTO_CONF}}
 crl=$(sed -n 's/^crlfile //p' "$conf")
-${{MOSQUITTO:-mosquitto}} -c "$conf" &
+{acl_lines}${{MOSQUITTO:-mosquitto}} -c "$conf" &
 broker=$!
 trap 'kill -TERM "$broker" 2>/dev/null; wait "$broker"; exit $?' TERM INT
-seen=$(cksum < "$crl" 2>/dev/null)
+seen=$({look})
 while kill -0 "$broker" 2>/dev/null; do
     sleep {CRL_WATCH_SECONDS} &
     wait $!
-    now=$(cksum < "$crl" 2>/dev/null)
+    now=$({look})
     if [ "$now" != "$seen" ]; then
         seen=$now
         kill -HUP "$broker"

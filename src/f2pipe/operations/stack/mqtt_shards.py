@@ -15,6 +15,12 @@ again, see :mod:`f2pipe.pki.revocation`); the device identities this machine
 keeps (the simulator's) follow, their broker files naming the new URL. The
 stack runs it once every broker is up, ``f2pipe up`` once the demo fleet and
 its certificates exist, and ``fleet import`` after each write.
+
+The same ACLs, written where brokers run elsewhere (the compose render's
+``broker-acls`` service, :mod:`f2pipe.operations.aclsync`), come from the two
+parts :func:`sync_acls` is made of: :func:`broker_acls` (pure: each broker's
+ACL text) and :func:`write_acls` (each file replaced atomically, only when its
+text changed).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import functools
 import logging
 import os
 import signal
+from pathlib import Path
 
 import psycopg
 
@@ -30,11 +37,10 @@ from f2pipe.errors import StackError
 from f2pipe.operations.stack.mosquitto import (
     Mosquitto,
     acl_path,
-    ensure_config,
-    listed_devices,
+    render_acl,
     write_if_changed,
 )
-from f2pipe.pki.state import broker_pid_path
+from f2pipe.pki.state import broker_pid_path, connector_identities
 from f2pipe.runtime.mqttbrokers import (
     DEFAULT_BROKER,
     broker_named,
@@ -43,7 +49,14 @@ from f2pipe.runtime.mqttbrokers import (
 )
 from f2pipe.settings import Settings
 
-__all__ = ["assignments", "mosquitto_nodes", "sync_acls"]
+__all__ = [
+    "assignments",
+    "broker_acls",
+    "connector_group",
+    "mosquitto_nodes",
+    "sync_acls",
+    "write_acls",
+]
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +99,41 @@ def assignments(settings: Settings) -> dict[str, list[str]]:
     return found
 
 
+def connector_group(broker: str, replicas: int = 1, identity: str = "svc-connector") -> list[str]:
+    """The identities of ``broker``'s connector group: ``svc-connector``, ``svc-connector-2``...
+    on mqtt-1, ``svc-connector-mqtt-<n>``, ``svc-connector-mqtt-<n>-2``... on mqtt-<n>."""
+    first = identity if broker == DEFAULT_BROKER else f"{identity}-{broker}"
+    return [first, *(f"{first}-{n}" for n in range(2, replicas + 1))]
+
+
+def broker_acls(wanted: dict[str, list[str]], connectors: dict[str, list[str]]) -> dict[str, str]:
+    """Broker name -> its ACL file's text: the controllers ``wanted`` lists for it one by one
+    (none: no device may publish or subscribe there), the connector identities
+    ``connectors`` gives it (beside the fixed service identities). Pure."""
+    return {name: render_acl(connectors.get(name, []), macs) for name, macs in wanted.items()}
+
+
+def write_acls(
+    files: dict[str, Path], acls: dict[str, str], missing_only: bool = False
+) -> list[str]:
+    """Write each broker's ACL text of ``acls`` to its path in ``files``; return the names
+    of the brokers whose file changed.
+
+    A file is replaced atomically (written beside it, then renamed), and only when
+    its text changed, so a broker watching it reloads only for a real change.
+    ``missing_only`` writes only the files that do not exist yet. Raises OSError.
+    """
+    changed = []
+    for name, text in acls.items():
+        path = files[name]
+        if missing_only and path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if write_if_changed(path, text):
+            changed.append(name)
+    return changed
+
+
 def sync_acls(settings: Settings) -> list[str]:
     """Rewrite each broker's ACL from the metadata; have the running local brokers whose
     ACL changed re-read it. Returns the names of those brokers.
@@ -97,22 +145,20 @@ def sync_acls(settings: Settings) -> list[str]:
     if settings.mqtt_brokers == 1 or not acl_path(settings).parent.is_dir():
         return []
     wanted = assignments(settings)
-    changed = {
-        name: number
-        for number, name in enumerate(wanted, 1)
-        if not acl_path(settings, number).is_file()
-        or listed_devices(acl_path(settings, number)) != wanted[name]
-    }
-    for name, number in changed.items():
-        ensure_config(settings, number, wanted[name])
+    numbers = {name: number for number, name in enumerate(wanted, 1)}
+    identities = connector_identities(settings)
+    changed = write_acls(
+        {name: acl_path(settings, number) for name, number in numbers.items()},
+        broker_acls(wanted, {name: identities for name in wanted}),
+    )
     _local_devices_follow(settings, wanted)
-    reloaded = [name for name, number in changed.items() if _reload(settings, number)]
+    reloaded = [name for name in changed if _reload(settings, numbers[name])]
     if reloaded:
         from f2pipe.pki.revocation import refresh_service_sessions
 
         refresh_service_sessions(settings, reloaded)
-    log.info("broker ACLs written", extra={"changed": list(changed), "reloaded": reloaded})
-    return list(changed)
+    log.info("broker ACLs written", extra={"changed": changed, "reloaded": reloaded})
+    return changed
 
 
 def _local_devices_follow(settings: Settings, wanted: dict[str, list[str]]) -> None:
