@@ -198,9 +198,10 @@ class Settler:
                     # new owner into the idempotent write; those that stayed here are
                     # committed by recommit(), or their lag would never reach 0 when
                     # no record follows.
-                    log.info("offset commit deferred by a rebalance", extra={"error": str(err)})
-                    self._deferred.update(offsets)
-                    self._recommit_at = time.monotonic() + RECOMMIT_AFTER_S
+                    if code != KafkaError._NO_OFFSET:  # that one: nothing left to commit
+                        log.info("offset commit deferred by a rebalance", extra={"error": str(err)})
+                        self._deferred.update(offsets)
+                        self._recommit_at = time.monotonic() + RECOMMIT_AFTER_S
                     return
                 if code not in _TRANSIENT:
                     log.warning(
