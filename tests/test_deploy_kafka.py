@@ -98,10 +98,12 @@ class Broker:
                 self.java("kafka.Kafka", str(self.properties)), stdout=out, stderr=out
             )
 
-    def script(self, *args: str) -> subprocess.CompletedProcess[str]:
+    def script(
+        self, *args: str, path: Path = ROOT / "deploy/kafka/setup.sh"
+    ) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, **PASSWORDS, "KAFKA_TOOLS": str(self.tools)}
         return subprocess.run(
-            ["bash", str(ROOT / "deploy/kafka/setup.sh"), *args],
+            ["bash", str(path), *args],
             env=env, capture_output=True, text=True, check=False, timeout=600,
         )  # fmt: skip
 
@@ -181,3 +183,27 @@ def test_the_compose_kafka_holds_each_service_to_its_acls(broker: Broker) -> Non
     assert {"raw-iot-data", "processed-iot-data", "iot-dead-letter"} <= set(topics)
     assert len(topics["raw-iot-data"].partitions) == 6
     assert len(topics["iot-dead-letter"].partitions) == 3
+
+
+def test_a_cluster_setup_refuses_topics_of_one_replica_in_one_line(
+    broker: Broker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The three-node render's setup.sh, run where the one-node topics already exist
+    (its users and ACLs are the same), reads the real describe output and stops."""
+    from test_deploy_kafka_cluster import render
+
+    wait_until(
+        lambda: broker.script("probe", f"127.0.0.1:{broker.internal}").returncode == 0,
+        timeout=180, interval=2, what="the broker's own health probe",
+    )  # fmt: skip
+    assert broker.script("apply", f"127.0.0.1:{broker.internal}").returncode == 0
+    assert render(tmp_path / "cluster", monkeypatch, F2PIPE_KAFKA_BROKERS="3") == 0
+    refused = broker.script(
+        "apply", f"127.0.0.1:{broker.internal}", path=tmp_path / "cluster/deploy/kafka/setup.sh"
+    )
+    assert refused.returncode == 1
+    assert refused.stderr.strip().splitlines() == [
+        "setup.sh: topic raw-iot-data has 1 replica(s) where 3 are needed; raise its replication"
+        " factor with kafka-reassign-partitions, or delete it to have it created again (its"
+        " records with it)"
+    ]

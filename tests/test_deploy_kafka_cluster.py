@@ -105,6 +105,7 @@ def test_setup_waits_for_every_node_and_creates_replicated_topics(
     for tool in ("kafka-configs.sh", "kafka-acls.sh", "kafka-topics.sh"):
         (tools / tool).write_text(
             "#!/bin/bash\n"
+            '[[ " $* " == *" --describe "* ]] && exit 0  # no topic exists yet\n'
             f"{{ printf %s {tool}; printf '\\t%s' \"$@\"; printf '\\n'; }} >> \"$CALLS\"\n"
         )
         (tools / tool).chmod(0o755)
@@ -136,6 +137,51 @@ def test_setup_waits_for_every_node_and_creates_replicated_topics(
         assert f"min.insync.replicas={MIN_INSYNC}" in configs, topic
         assert f"retention.ms={retention}" in configs, topic
         assert "cleanup.policy=delete" in configs, topic
+
+
+@pytest.mark.parametrize(
+    ("described", "refusal"),
+    [
+        ("ReplicationFactor: 1\tConfigs: cleanup.policy=delete", "has 1 replica(s) where 3"),
+        (
+            "ReplicationFactor: 3\tConfigs: min.insync.replicas=1,cleanup.policy=delete",
+            "has min.insync.replicas=1 where 2 are needed",
+        ),
+    ],
+)
+def test_setup_refuses_an_existing_topic_less_durable_than_the_cluster_needs(
+    cluster: Path, tmp_path: Path, described: str, refusal: str
+) -> None:
+    """A topic already there with fewer replicas (or a lower min.insync.replicas) stops
+    setup.sh in one line naming it and the fix, before any topic is created."""
+    tools, calls = tmp_path / "bin", tmp_path / "calls"
+    tools.mkdir()
+    for tool in ("kafka-configs.sh", "kafka-acls.sh", "kafka-topics.sh"):
+        (tools / tool).write_text(
+            "#!/bin/bash\n"
+            'if [[ " $* " == *" --describe "* ]]; then\n'
+            '    [[ " $* " == *" processed-iot-data "* ]] || exit 0\n'
+            f"    printf 'Topic: processed-iot-data\\tPartitionCount: 6\\t{described}\\n'; exit 0\n"
+            "fi\n"
+            f'echo "{tool} $*" >> "$CALLS"\n'
+        )
+        (tools / tool).chmod(0o755)
+    setup = services(cluster)["kafka-setup"]
+    env = {
+        "PATH": os.environ["PATH"],
+        "KAFKA_TOOLS": str(tools),
+        "CALLS": str(calls),
+        **{name: f"secret-{name.lower()}" for name in setup["environment"]},
+    }
+    script = cluster / "deploy" / "kafka" / "setup.sh"
+    done = subprocess.run(
+        ["bash", str(script), *setup["command"][-2:]],
+        env=env, capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert done.returncode == 1
+    [line] = done.stderr.splitlines()
+    assert line.startswith(f"setup.sh: topic processed-iot-data {refusal}"), line
+    assert "--create" not in calls.read_text()
 
 
 def test_every_container_bootstraps_from_every_node(cluster: Path) -> None:

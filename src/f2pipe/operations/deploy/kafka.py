@@ -178,6 +178,7 @@ def setup_script(settings: Settings) -> str:
         *durability,
         '        --config cleanup.policy=delete --config retention.ms="$3"',
         "}",
+        *(_replicated_function(replicas, min_insync) if replicas > 1 else []),
         "",
         "# Users: the operator (a super user) and every service.",
         f'user {ADMIN} "${{{ADMIN_PASSWORD}}}"',
@@ -197,6 +198,44 @@ def setup_script(settings: Settings) -> str:
         lines.append(
             f"# {replicas} replicas each; a write is acknowledged once {min_insync} hold it."
         )
-    for topic, (partitions, retention) in topic_plan(settings).items():
+    plan = topic_plan(settings)
+    if replicas > 1:
+        lines.append(
+            "# A topic that exists already must be as durable: checked before any is made."
+        )
+        lines += [f"replicated {shlex.quote(topic)}" for topic in plan]
+    for topic, (partitions, retention) in plan.items():
         lines.append(f"topic {shlex.quote(topic)} {partitions} {retention}")
     return "\n".join(lines) + "\n"
+
+
+def _replicated_function(replicas: int, min_insync: int) -> list[str]:
+    """``replicated TOPIC``: stop with one line naming the fix when TOPIC exists with
+    fewer replicas or a lower ``min.insync.replicas`` than the cluster's topics need
+    (the stack refuses the same, :func:`~f2pipe.operations.stack.kafka.check_replicas`)."""
+    thin = (
+        f"topic $1 has $have replica(s) where {replicas} are needed; raise its replication"
+        " factor with kafka-reassign-partitions, or delete it to have it created again"
+        " (its records with it)"
+    )
+    loose = (
+        f"topic $1 has min.insync.replicas=$insync where {min_insync} are needed; set it with"
+        " kafka-configs.sh --alter --entity-type topics --entity-name $1 --add-config"
+        f" min.insync.replicas={min_insync}"
+    )
+    return f"""replicated() {{
+    local line have insync
+    line=$("$bin/kafka-topics.sh" --bootstrap-server "$bootstrap" --command-config "$config" \\
+        --describe --if-exists --topic "$1" | grep -m1 "ReplicationFactor:" || true)
+    [ -n "$line" ] || return 0
+    have=$(sed -n 's/.*ReplicationFactor: *\\([0-9]*\\).*/\\1/p' <<< "$line")
+    insync=$(sed -n 's/.*min\\.insync\\.replicas=\\([0-9]*\\).*/\\1/p' <<< "$line")
+    if [ "${{have:-0}}" -lt {replicas} ]; then
+        echo "setup.sh: {thin}" >&2
+        exit 1
+    fi
+    if [ "${{insync:-{min_insync}}}" -lt {min_insync} ]; then
+        echo "setup.sh: {loose}" >&2
+        exit 1
+    fi
+}}""".splitlines()
