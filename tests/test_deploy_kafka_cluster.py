@@ -93,22 +93,22 @@ def test_the_cluster_is_three_combined_nodes_with_one_quorum(cluster: Path) -> N
     assert "kafka" not in data["volumes"]
 
 
-def test_setup_waits_for_every_node_and_creates_replicated_topics(
-    cluster: Path, tmp_path: Path
-) -> None:
-    setup = services(cluster)["kafka-setup"]
-    assert setup["depends_on"] == {name: {"condition": "service_healthy"} for name in NODES}
-    assert setup["command"][-2:] == ["apply", ",".join(BOOTSTRAP)]
-    # setup.sh with stand-ins for the image's tools, each recording its arguments.
+def run_setup(
+    cluster: Path, tmp_path: Path, describe: str, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """The cluster's setup.sh with stand-ins for the image's tools: each records its
+    arguments, tab-separated, in ``tmp_path/calls``; a ``--describe`` runs ``describe``."""
     tools, calls = tmp_path / "bin", tmp_path / "calls"
     tools.mkdir()
+    calls.touch()
     for tool in ("kafka-configs.sh", "kafka-acls.sh", "kafka-topics.sh"):
         (tools / tool).write_text(
             "#!/bin/bash\n"
-            '[[ " $* " == *" --describe "* ]] && exit 0  # no topic exists yet\n'
+            f'if [[ " $* " == *" --describe "* ]]; then {describe}; fi\n'
             f"{{ printf %s {tool}; printf '\\t%s' \"$@\"; printf '\\n'; }} >> \"$CALLS\"\n"
         )
         (tools / tool).chmod(0o755)
+    setup = services(cluster)["kafka-setup"]
     env = {
         "PATH": os.environ["PATH"],
         "KAFKA_TOOLS": str(tools),
@@ -116,7 +116,20 @@ def test_setup_waits_for_every_node_and_creates_replicated_topics(
         **{name: f"secret-{name.lower()}" for name in setup["environment"]},
     }
     script = cluster / "deploy" / "kafka" / "setup.sh"
-    subprocess.run(["bash", str(script), *setup["command"][-2:]], env=env, check=True, timeout=30)
+    return subprocess.run(
+        ["bash", str(script), *setup["command"][-2:]],
+        env=env, capture_output=True, text=True, timeout=30, check=check,
+    )  # fmt: skip
+
+
+def test_setup_waits_for_every_node_and_creates_replicated_topics(
+    cluster: Path, tmp_path: Path
+) -> None:
+    setup = services(cluster)["kafka-setup"]
+    assert setup["depends_on"] == {name: {"condition": "service_healthy"} for name in NODES}
+    assert setup["command"][-2:] == ["apply", ",".join(BOOTSTRAP)]
+    run_setup(cluster, tmp_path, describe="exit 0", check=True)  # no topic exists yet
+    calls = tmp_path / "calls"
     created = {}
     for line in calls.read_text().splitlines():
         tool, *args = line.split("\t")
@@ -154,34 +167,16 @@ def test_setup_refuses_an_existing_topic_less_durable_than_the_cluster_needs(
 ) -> None:
     """A topic already there with fewer replicas (or a lower min.insync.replicas) stops
     setup.sh in one line naming it and the fix, before any topic is created."""
-    tools, calls = tmp_path / "bin", tmp_path / "calls"
-    tools.mkdir()
-    for tool in ("kafka-configs.sh", "kafka-acls.sh", "kafka-topics.sh"):
-        (tools / tool).write_text(
-            "#!/bin/bash\n"
-            'if [[ " $* " == *" --describe "* ]]; then\n'
-            '    [[ " $* " == *" processed-iot-data "* ]] || exit 0\n'
-            f"    printf 'Topic: processed-iot-data\\tPartitionCount: 6\\t{described}\\n'; exit 0\n"
-            "fi\n"
-            f'echo "{tool} $*" >> "$CALLS"\n'
-        )
-        (tools / tool).chmod(0o755)
-    setup = services(cluster)["kafka-setup"]
-    env = {
-        "PATH": os.environ["PATH"],
-        "KAFKA_TOOLS": str(tools),
-        "CALLS": str(calls),
-        **{name: f"secret-{name.lower()}" for name in setup["environment"]},
-    }
-    script = cluster / "deploy" / "kafka" / "setup.sh"
-    done = subprocess.run(
-        ["bash", str(script), *setup["command"][-2:]],
-        env=env, capture_output=True, text=True, timeout=30, check=False,
-    )  # fmt: skip
+    described_line = f"printf 'Topic: processed-iot-data\\tPartitionCount: 6\\t{described}\\n'"
+    done = run_setup(
+        cluster,
+        tmp_path,
+        describe=f'[[ " $* " == *" processed-iot-data "* ]] && {described_line}; exit 0',
+    )
     assert done.returncode == 1
     [line] = done.stderr.splitlines()
     assert line.startswith(f"setup.sh: topic processed-iot-data {refusal}"), line
-    assert "--create" not in calls.read_text()
+    assert "--create" not in (tmp_path / "calls").read_text()
 
 
 def test_every_container_bootstraps_from_every_node(cluster: Path) -> None:
