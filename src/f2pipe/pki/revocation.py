@@ -394,9 +394,7 @@ def accepts(settings: Settings, context: ssl.SSLContext) -> bool | None:
         log.warning("the broker's certificate is refused", extra={"error": str(exc)})
         return None
     except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
-        # TLS 1.2: the broker's alert ends the handshake itself. TLS 1.3: the client's
-        # side of the handshake is done first, and the broker's close can reach it
-        # while it still sends CONNECT; the connection was made, so this is a refusal.
+        # TLS 1.2: its alert ends the handshake; 1.3: its close may meet our CONNECT.
         return False
     except OSError:
         return None
