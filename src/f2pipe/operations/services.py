@@ -54,7 +54,7 @@ from pydantic import SecretStr
 from f2pipe.errors import StackError
 from f2pipe.operations.stack import LOOPBACK, Paths, Program, Server, port_accepts, security
 from f2pipe.operations.stack.supervise import PidFile
-from f2pipe.runtime.mqttbrokers import PORT_STEP
+from f2pipe.runtime.mqttbrokers import broker_port
 from f2pipe.settings import Settings
 
 #: Settings only certgen may hold: with them, anyone issues any identity.
@@ -281,7 +281,7 @@ class Connector(Service):
             update["connector_identity"] = f"{settings.connector_identity}{suffix}"
             update["connector_client_id"] = f"{settings.connector_client_id}{suffix}"
         if self.broker > 1:  # also a stray past F2PIPE_MQTT_BROKERS, to be stopped or shown
-            update["mqtt_port"] = settings.mqtt_port + PORT_STEP * (self.broker - 1)
+            update["mqtt_port"] = broker_port(settings, self.broker)
             update["connector_port"] = settings.connector_port + BROKER_PORT_STEP * (
                 self.broker - 1
             )

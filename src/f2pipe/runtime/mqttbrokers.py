@@ -36,6 +36,7 @@ __all__ = [
     "Broker",
     "broker_named",
     "broker_names",
+    "broker_port",
     "brokers",
     "connector_broker",
     "device_broker_file",
@@ -80,6 +81,11 @@ class Broker:
         return settings.model_copy(update={"mqtt_host": self.host, "mqtt_port": self.port})
 
 
+def broker_port(settings: Settings, number: int) -> int:
+    """Broker ``mqtt-<number>``'s port: ``F2PIPE_MQTT_PORT`` + :data:`PORT_STEP` ``* (n - 1)``."""
+    return settings.mqtt_port + PORT_STEP * (number - 1)
+
+
 def brokers(settings: Settings) -> list[Broker]:
     """Every broker ``settings`` name, ``mqtt-1`` first; ConfigError when
     ``F2PIPE_MQTT_BROKER_URLS`` or ``F2PIPE_MQTT_BROKER_HOSTS`` names a broker past
@@ -90,7 +96,7 @@ def brokers(settings: Settings) -> list[Broker]:
         Broker(
             n,
             hosts.pop(f"mqtt-{n}", settings.mqtt_host),
-            settings.mqtt_port + PORT_STEP * (n - 1),
+            broker_port(settings, n),
             settings.mqtt_tls,
             urls.pop(f"mqtt-{n}", None),
         )

@@ -35,8 +35,9 @@ from f2pipe.operations.stack.mosquitto import (
     render_conf,
     render_start_script,
 )
+from f2pipe.operations.stack.mqtt_shards import connector_group
 from f2pipe.pki.ca import PkiPaths
-from f2pipe.runtime.mqttbrokers import brokers
+from f2pipe.runtime.mqttbrokers import DEFAULT_BROKER, brokers
 from f2pipe.settings import Settings
 
 __all__ = [
@@ -102,11 +103,7 @@ def mosquitto_conf(settings: Settings, number: int = 1) -> str:
 
 def mosquitto_acl(connectors: int) -> str:
     """The ACL with ``connectors`` connector identities (svc-connector, svc-connector-2...)."""
-    return render_acl(connector_identities(connectors))
-
-
-def connector_identities(connectors: int) -> list[str]:
-    return ["svc-connector", *(f"svc-connector-{n}" for n in range(2, connectors + 1))]
+    return render_acl(connector_group(DEFAULT_BROKER, connectors))
 
 
 def mosquitto_start(settings: Settings) -> str:

@@ -10,6 +10,9 @@ connector (certgen, the simulator) are told where every broker is.
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from f2pipe.operations.aclsync import acl_files
 from f2pipe.operations.deploy.containers import (
     PKI,
     STATE,
@@ -34,6 +37,7 @@ from f2pipe.operations.deploy.mqtt import (
 )
 from f2pipe.operations.deploy.yamltext import Commented
 from f2pipe.operations.principals import ACL_SYNC
+from f2pipe.runtime.mqttbrokers import broker_names
 from f2pipe.settings import Settings
 
 __all__ = ["acl_service", "brokers_env", "connector_container", "connectors_of", "mqtt_env"]
@@ -102,9 +106,10 @@ def acl_service(images: Images, settings: Settings, connectors: int) -> dict[str
     """With several brokers, the service writing their ACLs from the metadata."""
     if not several(settings):
         return {}
-    names = [f"mqtt-{n}" for n in range(1, settings.mqtt_brokers + 1)]
     # Healthy once every broker has an ACL file (at first one that admits no device).
-    files = ", ".join(f"'{STATE}/{name}/acl'" for name in names)
+    files = ", ".join(
+        f"'{path}'" for path in acl_files(Path(STATE), broker_names(settings)).values()
+    )
     check = f"import os, sys; sys.exit(not all(map(os.path.isfile, [{files}])))"
     command = ["fleet", "sync-acls", "--out", STATE, "--every", str(ACL_SYNC_SECONDS)]
     return {

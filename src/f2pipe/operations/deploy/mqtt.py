@@ -20,7 +20,8 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from f2pipe.runtime.mqttbrokers import PORT_STEP
+from f2pipe.operations.services import BROKER_PORT_STEP
+from f2pipe.runtime.mqttbrokers import broker_port
 from f2pipe.settings import Settings
 
 __all__ = [
@@ -44,9 +45,6 @@ ACL_SYNC_SECONDS = 10
 #: Where a broker of several mounts its ACL folder (read-only).
 BROKER_ACL = PurePosixPath("/mosquitto/acl")
 
-# As the local stack's connectors of mqtt-n serve theirs (f2pipe.operations.services).
-_CONNECTOR_PORT_STEP = 10
-
 
 def several(settings: Settings) -> bool:
     """Whether ``settings`` run several brokers (ACLs that follow the fleet)."""
@@ -56,10 +54,6 @@ def several(settings: Settings) -> bool:
 def broker_service(number: int) -> str:
     """Broker mqtt-<number>'s compose service: ``mosquitto``, ``mosquitto-2``..."""
     return "mosquitto" if number == 1 else f"mosquitto-{number}"
-
-
-def broker_port(settings: Settings, number: int) -> int:
-    return settings.mqtt_port + PORT_STEP * (number - 1)
 
 
 def broker_conf_file(number: int) -> str:
@@ -78,7 +72,8 @@ def connector_service(number: int) -> str:
 
 
 def connector_ops_port(settings: Settings, number: int) -> int:
-    return settings.connector_port + _CONNECTOR_PORT_STEP * (number - 1)
+    """As the local stack's connector group of mqtt-<number> serves its ops port."""
+    return settings.connector_port + BROKER_PORT_STEP * (number - 1)
 
 
 def broker_hosts(settings: Settings) -> str:
