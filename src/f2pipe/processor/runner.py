@@ -316,13 +316,12 @@ class Processor:
                 log.info("metadata database back: resumed")
 
     def _wait_paused(self, timeout: float) -> None:
-        """Poll while paused (rebalances and group membership are served inside), keep
-        every owned partition paused, and rewind any partition that delivered a record."""
+        """Poll while paused (rebalances and group membership are served inside; a
+        partition assigned meanwhile is paused at assignment, :meth:`_on_assign`), and
+        rewind any partition that delivered a record fetched before its pause."""
         first: dict[int, int] = {}
-        for msg in self._poll(timeout):  # records of partitions assigned since the pause
+        for msg in self._poll(timeout):
             first.setdefault(msg.partition(), msg.offset())  # type: ignore[arg-type]
-        if assignment := self.consumer.assignment():
-            self.consumer.pause(assignment)
         for partition, offset in first.items():
             self.consumer.seek(TopicPartition(self.settings.topic_raw, partition, offset))
         self.watch.update(self.consumer)  # the lag keeps growing during an outage: show it

@@ -178,8 +178,9 @@ class Settler:
         The one place the sink commits offsets, always after the batch's
         database commit and its dead letters' acknowledgement.
 
-        Gives up without committing after a rebalance took the partitions (their
-        new owner re-reads into the idempotent write) or when stopping.
+        Defers a commit a rebalance refused (:meth:`recommit` makes it for the
+        partitions still owned; a new owner re-reads the others into the idempotent
+        write), and gives up without committing when stopping.
         """
         if not offsets:
             return
