@@ -10,6 +10,10 @@
   way. The table equals the ledger exactly. Then ``stack up`` refuses a topic
   with one replica, and one acknowledged by one replica, with one line and
   nothing created; and the cluster stops without waiting out a stop timeout.
+- ``test_a_node_left_without_a_controller_quorum_is_killed_in_seconds``: with two
+  nodes dead, the third cannot be granted its controlled shutdown; ``stack down``
+  kills it after a short grace, says why, and the cluster comes back with every
+  acknowledged record.
 - The bad inputs without servers: a replication factor the cluster's brokers
   cannot meet, and a state folder that holds the other kind of Kafka.
 """
@@ -22,15 +26,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, ConfigResource
 
 from conftest import unique, wait_until
 from f2pipe.errors import StackError
 from f2pipe.operations import pipeline, stack, status
-from f2pipe.operations.stack import Paths
+from f2pipe.operations.stack import Paths, security
 from f2pipe.operations.stack.kafka import check_replicas
-from f2pipe.operations.stack.kafka_cluster import cluster_id
-from f2pipe.runtime.kafka import admin_config
+from f2pipe.operations.stack.kafka_cluster import QUORUMLESS_GRACE, cluster_id
+from f2pipe.runtime.kafka import admin_config, consumer_config, producer_config
 from f2pipe.settings import Settings, load_settings
 from f2pipe.testing.stack import private_settings, private_state
 from test_pipeline import (
@@ -176,6 +181,56 @@ def test_cluster_loses_a_broker_without_losing_a_reading(tmp_path: Path) -> None
         pipeline.down(settings, quiet=True)
         assert time.monotonic() - stopping < 40
     print(f"cluster test: {time.monotonic() - started:.0f} s")
+
+
+@pytest.mark.slow
+def test_a_node_left_without_a_controller_quorum_is_killed_in_seconds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with private_state("f2pipe-kafka-quorum-") as state:
+        settings = private_settings(state, kafka_brokers=3, kafka_heap="512m")
+        try:
+            stack.up(settings, ["kafka"])
+            admin = security.admin_settings(settings)
+            topic = unique("quorum")
+            plan = {topic: (1, stack.DAY_MS)}
+            stack.create_topics(
+                _admin(admin), plan, time.monotonic() + 30, replicas=3, min_insync=2
+            )
+            producer = Producer(producer_config(admin))
+            for n in range(100):
+                producer.produce(topic, b"%d" % n)
+            assert producer.flush(30) == 0  # each acknowledged by at least two nodes
+            del producer  # no reconnecting to the nodes about to die
+            _kill(_node(settings, 2))
+            _kill(_node(settings, 3))
+            capsys.readouterr()
+            stopping = time.monotonic()
+            stack.down(settings, ["kafka"])
+            took, said = time.monotonic() - stopping, capsys.readouterr().out
+            # Kafka alone would wait 5 minutes for a grant no quorum can give.
+            assert took < QUORUMLESS_GRACE + 10, said
+            assert said.splitlines()[-1] == (
+                "kafka       killed: fewer than 2 of the 3 controllers were left to grant its "
+                "controlled shutdown; it checks its log at its next start"
+            )
+            assert _node(settings, 1).pid() is None
+
+            stack.up(settings, ["kafka"])
+            consumer = Consumer(consumer_config(admin, unique("quorum")))
+            try:
+                wait_until(
+                    lambda: (
+                        consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=5)
+                        == (0, 100)
+                    ),
+                    timeout=60,
+                    what="every acknowledged record back after the kill",
+                )
+            finally:
+                consumer.close()
+        finally:
+            stack.down(settings, ["kafka"])
 
 
 def test_replication_the_cluster_cannot_meet_is_one_line() -> None:

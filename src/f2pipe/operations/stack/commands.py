@@ -17,7 +17,7 @@ from f2pipe.errors import ConfigError, StackError
 from f2pipe.operations.stack import security
 from f2pipe.operations.stack.install import ensure_programs
 from f2pipe.operations.stack.kafka import Kafka, KafkaNode2, KafkaNode3, kafka_nodes
-from f2pipe.operations.stack.kafka_cluster import node_host, node_ports
+from f2pipe.operations.stack.kafka_cluster import node_host, node_ports, stop_nodes
 from f2pipe.operations.stack.mosquitto import Mosquitto
 from f2pipe.operations.stack.mqtt_shards import mosquitto_nodes, sync_acls
 from f2pipe.operations.stack.postgres import Postgres
@@ -193,18 +193,18 @@ def down(settings: Settings, names: Sequence[str] = ()) -> list[str]:
         for server, was_running in zip(servers[::-1], _stop(servers[::-1]), strict=True):
             if was_running:
                 stopped.append(server.name)
-                print(f"{server.name:<11} stopped")
+                print(
+                    f"{server.name:<11} "
+                    + (f"killed: {server.killed}" if server.killed else "stopped")
+                )
             else:
                 print(f"{server.name:<11} was not running")
     return stopped
 
 
 def _stop(servers: list[Server]) -> list[bool]:
-    """Stop ``servers`` in this order, each True if it was running.
-
-    A cluster's Kafka nodes stop side by side: one after the other, the last
-    would wait out its stop timeout for a controller quorum already gone.
-    """
+    """Stop ``servers`` in this order, each True if it was running; a cluster's Kafka
+    nodes side by side (see :func:`.kafka_cluster.stop_nodes`)."""
     groups: list[list[Server]] = []
     for server in servers:
         if groups and isinstance(server, Kafka) and isinstance(groups[-1][0], Kafka):
@@ -213,11 +213,12 @@ def _stop(servers: list[Server]) -> list[bool]:
             groups.append([server])
     results: list[bool] = []
     for group in groups:
-        if len(group) == 1:
-            results.append(group[0].stop())
+        if isinstance(group[0], Kafka) and group[0].settings.kafka_brokers > 1:
+            settings = group[0].settings
+            cluster = [cls(settings, group[0].paths) for cls in kafka_nodes(settings)]
+            results.extend(stop_nodes(group, cluster))
         else:
-            with ThreadPoolExecutor(max_workers=len(group)) as pool:
-                results.extend(pool.map(lambda server: server.stop(), group))
+            results.extend(server.stop() for server in group)
     return results
 
 

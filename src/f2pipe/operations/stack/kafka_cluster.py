@@ -22,8 +22,11 @@ than silently starting an empty Kafka next to the old records.
 from __future__ import annotations
 
 import threading
+import time
+from collections.abc import Sequence
 
 from f2pipe.errors import ConfigError, StackError
+from f2pipe.operations.stack.server import Server
 from f2pipe.operations.stack.supervise import LOOPBACK, Paths
 from f2pipe.settings import Settings
 
@@ -37,6 +40,7 @@ __all__ = [
     "node_ports",
     "quorum_voters",
     "replication",
+    "stop_nodes",
     "voters",
 ]
 
@@ -59,6 +63,12 @@ CLUSTER: dict[str, str] = {
     # A group starts at once instead of waiting 3 s for more members to join.
     "group.initial.rebalance.delay.ms": "0",
 }
+
+#: How long nodes may take to exit once fewer than a majority of the cluster's nodes run.
+#: A node granted its controlled shutdown exits within about 6 s (its controller gives up
+#: handing the quorum over after 5 s); one still waiting for the grant would wait Kafka's
+#: 5 minutes for a quorum that is gone.
+QUORUMLESS_GRACE = 15.0
 
 _FORMAT_LOCK = threading.Lock()  # the nodes are prepared side by side (stack up)
 
@@ -138,3 +148,36 @@ def cluster_id(paths: Paths, settings: Settings, new_id: str) -> str | None:
         marker.parent.mkdir(parents=True, exist_ok=True)
         marker.write_text(new_id + "\n")
         return new_id
+
+
+def stop_nodes(nodes: Sequence[Server], cluster: Sequence[Server]) -> list[bool]:
+    """Stop ``nodes`` of ``cluster`` (every node) side by side; True for each that ran.
+
+    A node's broker exits once the controller quorum grants its controlled
+    shutdown, and its controller leaves with it. One by one, the last nodes would
+    find no quorum left; signalled together, all are granted within a second,
+    unless one lags behind the metadata (just started, or starved of CPU) and the
+    others' controllers are gone first. Once fewer than a majority of the
+    cluster's nodes run, those still running get ``QUORUMLESS_GRACE`` and are then
+    killed: the records they wrote are on disk, and each checks its log at its
+    next start.
+    """
+    pids = [node.begin_stop() for node in nodes]
+    stopping = [(node, pid) for node, pid in zip(nodes, pids, strict=True) if pid is not None]
+    majority = len(cluster) // 2 + 1
+    deadline = time.monotonic() + max((node.stop_timeout for node in nodes), default=0.0)
+    quorumless = False
+    while time.monotonic() < deadline and any(node.pid() is not None for node, _ in stopping):
+        if not quorumless and sum(node.pid() is not None for node in cluster) < majority:
+            quorumless = True
+            deadline = min(deadline, time.monotonic() + QUORUMLESS_GRACE)
+        time.sleep(0.1)
+    why = (
+        f"fewer than {majority} of the {len(cluster)} controllers were left to grant its "
+        "controlled shutdown; it checks its log at its next start"
+        if quorumless
+        else ""
+    )
+    for node, pid in stopping:
+        node.end_stop(pid, deadline, why)
+    return [pid is not None for pid in pids]

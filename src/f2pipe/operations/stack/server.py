@@ -9,6 +9,7 @@ process it did not start (see :mod:`.supervise`).
 from __future__ import annotations
 
 import abc
+import contextlib
 import os
 import pwd
 import signal
@@ -56,6 +57,8 @@ class Server(abc.ABC):
         self.pidfile = PidFile(paths.run / f"{self.name}.pid")
         self.log_file = paths.log / f"{self.name}.log"
         self.last_error = ""
+        #: Why the last stop had to kill the process ("" when it stopped by itself).
+        self.killed = ""
         self._proc: subprocess.Popen[bytes] | None = None
 
     # -- what subclasses describe
@@ -186,14 +189,31 @@ class Server(abc.ABC):
 
     def stop(self) -> bool:
         """Stop the process recorded in our pid file; False if it was not running."""
+        pid = self.begin_stop()
+        if pid is None:
+            return False
+        self.end_stop(pid, time.monotonic() + self.stop_timeout)
+        return True
+
+    def begin_stop(self) -> int | None:
+        """Send the stop signal; the pid signalled, None if it was not running."""
         pid = self.pid()
         if pid is None:
             self.pidfile.remove()
-            return False
+            return None
         os.kill(pid, self.stop_signal)
-        if not wait_gone(pid, self.stop_timeout):
-            os.kill(pid, signal.SIGKILL)
+        return pid
+
+    def end_stop(self, pid: int, deadline: float, why: str = "") -> None:
+        """Wait until ``pid`` is gone, or kill it at ``deadline`` and say so in ``killed``
+        (``why``: the reason it could not stop by itself, if known)."""
+        self.killed = ""
+        if not wait_gone(pid, deadline - time.monotonic()):
+            with contextlib.suppress(ProcessLookupError):  # it may have exited just now
+                os.kill(pid, signal.SIGKILL)
             wait_gone(pid, 10.0)
+            self.killed = (
+                why or f"still running {self.stop_timeout:.0f} s after {self.stop_signal.name}"
+            )
         self.pidfile.remove()
         self.on_stopped()
-        return True

@@ -45,14 +45,19 @@ class Paths:
 
 
 def start_time(pid: int) -> str | None:
-    """The process's kernel start time (clock ticks since boot), None if gone or a zombie."""
+    """The process's kernel start time (clock ticks since boot), None if gone or a zombie.
+
+    A killed process's first thread may be a zombie while its others still exit (a
+    JVM's hundreds take a moment), holding its sockets until the last is gone: it
+    counts as running until then.
+    """
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        # Fields after the command name, which is in parentheses and may contain spaces.
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if fields[0] in ("Z", "X") and len(os.listdir(f"/proc/{pid}/task")) <= 1:
+            return None
     except OSError:
-        return None
-    # Fields after the command name, which is in parentheses and may contain spaces.
-    fields = stat[stat.rindex(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):
         return None
     return fields[19]
 
@@ -76,12 +81,13 @@ def reap() -> None:
 def wait_gone(pid: int, timeout: float) -> bool:
     """Block until process ``pid`` is gone (reaping our own children); False on timeout."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while True:
         reap()  # our own children must not linger as zombies
         if start_time(pid) is None:
             return True
+        if time.monotonic() >= deadline:
+            return False
         time.sleep(0.1)
-    return False
 
 
 class PidFile:
