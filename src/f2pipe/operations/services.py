@@ -79,6 +79,11 @@ SHARE_GROUP = "f2pipe-connectors"
 BROKER_PORT_STEP = 10
 
 
+def connector_ops_port(settings: Settings, broker: int) -> int:
+    """The ops port of the first connector of broker ``mqtt-<broker>``."""
+    return settings.connector_port + BROKER_PORT_STEP * (broker - 1)
+
+
 def settings_env(settings: Settings, without: frozenset[str] = frozenset()) -> dict[str, str]:
     """``settings`` as the ``F2PIPE_*`` variables that reproduce it in a child process,
     leaving out the fields named in ``without``."""
@@ -282,9 +287,7 @@ class Connector(Service):
             update["connector_client_id"] = f"{settings.connector_client_id}{suffix}"
         if self.broker > 1:  # also a stray past F2PIPE_MQTT_BROKERS, to be stopped or shown
             update["mqtt_port"] = broker_port(settings, self.broker)
-            update["connector_port"] = settings.connector_port + BROKER_PORT_STEP * (
-                self.broker - 1
-            )
+            update["connector_port"] = connector_ops_port(settings, self.broker)
         return super().replica_settings(settings.model_copy(update=update))
 
     def describe(self) -> str:

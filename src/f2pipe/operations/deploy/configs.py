@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from f2pipe.operations.deploy.mqtt import BROKER_ACL, connector_ops_port, connector_service
+from f2pipe.operations.deploy.mqtt import BROKER_ACL, connector_service
 from f2pipe.operations.principals import (
     ADMIN,
     Names,
@@ -28,6 +28,7 @@ from f2pipe.operations.principals import (
     pg_grant_sql,
 )
 from f2pipe.operations.principals import redis_acl_line as _redis_acl_line
+from f2pipe.operations.services import connector_ops_port
 from f2pipe.operations.stack import retainguard
 from f2pipe.operations.stack.mosquitto import (
     BrokerSite,

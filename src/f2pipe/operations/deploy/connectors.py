@@ -31,12 +31,12 @@ from f2pipe.operations.deploy.mqtt import (
     broker_hosts,
     broker_port,
     broker_service,
-    connector_ops_port,
     connector_service,
     several,
 )
 from f2pipe.operations.deploy.yamltext import Commented
 from f2pipe.operations.principals import ACL_SYNC
+from f2pipe.operations.services import connector_ops_port
 from f2pipe.runtime.mqttbrokers import broker_names
 from f2pipe.settings import Settings
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from f2pipe.operations.services import BROKER_PORT_STEP
 from f2pipe.runtime.mqttbrokers import broker_port
 from f2pipe.settings import Settings
 
@@ -33,7 +32,6 @@ __all__ = [
     "broker_port",
     "broker_service",
     "broker_share",
-    "connector_ops_port",
     "connector_service",
     "several",
 ]
@@ -69,11 +67,6 @@ def broker_share(number: int) -> str:
 def connector_service(number: int) -> str:
     """The connector of broker mqtt-<number>: ``connector``, ``connector-mqtt-2``..."""
     return "connector" if number == 1 else f"connector-mqtt-{number}"
-
-
-def connector_ops_port(settings: Settings, number: int) -> int:
-    """As the local stack's connector group of mqtt-<number> serves its ops port."""
-    return settings.connector_port + BROKER_PORT_STEP * (number - 1)
 
 
 def broker_hosts(settings: Settings) -> str:
