@@ -167,8 +167,12 @@ def stop_nodes(nodes: Sequence[Server], cluster: Sequence[Server]) -> list[bool]
     majority = len(cluster) // 2 + 1
     deadline = time.monotonic() + max((node.stop_timeout for node in nodes), default=0.0)
     quorumless = False
-    while time.monotonic() < deadline and any(node.pid() is not None for node, _ in stopping):
-        if not quorumless and sum(node.pid() is not None for node in cluster) < majority:
+    waiting = {node.name for node, _ in stopping}
+    while time.monotonic() < deadline:
+        running = {node.name for node in cluster if node.pid() is not None}
+        if not running & waiting:
+            break
+        if not quorumless and len(running) < majority:
             quorumless = True
             deadline = min(deadline, time.monotonic() + QUORUMLESS_GRACE)
         time.sleep(0.1)
